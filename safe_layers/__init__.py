@@ -1,0 +1,22 @@
+"""safe_layers: drop-in Caffe Python layers and tools that keep training from dying of NaN/Inf.
+
+The layer classes are exported here so a prototxt can say
+``python_param { module: "safe_layers" layer: "NaNGuard" }``. They are imported on first
+use, so ``safe_layers.kernels`` and the tools work without pycaffe.
+"""
+
+__version__ = "0.1.0"
+
+_LAYERS = {
+    "NaNGuard": "safe_layers.layers.nan_guard",
+}
+
+__all__ = sorted(_LAYERS)
+
+
+def __getattr__(name):
+    module = _LAYERS.get(name)
+    if module is None:
+        raise AttributeError("module 'safe_layers' has no attribute %r" % name)
+    import importlib
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,1 @@
+"""Array math: pure functions over NumPy or CuPy arrays, no Caffe import."""

@@ -1,0 +1,1 @@
+"""Caffe Python layers: thin adapters from blobs to the kernels."""

@@ -1,0 +1,176 @@
+"""Typed ``param_str`` schemas for the Python layers.
+
+Every layer reads its ``python_param { param_str: "..." }`` as YAML into a
+:class:`Params` object described by a :class:`Schema`. Anything a schema does not
+allow (an unknown key, a wrong type, a value out of range) raises
+:class:`ParamError` from the layer's ``setup``, i.e. while Caffe builds the net,
+with the layer type, the key, the bad value and what is allowed.
+"""
+
+import math
+from types import SimpleNamespace
+
+import yaml
+
+
+class ParamError(ValueError):
+    """A ``param_str`` that the layer cannot accept."""
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+               list: "a list"}
+
+
+class Field:
+    """One ``param_str`` key.
+
+    Args:
+        name (str): the key.
+        kind (type): bool, int, float, str or list. YAML integers are accepted for float
+            fields; booleans are never accepted as numbers.
+        default: the value when the key is absent (``None`` means "not set").
+        doc (str): one line for the schema's documentation.
+        choices (tuple, optional): the only allowed values.
+        low, high (number, optional): inclusive bounds; ``low_open``/``high_open`` make
+            them exclusive.
+        item_kind (type, optional): for lists, the type of each item.
+    """
+
+    def __init__(self, name, kind, default, doc, choices=None, low=None, high=None,
+                 low_open=False, high_open=False, item_kind=None):
+        self.name = name
+        self.kind = kind
+        self.default = default
+        self.doc = doc
+        self.choices = tuple(choices) if choices is not None else None
+        self.low, self.high = low, high
+        self.low_open, self.high_open = low_open, high_open
+        self.item_kind = item_kind
+
+    def allowed(self):
+        """What this key accepts, in words, for error messages and docs."""
+        if self.choices is not None:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        text = _TYPE_NAMES[self.kind]
+        if self.kind is list and self.item_kind is not None:
+            text += " of " + _TYPE_NAMES[self.item_kind].split(" ", 1)[1] + "s"
+        bounds = []
+        if self.low is not None:
+            bounds.append("%s %s" % (">" if self.low_open else ">=", self.low))
+        if self.high is not None:
+            bounds.append("%s %s" % ("<" if self.high_open else "<=", self.high))
+        if bounds:
+            text += " " + " and ".join(bounds)
+        return text
+
+    def convert(self, value):
+        """Return ``value`` as this field's type, or ``None`` where it is not allowed."""
+        if value is None:
+            return None
+        if self.kind is list:
+            if not isinstance(value, list):
+                return None
+            if self.item_kind is None:
+                return value
+            items = [_scalar(self.item_kind, v) for v in value]
+            return None if any(v is None for v in items) else items
+        value = _scalar(self.kind, value)
+        if value is None:
+            return None
+        if self.choices is not None and value not in self.choices:
+            return None
+        if self.kind in (int, float):
+            if self.kind is float and math.isnan(value):
+                return None
+            if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+                return None
+            if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+                return None
+        return value
+
+
+def _scalar(kind, value):
+    if isinstance(value, bool):
+        return value if kind is bool else None
+    if kind is float and isinstance(value, (int, float)):
+        return float(value)
+    if kind is float and isinstance(value, str):
+        # PyYAML reads 1e4 (no '+' or '.') as a string; Caffe users write it anyway.
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    if kind is int and isinstance(value, int):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    return None
+
+
+class Params(SimpleNamespace):
+    """The parsed parameters of one layer, as attributes."""
+
+    def as_dict(self):
+        return dict(vars(self))
+
+
+class Schema:
+    """The ``param_str`` keys one layer type accepts.
+
+    Args:
+        layer_type (str): the layer's class name, used in every error message.
+        fields (list of Field): the keys.
+        check (callable, optional): ``check(params)`` for rules that relate several keys;
+            returns an error message or ``None``.
+    """
+
+    def __init__(self, layer_type, fields, check=None):
+        self.layer_type = layer_type
+        self.fields = {f.name: f for f in fields}
+        self.check = check
+
+    def error(self, message, name=None):
+        where = self.layer_type if name is None else "%s %r" % (self.layer_type, name)
+        return ParamError("%s param_str: %s" % (where, message))
+
+    def parse(self, param_str):
+        """Parse a ``param_str`` (YAML mapping; empty means all defaults) into Params."""
+        text = param_str or ""
+        try:
+            raw = yaml.safe_load(text) if text.strip() else {}
+        except yaml.YAMLError as exc:
+            raise self.error("is not valid YAML (%s): %r" % (str(exc).replace("\n", " "), text)) from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise self.error("must be a YAML mapping such as \"key: value\", got %r" % (text,))
+        # pycaffe does not tell a layer its own name; name the layer by its `name` key.
+        name = raw.get("name") if isinstance(raw.get("name"), str) else None
+        unknown = sorted(str(k) for k in raw if k not in self.fields)
+        if unknown:
+            raise self.error("unknown key %s; allowed keys: %s"
+                             % (", ".join(repr(k) for k in unknown), ", ".join(sorted(self.fields))),
+                             name)
+        values = {}
+        for key, field in self.fields.items():
+            if key not in raw:
+                values[key] = field.default
+                continue
+            converted = field.convert(raw[key])
+            if converted is None:
+                raise self.error("key %r has value %r; allowed: %s"
+                                 % (key, raw[key], field.allowed()), name)
+            values[key] = converted
+        params = Params(**values)
+        if self.check is not None:
+            problem = self.check(params)
+            if problem:
+                raise self.error(problem, name)
+        return params
+
+    def describe(self):
+        """Markdown table of the keys, their defaults and what they allow (for the README)."""
+        rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+        for f in self.fields.values():
+            rows.append("| `%s` | `%s` | %s | %s |" % (f.name, f.default, f.allowed(), f.doc))
+        return "\n".join(rows)

@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="safe_layers",
+    version="0.1.0",
+    description="Drop-in Caffe Python layers and tools that keep training from dying of NaN and Inf",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["safe_layers", "safe_layers.*"]),
+    python_requires=">=3.8",
+    install_requires=["numpy", "pyyaml"],
+    extras_require={
+        # CuPy for the GPU path; pick the wheel matching the CUDA runtime (cupy-cuda12x, ...).
+        "gpu": ["cupy"],
+        "test": ["pytest"],
+    },
+    entry_points={"console_scripts": []},
+)

@@ -1,0 +1,114 @@
+"""Fixtures that build small real Caffe nets (pycaffe) and run the real `caffe` binary.
+
+A test that needs Caffe skips when pycaffe is missing, except in CI (CI=true), where a
+missing pycaffe fails the run: CI must never go green by skipping the real thing.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# Caffe's INFO/WARNING lines would bury pytest's output; errors still show.
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def _import_caffe():
+    try:
+        import caffe
+    except ImportError as exc:
+        message = "pycaffe is not importable (%s); run `make setup`" % exc
+        if IN_CI:
+            pytest.fail("CI=true: " + message, pytrace=False)
+        pytest.skip(message)
+    caffe.set_mode_cpu()
+    return caffe
+
+
+@pytest.fixture
+def caffe():
+    return _import_caffe()
+
+
+@pytest.fixture
+def make_net(caffe, tmp_path):
+    """make_net(prototxt_text, phase='TRAIN', weights=None) -> caffe.Net"""
+    counter = [0]
+
+    def build(text, phase="TRAIN", weights=None):
+        counter[0] += 1
+        path = tmp_path / ("net%d.prototxt" % counter[0])
+        path.write_text(textwrap.dedent(text))
+        phase_value = getattr(caffe, phase)
+        if weights is not None:
+            return caffe.Net(str(path), str(weights), phase_value)
+        return caffe.Net(str(path), phase_value)
+
+    return build
+
+
+@pytest.fixture
+def make_solver(caffe, tmp_path):
+    """make_solver(net_text, **solver_fields) -> caffe.SGDSolver (seeded, CPU)."""
+    counter = [0]
+
+    def build(net_text, **fields):
+        counter[0] += 1
+        net_path = tmp_path / ("train%d.prototxt" % counter[0])
+        net_path.write_text(textwrap.dedent(net_text))
+        solver_path = tmp_path / ("solver%d.prototxt" % counter[0])
+        solver_path.write_text(solver_text(net_path, **fields))
+        return caffe.SGDSolver(str(solver_path))
+
+    return build
+
+
+def solver_text(net_path, **fields):
+    values = {"base_lr": 0.01, "lr_policy": '"fixed"', "max_iter": 100, "display": 0,
+              "random_seed": 1, "solver_mode": "CPU", "snapshot_after_train": "false"}
+    values.update(fields)
+    lines = ['net: "%s"' % net_path] + ["%s: %s" % kv for kv in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def caffe_bin(caffe):
+    """Run the real `caffe` binary of this environment; returns CompletedProcess."""
+    binary = Path(sys.executable).parent / "caffe"
+    if not binary.exists():
+        message = "no caffe binary at %s; run `make setup`" % binary
+        if IN_CI:
+            pytest.fail("CI=true: " + message, pytrace=False)
+        pytest.skip(message)
+
+    def run(*args, cwd=None, timeout=300):
+        env = dict(os.environ)
+        env["GLOG_minloglevel"] = "0"
+        return subprocess.run([str(binary), *map(str, args)], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+def _cupy_device():
+    try:
+        import cupy
+        cupy.cuda.runtime.getDeviceCount()
+        return cupy
+    except Exception:  # noqa: BLE001 - any failure means "no usable GPU"
+        return None
+
+
+def array_modules():
+    """pytest params: numpy always, cupy marked gpu (skipped where no GPU is usable)."""
+    import numpy
+    cupy = _cupy_device()
+    return [pytest.param(numpy, id="numpy"),
+            pytest.param(cupy, id="cupy",
+                         marks=[pytest.mark.gpu,
+                                pytest.mark.skipif(cupy is None, reason="no CuPy/GPU here")])]
