@@ -1,0 +1,107 @@
+"""Finiteness checks and repairs: pure functions over NumPy or CuPy arrays.
+
+The common case is "everything is finite", so :func:`all_finite` is a one-pass
+reduction that returns one host scalar; the exact counts (:func:`count_faults`) run only
+when that fast check fails.
+"""
+
+import numpy
+
+FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
+
+
+def _xp(x):
+    # numpy for host arrays; cupy for device arrays (imported only when one is seen).
+    if isinstance(x, numpy.ndarray):
+        return numpy
+    import cupy
+    return cupy.get_array_module(x)
+
+
+_max_abs_kernel = None
+
+
+def _device_max_abs(x):
+    """max |x| over a CuPy array in one fused pass; NaN if any element is NaN."""
+    global _max_abs_kernel
+    if _max_abs_kernel is None:
+        import cupy
+        # fmax/fabs would drop NaN; this reduction keeps it, so one number answers
+        # "any NaN, any Inf, anything above the threshold".
+        _max_abs_kernel = cupy.ReductionKernel(
+            "T x", "T y", "fabs(x)", "(a != a || a > b) ? a : b", "y = a", "0",
+            "safe_layers_max_abs_nan")
+    return _max_abs_kernel(x.ravel())
+
+
+def all_finite(x, max_abs=None):
+    """True when every element is finite (and, with ``max_abs``, ``|x| <= max_abs``).
+
+    One pass, one host scalar. On the host the check is ``isfinite(x.sum())``: the sum
+    of floats is finite whenever every element is, and NaN/Inf whenever one is not. The
+    only false alarm is finite values whose sum overflows; callers confirm a failed
+    check with :func:`count_faults`, which is exact.
+    """
+    if x.size == 0:
+        return True
+    xp = _xp(x)
+    if xp is not numpy:
+        peak = float(_device_max_abs(x))
+        return peak <= (FLOAT32_MAX if max_abs is None else max_abs)
+    if max_abs is None:
+        return bool(numpy.isfinite(x.sum()))
+    # max/min propagate NaN, and NaN fails both comparisons.
+    return bool(x.max() <= max_abs and x.min() >= -max_abs)
+
+
+def count_faults(x, max_abs=None):
+    """Exact counts of NaN, +Inf, -Inf and finite ``|x| > max_abs`` elements."""
+    xp = _xp(x)
+    nan = int(xp.count_nonzero(xp.isnan(x)))
+    posinf = int(xp.count_nonzero(xp.isposinf(x)))
+    neginf = int(xp.count_nonzero(xp.isneginf(x)))
+    over = 0
+    if max_abs is not None:
+        over = int(xp.count_nonzero(xp.isfinite(x) & (xp.abs(x) > max_abs)))
+    return {"nan": nan, "posinf": posinf, "neginf": neginf, "over": over}
+
+
+def fault_mask(x, max_abs=None):
+    """Boolean mask of the elements :func:`count_faults` counts."""
+    xp = _xp(x)
+    bad = ~xp.isfinite(x)
+    if max_abs is not None:
+        bad |= xp.abs(x) > max_abs
+    return bad
+
+
+def first_fault(x, max_abs=None):
+    """(N-d index, value) of the first faulty element in C order, or (None, None)."""
+    xp = _xp(x)
+    bad = fault_mask(x, max_abs).ravel()
+    flat = int(xp.argmax(bad))
+    if not bool(bad[flat]):
+        return None, None
+    index = tuple(int(i) for i in numpy.unravel_index(flat, x.shape))
+    return index, float(x.ravel()[flat])
+
+
+def finite_stats(x):
+    """min, max and mean |x| of the finite elements (None each when there are none)."""
+    xp = _xp(x)
+    finite = x[xp.isfinite(x)]
+    if finite.size == 0:
+        return None, None, None
+    return (float(finite.min()), float(finite.max()),
+            float(xp.abs(finite).mean(dtype=xp.float64)))
+
+
+def clamp_(x, nan_value=0.0, bound=FLOAT32_MAX, max_abs=None):
+    """Repair ``x`` in place: NaN -> nan_value, +-Inf -> +-bound, and with ``max_abs``
+    every finite ``|x| > max_abs`` -> +-bound. Returns ``x``."""
+    xp = _xp(x)
+    xp.nan_to_num(x, copy=False, nan=nan_value, posinf=bound, neginf=-bound)
+    if max_abs is not None:
+        over = xp.abs(x) > max_abs
+        x[over] = xp.copysign(xp.asarray(bound, dtype=x.dtype), x[over])
+    return x

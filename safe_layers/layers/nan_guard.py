@@ -1,0 +1,139 @@
+"""NaNGuard: detect, localize, clamp or abort on non-finite blobs, forward and backward.
+
+    layer {
+      name: "conv1_guard" type: "Python" bottom: "conv1" top: "conv1"
+      python_param { module: "safe_layers" layer: "NaNGuard"
+                     param_str: "{name: conv1_guard, follows: conv1, action: abort}" }
+    }
+"""
+
+import caffe
+
+from safe_layers import backend, reporting
+from safe_layers.kernels import finite
+from safe_layers.params import Field, Schema
+
+
+def _check_nan_guard(p):
+    if p.action == "zero" and p.check != "backward":
+        return ("key 'action' has value 'zero', which only a backward pass can do; "
+                "use action: warn|clamp|abort with backward_action: zero")
+    if p.bound is not None and p.max_abs is not None and p.bound > p.max_abs:
+        return "key 'bound' (%g) must not exceed 'max_abs' (%g)" % (p.bound, p.max_abs)
+    if p.max_abs is not None and abs(p.nan_value) > p.max_abs:
+        return "key 'nan_value' (%g) must lie within +-max_abs (%g)" % (p.nan_value, p.max_abs)
+    return None
+
+
+SCHEMA = Schema("NaNGuard", [
+    Field("name", str, "NaNGuard", "the name reports use (pycaffe does not tell a Python layer its own)"),
+    Field("follows", str, None, "the layer this guard watches, named in every report"),
+    Field("check", str, "both", "which pass to check: forward data, backward diff, or both",
+          choices=("forward", "backward", "both")),
+    Field("action", str, "warn", "what to do on a fault (forward, and backward unless backward_action is set)",
+          choices=("warn", "clamp", "abort", "zero")),
+    Field("backward_action", str, None, "what to do on a backward fault; default: action",
+          choices=("warn", "clamp", "abort", "zero")),
+    Field("nan_value", float, 0.0, "clamp: the value NaN becomes"),
+    Field("bound", float, None, "clamp: the magnitude +-Inf (and values over max_abs) become; "
+          "default max_abs, else the float32 maximum", low=0.0, low_open=True),
+    Field("max_abs", float, None, "early warning: finite values with abs(x) above this are faults too",
+          low=0.0, low_open=True),
+    Field("iter_size", int, 1, "the solver's iter_size, to turn call counts into iterations", low=1),
+    Field("dump_dir", str, None, "flight recorder: on the first fault write the blobs (.npz) and report (.json) here"),
+    Field("dump_max_mb", float, 64.0, "flight recorder: size cap of the .npz, in MB", low=0.0, low_open=True),
+    Field("log_first", int, 5, "faults printed in full before the log switches to summaries", low=0),
+    Field("log_every", int, 100, "after that, one summary line every this many faults", low=1),
+], check=_check_nan_guard)
+
+
+class NaNGuard(caffe.Layer):
+    """Checks each bottom's data in forward and each top's diff in backward."""
+
+    def setup(self, bottom, top):
+        self.params = p = SCHEMA.parse(self.param_str)
+        if len(bottom) == 0 or len(top) != len(bottom):
+            raise SCHEMA.error("layer %r needs as many tops as bottoms (at least one); got %d bottoms, %d tops"
+                               % (p.name, len(bottom), len(top)))
+        self.forward_action = p.action
+        self.backward_action = p.backward_action or p.action
+        self.bound = p.bound if p.bound is not None else (p.max_abs or finite.FLOAT32_MAX)
+        self.in_place = []
+        for i in range(len(bottom)):
+            # pycaffe blob vectors index, but do not iterate.
+            top[i].reshape(*bottom[i].shape)
+            self.in_place.append(backend.same_memory(bottom[i].data, top[i].data))
+        self.fault_log = reporting.FaultLog("NaNGuard", p.name, p.follows, self.phase,
+                                            full=p.log_first, every=p.log_every)
+        self.forward_calls = 0
+        self.backward_calls = 0
+        self.recorded = False
+
+    def reshape(self, bottom, top):
+        for i, same in enumerate(self.in_place):
+            if not same:
+                top[i].reshape(*bottom[i].shape)
+
+    def forward(self, bottom, top):
+        self.forward_calls += 1
+        arrays = []
+        for i, same in enumerate(self.in_place):
+            out = backend.data(top[i])
+            if not same:
+                out[...] = backend.data(bottom[i])
+            arrays.append(out)
+        if self.params.check in ("forward", "both"):
+            self._guard(arrays, "forward data", self.forward_calls, self.forward_action)
+
+    def backward(self, top, propagate_down, bottom):
+        self.backward_calls += 1
+        arrays = []
+        for i, same in enumerate(self.in_place):
+            if not propagate_down[i]:
+                arrays.append(None)
+                continue
+            grad = backend.diff(bottom[i])
+            if not same:
+                grad[...] = backend.diff(top[i])
+            arrays.append(grad)
+        if self.params.check in ("backward", "both"):
+            self._guard(arrays, "backward diff", self.backward_calls, self.backward_action)
+
+    @property
+    def last_report(self):
+        """The newest FaultReport (None before the first fault)."""
+        return self.fault_log.last
+
+    @property
+    def fault_count(self):
+        return self.fault_log.count
+
+    def _guard(self, arrays, pass_, call, action):
+        p = self.params
+        for index, array in enumerate(arrays):
+            if array is None or finite.all_finite(array, p.max_abs):
+                continue
+            report = reporting.inspect(
+                array, p.max_abs, layer_type="NaNGuard", layer=p.name, follows=p.follows,
+                phase=reporting.phase_name(self.phase), pass_=pass_, call=call,
+                iteration=reporting.iteration(self.phase, call, p.iter_size),
+                blob_index=index, action=action)
+            if report is None:
+                continue
+            if p.dump_dir and not self.recorded:
+                self.recorded = True
+                stem = "%s-%s-call%d" % (p.name, pass_.replace(" ", "-"), call)
+                named = {"bottom%d" % i: a for i, a in enumerate(arrays) if a is not None}
+                reporting.write_flight_record(p.dump_dir, stem, named, report,
+                                              int(p.dump_max_mb * 1e6))
+            if action == "abort":
+                # Under `caffe train` the raise below kills the process without a Python
+                # traceback, so this printed report is the only message the user gets.
+                self.fault_log.shout("ABORT " + report.line())
+                self.fault_log.shout("ABORT report: " + report.to_json())
+                raise FloatingPointError(report.line())
+            self.fault_log.record(report)
+            if action == "clamp":
+                finite.clamp_(array, p.nan_value, self.bound, p.max_abs)
+            elif action == "zero":
+                array.fill(0)

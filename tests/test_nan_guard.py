@@ -1,0 +1,307 @@
+"""NaNGuard inside real Caffe: caffe.Net, caffe.SGDSolver and the `caffe` binary."""
+
+import json
+
+import numpy as np
+import pytest
+
+from safe_layers import reporting
+from safe_layers.params import ParamError
+
+
+def guard(bottom, param_str, top=None, name=None):
+    bottoms = bottom if isinstance(bottom, list) else [bottom]
+    tops = top if top is not None else bottoms
+    tops = tops if isinstance(tops, list) else [tops]
+    return ('layer { name: "%s" type: "Python" %s %s python_param { module: "safe_layers" '
+            'layer: "NaNGuard" param_str: "%s" } }\n'
+            % (name or "guard_" + bottoms[0], " ".join('bottom: "%s"' % b for b in bottoms),
+               " ".join('top: "%s"' % t for t in tops), param_str))
+
+
+def log_net(param_str):
+    """x -> Log -> guard -> EuclideanLoss: log of a negative (or zero) is NaN (or -Inf)."""
+    return ('name: "lognet" force_backward: true\n'
+            'layer { name: "in" type: "Input" top: "x" top: "t" '
+            'input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } } }\n'
+            'layer { name: "log" type: "Log" bottom: "x" top: "y" }\n'
+            + guard("y", param_str)
+            + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l" }\n')
+
+
+def last(layer, phase="TRAIN"):
+    logs = reporting.fault_logs(layer, phase)
+    assert logs, "no NaNGuard named %r was built" % layer
+    return logs[-1]
+
+
+def test_forward_fault_from_a_real_log_layer(make_net, capfd):
+    net = make_net(log_net("{name: fwd, follows: log}"))
+    net.blobs["x"].data[...] = [[1.0, 2.0, 3.0], [4.0, -1.0, 0.0]]
+    net.forward()
+    report = last("fwd").last
+    assert report.pass_ == "forward data" and report.phase == "TRAIN"
+    assert (report.call, report.iteration) == (1, 0)
+    assert (report.nan, report.posinf, report.neginf, report.over) == (1, 0, 1, 0)
+    assert report.first_index == (1, 1) and np.isnan(report.first_value)
+    assert report.finite_min == 0.0 and report.finite_max == pytest.approx(np.log(4.0))
+    assert report.shape == (2, 3) and report.blob_index == 0 and report.follows == "log"
+    err = capfd.readouterr().err
+    assert ("NaNGuard fwd (after log): non-finite forward data in TRAIN, iteration 0 (call 1), "
+            "bottom[0] shape 2x3: nan=1 +inf=0 -inf=1; first bad at [1, 1] = nan") in err
+    # Structured form: every field, JSON-safe.
+    parsed = json.loads(report.to_json())
+    assert parsed["first_index"] == [1, 1] and parsed["first_value"] == "nan"
+    assert parsed["pass"] == "forward data" and parsed["layer"] == "fwd"
+    # The third forward is iteration 2 and says so.
+    net.forward()
+    net.forward()
+    assert last("fwd").last.iteration == 2 and last("fwd").count == 3
+
+
+def test_iteration_accounts_for_iter_size(make_net):
+    net = make_net(log_net("{name: itersize, iter_size: 2}"))
+    net.blobs["x"].data[...] = -1.0
+    for _ in range(3):
+        net.forward()
+    assert last("itersize").last.call == 3 and last("itersize").last.iteration == 1
+
+
+GRAD_OVERFLOW = """
+name: "overflow" force_backward: true
+layer { name: "in" type: "Input" top: "x" top: "t" input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } } }
+%s
+layer { name: "times10" type: "Power" bottom: "x" top: "y" power_param { scale: 10 } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l" loss_weight: 1e37 }
+"""
+
+
+def test_backward_fault_is_found_in_backward_not_forward(make_net):
+    # Forward is finite; dL/dy = 1e37 * 10 / 2 and then x10 in Power's backward overflows.
+    net = make_net(GRAD_OVERFLOW % guard("x", "{name: bwd, follows: in}"))
+    net.blobs["x"].data[...] = 1.0
+    net.blobs["t"].data[...] = 0.0
+    net.forward()
+    assert last("bwd").count == 0
+    assert np.isfinite(net.blobs["l"].data).all()
+    net.backward()
+    log = last("bwd")
+    assert log.count == 1
+    report = log.last
+    assert report.pass_ == "backward diff" and report.posinf == 6 and report.nan == 0
+    assert report.first_index == (0, 0) and report.first_value == np.inf
+
+
+def test_backward_zero_action_zeroes_the_gradient(make_net):
+    net = make_net(GRAD_OVERFLOW % guard("x", "{name: bwdzero, action: warn, backward_action: zero}"))
+    net.blobs["x"].data[...] = 1.0
+    net.forward()
+    net.backward()
+    assert last("bwdzero").count == 1
+    np.testing.assert_array_equal(net.blobs["x"].diff, np.zeros((2, 3), np.float32))
+
+
+def test_abort_under_pycaffe_raises_with_the_report_and_net_stays_usable(make_net, capfd):
+    net = make_net(log_net("{name: stop, follows: log, action: abort}"))
+    net.blobs["x"].data[...] = [[1.0, 2.0, 3.0], [4.0, 5.0, -6.0]]
+    with pytest.raises(FloatingPointError) as info:
+        net.forward()
+    message = str(info.value)
+    assert message.startswith("NaNGuard stop (after log): non-finite forward data in TRAIN, iteration 0")
+    assert "nan=1 +inf=0 -inf=0; first bad at [1, 2] = nan" in message
+    err = capfd.readouterr().err
+    assert "ABORT " + message in err and "ABORT report: {" in err
+    # The same net keeps working on finite input.
+    net.blobs["x"].data[...] = 2.0
+    net.blobs["t"].data[...] = 0.0
+    out = net.forward()
+    assert out["l"] == pytest.approx(np.log(2.0) ** 2 * 6 / 4, rel=1e-5)
+    net.backward()
+    assert np.isfinite(net.blobs["x"].diff).all()
+
+
+def test_abort_under_caffe_train_exits_nonzero_with_the_report(caffe_bin, tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text('name: "cli"\n'
+                   'layer { name: "data" type: "DummyData" top: "x" top: "t" dummy_data_param { '
+                   'shape { dim: 4 dim: 3 } shape { dim: 4 dim: 3 } '
+                   'data_filler { type: "constant" value: -1 } data_filler { type: "constant" value: 0 } } }\n'
+                   'layer { name: "fc" type: "InnerProduct" bottom: "x" top: "h" inner_product_param { '
+                   'num_output: 3 weight_filler { type: "constant" value: 1 } } }\n'
+                   'layer { name: "sqrt" type: "Power" bottom: "h" top: "y" power_param { power: 0.5 } }\n'
+                   + guard("y", "{name: sqrt_guard, follows: sqrt, action: abort}")
+                   + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l" }\n')
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text('net: "%s"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 10\ndisplay: 1\n'
+                      'solver_mode: CPU\nsnapshot_after_train: false\n' % net)
+    result = caffe_bin("train", "-solver", solver, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert ("ABORT NaNGuard sqrt_guard (after sqrt): non-finite forward data in TRAIN, "
+            "iteration 0 (call 1), bottom[0] shape 4x3: nan=12 +inf=0 -inf=0; first bad at [0, 0] = nan"
+            in result.stderr)
+    assert "FloatingPointError" in result.stderr  # the Python traceback, thanks to WITH_PYTHON_LAYER
+    assert "Iteration 0, loss" not in result.stderr  # it stopped before the first update
+
+
+CONVNET = """
+name: "convnet" force_backward: true
+layer { name: "in" type: "Input" top: "data" top: "label"
+  input_param { shape { dim: 4 dim: 2 dim: 8 dim: 8 } shape { dim: 4 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "gaussian" std: 0.5 } bias_filler { type: "constant" value: 0.1 } } }
+GUARD_CONV1
+layer { name: "relu1" type: "ReLU" bottom: "conv1" top: "relu1" }
+layer { name: "pool1" type: "Pooling" bottom: "relu1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "fc" type: "InnerProduct" bottom: "POOL_OUT" top: "fc"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.5 } } }
+GUARD_FC
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""
+
+
+def _convnet(guarded):
+    if not guarded:
+        return CONVNET.replace("GUARD_CONV1", "").replace("GUARD_FC", "").replace("POOL_OUT", "pool1")
+    return (CONVNET.replace("GUARD_CONV1", guard("conv1", "{name: c1, action: abort}"))
+            .replace("GUARD_FC", guard(["fc"], "{name: f, action: clamp, max_abs: 1e6}"))
+            # a not-in-place guard over two blobs between pool1 and fc
+            .replace("POOL_OUT", "pool1_g")
+            .replace('layer { name: "fc"', guard(["pool1", "relu1"], "{name: two, action: clamp}",
+                                                 top=["pool1_g", "relu1_g"]) + 'layer { name: "fc"'))
+
+
+def test_finite_input_is_bit_identical_to_the_unguarded_net(make_net):
+    plain = make_net(_convnet(False))
+    guarded = make_net(_convnet(True))
+    for name in ("conv1", "fc"):
+        for p_plain, p_guarded in zip(plain.params[name], guarded.params[name]):
+            p_guarded.data[...] = p_plain.data
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal((4, 2, 8, 8)).astype(np.float32)
+    label = np.array([0, 1, 2, 1], np.float32)
+    for net in (plain, guarded):
+        net.blobs["data"].data[...] = data
+        net.blobs["label"].data[...] = label
+        net.forward()
+        net.backward()
+    assert guarded.blobs["loss"].data == plain.blobs["loss"].data
+    for blob in ("conv1", "relu1", "pool1", "fc"):
+        np.testing.assert_array_equal(guarded.blobs[blob].data, plain.blobs[blob].data)
+    np.testing.assert_array_equal(guarded.blobs["pool1_g"].data, plain.blobs["pool1"].data)
+    for blob in ("data", "conv1", "pool1", "fc"):
+        np.testing.assert_array_equal(guarded.blobs[blob].diff, plain.blobs[blob].diff)
+    for name in ("conv1", "fc"):
+        for p_plain, p_guarded in zip(plain.params[name], guarded.params[name]):
+            np.testing.assert_array_equal(p_guarded.diff, p_plain.diff)
+    assert all(log.count == 0 for log in reporting.fault_logs() if log.layer in ("c1", "f", "two"))
+
+
+def test_separate_top_is_repaired_and_the_bottom_left_alone(make_net):
+    net = make_net('name: "sep" force_backward: true\n'
+                   'layer { name: "in" type: "Input" top: "x" top: "z" '
+                   'input_param { shape { dim: 2 dim: 2 } shape { dim: 3 } } }\n'
+                   + guard(["x", "z"], "{name: sep, action: clamp, nan_value: -5}", top=["xg", "zg"])
+                   + 'layer { name: "sx" type: "Reduction" bottom: "xg" top: "sx" loss_weight: 1 }\n'
+                   'layer { name: "sz" type: "Reduction" bottom: "zg" top: "sz" loss_weight: 1 }\n')
+    net.blobs["x"].data[...] = [[1.0, np.nan], [np.inf, 2.0]]
+    net.blobs["z"].data[...] = [np.nan, 1.0, 1.0]
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["xg"].data, [[1.0, -5.0], [np.finfo(np.float32).max, 2.0]])
+    np.testing.assert_array_equal(net.blobs["zg"].data, [-5.0, 1.0, 1.0])
+    assert np.isnan(net.blobs["x"].data[0, 1]) and np.isinf(net.blobs["x"].data[1, 0])
+    log = last("sep")
+    assert log.count == 2 and log.last.blob_index == 1  # each faulty bottom reported
+    net.backward()  # Reduction SUM's gradient is 1 everywhere: copied to both bottoms
+    np.testing.assert_array_equal(net.blobs["x"].diff, np.ones((2, 2)))
+    np.testing.assert_array_equal(net.blobs["z"].diff, np.ones(3))
+
+
+def test_max_abs_flags_exploding_finite_values(make_net):
+    net = make_net(log_net("{name: early, action: clamp, max_abs: 2, check: forward}"))
+    net.blobs["x"].data[...] = [[1.0, 2.0, 3.0], [1e3, 1e-3, 1.0]]
+    net.forward()
+    report = last("early").last
+    assert (report.over, report.nan, report.first_index) == (2, 0, (1, 0))
+    np.testing.assert_allclose(net.blobs["y"].data,
+                               [[0.0, np.log(2.0), np.log(3.0)], [2.0, -2.0, 0.0]], rtol=1e-6)
+
+
+def test_test_phase_reports_test_and_no_iteration(make_net):
+    net = make_net(log_net("{name: tst}"), phase="TEST")
+    net.blobs["x"].data[...] = -1.0
+    net.forward()
+    report = last("tst", "TEST").last
+    assert report.phase == "TEST" and report.iteration is None and report.call == 1
+    assert "in TEST, call 1," in report.line()
+
+
+def test_logging_is_rate_limited_with_periodic_and_final_summaries(make_net, capfd):
+    net = make_net(log_net("{name: noisy, check: forward, log_first: 2, log_every: 3}"))
+    net.blobs["x"].data[...] = -1.0
+    for _ in range(8):
+        net.forward()
+    lines = [l for l in capfd.readouterr().err.splitlines() if "NaNGuard noisy" in l]
+    assert len(lines) == 2 + 2  # two in full, then summaries at faults 5 and 8
+    assert lines[1].endswith("(further faults summarised every 3)")
+    assert "noisy: 5 faults so far (nan=30 " in lines[2] and "noisy: 8 faults so far" in lines[3]
+    log = last("noisy")
+    assert log.final_summary() is None
+    assert "final summary: NaNGuard noisy: 8 faults so far" in capfd.readouterr().err
+
+
+def test_flight_recorder_writes_the_first_fault_once(make_net, tmp_path):
+    dump = tmp_path / "dumps"
+    net = make_net(log_net("{name: rec, check: forward, dump_dir: '%s'}" % dump))
+    x = np.array([[1.0, -2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)
+    net.blobs["x"].data[...] = x
+    net.forward()
+    net.forward()
+    files = sorted(p.name for p in dump.iterdir())
+    assert files == ["rec-forward-data-call1.json", "rec-forward-data-call1.npz"]
+    saved = np.load(dump / "rec-forward-data-call1.npz")["bottom0"]
+    np.testing.assert_array_equal(np.isnan(saved), x < 0)
+    record = json.loads((dump / "rec-forward-data-call1.json").read_text())
+    assert record["report"]["nan"] == 1 and record["arrays"] == ["bottom0"]
+
+
+def test_flight_recorder_respects_its_size_cap(tmp_path):
+    report = reporting.FaultReport(**{k: None for k in reporting.FaultReport.FIELDS})
+    report.shape, report.first_index = (1,), None
+    big = np.zeros(1000, np.float32)
+    reporting.write_flight_record(str(tmp_path), "cap", {"a": big, "b": big}, report, max_bytes=6000)
+    record = json.loads((tmp_path / "cap.json").read_text())
+    assert record["arrays"] == ["a"]
+    assert record["skipped_over_size_cap"] == [{"name": "b", "shape": [1000], "bytes": 4000}]
+
+
+def test_guard_needs_matching_tops(make_net):
+    with pytest.raises(ParamError, match="NaNGuard param_str: layer 'NaNGuard' needs as many tops as bottoms"):
+        make_net('name: "m"\nlayer { name: "in" type: "Input" top: "x" top: "z" '
+                 'input_param { shape { dim: 1 } shape { dim: 1 } } }\n'
+                 'layer { name: "g" type: "Python" bottom: "x" bottom: "z" top: "x" '
+                 'python_param { module: "safe_layers" layer: "NaNGuard" } }\n')
+
+
+DIVERGING = """
+name: "diverging"
+layer { name: "data" type: "DummyData" top: "x" top: "t"
+  dummy_data_param { shape { dim: 16 dim: 10 } shape { dim: 16 dim: 1 }
+    data_filler { type: "gaussian" std: 10 } data_filler { type: "gaussian" std: 1 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "x" top: "y"
+  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+GUARD
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+"""
+
+
+def test_clamp_keeps_a_diverging_solver_finite(make_solver):
+    # lr 0.1 on inputs of std 10 diverges: every step multiplies the error by ~|1 - 0.1*100|.
+    plain = make_solver(DIVERGING.replace("GUARD", ""), base_lr=0.1)
+    plain.step(200)
+    assert not np.isfinite(plain.net.params["fc"][0].data).all()
+    guarded = make_solver(DIVERGING.replace("GUARD", guard("y", "{name: div, action: clamp, max_abs: 1e3}")),
+                          base_lr=0.1)
+    guarded.step(200)
+    assert np.isfinite(guarded.net.params["fc"][0].data).all()
+    assert np.isfinite(guarded.net.blobs["loss"].data).all()
+    assert last("div").count > 0  # it did have to intervene

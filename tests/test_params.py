@@ -1,0 +1,67 @@
+"""param_str errors surface at net construction, naming layer type, key, value and what is allowed."""
+
+import pytest
+
+from safe_layers.params import Field, ParamError, Schema
+
+GUARDED = """
+name: "p"
+layer {{ name: "in" type: "Input" top: "x" input_param {{ shape {{ dim: 2 dim: 3 }} }} }}
+layer {{ name: "g" type: "Python" bottom: "x" top: "x"
+  python_param {{ module: "safe_layers" layer: "NaNGuard" param_str: "{param_str}" }} }}
+"""
+
+
+@pytest.mark.parametrize("param_str, expected", [
+    ("{name: g1, acton: abort}",
+     "NaNGuard 'g1' param_str: unknown key 'acton'; allowed keys: action, backward_action"),
+    ("{action: explode}",
+     "NaNGuard param_str: key 'action' has value 'explode'; allowed: one of warn, clamp, abort, zero"),
+    ("{max_abs: -1}",
+     "NaNGuard param_str: key 'max_abs' has value -1; allowed: a number > 0.0"),
+    ("{max_abs: big}",
+     "NaNGuard param_str: key 'max_abs' has value 'big'; allowed: a number > 0.0"),
+    ("{log_first: 2.5}",
+     "NaNGuard param_str: key 'log_first' has value 2.5; allowed: an integer >= 0"),
+    ("{log_every: true}",
+     "NaNGuard param_str: key 'log_every' has value True; allowed: an integer >= 1"),
+    ("{name: g2, action: zero}",
+     "NaNGuard 'g2' param_str: key 'action' has value 'zero', which only a backward pass can do"),
+    ("{max_abs: 10, bound: 100}",
+     "NaNGuard param_str: key 'bound' (100) must not exceed 'max_abs' (10)"),
+    ("[1, 2]",
+     "NaNGuard param_str: must be a YAML mapping"),
+    ("{action: [warn",
+     "NaNGuard param_str: is not valid YAML"),
+])
+def test_bad_param_str_fails_at_net_construction(make_net, param_str, expected):
+    with pytest.raises(ParamError) as info:
+        make_net(GUARDED.format(param_str=param_str))
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_good_param_str_builds_and_defaults_apply(make_net):
+    net = make_net(GUARDED.format(param_str="{name: g, action: clamp, max_abs: 5}"))
+    assert list(net.blobs) == ["x"]
+
+
+def test_bad_param_str_under_caffe_binary_exits_nonzero_with_the_message(caffe_bin, tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text(GUARDED.format(param_str="{name: g, check: sideways}"))
+    result = caffe_bin("time", "-model", net, "-iterations", "1")
+    assert result.returncode != 0
+    assert ("NaNGuard 'g' param_str: key 'check' has value 'sideways'; "
+            "allowed: one of forward, backward, both") in result.stderr
+
+
+def test_schema_types_are_strict():
+    schema = Schema("Demo", [Field("rate", float, 1.0, "a rate", low=0.0),
+                             Field("flag", bool, False, "a flag"),
+                             Field("sizes", list, None, "sizes", item_kind=int)])
+    assert schema.parse("{rate: 3}").rate == 3.0  # YAML int accepted for a float key
+    assert schema.parse("{rate: 1e4}").rate == 1e4  # PyYAML reads 1e4 as a string
+    assert schema.parse("").as_dict() == {"rate": 1.0, "flag": False, "sizes": None}
+    assert schema.parse("{sizes: [1, 2]}").sizes == [1, 2]
+    for bad in ("{rate: .nan}", "{rate: nan}", "{rate: -1}", "{rate: fast}", "{rate: true}", "{flag: 1}", "{sizes: [1, x]}", "{sizes: 3}"):
+        with pytest.raises(ParamError, match="Demo param_str: key"):
+            schema.parse(bad)
