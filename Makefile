@@ -1,0 +1,21 @@
+# Two commands: `make demo` (set up everything, run the main job) and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean-venv
+
+# Debian packages, the cached Caffe build, .venv with pycaffe + safe_layers + .venv/bin/caffe.
+setup:
+	caffe_build/setup_env.sh
+
+demo: setup
+	$(PY) examples/guard_demo.py
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) bench/bench_nan_guard.py
+
+clean-venv:
+	rm -rf $(VENV)
