@@ -215,6 +215,12 @@ def fault_logs(layer=None, phase=None):
             if (layer is None or log.layer == layer) and (phase is None or log.phase == phase)]
 
 
+def clear_fault_logs():
+    """Forget every FaultLog so far (no final summaries for them): for long pycaffe
+    sessions that build and drop many nets."""
+    del _live_logs[:]
+
+
 def _final_summaries():
     for log in _live_logs:
         try:

@@ -30,6 +30,16 @@ def _import_caffe():
     return caffe
 
 
+@pytest.fixture(autouse=True)
+def _fresh_fault_logs():
+    """Each test reads only the fault logs of the layers it built, and the test process
+    prints no final summaries for them at exit."""
+    from safe_layers import reporting
+    reporting.clear_fault_logs()
+    yield
+    reporting.clear_fault_logs()
+
+
 @pytest.fixture
 def caffe():
     return _import_caffe()

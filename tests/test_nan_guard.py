@@ -143,6 +143,28 @@ def test_abort_under_caffe_train_exits_nonzero_with_the_report(caffe_bin, tmp_pa
     assert "Iteration 0, loss" not in result.stderr  # it stopped before the first update
 
 
+def test_final_summary_is_printed_at_exit_of_caffe_train(caffe_bin, tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text('name: "cli"\n'
+                   'layer { name: "data" type: "DummyData" top: "x" top: "t" dummy_data_param { '
+                   'shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } '
+                   'data_filler { type: "constant" value: -1 } data_filler { type: "constant" value: 0 } } }\n'
+                   'layer { name: "log" type: "Log" bottom: "x" top: "y" }\n'
+                   + guard("y", "{name: warner, follows: log, action: clamp, log_first: 1, log_every: 1000}")
+                   + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l" }\n')
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text('net: "%s"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 4\ndisplay: 1\n'
+                      'solver_mode: CPU\nsnapshot_after_train: false\n' % net)
+    result = caffe_bin("train", "-solver", solver, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [l for l in result.stderr.splitlines() if "NaNGuard warner" in l]
+    assert len(lines) == 2, lines  # the first fault in full, then only the exit summary
+    assert "iteration 0 (call 1)" in lines[0] and "action=clamp" in lines[0]
+    # 4 iterations + the solver's final loss forward = 5 forward calls, 6 NaN each.
+    assert "final summary: NaNGuard warner (after log): 5 faults so far (nan=30 " in lines[1]
+    assert "Iteration 4, loss = 0" in result.stderr  # clamped to 0 = the target
+
+
 CONVNET = """
 name: "convnet" force_backward: true
 layer { name: "in" type: "Input" top: "data" top: "label"
