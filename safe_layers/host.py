@@ -1,8 +1,10 @@
 """What kind of process the layers run in: a Python interpreter, or the `caffe` binary."""
 
+import functools
 import os
 
 
+@functools.lru_cache(maxsize=None)
 def caffe_cli_argv():
     """The command line of the `caffe` binary when this process is one, else None.
 
@@ -15,5 +17,5 @@ def caffe_cli_argv():
     except OSError:
         return None
     if argv and os.path.basename(argv[0]) in ("caffe", "caffe.bin"):
-        return argv
+        return tuple(argv)  # cached: a process's command line does not change
     return None

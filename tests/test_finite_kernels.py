@@ -47,6 +47,23 @@ class TestKernels:
         assert not finite.all_finite(x, max_abs=9.5)
         assert not finite.all_finite(xp.asarray(np.array([1.0, -10.0], np.float32)), max_abs=9.5)
 
+    def test_large_finite_values_are_finite_even_when_their_squares_overflow(self, xp):
+        host = np.random.default_rng(2).standard_normal(5000).astype(np.float32)
+        host[17] = 1e20  # its square overflows float32; the element itself is finite
+        host[4000] = -3e37
+        assert finite.all_finite(xp.asarray(host))
+        host[4999] = -np.inf
+        assert not finite.all_finite(xp.asarray(host))
+
+    def test_threshold_decided_exactly_when_the_energy_bound_is_inconclusive(self, xp):
+        # 1000 x 9.0: sum of squares 81000 > 10**2, yet every |x| <= 10.
+        host = np.full(1000, 9.0, np.float32)
+        assert finite.all_finite(xp.asarray(host), max_abs=10.0)
+        host[999] = -10.5
+        assert not finite.all_finite(xp.asarray(host), max_abs=10.0)
+        host[999] = np.nan
+        assert not finite.all_finite(xp.asarray(host), max_abs=10.0)
+
     def test_overflowing_sum_is_confirmed_finite_by_the_exact_count(self, xp):
         x = xp.asarray(np.full(8, 3e38, np.float32))
         # The fast check may raise a false alarm (the sum overflows); the exact count clears it.
