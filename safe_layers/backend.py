@@ -123,25 +123,8 @@ def diff(blob):
     return _host_array(blob, "diff")
 
 
-def array_module(array):
-    """numpy or cupy: the module that owns ``array``."""
-    if isinstance(array, numpy.ndarray) or numpy.isscalar(array):
-        return numpy
-    cupy = _cupy()
-    if cupy is not None:
-        return cupy.get_array_module(array)
-    return numpy
-
-
 def same_memory(a, b):
     """Whether two arrays start at the same address (an in-place layer's top and bottom)."""
     def address(x):
         return x.__array_interface__["data"][0] if isinstance(x, numpy.ndarray) else x.data.ptr
     return address(a) == address(b)
-
-
-def to_host(array):
-    """A NumPy copy (or view, for NumPy input) of ``array``."""
-    if isinstance(array, numpy.ndarray):
-        return array
-    return array.get()

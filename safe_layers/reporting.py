@@ -20,6 +20,7 @@ import numpy
 
 from safe_layers import host
 from safe_layers.kernels import finite
+from safe_layers.kernels.xp import to_numpy
 
 PHASES = {0: "TRAIN", 1: "TEST"}
 
@@ -152,6 +153,7 @@ class FaultLog:
     def __init__(self, layer_type, layer, follows=None, phase=None, full=5, every=100, stream=None):
         self.layer_type = layer_type
         self.layer = layer
+        self.follows = follows
         self.phase = phase_name(phase) if phase is not None else None
         self.where = "%s %s" % (layer_type, layer) + (" (after %s)" % follows if follows else "")
         self.full = full
@@ -168,6 +170,27 @@ class FaultLog:
         stream = self.stream or sys.stderr
         stream.write(glog_prefix(severity) + text + "\n")
         stream.flush()
+
+    def check(self, array, max_abs=None, **context):
+        """The fast check of ``array``; on a fault, its exact FaultReport (not yet recorded).
+
+        ``context`` gives the report fields that only the caller knows: pass_, call,
+        iteration, blob_index, action.
+        """
+        if finite.all_finite(array, max_abs):
+            return None
+        return inspect(array, max_abs, layer_type=self.layer_type, layer=self.layer,
+                       follows=self.follows, phase=self.phase, **context)
+
+    def abort(self, report):
+        """Print the full report, then raise FloatingPointError carrying it.
+
+        Under `caffe train` the raise kills the process without a Python traceback
+        unless Caffe was built WITH_PYTHON_LAYER, so the printed report must come first.
+        """
+        self.shout("ABORT " + report.line())
+        self.shout("ABORT report: " + report.to_json())
+        raise FloatingPointError(report.line())
 
     def record(self, report, severity="W"):
         """Count ``report`` and print it when the rate limit allows."""
@@ -255,7 +278,7 @@ def write_flight_record(directory, stem, arrays, report, max_bytes):
     os.makedirs(directory, exist_ok=True)
     kept, skipped, used = {}, [], 0
     for name, array in arrays.items():
-        host = numpy.asarray(array.get() if hasattr(array, "get") else array)
+        host = to_numpy(array)
         if used + host.nbytes > max_bytes:
             skipped.append({"name": name, "shape": list(host.shape), "bytes": int(host.nbytes)})
             continue

@@ -9,15 +9,9 @@ import math
 
 import numpy
 
+from safe_layers.kernels.xp import array_module
+
 FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
-
-
-def _xp(x):
-    # numpy for host arrays; cupy for device arrays (imported only when one is seen).
-    if isinstance(x, numpy.ndarray):
-        return numpy
-    import cupy
-    return cupy.get_array_module(x)
 
 
 _max_abs_kernel = None
@@ -50,7 +44,7 @@ def all_finite(x, max_abs=None):
     """
     if x.size == 0:
         return True
-    xp = _xp(x)
+    xp = array_module(x)
     if xp is not numpy:
         peak = float(_device_max_abs(x))
         return peak <= (FLOAT32_MAX if max_abs is None else max_abs)
@@ -67,7 +61,7 @@ def all_finite(x, max_abs=None):
 
 def count_faults(x, max_abs=None):
     """Exact counts of NaN, +Inf, -Inf and finite ``|x| > max_abs`` elements."""
-    xp = _xp(x)
+    xp = array_module(x)
     nan = int(xp.count_nonzero(xp.isnan(x)))
     posinf = int(xp.count_nonzero(xp.isposinf(x)))
     neginf = int(xp.count_nonzero(xp.isneginf(x)))
@@ -79,7 +73,7 @@ def count_faults(x, max_abs=None):
 
 def fault_mask(x, max_abs=None):
     """Boolean mask of the elements :func:`count_faults` counts."""
-    xp = _xp(x)
+    xp = array_module(x)
     bad = ~xp.isfinite(x)
     if max_abs is not None:
         bad |= xp.abs(x) > max_abs
@@ -88,7 +82,7 @@ def fault_mask(x, max_abs=None):
 
 def first_fault(x, max_abs=None):
     """(N-d index, value) of the first faulty element in C order, or (None, None)."""
-    xp = _xp(x)
+    xp = array_module(x)
     bad = fault_mask(x, max_abs).ravel()
     flat = int(xp.argmax(bad))
     if not bool(bad[flat]):
@@ -99,7 +93,7 @@ def first_fault(x, max_abs=None):
 
 def finite_stats(x):
     """min, max and mean |x| of the finite elements (None each when there are none)."""
-    xp = _xp(x)
+    xp = array_module(x)
     finite = x[xp.isfinite(x)]
     if finite.size == 0:
         return None, None, None
@@ -110,7 +104,7 @@ def finite_stats(x):
 def clamp_(x, nan_value=0.0, bound=FLOAT32_MAX, max_abs=None):
     """Repair ``x`` in place: NaN -> nan_value, +-Inf -> +-bound, and with ``max_abs``
     every finite ``|x| > max_abs`` -> +-bound. Returns ``x``."""
-    xp = _xp(x)
+    xp = array_module(x)
     xp.nan_to_num(x, copy=False, nan=nan_value, posinf=bound, neginf=-bound)
     if max_abs is not None:
         over = xp.abs(x) > max_abs

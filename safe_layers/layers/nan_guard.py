@@ -111,11 +111,10 @@ class NaNGuard(caffe.Layer):
     def _guard(self, arrays, pass_, call, action):
         p = self.params
         for index, array in enumerate(arrays):
-            if array is None or finite.all_finite(array, p.max_abs):
+            if array is None:
                 continue
-            report = reporting.inspect(
-                array, p.max_abs, layer_type="NaNGuard", layer=p.name, follows=p.follows,
-                phase=reporting.phase_name(self.phase), pass_=pass_, call=call,
+            report = self.fault_log.check(
+                array, p.max_abs, pass_=pass_, call=call,
                 iteration=reporting.iteration(self.phase, call, p.iter_size),
                 blob_index=index, action=action)
             if report is None:
@@ -127,11 +126,7 @@ class NaNGuard(caffe.Layer):
                 reporting.write_flight_record(p.dump_dir, stem, named, report,
                                               int(p.dump_max_mb * 1e6))
             if action == "abort":
-                # Under `caffe train` the raise below kills the process without a Python
-                # traceback, so this printed report is the only message the user gets.
-                self.fault_log.shout("ABORT " + report.line())
-                self.fault_log.shout("ABORT report: " + report.to_json())
-                raise FloatingPointError(report.line())
+                self.fault_log.abort(report)
             self.fault_log.record(report)
             if action == "clamp":
                 finite.clamp_(array, p.nan_value, self.bound, p.max_abs)
