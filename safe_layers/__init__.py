@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 _LAYERS = {
     "NaNGuard": "safe_layers.layers.nan_guard",
+    "GradientClip": "safe_layers.layers.gradient_clip",
 }
 
 __all__ = sorted(_LAYERS)

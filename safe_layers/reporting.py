@@ -165,6 +165,7 @@ class FaultLog:
         self.last = None
         self._lock = threading.Lock()
         _live_logs.append(self)
+        at_exit(self.final_summary)
 
     def _write(self, severity, text):
         stream = self.stream or sys.stderr
@@ -208,8 +209,12 @@ class FaultLog:
             self._write(severity, self.summary())
 
     def shout(self, text):
-        """Print unconditionally (an abort's full report)."""
+        """Print unconditionally, as an error (an abort's full report)."""
         self._write("E", text)
+
+    def note(self, text):
+        """Print unconditionally, as information (periodic statistics)."""
+        self._write("I", text)
 
     def summary(self):
         t = self.totals
@@ -238,16 +243,25 @@ def fault_logs(layer=None, phase=None):
             if (layer is None or log.layer == layer) and (phase is None or log.phase == phase)]
 
 
+def at_exit(summary):
+    """Call ``summary()`` when the process exits (also inside the `caffe` binary)."""
+    _exit_hooks.append(summary)
+
+
+_exit_hooks = []
+
+
 def clear_fault_logs():
-    """Forget every FaultLog so far (no final summaries for them): for long pycaffe
-    sessions that build and drop many nets."""
+    """Forget every FaultLog so far and the exit summaries registered with them: for
+    long pycaffe sessions that build and drop many nets."""
     del _live_logs[:]
+    del _exit_hooks[:]
 
 
 def _final_summaries():
-    for log in _live_logs:
+    for summary in _exit_hooks:
         try:
-            log.final_summary()
+            summary()
         except Exception:  # noqa: BLE001 - never mask the real exit status
             pass
 

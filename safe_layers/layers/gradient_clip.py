@@ -1,0 +1,167 @@
+"""GradientClip: identity in forward; limits the gradient flowing back through it.
+
+Caffe's solver-level ``clip_gradients`` clips only the global norm of all parameter
+gradients, and lets a NaN norm pass silently (an Inf norm turns every gradient into NaN).
+This layer clips the *activation* gradient at a chosen point, typically just above the
+loss layer that explodes, without touching the rest of the net.
+
+    layer {
+      name: "fc8_clip" type: "Python" bottom: "fc8" top: "fc8"
+      python_param { module: "safe_layers" layer: "GradientClip"
+                     param_str: "{name: fc8_clip, mode: norm, max_norm: 10}" }
+    }
+"""
+
+import collections
+
+import caffe
+import numpy
+
+from safe_layers import backend, reporting
+from safe_layers.kernels import clip
+from safe_layers.kernels.xp import array_module
+from safe_layers.params import Field, Schema
+
+
+def _check_gradient_clip(p):
+    if p.mode == "value":
+        if p.clip is None:
+            return "mode 'value' needs key 'clip' (the bound on each element)"
+        if p.max_norm is not None or p.per_sample:
+            return "keys 'max_norm' and 'per_sample' belong to mode 'norm', not 'value'"
+    else:
+        if p.max_norm is None:
+            return "mode 'norm' needs key 'max_norm' (the bound on the L2 norm)"
+        if p.clip is not None:
+            return "key 'clip' belongs to mode 'value', not 'norm'"
+    return None
+
+
+SCHEMA = Schema("GradientClip", [
+    Field("name", str, "GradientClip", "the name reports use"),
+    Field("follows", str, None, "the layer whose output this clips, named in reports"),
+    Field("mode", str, "norm", "value: clip each element; norm: rescale to an L2 norm bound",
+          choices=("value", "norm")),
+    Field("clip", float, None, "mode value: each gradient element is clipped to [-clip, clip]",
+          low=0.0, low_open=True),
+    Field("max_norm", float, None, "mode norm: the largest L2 norm let through", low=0.0, low_open=True),
+    Field("per_sample", bool, False, "mode norm: bound each sample's norm (over axis 0) instead of the blob's"),
+    Field("nonfinite", str, "zero", "NaN/Inf gradient elements: zero them before the norm is taken, "
+          "raise (error), or keep them (left out of the norm, passed through)",
+          choices=("zero", "error", "keep")),
+    Field("history", int, 100, "the norm statistics cover the last this many backward calls", low=1),
+    Field("log_every", int, 100, "print the clipping statistics every this many backward calls "
+          "(0: only at exit)", low=0),
+    Field("log_first", int, 5, "non-finite gradients reported in full before summaries", low=0),
+    Field("iter_size", int, 1, "the solver's iter_size, to turn call counts into iterations", low=1),
+], check=_check_gradient_clip)
+
+
+class GradientClip(caffe.Layer):
+    """Identity forward (in place: no copy); clipped gradient backward."""
+
+    def setup(self, bottom, top):
+        self.params = p = SCHEMA.parse(self.param_str)
+        if len(bottom) != 1 or len(top) != 1:
+            raise SCHEMA.error("layer %r takes one bottom and one top; got %d and %d"
+                               % (p.name, len(bottom), len(top)))
+        top[0].reshape(*bottom[0].shape)
+        self.in_place = backend.same_memory(bottom[0].data, top[0].data)
+        self.fault_log = reporting.FaultLog("GradientClip", p.name, p.follows, self.phase,
+                                            full=p.log_first, every=100)
+        self.stats = ClipStats(self.fault_log.where, p.history, p.log_every, self.fault_log)
+        self.backward_calls = 0
+
+    def reshape(self, bottom, top):
+        if not self.in_place:
+            top[0].reshape(*bottom[0].shape)
+
+    def forward(self, bottom, top):
+        if not self.in_place:
+            backend.data(top[0])[...] = backend.data(bottom[0])
+
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        p = self.params
+        self.backward_calls += 1
+        grad = backend.diff(bottom[0])
+        if not self.in_place:
+            grad[...] = backend.diff(top[0])
+        if grad.size == 0:
+            return
+        report = self.fault_log.check(
+            grad, pass_="backward diff", call=self.backward_calls,
+            iteration=reporting.iteration(self.phase, self.backward_calls, p.iter_size),
+            blob_index=0, action=p.nonfinite)
+        if report is not None:
+            if p.nonfinite == "error":
+                self.fault_log.abort(report)
+            self.fault_log.record(report)
+            if p.nonfinite == "zero":
+                clip.zero_nonfinite_(grad)
+        keep = report is not None and p.nonfinite == "keep"
+        xp = array_module(grad)
+        if p.mode == "value":
+            norm = clip.l2_norms(grad, finite_only=keep)
+            clipped = xp.abs(grad).max() > p.clip
+            clip.clip_by_value_(grad, p.clip)
+            self.stats.add(norm, clipped)
+        else:
+            norms = clip.clip_by_norm_(grad, p.max_norm, p.per_sample, finite_only=keep)
+            largest = norms.max()
+            self.stats.add(largest, largest > p.max_norm)
+
+    @property
+    def clipped_total(self):
+        """How many backward calls clipped something."""
+        return self.stats.clipped_total()
+
+
+class ClipStats:
+    """How often a GradientClip clipped, and the norms it saw over its last calls.
+
+    Norms and flags arrive as 0-d (device) arrays and are read on the host only when a
+    summary is printed, so the GPU path does not synchronise per call for statistics.
+    """
+
+    def __init__(self, where, history, every, fault_log):
+        self.where = where
+        self.every = every
+        self.fault_log = fault_log
+        self.norms = collections.deque(maxlen=history)
+        self.flags = collections.deque(maxlen=history)
+        self._unread_flags = []
+        self._clipped_read = 0
+        self.calls = 0
+        reporting.at_exit(self.final_summary)
+
+    def add(self, norm, clipped):
+        self.calls += 1
+        self.norms.append(norm)
+        self.flags.append(clipped)
+        self._unread_flags.append(clipped)
+        if self.every and self.calls % self.every == 0:
+            self.fault_log.note(self.summary())
+
+    def clipped_total(self):
+        self._clipped_read += sum(bool(f) for f in self._unread_flags)
+        self._unread_flags = []
+        return self._clipped_read
+
+    def norm_stats(self):
+        """(min, median, max) of the norms seen over the last ``history`` calls."""
+        values = numpy.array([float(n) for n in self.norms])
+        return float(values.min()), float(numpy.median(values)), float(values.max())
+
+    def summary(self):
+        recent = sum(bool(f) for f in self.flags)
+        low, mid, high = self.norm_stats()
+        return ("%s: backward call %d: clipped %d of the last %d calls (%d of %d in all); "
+                "L2 norm over the last %d calls min=%.6g median=%.6g max=%.6g"
+                % (self.where, self.calls, recent, len(self.flags), self.clipped_total(),
+                   self.calls, len(self.norms), low, mid, high))
+
+    def final_summary(self):
+        if self.calls:
+            self.fault_log.note("final summary: " + self.summary())
