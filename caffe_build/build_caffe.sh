@@ -43,9 +43,11 @@ if ((${#missing[@]})); then
   then run this again."
   fi
   log "installing Debian packages: ${missing[*]}"
-  "${sudo[@]}" apt-get update -qq >&2 || die "apt-get update failed (is a Debian mirror reachable?)"
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 \
-    || die "apt-get install failed for: ${missing[*]}"
+  mkdir -p "$cache_root"
+  apt_log=$cache_root/apt-install.log
+  { "${sudo[@]}" apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$apt_log" 2>&1 \
+    || { tail -n 20 "$apt_log" >&2; die "apt-get could not install: ${missing[*]} (log: $apt_log)"; }
 fi
 
 # ---- the Python that will import caffe ----------------------------------------
