@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 _LAYERS = {
     "NaNGuard": "safe_layers.layers.nan_guard",
     "GradientClip": "safe_layers.layers.gradient_clip",
+    "SafeInfogainLoss": "safe_layers.layers.safe_infogain_loss",
 }
 
 __all__ = sorted(_LAYERS)

@@ -130,7 +130,11 @@ class Schema:
         self.check = check
 
     def error(self, message, name=None):
-        where = self.layer_type if name is None else "%s %r" % (self.layer_type, name)
+        """ParamError "<type> '<name>' param_str: <message>"; the name is left out when it
+        is missing or the default (the type itself)."""
+        default = self.fields["name"].default if "name" in self.fields else None
+        named = name is not None and name != default
+        where = "%s %r" % (self.layer_type, name) if named else self.layer_type
         return ParamError("%s param_str: %s" % (where, message))
 
     def parse(self, param_str):

@@ -297,7 +297,7 @@ def test_flight_recorder_respects_its_size_cap(tmp_path):
 
 
 def test_guard_needs_matching_tops(make_net):
-    with pytest.raises(ParamError, match="NaNGuard param_str: layer 'NaNGuard' needs as many tops as bottoms"):
+    with pytest.raises(ParamError, match="NaNGuard param_str: needs as many tops as bottoms"):
         make_net('name: "m"\nlayer { name: "in" type: "Input" top: "x" top: "z" '
                  'input_param { shape { dim: 1 } shape { dim: 1 } } }\n'
                  'layer { name: "g" type: "Python" bottom: "x" bottom: "z" top: "x" '

@@ -63,8 +63,8 @@ class GradientClip(caffe.Layer):
     def setup(self, bottom, top):
         self.params = p = SCHEMA.parse(self.param_str)
         if len(bottom) != 1 or len(top) != 1:
-            raise SCHEMA.error("layer %r takes one bottom and one top; got %d and %d"
-                               % (p.name, len(bottom), len(top)))
+            raise SCHEMA.error("takes one bottom and one top; got %d and %d"
+                               % (len(bottom), len(top)), p.name)
         top[0].reshape(*bottom[0].shape)
         self.in_place = backend.same_memory(bottom[0].data, top[0].data)
         self.fault_log = reporting.FaultLog("GradientClip", p.name, p.follows, self.phase,

@@ -53,8 +53,8 @@ class NaNGuard(caffe.Layer):
     def setup(self, bottom, top):
         self.params = p = SCHEMA.parse(self.param_str)
         if len(bottom) == 0 or len(top) != len(bottom):
-            raise SCHEMA.error("layer %r needs as many tops as bottoms (at least one); got %d bottoms, %d tops"
-                               % (p.name, len(bottom), len(top)))
+            raise SCHEMA.error("needs as many tops as bottoms (at least one); got %d bottoms, %d tops"
+                               % (len(bottom), len(top)), p.name)
         self.forward_action = p.action
         self.backward_action = p.backward_action or p.action
         self.bound = p.bound if p.bound is not None else (p.max_abs or finite.FLOAT32_MAX)

@@ -1,0 +1,175 @@
+"""SafeInfogainLoss: a drop-in for Caffe's InfogainLoss that does not go NaN quietly.
+
+Same semantics as Caffe's layer today (bottom[0] logits with its own softmax, bottom[1]
+labels, H from bottom[2] or a file; axis, ignore_label, normalization), plus:
+H validated at setup (finite, non-negative, K x K) and optionally row-normalized; a
+stable log-softmax; out-of-range labels as a clear error; optional per-batch class
+weighting that stays finite when a class is absent; non-finite logits reported like
+NaNGuard does. A Python layer has no default loss weight: write ``loss_weight: 1``.
+
+    layer {
+      name: "loss" type: "Python" bottom: "fc8" bottom: "label" top: "loss" loss_weight: 1
+      python_param { module: "safe_layers" layer: "SafeInfogainLoss"
+                     param_str: "{name: loss, source: H.binaryproto, normalize_h: rows}" }
+    }
+"""
+
+import os
+
+import caffe
+import numpy
+
+from safe_layers import backend, reporting
+from safe_layers.kernels import finite, infogain
+from safe_layers.kernels.xp import array_module
+from safe_layers.params import Field, Schema
+
+SCHEMA = Schema("SafeInfogainLoss", [
+    Field("name", str, "SafeInfogainLoss", "the name reports and errors use"),
+    Field("follows", str, None, "the layer that produces the logits, named in reports"),
+    Field("axis", int, 1, "the class axis of bottom[0] (negative counts from the end)"),
+    Field("ignore_label", int, None, "positions with this label add no loss and no gradient"),
+    Field("normalization", str, "VALID", "divide the loss by: VALID (non-ignored count), BATCH_SIZE "
+          "(outer count), FULL (outer x inner), NONE (1); never by less than 1",
+          choices=infogain.NORMALIZATIONS),
+    Field("source", str, None, "H from a file (.binaryproto BlobProto or .npy) instead of bottom[2]"),
+    Field("input", str, "logits", "bottom[0] holds logits (Caffe since 2017), or probabilities "
+          "(prototxts that put a Softmax in front)", choices=("logits", "probabilities")),
+    Field("normalize_h", str, "none", "rows: divide each row of H by its sum", choices=("none", "rows")),
+    Field("class_weighting", str, "none", "batch_frequency: weight each position by n_valid / "
+          "(classes present x its class count), finite when a class is absent",
+          choices=("none", "batch_frequency")),
+    Field("action", str, "warn", "non-finite bottom[0]: warn, clamp (NaN -> 0, +-Inf -> +-float32 max, "
+          "on a copy) or abort", choices=("warn", "clamp", "abort")),
+    Field("log_first", int, 5, "faults printed in full before the log switches to summaries", low=0),
+    Field("iter_size", int, 1, "the solver's iter_size, to turn call counts into iterations", low=1),
+])
+
+
+def load_infogain_matrix(path):
+    """H from a ``.npy`` file or a Caffe ``.binaryproto`` BlobProto, as float64 NumPy."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError("H file %r does not exist" % path)
+    if path.endswith(".npy"):
+        return numpy.load(path, allow_pickle=False).astype(numpy.float64)
+    blob = caffe.proto.caffe_pb2.BlobProto()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        blob.ParseFromString(raw)
+    except Exception as exc:  # protobuf's DecodeError has no stable import path
+        raise ValueError("H file %r is not a BlobProto (.binaryproto): %s" % (path, exc)) from None
+    values = numpy.array(blob.data if len(blob.data) else blob.double_data, numpy.float64)
+    if values.size == 0:
+        raise ValueError("H file %r holds a BlobProto with no data" % path)
+    return values
+
+
+class SafeInfogainLoss(caffe.Layer):
+    """bottom: logits (or probabilities), labels[, H]; top: loss[, probabilities]."""
+
+    def setup(self, bottom, top):
+        self.params = p = SCHEMA.parse(self.param_str)
+        name = p.name
+        if len(bottom) not in (2, 3) or len(top) not in (1, 2):
+            raise SCHEMA.error("takes bottoms (scores, labels[, H]) and tops (loss[, prob]); "
+                               "got %d bottoms and %d tops" % (len(bottom), len(top)), name)
+        if (len(bottom) == 3) == (p.source is not None):
+            raise SCHEMA.error("needs H from exactly one place: a third bottom or key 'source'", name)
+        ndim = len(bottom[0].shape)
+        self.axis = p.axis + ndim if p.axis < 0 else p.axis
+        if not 0 <= self.axis < ndim:
+            raise SCHEMA.error("key 'axis' has value %d; bottom[0] has %d axes (allowed: %d..%d)"
+                               % (p.axis, ndim, -ndim, ndim - 1), name)
+        self.num_classes = int(bottom[0].shape[self.axis])
+        self.file_matrix = None
+        if p.source is not None:
+            try:
+                self.file_matrix = self._prepare_matrix(load_infogain_matrix(p.source))
+            except (ValueError, FileNotFoundError) as exc:
+                raise SCHEMA.error("key 'source' = %r: %s" % (p.source, exc), name) from None
+        self.fault_log = reporting.FaultLog("SafeInfogainLoss", name, p.follows, self.phase,
+                                            full=p.log_first, every=100)
+        self.forward_calls = 0
+        self._saved = None
+
+    def _prepare_matrix(self, h):
+        h = infogain.check_infogain_matrix(h, self.num_classes)
+        return infogain.normalize_rows(h) if self.params.normalize_h == "rows" else h
+
+    def reshape(self, bottom, top):
+        shape = tuple(bottom[0].shape)
+        if shape[self.axis] != self.num_classes:
+            raise ValueError("SafeInfogainLoss %r: bottom[0] now has %d classes on axis %d, not %d"
+                             % (self.params.name, shape[self.axis], self.axis, self.num_classes))
+        self.outer = int(numpy.prod(shape[:self.axis], dtype=numpy.int64))
+        self.inner = int(numpy.prod(shape[self.axis + 1:], dtype=numpy.int64))
+        if bottom[1].count != self.outer * self.inner:
+            raise ValueError("SafeInfogainLoss %r: %d labels for %d positions (bottom[0] shape %s, "
+                             "axis %d: outer %d x inner %d)"
+                             % (self.params.name, bottom[1].count, self.outer * self.inner, shape,
+                                self.axis, self.outer, self.inner))
+        if len(bottom) == 3 and bottom[2].count != self.num_classes ** 2:
+            raise ValueError("SafeInfogainLoss %r: bottom[2] (H) has %d values; K = %d classes need %d"
+                             % (self.params.name, bottom[2].count, self.num_classes, self.num_classes ** 2))
+        top[0].reshape()
+        if len(top) == 2:
+            top[1].reshape(*shape)
+
+    def forward(self, bottom, top):
+        p = self.params
+        self.forward_calls += 1
+        x = backend.data(bottom[0])
+        xp = array_module(x)
+        report = self.fault_log.check(
+            x, pass_="forward data", call=self.forward_calls,
+            iteration=reporting.iteration(self.phase, self.forward_calls, p.iter_size),
+            blob_index=0, action=p.action)
+        if report is not None:
+            if p.action == "abort":
+                self.fault_log.abort(report)
+            self.fault_log.record(report)
+            if p.action == "clamp":
+                x = finite.clamp_(x.copy())  # the bottom belongs to the layer below
+        scores = x.reshape(self.outer, self.num_classes, self.inner)
+        labels = backend.data(bottom[1]).reshape(self.outer, self.inner)
+        try:
+            y, valid = infogain.label_positions(labels, self.num_classes, p.ignore_label)
+            h = (self._prepare_matrix(backend.data(bottom[2])) if self.file_matrix is None
+                 else self._device_matrix(xp))
+        except ValueError as exc:
+            message = "SafeInfogainLoss %r: %s" % (p.name, exc)
+            self.fault_log.shout(message)  # the caffe binary may print no traceback
+            raise ValueError(message) from None
+        if p.class_weighting == "batch_frequency":
+            weights = infogain.batch_frequency_weights(y, valid, self.num_classes)
+        else:
+            weights = valid.astype(xp.float64)
+        if p.input == "logits":
+            prob, log_prob = infogain.log_softmax(scores, axis=1)
+        else:
+            prob, log_prob = scores, infogain.probability_log(scores)
+        norm = infogain.normalizer(p.normalization, self.outer, self.inner, int(valid.sum()))
+        loss = backend.data(top[0])
+        loss[...] = infogain.infogain_loss(log_prob, y, weights, h) / norm
+        if len(top) == 2:
+            backend.data(top[1])[...] = prob.reshape(x.shape)
+        self._saved = (prob, y, weights, h, norm)
+
+    def _device_matrix(self, xp):
+        if xp is not numpy and isinstance(self.file_matrix, numpy.ndarray):
+            self.file_matrix = xp.asarray(self.file_matrix)
+        return self.file_matrix
+
+    def backward(self, top, propagate_down, bottom):
+        # Labels and H get no gradient (Caffe's layer aborts if asked for one).
+        if not propagate_down[0]:
+            return
+        prob, y, weights, h, norm = self._saved
+        scale = backend.diff(top[0]).reshape(-1)[0] / norm  # the loss weight, from Caffe
+        if self.params.input == "logits":
+            grad = infogain.infogain_grad_logits(prob, y, weights, h, scale)
+        else:
+            grad = infogain.infogain_grad_probabilities(prob, y, weights, h, scale)
+        diff = backend.diff(bottom[0])
+        diff[...] = grad.reshape(diff.shape)
