@@ -11,6 +11,7 @@ _LAYERS = {
     "NaNGuard": "safe_layers.layers.nan_guard",
     "GradientClip": "safe_layers.layers.gradient_clip",
     "SafeInfogainLoss": "safe_layers.layers.safe_infogain_loss",
+    "StableBatchNorm": "safe_layers.layers.stable_batch_norm",
 }
 
 __all__ = sorted(_LAYERS)

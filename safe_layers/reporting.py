@@ -212,6 +212,10 @@ class FaultLog:
         """Print unconditionally, as an error (an abort's full report)."""
         self._write("E", text)
 
+    def warn(self, text):
+        """Print unconditionally, as a warning."""
+        self._write("W", text)
+
     def note(self, text):
         """Print unconditionally, as information (periodic statistics)."""
         self._write("I", text)

@@ -16,7 +16,7 @@ def _table(name):
     return match.group(1).strip()
 
 
-@pytest.mark.parametrize("module", ["nan_guard", "gradient_clip", "safe_infogain_loss"])
+@pytest.mark.parametrize("module", ["nan_guard", "gradient_clip", "safe_infogain_loss", "stable_batch_norm"])
 def test_param_tables_match_the_schemas(module):
     import importlib
     schema = importlib.import_module("safe_layers.layers." + module).SCHEMA

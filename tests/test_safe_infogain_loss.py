@@ -6,6 +6,7 @@ force_backward (which would make Caffe's layer abort on its H input).
 """
 
 import re
+import zlib
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ CAFFE_NORMALIZATION = 'loss_param { %snormalization: %s } '
 @pytest.mark.parametrize("ignore", [False, True], ids=["no_ignore", "ignore_label"])
 @pytest.mark.parametrize("shape", [(6, 4), (3, 4, 2, 3)], ids=["NxK", "NxKxHxW"])
 def test_matches_caffe_infogain_loss(make_net, h_kind, normalization, ignore, shape):
-    rng = np.random.default_rng(abs(hash((h_kind, normalization, ignore, shape))) % 2**32)
+    rng = np.random.default_rng(zlib.crc32(repr((h_kind, normalization, ignore, shape)).encode()))
     k = shape[1]
     label_shape = (shape[0],) + shape[2:]
     labels = rng.integers(0, k, size=label_shape).astype(np.float32)
@@ -85,7 +86,9 @@ def test_matches_caffe_infogain_loss(make_net, h_kind, normalization, ignore, sh
     logits = (rng.standard_normal(shape) * 2).astype(np.float32)
     fill(net, logits, labels, make_h(h_kind, k, rng))
     assert float(net.blobs["l_ours"].data) == pytest.approx(float(net.blobs["l_caffe"].data), rel=2e-6, abs=1e-7)
-    np.testing.assert_allclose(net.blobs["x_o"].diff, net.blobs["x_c"].diff, rtol=1e-5, atol=1e-7)
+    # Caffe forms p*S - H in float32: its rounding error scales with the largest gradient.
+    caffe_grad = net.blobs["x_c"].diff
+    np.testing.assert_allclose(net.blobs["x_o"].diff, caffe_grad, rtol=1e-5, atol=2e-6 * np.abs(caffe_grad).max())
     if ignore:  # ignored positions get no gradient from either layer
         mask = labels == -1
         moved = np.moveaxis(net.blobs["x_o"].diff, 1, -1)
