@@ -99,28 +99,28 @@ def _host_array(blob, which):
                   else "this Caffe build exposes no Blob._gpu_data_ptr/_gpu_diff_ptr")
         warnings.warn("safe_layers: GPU mode but %s; Python layers fall back to NumPy, which "
                       "costs two host<->device copies of every blob each layer touches"
-                      % reason, RuntimeWarning, stacklevel=3)
+                      % reason, RuntimeWarning, stacklevel=4)
         print("W safe_layers backend: GPU mode but %s; falling back to NumPy "
               "(two host<->device copies per blob per Python layer)" % reason, file=sys.stderr)
     return blob.data if which == "data" else blob.diff
 
 
-def data(blob):
-    """The blob's data as a zero-copy array (NumPy on CPU, CuPy on GPU where possible)."""
+def _blob_array(blob, which):
     if mode() == "gpu":
-        array = _device_array(blob, "_gpu_data_ptr")
+        array = _device_array(blob, "_gpu_%s_ptr" % which)
         if array is not None:
             return array
-    return _host_array(blob, "data")
+    return _host_array(blob, which)
+
+
+def data(blob):
+    """The blob's data as a zero-copy array (NumPy on CPU, CuPy on GPU where possible)."""
+    return _blob_array(blob, "data")
 
 
 def diff(blob):
     """The blob's diff as a zero-copy array (NumPy on CPU, CuPy on GPU where possible)."""
-    if mode() == "gpu":
-        array = _device_array(blob, "_gpu_diff_ptr")
-        if array is not None:
-            return array
-    return _host_array(blob, "diff")
+    return _blob_array(blob, "diff")
 
 
 def same_memory(a, b):

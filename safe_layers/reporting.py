@@ -150,11 +150,13 @@ class FaultLog:
     finds the log of a layer by its name.
     """
 
-    def __init__(self, layer_type, layer, follows=None, phase=None, full=5, every=100, stream=None):
+    def __init__(self, layer_type, layer, follows=None, phase=None, full=5, every=100,
+                 iter_size=1, stream=None):
         self.layer_type = layer_type
         self.layer = layer
         self.follows = follows
         self.phase = phase_name(phase) if phase is not None else None
+        self.iter_size = iter_size
         self.where = "%s %s" % (layer_type, layer) + (" (after %s)" % follows if follows else "")
         self.full = full
         self.every = every
@@ -172,16 +174,24 @@ class FaultLog:
         stream.write(glog_prefix(severity) + text + "\n")
         stream.flush()
 
-    def check(self, array, max_abs=None, **context):
+    def check(self, array, pass_, call, action, blob_index=0, max_abs=None):
         """The fast check of ``array``; on a fault, its exact FaultReport (not yet recorded).
 
-        ``context`` gives the report fields that only the caller knows: pass_, call,
-        iteration, blob_index, action.
+        ``call`` counts this pass in this layer from 1; the report turns it into the
+        solver iteration (TRAIN) using the layer's ``iter_size``.
         """
         if finite.all_finite(array, max_abs):
             return None
         return inspect(array, max_abs, layer_type=self.layer_type, layer=self.layer,
-                       follows=self.follows, phase=self.phase, **context)
+                       follows=self.follows, phase=self.phase, pass_=pass_, call=call,
+                       iteration=iteration(self.phase, call, self.iter_size),
+                       blob_index=blob_index, action=action)
+
+    def handle(self, report, action):
+        """Abort for action 'abort' or 'error' (see :meth:`abort`), else record."""
+        if action in ("abort", "error"):
+            self.abort(report)
+        self.record(report)
 
     def abort(self, report):
         """Print the full report, then raise FloatingPointError carrying it.

@@ -141,3 +141,18 @@ def numeric_gradient(net, blob, loss="loss", eps=1e-2):
         grad[index] = (plus - minus) / (2 * eps)
     net.forward()
     return grad
+
+
+# Linear regression that SGD with base_lr 0.1 makes diverge: inputs of std 10 put the
+# curvature near 100, so every step multiplies the error by about |1 - 0.1 * 100| = 9.
+# LAYER is where a test puts the layer that should keep it finite (on the fc output "y").
+DIVERGING_NET = """
+name: "diverging"
+layer { name: "data" type: "DummyData" top: "x" top: "t"
+  dummy_data_param { shape { dim: 16 dim: 10 } shape { dim: 16 dim: 1 }
+    data_filler { type: "gaussian" std: 10 } data_filler { type: "gaussian" std: 1 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "x" top: "y"
+  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+LAYER
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+"""

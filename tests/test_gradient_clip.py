@@ -7,7 +7,7 @@ value is computed here from x and t alone.
 import numpy as np
 import pytest
 
-from conftest import numeric_gradient
+from conftest import DIVERGING_NET, numeric_gradient
 from safe_layers import reporting
 from safe_layers.params import ParamError
 
@@ -158,24 +158,12 @@ def test_bad_params_fail_at_setup(make_net, param_str, message):
         make_net(clip_net(param_str))
 
 
-DIVERGING = """
-name: "diverging"
-layer { name: "data" type: "DummyData" top: "x" top: "t"
-  dummy_data_param { shape { dim: 16 dim: 10 } shape { dim: 16 dim: 1 }
-    data_filler { type: "gaussian" std: 10 } data_filler { type: "gaussian" std: 1 } } }
-layer { name: "fc" type: "InnerProduct" bottom: "x" top: "y"
-  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } }
-CLIP
-layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
-"""
-
-
 def test_clip_keeps_a_diverging_solver_finite(make_solver):
-    plain = make_solver(DIVERGING.replace("CLIP", ""), base_lr=0.1)
+    plain = make_solver(DIVERGING_NET.replace("LAYER", ""), base_lr=0.1)
     plain.step(200)
     assert not np.isfinite(plain.net.params["fc"][0].data).all()
-    clipped = make_solver(DIVERGING.replace(
-        "CLIP", 'layer { name: "clip" type: "Python" bottom: "y" top: "y" python_param { '
+    clipped = make_solver(DIVERGING_NET.replace(
+        "LAYER", 'layer { name: "clip" type: "Python" bottom: "y" top: "y" python_param { '
                 'module: "safe_layers" layer: "GradientClip" param_str: "{name: dclip, max_norm: 1}" } }'),
         base_lr=0.1)
     clipped.step(200)

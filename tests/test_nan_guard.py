@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import DIVERGING_NET
 from safe_layers import reporting
 from safe_layers.params import ParamError
 
@@ -304,24 +305,12 @@ def test_guard_needs_matching_tops(make_net):
                  'python_param { module: "safe_layers" layer: "NaNGuard" } }\n')
 
 
-DIVERGING = """
-name: "diverging"
-layer { name: "data" type: "DummyData" top: "x" top: "t"
-  dummy_data_param { shape { dim: 16 dim: 10 } shape { dim: 16 dim: 1 }
-    data_filler { type: "gaussian" std: 10 } data_filler { type: "gaussian" std: 1 } } }
-layer { name: "fc" type: "InnerProduct" bottom: "x" top: "y"
-  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } }
-GUARD
-layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
-"""
-
-
 def test_clamp_keeps_a_diverging_solver_finite(make_solver):
     # lr 0.1 on inputs of std 10 diverges: every step multiplies the error by ~|1 - 0.1*100|.
-    plain = make_solver(DIVERGING.replace("GUARD", ""), base_lr=0.1)
+    plain = make_solver(DIVERGING_NET.replace("LAYER", ""), base_lr=0.1)
     plain.step(200)
     assert not np.isfinite(plain.net.params["fc"][0].data).all()
-    guarded = make_solver(DIVERGING.replace("GUARD", guard("y", "{name: div, action: clamp, max_abs: 1e3}")),
+    guarded = make_solver(DIVERGING_NET.replace("LAYER", guard("y", "{name: div, action: clamp, max_abs: 1e3}")),
                           base_lr=0.1)
     guarded.step(200)
     assert np.isfinite(guarded.net.params["fc"][0].data).all()

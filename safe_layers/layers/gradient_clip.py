@@ -68,7 +68,7 @@ class GradientClip(caffe.Layer):
         top[0].reshape(*bottom[0].shape)
         self.in_place = backend.same_memory(bottom[0].data, top[0].data)
         self.fault_log = reporting.FaultLog("GradientClip", p.name, p.follows, self.phase,
-                                            full=p.log_first, every=100)
+                                            full=p.log_first, every=100, iter_size=p.iter_size)
         self.stats = ClipStats(self.fault_log.where, p.history, p.log_every, self.fault_log)
         self.backward_calls = 0
 
@@ -90,14 +90,9 @@ class GradientClip(caffe.Layer):
             grad[...] = backend.diff(top[0])
         if grad.size == 0:
             return
-        report = self.fault_log.check(
-            grad, pass_="backward diff", call=self.backward_calls,
-            iteration=reporting.iteration(self.phase, self.backward_calls, p.iter_size),
-            blob_index=0, action=p.nonfinite)
+        report = self.fault_log.check(grad, "backward diff", self.backward_calls, p.nonfinite)
         if report is not None:
-            if p.nonfinite == "error":
-                self.fault_log.abort(report)
-            self.fault_log.record(report)
+            self.fault_log.handle(report, p.nonfinite)
             if p.nonfinite == "zero":
                 clip.zero_nonfinite_(grad)
         keep = report is not None and p.nonfinite == "keep"

@@ -64,7 +64,7 @@ class NaNGuard(caffe.Layer):
             top[i].reshape(*bottom[i].shape)
             self.in_place.append(backend.same_memory(bottom[i].data, top[i].data))
         self.fault_log = reporting.FaultLog("NaNGuard", p.name, p.follows, self.phase,
-                                            full=p.log_first, every=p.log_every)
+                                            full=p.log_first, every=p.log_every, iter_size=p.iter_size)
         self.forward_calls = 0
         self.backward_calls = 0
         self.recorded = False
@@ -113,10 +113,7 @@ class NaNGuard(caffe.Layer):
         for index, array in enumerate(arrays):
             if array is None:
                 continue
-            report = self.fault_log.check(
-                array, p.max_abs, pass_=pass_, call=call,
-                iteration=reporting.iteration(self.phase, call, p.iter_size),
-                blob_index=index, action=action)
+            report = self.fault_log.check(array, pass_, call, action, index, p.max_abs)
             if report is None:
                 continue
             if p.dump_dir and not self.recorded:
@@ -125,9 +122,7 @@ class NaNGuard(caffe.Layer):
                 named = {"bottom%d" % i: a for i, a in enumerate(arrays) if a is not None}
                 reporting.write_flight_record(p.dump_dir, stem, named, report,
                                               int(p.dump_max_mb * 1e6))
-            if action == "abort":
-                self.fault_log.abort(report)
-            self.fault_log.record(report)
+            self.fault_log.handle(report, action)
             if action == "clamp":
                 finite.clamp_(array, p.nan_value, self.bound, p.max_abs)
             elif action == "zero":

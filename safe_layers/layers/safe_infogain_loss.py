@@ -89,7 +89,7 @@ class SafeInfogainLoss(caffe.Layer):
             except (ValueError, FileNotFoundError) as exc:
                 raise SCHEMA.error("key 'source' = %r: %s" % (p.source, exc), name) from None
         self.fault_log = reporting.FaultLog("SafeInfogainLoss", name, p.follows, self.phase,
-                                            full=p.log_first, every=100)
+                                            full=p.log_first, every=100, iter_size=p.iter_size)
         self.forward_calls = 0
         self._saved = None
 
@@ -121,14 +121,9 @@ class SafeInfogainLoss(caffe.Layer):
         self.forward_calls += 1
         x = backend.data(bottom[0])
         xp = array_module(x)
-        report = self.fault_log.check(
-            x, pass_="forward data", call=self.forward_calls,
-            iteration=reporting.iteration(self.phase, self.forward_calls, p.iter_size),
-            blob_index=0, action=p.action)
+        report = self.fault_log.check(x, "forward data", self.forward_calls, p.action)
         if report is not None:
-            if p.action == "abort":
-                self.fault_log.abort(report)
-            self.fault_log.record(report)
+            self.fault_log.handle(report, p.action)
             if p.action == "clamp":
                 x = finite.clamp_(x.copy())  # the bottom belongs to the layer below
         scores = x.reshape(self.outer, self.num_classes, self.inner)

@@ -65,7 +65,7 @@ class StableBatchNorm(caffe.Layer):
         top[0].reshape(*shape)
         self.in_place = backend.same_memory(bottom[0].data, top[0].data)
         self.fault_log = reporting.FaultLog("StableBatchNorm", p.name, p.follows, self.phase,
-                                            full=p.log_first, every=100)
+                                            full=p.log_first, every=100, iter_size=p.iter_size)
         self.forward_calls = 0
         self.bad_stats_reported = False
         self._saved = None
@@ -78,14 +78,9 @@ class StableBatchNorm(caffe.Layer):
         p = self.params
         self.forward_calls += 1
         x = backend.data(bottom[0])
-        report = self.fault_log.check(
-            x, pass_="forward data", call=self.forward_calls,
-            iteration=reporting.iteration(self.phase, self.forward_calls, p.iter_size),
-            blob_index=0, action=p.action)
+        report = self.fault_log.check(x, "forward data", self.forward_calls, p.action)
         if report is not None:
-            if p.action == "abort":
-                self.fault_log.abort(report)
-            self.fault_log.record(report)
+            self.fault_log.handle(report, p.action)
         stats = [backend.data(self.blobs[i]) for i in range(3)]
         use_batch = not self.use_global_stats
         mean_var = None if use_batch else batch_norm.running_stats(*stats)
