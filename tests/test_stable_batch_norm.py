@@ -30,7 +30,7 @@ def pair_net(shape, in_place, with_scale, data="dummy", our_param="{}"):
     """data -> pre_c -> Caffe BatchNorm 'bnc' [-> Scale] -> loss_c
        data -> pre_o -> StableBatchNorm 'bno' [-> Scale] -> loss_o
     pre_* is a learnable InnerProduct (N x C) or 1x1 Convolution (N x C x H x W)."""
-    n, c = shape[0], shape[1]
+    c = shape[1]
     if data == "dummy":
         text = ('layer { name: "data" type: "DummyData" top: "data" top: "target" dummy_data_param { '
                 'shape { %s } shape { %s } data_filler { type: "gaussian" mean: 3 std: 2 } '
