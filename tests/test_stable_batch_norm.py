@@ -328,3 +328,42 @@ def test_nonfinite_input_abort(make_net):
 def test_bad_params_fail_at_setup(make_net, param_str, message):
     with pytest.raises(ParamError, match="StableBatchNorm param_str: " + message):
         make_net(plain_pair((4, 3), param_str))
+
+
+CLI_NET = """
+name: "cli_bn"
+layer {{ name: "data" type: "DummyData" top: "data" top: "target" dummy_data_param {{
+  shape {{ dim: 8 dim: 2 dim: 3 dim: 3 }} shape {{ dim: 8 dim: 4 dim: 3 dim: 3 }}
+  data_filler {{ type: "gaussian" mean: 5 std: 2 }} data_filler {{ type: "gaussian" std: 1 }} }} }}
+layer {{ name: "conv" type: "Convolution" bottom: "data" top: "h" convolution_param {{ num_output: 4
+  kernel_size: 1 weight_filler {{ type: "gaussian" std: 1 }} bias_filler {{ type: "constant" value: 3 }} }} }}
+{bn}
+layer {{ name: "loss" type: "EuclideanLoss" bottom: "h" bottom: "target" top: "loss" }}
+"""
+
+
+def _train_cli(caffe_bin, tmp_path, bn):
+    net = tmp_path / "net.prototxt"
+    net.write_text(CLI_NET.format(bn=bn))
+    solver = tmp_path / "solver.prototxt"
+    # test_initialization (default true) tests before the first training step: the
+    # statistics are still zero then, the case of a renamed layer with no weights.
+    solver.write_text('net: "%s"\ntest_iter: 1\ntest_interval: 5\nbase_lr: 0.01\nlr_policy: "fixed"\n'
+                      'max_iter: 10\ndisplay: 0\nrandom_seed: 1\nsolver_mode: CPU\n'
+                      'snapshot_after_train: false\n' % net)
+    result = caffe_bin("train", "-solver", solver, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr, [float(line.rsplit("=", 1)[1].split()[0]) for line in result.stderr.splitlines()
+                           if "Test net output #0: loss =" in line]
+
+
+def test_caffe_train_tests_before_training_without_the_316x_blow_up(caffe_bin, tmp_path):
+    stock_log, stock_losses = _train_cli(caffe_bin, tmp_path, stock("bn", "h", "h"))
+    ours_log, ours_losses = _train_cli(caffe_bin, tmp_path, ours("bn", "h", "h", "{name: bn}"))
+    assert len(stock_losses) == len(ours_losses) == 3  # iterations 0, 5 and 10
+    # Iteration 0: Caffe's test net outputs x / sqrt(eps), about 316 x.
+    assert stock_losses[0] > 1e5
+    assert ours_losses[0] < 100  # batch-normalized outputs vs N(0, 1) targets: ~ 4 * 9 per sample
+    assert ours_log.count("StableBatchNorm 'bn': stored statistics unusable under use_global_stats") == 1
+    # Later tests use the trained statistics in both, and agree.
+    np.testing.assert_allclose(ours_losses[1:], stock_losses[1:], rtol=1e-3)

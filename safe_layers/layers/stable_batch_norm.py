@@ -71,6 +71,9 @@ class StableBatchNorm(caffe.Layer):
         self._saved = None
 
     def reshape(self, bottom, top):
+        if bottom[0].shape[1] != self.blobs[0].count:
+            raise ValueError("StableBatchNorm %r: bottom now has %d channels; its statistics have %d"
+                             % (self.params.name, bottom[0].shape[1], self.blobs[0].count))
         if not self.in_place:
             top[0].reshape(*bottom[0].shape)
 
