@@ -34,6 +34,11 @@ def set_mode_gpu(device=None):
     be seen from Python)."""
     import caffe
     global _explicit_mode
+    # A CPU_ONLY Caffe answers set_mode_gpu() with LOG(FATAL), killing the interpreter;
+    # such a build also lacks the device pointers, which is how we can tell beforehand.
+    if not hasattr(caffe._caffe.Blob, "_gpu_data_ptr"):
+        raise RuntimeError("this Caffe was built CPU_ONLY (no Blob._gpu_data_ptr): it cannot run "
+                           "on a GPU; stay in CPU mode or build Caffe with CUDA")
     if device is not None:
         caffe.set_device(int(device))
     caffe.set_mode_gpu()

@@ -65,6 +65,15 @@ def test_gpu_mode_without_device_pointers_falls_back_once_with_a_warning(make_ne
         backend.diff(net.blobs["x"])  # warned once already: no second warning
 
 
+def test_set_mode_gpu_on_a_cpu_only_caffe_raises_instead_of_aborting(caffe, monkeypatch):
+    monkeypatch.setattr(backend, "_explicit_mode", None)
+    with pytest.raises(RuntimeError, match="this Caffe was built CPU_ONLY"):
+        backend.set_mode_gpu()
+    assert backend.mode() == "cpu"
+    backend.set_mode_cpu()
+    assert backend.mode() == "cpu"
+
+
 class _DeviceBlob:
     """A stand-in for a GPU build's Blob: CuPy memory behind `_gpu_data_ptr`/`_gpu_diff_ptr`.
 
