@@ -105,6 +105,22 @@ def caffe_bin(caffe):
     return run
 
 
+@pytest.fixture
+def caffe_train(caffe_bin, tmp_path):
+    """caffe_train(net_text, **solver_fields): `caffe train` on that net in tmp_path."""
+    counter = [0]
+
+    def run(net_text, **fields):
+        counter[0] += 1
+        net_path = tmp_path / ("cli%d.prototxt" % counter[0])
+        net_path.write_text(textwrap.dedent(net_text))
+        solver_path = tmp_path / ("cli%d_solver.prototxt" % counter[0])
+        solver_path.write_text(solver_text(net_path, **fields))
+        return caffe_bin("train", "-solver", solver_path, cwd=tmp_path)
+
+    return run
+
+
 def _cupy_device():
     try:
         import cupy

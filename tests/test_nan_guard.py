@@ -121,21 +121,24 @@ def test_abort_under_pycaffe_raises_with_the_report_and_net_stays_usable(make_ne
     assert np.isfinite(net.blobs["x"].diff).all()
 
 
-def test_abort_under_caffe_train_exits_nonzero_with_the_report(caffe_bin, tmp_path):
-    net = tmp_path / "net.prototxt"
-    net.write_text('name: "cli"\n'
-                   'layer { name: "data" type: "DummyData" top: "x" top: "t" dummy_data_param { '
-                   'shape { dim: 4 dim: 3 } shape { dim: 4 dim: 3 } '
-                   'data_filler { type: "constant" value: -1 } data_filler { type: "constant" value: 0 } } }\n'
-                   'layer { name: "fc" type: "InnerProduct" bottom: "x" top: "h" inner_product_param { '
-                   'num_output: 3 weight_filler { type: "constant" value: 1 } } }\n'
-                   'layer { name: "sqrt" type: "Power" bottom: "h" top: "y" power_param { power: 0.5 } }\n'
-                   + guard("y", "{name: sqrt_guard, follows: sqrt, action: abort}")
-                   + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l" }\n')
-    solver = tmp_path / "solver.prototxt"
-    solver.write_text('net: "%s"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 10\ndisplay: 1\n'
-                      'solver_mode: CPU\nsnapshot_after_train: false\n' % net)
-    result = caffe_bin("train", "-solver", solver, cwd=tmp_path)
+# Constant input -1 (so Log and sqrt give NaN) and target 0; {middle} maps x to y.
+CLI_NET = """
+name: "cli"
+layer {{ name: "data" type: "DummyData" top: "x" top: "t" dummy_data_param {{ shape {{ {shape} }} shape {{ {shape} }}
+  data_filler {{ type: "constant" value: -1 }} data_filler {{ type: "constant" value: 0 }} }} }}
+{middle}
+layer {{ name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l" }}
+"""
+
+
+def test_abort_under_caffe_train_exits_nonzero_with_the_report(caffe_train):
+    result = caffe_train(
+        CLI_NET.format(shape="dim: 4 dim: 3", middle=(
+            'layer { name: "fc" type: "InnerProduct" bottom: "x" top: "h" inner_product_param { '
+            'num_output: 3 weight_filler { type: "constant" value: 1 } } }\n'
+            'layer { name: "sqrt" type: "Power" bottom: "h" top: "y" power_param { power: 0.5 } }\n'
+            + guard("y", "{name: sqrt_guard, follows: sqrt, action: abort}"))),
+        max_iter=10, display=1)
     assert result.returncode == 1, result.stderr[-2000:]
     assert ("ABORT NaNGuard sqrt_guard (after sqrt): non-finite forward data in TRAIN, "
             "iteration 0 (call 1), bottom[0] shape 4x3: nan=12 +inf=0 -inf=0; first bad at [0, 0] = nan"
@@ -144,19 +147,12 @@ def test_abort_under_caffe_train_exits_nonzero_with_the_report(caffe_bin, tmp_pa
     assert "Iteration 0, loss" not in result.stderr  # it stopped before the first update
 
 
-def test_final_summary_is_printed_at_exit_of_caffe_train(caffe_bin, tmp_path):
-    net = tmp_path / "net.prototxt"
-    net.write_text('name: "cli"\n'
-                   'layer { name: "data" type: "DummyData" top: "x" top: "t" dummy_data_param { '
-                   'shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } '
-                   'data_filler { type: "constant" value: -1 } data_filler { type: "constant" value: 0 } } }\n'
-                   'layer { name: "log" type: "Log" bottom: "x" top: "y" }\n'
-                   + guard("y", "{name: warner, follows: log, action: clamp, log_first: 1, log_every: 1000}")
-                   + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l" }\n')
-    solver = tmp_path / "solver.prototxt"
-    solver.write_text('net: "%s"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 4\ndisplay: 1\n'
-                      'solver_mode: CPU\nsnapshot_after_train: false\n' % net)
-    result = caffe_bin("train", "-solver", solver, cwd=tmp_path)
+def test_final_summary_is_printed_at_exit_of_caffe_train(caffe_train):
+    result = caffe_train(
+        CLI_NET.format(shape="dim: 2 dim: 3", middle=(
+            'layer { name: "log" type: "Log" bottom: "x" top: "y" }\n'
+            + guard("y", "{name: warner, follows: log, action: clamp, log_first: 1, log_every: 1000}"))),
+        max_iter=4, display=1)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [l for l in result.stderr.splitlines() if "NaNGuard warner" in l]
     assert len(lines) == 2, lines  # the first fault in full, then only the exit summary

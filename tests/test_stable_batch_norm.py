@@ -342,24 +342,18 @@ layer {{ name: "loss" type: "EuclideanLoss" bottom: "h" bottom: "target" top: "l
 """
 
 
-def _train_cli(caffe_bin, tmp_path, bn):
-    net = tmp_path / "net.prototxt"
-    net.write_text(CLI_NET.format(bn=bn))
-    solver = tmp_path / "solver.prototxt"
+def _test_losses(caffe_train, bn):
     # test_initialization (default true) tests before the first training step: the
     # statistics are still zero then, the case of a renamed layer with no weights.
-    solver.write_text('net: "%s"\ntest_iter: 1\ntest_interval: 5\nbase_lr: 0.01\nlr_policy: "fixed"\n'
-                      'max_iter: 10\ndisplay: 0\nrandom_seed: 1\nsolver_mode: CPU\n'
-                      'snapshot_after_train: false\n' % net)
-    result = caffe_bin("train", "-solver", solver, cwd=tmp_path)
+    result = caffe_train(CLI_NET.format(bn=bn), test_iter=1, test_interval=5, max_iter=10)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stderr, [float(line.rsplit("=", 1)[1].split()[0]) for line in result.stderr.splitlines()
                            if "Test net output #0: loss =" in line]
 
 
-def test_caffe_train_tests_before_training_without_the_316x_blow_up(caffe_bin, tmp_path):
-    stock_log, stock_losses = _train_cli(caffe_bin, tmp_path, stock("bn", "h", "h"))
-    ours_log, ours_losses = _train_cli(caffe_bin, tmp_path, ours("bn", "h", "h", "{name: bn}"))
+def test_caffe_train_tests_before_training_without_the_316x_blow_up(caffe_train):
+    stock_log, stock_losses = _test_losses(caffe_train, stock("bn", "h", "h"))
+    ours_log, ours_losses = _test_losses(caffe_train, ours("bn", "h", "h", "{name: bn}"))
     assert len(stock_losses) == len(ours_losses) == 3  # iterations 0, 5 and 10
     # Iteration 0: Caffe's test net outputs x / sqrt(eps), about 316 x.
     assert stock_losses[0] > 1e5
