@@ -99,15 +99,6 @@ class NaNGuard(caffe.Layer):
         if self.params.check in ("backward", "both"):
             self._guard(arrays, "backward diff", self.backward_calls, self.backward_action)
 
-    @property
-    def last_report(self):
-        """The newest FaultReport (None before the first fault)."""
-        return self.fault_log.last
-
-    @property
-    def fault_count(self):
-        return self.fault_log.count
-
     def _guard(self, arrays, pass_, call, action):
         p = self.params
         for index, array in enumerate(arrays):
