@@ -41,6 +41,11 @@ def iteration(phase, call, iter_size=1):
     return (call - 1) // iter_size
 
 
+def describe_layer(layer_type, layer, follows=None):
+    """'NaNGuard conv1_guard (after conv1)': how every report line names its layer."""
+    return "%s %s" % (layer_type, layer) + (" (after %s)" % follows if follows else "")
+
+
 class FaultReport:
     """One fault: a blob with NaN/Inf (or values above a threshold) seen by a layer.
 
@@ -66,10 +71,7 @@ class FaultReport:
 
     @property
     def where(self):
-        text = "%s %s" % (self.layer_type, self.layer)
-        if self.follows:
-            text += " (after %s)" % self.follows
-        return text
+        return describe_layer(self.layer_type, self.layer, self.follows)
 
     def counts_text(self):
         text = "nan=%d +inf=%d -inf=%d" % (self.nan, self.posinf, self.neginf)
@@ -157,7 +159,7 @@ class FaultLog:
         self.follows = follows
         self.phase = phase_name(phase) if phase is not None else None
         self.iter_size = iter_size
-        self.where = "%s %s" % (layer_type, layer) + (" (after %s)" % follows if follows else "")
+        self.where = describe_layer(layer_type, layer, follows)
         self.full = full
         self.every = every
         self.stream = stream
