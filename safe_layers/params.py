@@ -178,3 +178,11 @@ class Schema:
         for f in self.fields.values():
             rows.append("| `%s` | `%s` | %s | %s |" % (f.name, f.default, f.allowed(), f.doc))
         return "\n".join(rows)
+
+
+def reporting_fields():
+    """The keys every reporting layer shares (see reporting.FaultLog.for_layer)."""
+    return [
+        Field("log_first", int, 5, "faults printed in full before the log switches to summaries", low=0),
+        Field("iter_size", int, 1, "the solver's iter_size, to turn call counts into iterations", low=1),
+    ]

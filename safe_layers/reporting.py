@@ -176,6 +176,12 @@ class FaultLog:
         stream.write(glog_prefix(severity) + text + "\n")
         stream.flush()
 
+    @classmethod
+    def for_layer(cls, layer_type, params, phase, every=100):
+        """The log of a layer whose params include name, follows and reporting_fields()."""
+        return cls(layer_type, params.name, params.follows, phase, full=params.log_first,
+                   every=every, iter_size=params.iter_size)
+
     def check(self, array, pass_, call, action, blob_index=0, max_abs=None):
         """The fast check of ``array``; on a fault, its exact FaultReport (not yet recorded).
 

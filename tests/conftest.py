@@ -63,19 +63,25 @@ def make_net(caffe, tmp_path):
 
 
 @pytest.fixture
-def make_solver(caffe, tmp_path):
-    """make_solver(net_text, **solver_fields) -> caffe.SGDSolver (seeded, CPU)."""
+def write_solver(tmp_path):
+    """write_solver(net_text, **solver_fields) -> path of a solver file for that net."""
     counter = [0]
 
-    def build(net_text, **fields):
+    def write(net_text, **fields):
         counter[0] += 1
         net_path = tmp_path / ("train%d.prototxt" % counter[0])
         net_path.write_text(textwrap.dedent(net_text))
         solver_path = tmp_path / ("solver%d.prototxt" % counter[0])
         solver_path.write_text(solver_text(net_path, **fields))
-        return caffe.SGDSolver(str(solver_path))
+        return solver_path
 
-    return build
+    return write
+
+
+@pytest.fixture
+def make_solver(caffe, write_solver):
+    """make_solver(net_text, **solver_fields) -> caffe.SGDSolver (seeded, CPU)."""
+    return lambda net_text, **fields: caffe.SGDSolver(str(write_solver(net_text, **fields)))
 
 
 def solver_text(net_path, **fields):
@@ -106,19 +112,10 @@ def caffe_bin(caffe):
 
 
 @pytest.fixture
-def caffe_train(caffe_bin, tmp_path):
+def caffe_train(caffe_bin, write_solver, tmp_path):
     """caffe_train(net_text, **solver_fields): `caffe train` on that net in tmp_path."""
-    counter = [0]
-
-    def run(net_text, **fields):
-        counter[0] += 1
-        net_path = tmp_path / ("cli%d.prototxt" % counter[0])
-        net_path.write_text(textwrap.dedent(net_text))
-        solver_path = tmp_path / ("cli%d_solver.prototxt" % counter[0])
-        solver_path.write_text(solver_text(net_path, **fields))
-        return caffe_bin("train", "-solver", solver_path, cwd=tmp_path)
-
-    return run
+    return lambda net_text, **fields: caffe_bin("train", "-solver", write_solver(net_text, **fields),
+                                                cwd=tmp_path)
 
 
 def _cupy_device():

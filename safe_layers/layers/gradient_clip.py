@@ -20,7 +20,7 @@ import numpy
 from safe_layers import backend, reporting
 from safe_layers.kernels import clip
 from safe_layers.kernels.xp import array_module
-from safe_layers.params import Field, Schema
+from safe_layers.params import Field, Schema, reporting_fields
 
 
 def _check_gradient_clip(p):
@@ -52,9 +52,7 @@ SCHEMA = Schema("GradientClip", [
     Field("history", int, 100, "the norm statistics cover the last this many backward calls", low=1),
     Field("log_every", int, 100, "print the clipping statistics every this many backward calls "
           "(0: only at exit)", low=0),
-    Field("log_first", int, 5, "non-finite gradients reported in full before summaries", low=0),
-    Field("iter_size", int, 1, "the solver's iter_size, to turn call counts into iterations", low=1),
-], check=_check_gradient_clip)
+] + reporting_fields(), check=_check_gradient_clip)
 
 
 class GradientClip(caffe.Layer):
@@ -67,8 +65,7 @@ class GradientClip(caffe.Layer):
                                % (len(bottom), len(top)), p.name)
         top[0].reshape(*bottom[0].shape)
         self.in_place = backend.same_memory(bottom[0].data, top[0].data)
-        self.fault_log = reporting.FaultLog("GradientClip", p.name, p.follows, self.phase,
-                                            full=p.log_first, every=100, iter_size=p.iter_size)
+        self.fault_log = reporting.FaultLog.for_layer("GradientClip", p, self.phase)
         self.stats = ClipStats(self.fault_log.where, p.history, p.log_every, self.fault_log)
         self.backward_calls = 0
 

@@ -11,7 +11,7 @@ import caffe
 
 from safe_layers import backend, reporting
 from safe_layers.kernels import finite
-from safe_layers.params import Field, Schema
+from safe_layers.params import Field, Schema, reporting_fields
 
 
 def _check_nan_guard(p):
@@ -39,12 +39,11 @@ SCHEMA = Schema("NaNGuard", [
           "default max_abs, else the float32 maximum", low=0.0, low_open=True),
     Field("max_abs", float, None, "early warning: finite values with abs(x) above this are faults too",
           low=0.0, low_open=True),
-    Field("iter_size", int, 1, "the solver's iter_size, to turn call counts into iterations", low=1),
     Field("dump_dir", str, None, "flight recorder: on the first fault write the blobs (.npz) and report (.json) here"),
     Field("dump_max_mb", float, 64.0, "flight recorder: size cap of the .npz, in MB", low=0.0, low_open=True),
-    Field("log_first", int, 5, "faults printed in full before the log switches to summaries", low=0),
-    Field("log_every", int, 100, "after that, one summary line every this many faults", low=1),
-], check=_check_nan_guard)
+    Field("log_every", int, 100, "after the first log_first faults, one summary line every this many",
+          low=1),
+] + reporting_fields(), check=_check_nan_guard)
 
 
 class NaNGuard(caffe.Layer):
@@ -63,8 +62,7 @@ class NaNGuard(caffe.Layer):
             # pycaffe blob vectors index, but do not iterate.
             top[i].reshape(*bottom[i].shape)
             self.in_place.append(backend.same_memory(bottom[i].data, top[i].data))
-        self.fault_log = reporting.FaultLog("NaNGuard", p.name, p.follows, self.phase,
-                                            full=p.log_first, every=p.log_every, iter_size=p.iter_size)
+        self.fault_log = reporting.FaultLog.for_layer("NaNGuard", p, self.phase, every=p.log_every)
         self.forward_calls = 0
         self.backward_calls = 0
         self.recorded = False

@@ -22,7 +22,7 @@ import numpy
 from safe_layers import backend, reporting
 from safe_layers.kernels import finite, infogain
 from safe_layers.kernels.xp import array_module
-from safe_layers.params import Field, Schema
+from safe_layers.params import Field, Schema, reporting_fields
 
 SCHEMA = Schema("SafeInfogainLoss", [
     Field("name", str, "SafeInfogainLoss", "the name reports and errors use"),
@@ -41,9 +41,7 @@ SCHEMA = Schema("SafeInfogainLoss", [
           choices=("none", "batch_frequency")),
     Field("action", str, "warn", "non-finite bottom[0]: warn, clamp (NaN -> 0, +-Inf -> +-float32 max, "
           "on a copy) or abort", choices=("warn", "clamp", "abort")),
-    Field("log_first", int, 5, "faults printed in full before the log switches to summaries", low=0),
-    Field("iter_size", int, 1, "the solver's iter_size, to turn call counts into iterations", low=1),
-])
+] + reporting_fields())
 
 
 def load_infogain_matrix(path):
@@ -88,8 +86,7 @@ class SafeInfogainLoss(caffe.Layer):
                 self.file_matrix = self._prepare_matrix(load_infogain_matrix(p.source))
             except (ValueError, FileNotFoundError) as exc:
                 raise SCHEMA.error("key 'source' = %r: %s" % (p.source, exc), name) from None
-        self.fault_log = reporting.FaultLog("SafeInfogainLoss", name, p.follows, self.phase,
-                                            full=p.log_first, every=100, iter_size=p.iter_size)
+        self.fault_log = reporting.FaultLog.for_layer("SafeInfogainLoss", p, self.phase)
         self.forward_calls = 0
         self._saved = None
 

@@ -23,7 +23,7 @@ import numpy
 
 from safe_layers import backend, reporting
 from safe_layers.kernels import batch_norm
-from safe_layers.params import Field, Schema
+from safe_layers.params import Field, Schema, reporting_fields
 
 SCHEMA = Schema("StableBatchNorm", [
     Field("name", str, "StableBatchNorm", "the name reports use"),
@@ -37,9 +37,7 @@ SCHEMA = Schema("StableBatchNorm", [
           choices=("batch", "error")),
     Field("action", str, "warn", "non-finite input: warn (the running statistics skip that batch) "
           "or abort", choices=("warn", "abort")),
-    Field("log_first", int, 5, "faults printed in full before the log switches to summaries", low=0),
-    Field("iter_size", int, 1, "the solver's iter_size, to turn call counts into iterations", low=1),
-])
+] + reporting_fields())
 
 
 class StableBatchNorm(caffe.Layer):
@@ -64,8 +62,7 @@ class StableBatchNorm(caffe.Layer):
                 self.blobs[i].data[...] = 0
         top[0].reshape(*shape)
         self.in_place = backend.same_memory(bottom[0].data, top[0].data)
-        self.fault_log = reporting.FaultLog("StableBatchNorm", p.name, p.follows, self.phase,
-                                            full=p.log_first, every=100, iter_size=p.iter_size)
+        self.fault_log = reporting.FaultLog.for_layer("StableBatchNorm", p, self.phase)
         self.forward_calls = 0
         self.bad_stats_reported = False
         self._saved = None
