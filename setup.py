@@ -14,5 +14,5 @@ setup(
         "gpu": ["cupy"],
         "test": ["pytest"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["safe-layers = safe_layers.tools.cli:entry_point"]},
 )

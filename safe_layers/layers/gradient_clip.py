@@ -17,42 +17,13 @@ import collections
 import caffe
 import numpy
 
-from safe_layers import backend, reporting
+from safe_layers import backend, reporting, schemas
 from safe_layers.kernels import clip
 from safe_layers.kernels.xp import array_module
-from safe_layers.params import Field, Schema, reporting_fields
 
 
-def _check_gradient_clip(p):
-    if p.mode == "value":
-        if p.clip is None:
-            return "mode 'value' needs key 'clip' (the bound on each element)"
-        if p.max_norm is not None or p.per_sample:
-            return "keys 'max_norm' and 'per_sample' belong to mode 'norm', not 'value'"
-    else:
-        if p.max_norm is None:
-            return "mode 'norm' needs key 'max_norm' (the bound on the L2 norm)"
-        if p.clip is not None:
-            return "key 'clip' belongs to mode 'value', not 'norm'"
-    return None
+SCHEMA = schemas.GRADIENT_CLIP
 
-
-SCHEMA = Schema("GradientClip", [
-    Field("name", str, "GradientClip", "the name reports use"),
-    Field("follows", str, None, "the layer whose output this clips, named in reports"),
-    Field("mode", str, "norm", "value: clip each element; norm: rescale to an L2 norm bound",
-          choices=("value", "norm")),
-    Field("clip", float, None, "mode value: each gradient element is clipped to [-clip, clip]",
-          low=0.0, low_open=True),
-    Field("max_norm", float, None, "mode norm: the largest L2 norm let through", low=0.0, low_open=True),
-    Field("per_sample", bool, False, "mode norm: bound each sample's norm (over axis 0) instead of the blob's"),
-    Field("nonfinite", str, "zero", "NaN/Inf gradient elements: zero them before the norm is taken, "
-          "raise (error), or keep them (left out of the norm, passed through)",
-          choices=("zero", "error", "keep")),
-    Field("history", int, 100, "the norm statistics cover the last this many backward calls", low=1),
-    Field("log_every", int, 100, "print the clipping statistics every this many backward calls "
-          "(0: only at exit)", low=0),
-] + reporting_fields(), check=_check_gradient_clip)
 
 
 class GradientClip(caffe.Layer):

@@ -9,41 +9,12 @@
 
 import caffe
 
-from safe_layers import backend, reporting
+from safe_layers import backend, reporting, schemas
 from safe_layers.kernels import finite
-from safe_layers.params import Field, Schema, reporting_fields
 
 
-def _check_nan_guard(p):
-    if p.action == "zero" and p.check != "backward":
-        return ("key 'action' has value 'zero', which only a backward pass can do; "
-                "use action: warn|clamp|abort with backward_action: zero")
-    if p.bound is not None and p.max_abs is not None and p.bound > p.max_abs:
-        return "key 'bound' (%g) must not exceed 'max_abs' (%g)" % (p.bound, p.max_abs)
-    if p.max_abs is not None and abs(p.nan_value) > p.max_abs:
-        return "key 'nan_value' (%g) must lie within +-max_abs (%g)" % (p.nan_value, p.max_abs)
-    return None
+SCHEMA = schemas.NAN_GUARD
 
-
-SCHEMA = Schema("NaNGuard", [
-    Field("name", str, "NaNGuard", "the name reports use (pycaffe does not tell a Python layer its own)"),
-    Field("follows", str, None, "the layer this guard watches, named in every report"),
-    Field("check", str, "both", "which pass to check: forward data, backward diff, or both",
-          choices=("forward", "backward", "both")),
-    Field("action", str, "warn", "what to do on a fault (forward, and backward unless backward_action is set)",
-          choices=("warn", "clamp", "abort", "zero")),
-    Field("backward_action", str, None, "what to do on a backward fault; default: action",
-          choices=("warn", "clamp", "abort", "zero")),
-    Field("nan_value", float, 0.0, "clamp: the value NaN becomes"),
-    Field("bound", float, None, "clamp: the magnitude +-Inf (and values over max_abs) become; "
-          "default max_abs, else the float32 maximum", low=0.0, low_open=True),
-    Field("max_abs", float, None, "early warning: finite values with abs(x) above this are faults too",
-          low=0.0, low_open=True),
-    Field("dump_dir", str, None, "flight recorder: on the first fault write the blobs (.npz) and report (.json) here"),
-    Field("dump_max_mb", float, 64.0, "flight recorder: size cap of the .npz, in MB", low=0.0, low_open=True),
-    Field("log_every", int, 100, "after the first log_first faults, one summary line every this many",
-          low=1),
-] + reporting_fields(), check=_check_nan_guard)
 
 
 class NaNGuard(caffe.Layer):

@@ -19,29 +19,12 @@ import os
 import caffe
 import numpy
 
-from safe_layers import backend, reporting
+from safe_layers import backend, reporting, schemas
 from safe_layers.kernels import finite, infogain
 from safe_layers.kernels.xp import array_module
-from safe_layers.params import Field, Schema, reporting_fields
 
-SCHEMA = Schema("SafeInfogainLoss", [
-    Field("name", str, "SafeInfogainLoss", "the name reports and errors use"),
-    Field("follows", str, None, "the layer that produces the logits, named in reports"),
-    Field("axis", int, 1, "the class axis of bottom[0] (negative counts from the end)"),
-    Field("ignore_label", int, None, "positions with this label add no loss and no gradient"),
-    Field("normalization", str, "VALID", "divide the loss by: VALID (non-ignored count), BATCH_SIZE "
-          "(outer count), FULL (outer x inner), NONE (1); never by less than 1",
-          choices=infogain.NORMALIZATIONS),
-    Field("source", str, None, "H from a file (.binaryproto BlobProto or .npy) instead of bottom[2]"),
-    Field("input", str, "logits", "bottom[0] holds logits (Caffe since 2017), or probabilities "
-          "(prototxts that put a Softmax in front)", choices=("logits", "probabilities")),
-    Field("normalize_h", str, "none", "rows: divide each row of H by its sum", choices=("none", "rows")),
-    Field("class_weighting", str, "none", "batch_frequency: weight each position by n_valid / "
-          "(classes present x its class count), finite when a class is absent",
-          choices=("none", "batch_frequency")),
-    Field("action", str, "warn", "non-finite bottom[0]: warn, clamp (NaN -> 0, +-Inf -> +-float32 max, "
-          "on a copy) or abort", choices=("warn", "clamp", "abort")),
-] + reporting_fields())
+SCHEMA = schemas.SAFE_INFOGAIN_LOSS
+
 
 
 def load_infogain_matrix(path):

@@ -21,23 +21,11 @@ cannot, so declare three ``param { lr_mult: 0 }`` (otherwise weight decay shrink
 import caffe
 import numpy
 
-from safe_layers import backend, reporting
+from safe_layers import backend, reporting, schemas
 from safe_layers.kernels import batch_norm
-from safe_layers.params import Field, Schema, reporting_fields
 
-SCHEMA = Schema("StableBatchNorm", [
-    Field("name", str, "StableBatchNorm", "the name reports use"),
-    Field("follows", str, None, "the layer this normalizes, named in reports"),
-    Field("use_global_stats", bool, None, "normalize with the stored running statistics; "
-          "default: true in TEST, false in TRAIN (as Caffe)"),
-    Field("moving_average_fraction", float, 0.999, "decay of the running statistics", low=0.0, high=1.0),
-    Field("eps", float, 1e-5, "added to the variance", low=0.0, low_open=True),
-    Field("on_bad_stats", str, "batch", "stored statistics unusable (scale factor 0 or non-finite, "
-          "non-finite mean/variance) under use_global_stats: use the batch's own, or raise (error)",
-          choices=("batch", "error")),
-    Field("action", str, "warn", "non-finite input: warn (the running statistics skip that batch) "
-          "or abort", choices=("warn", "abort")),
-] + reporting_fields())
+SCHEMA = schemas.STABLE_BATCH_NORM
+
 
 
 class StableBatchNorm(caffe.Layer):

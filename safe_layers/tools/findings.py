@@ -1,0 +1,130 @@
+"""What a subcommand found, how it is printed, and what the process exits with.
+
+Every subcommand reports :class:`Finding` objects. Text output is one line each, in the
+shape compilers and flake8 use, so editors jump to the spot::
+
+    path:line:col: SL101 error pooling layer 'pool1': ... — fix: ...
+
+``--format json`` prints one JSON document: ``{"findings": [...], ...extra}``. Exit status
+(:func:`exit_status`): 0 when nothing of severity ``error`` was found (warnings and info
+only), 1 when something was, 2 when the input could not be read (:class:`InputError`,
+raised anywhere below a subcommand's ``run`` and turned into exit 2 by the CLI).
+"""
+
+import json
+import math
+import sys
+
+SEVERITIES = ("error", "warning", "info")
+
+EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT = 0, 1, 2
+
+
+class InputError(Exception):
+    """Input the tool cannot read: a missing file, a prototxt protobuf cannot parse, a
+    truncated log, a corrupt database. The message says what and where
+    (``path:line:col: ...`` when a position is known); the CLI prints it and exits 2."""
+
+
+class Finding:
+    """One thing a tool found.
+
+    Args:
+        path (str): the file it is in (or about).
+        line, col (int): 1-based position; 0 when the finding is about the whole file.
+        rule (str): a stable id, e.g. ``SL101``.
+        severity (str): ``error``, ``warning`` or ``info``.
+        message (str): what is wrong, naming the layer or field.
+        fix (str): the concrete change that cures it ("" when there is none to give).
+        layer (str, optional): the layer it concerns.
+        data (dict, optional): machine-readable details for ``--format json`` (evidence
+            lines, iteration, rows, keys ...); JSON-safe values.
+    """
+
+    __slots__ = ("path", "line", "col", "rule", "severity", "message", "fix", "layer", "data")
+
+    def __init__(self, path, line, col, rule, severity, message, fix="", layer=None, data=None):
+        if severity not in SEVERITIES:
+            raise ValueError("severity %r; allowed: %s" % (severity, ", ".join(SEVERITIES)))
+        self.path = str(path)
+        self.line = int(line or 0)
+        self.col = int(col or 0)
+        self.rule = rule
+        self.severity = severity
+        self.message = message
+        self.fix = fix
+        self.layer = layer
+        self.data = dict(data or {})
+
+    def text(self):
+        """``path:line:col: RULE severity message — fix: ...``"""
+        fix = " — fix: %s" % self.fix if self.fix else ""
+        return "%s:%d:%d: %s %s %s%s" % (self.path, self.line, self.col, self.rule, self.severity,
+                                         self.message, fix)
+
+    def as_dict(self):
+        out = {name: getattr(self, name) for name in self.__slots__ if name != "data"}
+        out.update(jsonable(self.data))
+        return out
+
+    def __repr__(self):
+        return "Finding(%s)" % self.text()
+
+
+def jsonable(value):
+    """``value`` with every float that JSON cannot hold (NaN, +-Inf) written as a string
+    ('nan', 'inf', '-inf'), recursively through dicts, lists and tuples."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def select(findings, select_rules=None, ignore_rules=None):
+    """The findings whose rule id starts with one of ``select_rules`` (all when None) and
+    with none of ``ignore_rules`` (prefixes, like flake8's ``--select`` / ``--ignore``)."""
+    chosen = []
+    for finding in findings:
+        if select_rules and not any(finding.rule.startswith(p) for p in select_rules):
+            continue
+        if ignore_rules and any(finding.rule.startswith(p) for p in ignore_rules):
+            continue
+        chosen.append(finding)
+    return chosen
+
+
+def rule_list(text):
+    """``--select SL1,SL203`` -> ['SL1', 'SL203']."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def exit_status(findings):
+    """1 when any finding is an error, else 0."""
+    return EXIT_FOUND if any(f.severity == "error" for f in findings) else EXIT_CLEAN
+
+
+def emit(findings, fmt="text", stream=None, extra=None, summary=None):
+    """Print ``findings`` as text lines (then ``summary``, a line or None) or as one JSON
+    document ``{"findings": [...], **extra}``. Returns :func:`exit_status`."""
+    stream = stream or sys.stdout
+    if fmt == "json":
+        document = {"findings": [f.as_dict() for f in findings]}
+        document.update(jsonable(extra or {}))
+        stream.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    else:
+        for finding in findings:
+            stream.write(finding.text() + "\n")
+        if summary:
+            stream.write(summary + "\n")
+    stream.flush()
+    return exit_status(findings)
+
+
+def add_format_argument(parser):
+    """``--format text|json``, the same for every subcommand."""
+    parser.add_argument("--format", choices=("text", "json"), default="text",
+                        help="text: one finding per line (path:line:col: RULE severity message); "
+                             "json: one JSON document for machines")
