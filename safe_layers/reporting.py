@@ -18,7 +18,7 @@ import threading
 
 import numpy
 
-from safe_layers import host
+from safe_layers import context, host
 from safe_layers.kernels import finite
 from safe_layers.kernels.xp import to_numpy
 
@@ -33,12 +33,14 @@ def phase_name(phase):
 def iteration(phase, call, iter_size=1):
     """The solver iteration of a layer's ``call``-th forward (or backward) in TRAIN.
 
-    The solver runs forward+backward ``iter_size`` times per iteration, starting at
-    iteration 0; a TEST net has no iterations of its own, so this is None there.
+    The solver runs forward+backward ``iter_size`` times per iteration; a TEST net has
+    no iterations of its own, so this is None there. :mod:`safe_layers.context` knows
+    the true iteration (a watched solver's ``iter``, or the iteration `caffe train
+    -snapshot` resumed at) where the call count alone would be wrong.
     """
     if phase_name(phase) != "TRAIN":
         return None
-    return (call - 1) // iter_size
+    return context.train_iteration(call, iter_size)
 
 
 def describe_layer(layer_type, layer, follows=None):
