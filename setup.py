@@ -8,7 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["safe_layers", "safe_layers.*"]),
     python_requires=">=3.8",
-    install_requires=["numpy", "pyyaml"],
+    # numpy/pyyaml for the layers; the tools read datasets (lmdb, plyvel, h5py), draw
+    # (matplotlib, Agg) and show progress on a terminal (tqdm).
+    install_requires=["numpy", "pyyaml", "lmdb", "plyvel", "h5py", "tqdm", "matplotlib"],
     extras_require={
         # CuPy for the GPU path; pick the wheel matching the CUDA runtime (cupy-cuda12x, ...).
         "gpu": ["cupy"],
