@@ -14,11 +14,18 @@ _LAYERS = {
     "StableBatchNorm": "safe_layers.layers.stable_batch_norm",
 }
 
-__all__ = sorted(_LAYERS)
+# Anomaly mode: safe_layers.watch(solver, ...) (the package is safe_layers.anomaly, so
+# that no submodule named "watch" can shadow the function).
+_TOOLS = {
+    "watch": "safe_layers.anomaly",
+    "NonFiniteError": "safe_layers.anomaly",
+}
+
+__all__ = sorted(_LAYERS) + sorted(_TOOLS)
 
 
 def __getattr__(name):
-    module = _LAYERS.get(name)
+    module = _LAYERS.get(name) or _TOOLS.get(name)
     if module is None:
         raise AttributeError("module 'safe_layers' has no attribute %r" % name)
     import importlib

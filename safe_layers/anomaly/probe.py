@@ -1,0 +1,187 @@
+"""Per-layer checks of one net through pycaffe's layer hooks: which layer produced the
+first non-finite value, forward and backward.
+
+``Net.after_forward(f)`` / ``after_backward(f)`` call ``f(i)`` after layer ``i``'s pass
+(caffe-internals.md section 8). After each forward the probe checks the layer's tops,
+after each backward its bottoms' diffs and its params' diffs. It keeps, per blob,
+whether its data (and its diff) is known to be non-finite, so a layer whose inputs were
+already bad is not blamed: only a *producer* is reported, a layer whose inputs (bottom
+data, params; in backward also top diffs and the forward values) were all finite.
+"""
+
+import numpy
+
+from safe_layers import backend
+from safe_layers.anomaly.report import BlobFault, ProducerFault
+from safe_layers.kernels import finite
+from safe_layers.kernels.xp import array_module, to_numpy
+
+
+def blob_ok(array):
+    """The fast check (one reduction): every element finite."""
+    return finite.all_finite(array)
+
+
+def blob_fault(array):
+    """Exact counts, first bad element and the samples hit (indices along axis 0)."""
+    counts = finite.count_faults(array)
+    first_index, first_value = finite.first_fault(array)
+    xp = array_module(array)
+    if array.ndim:
+        rows = array.reshape(array.shape[0], -1)
+        hit = to_numpy(~xp.isfinite(rows).all(axis=1))
+        samples = [int(s) for s in numpy.flatnonzero(hit)]
+    else:
+        samples = [0] if counts["nan"] or counts["posinf"] or counts["neginf"] else []
+    return BlobFault(array.shape, counts["nan"], counts["posinf"], counts["neginf"],
+                     first_index, first_value, samples)
+
+
+def input_stats(role, name, array):
+    low, high, mean_abs = finite.finite_stats(array)
+    return {"role": role, "blob": name, "min": low, "max": high, "mean_abs": mean_abs}
+
+
+class NetProbe:
+    """The layer structure of one ``caffe.Net`` and the per-blob fault state of the
+    pass in progress. ``report(fault)`` is called with each producer found."""
+
+    def __init__(self, net, phase, report, iteration, check_layers=True):
+        self.net = net
+        self.phase = phase
+        self.report = report
+        self.iteration = iteration  # callable -> int or None
+        self.check_layers = check_layers
+        self.names = list(net._layer_names)
+        self.types = [layer.type for layer in net.layers]
+        self.blob_names = list(net._blob_names)
+        blobs = net._blobs
+        self.blobs = [blobs[j] for j in range(len(self.blob_names))]
+        n = len(self.names)
+        self.tops = [list(net._top_ids(i)) for i in range(n)]
+        self.bottoms = [list(net._bottom_ids(i)) for i in range(n)]
+        self.params = [[layer.blobs[k] for k in range(len(layer.blobs))] for layer in net.layers]
+        weights = list(net._blob_loss_weights)
+        self.loss_tops = [[(j, weights[j]) for j in self.tops[i] if weights[j] != 0]
+                          for i in range(n)]
+        self.data_layers = [i for i in range(n) if not self.bottoms[i]]
+        self.last = n - 1
+        self.forward_calls = 0
+        self.backward_calls = 0
+        self._last_forward = n      # a layer index not above the last one seen starts a pass
+        self._last_backward = -1
+        self.pass_losses = []       # the loss of each forward pass (the watch empties it)
+        self.bad_data = set()   # blob ids whose data is non-finite in this pass
+        self.bad_diff = set()   # blob ids whose diff is non-finite in this pass
+        self.bad_params = {}    # (layer, k) -> 'data' / 'diff' found non-finite
+        self.loss = numpy.float32(0)
+        self.producers = []     # ProducerFaults found in this pass
+        self.faulty = False     # any non-finite value seen in this pass
+
+    # -- forward ---------------------------------------------------------------------
+    def begin_forward(self):
+        self.forward_calls += 1
+        self.bad_data.clear()
+        self.loss = numpy.float32(0)
+        self._last_forward = -1
+
+    def after_forward(self, i):
+        if i <= self._last_forward:
+            self.begin_forward()
+        self._last_forward = i
+        for j, weight in self.loss_tops[i]:
+            # Layer::Forward: loss += dot(top data, loss weights), in the net's float.
+            data = backend.data(self.blobs[j])
+            self.loss = numpy.float32(self.loss + numpy.float32(float(data.sum()) * weight))
+        if i == self.last:
+            self.pass_losses.append(self.loss)
+        if not self.check_layers:
+            return
+        bad = [k for k, j in enumerate(self.tops[i]) if not blob_ok(backend.data(self.blobs[j]))]
+        inputs_bad = any(j in self.bad_data for j in self.bottoms[i])
+        for k, j in enumerate(self.tops[i]):
+            if k in bad:
+                self.bad_data.add(j)
+            else:
+                self.bad_data.discard(j)
+        if not bad:
+            return
+        self.faulty = True
+        if inputs_bad:
+            return  # it passed a non-finite input on: not the producer
+        note = self._bad_weights_note(i)
+        k = bad[0]
+        j = self.tops[i][k]
+        inputs = [input_stats("bottom[%d]" % b, self.blob_names[jb], backend.data(self.blobs[jb]))
+                  for b, jb in enumerate(self.bottoms[i])]
+        self._report("forward", i, "top", k, self.blob_names[j], "data",
+                     backend.data(self.blobs[j]), inputs, note, self.forward_calls)
+
+    # -- backward --------------------------------------------------------------------
+    def begin_backward(self):
+        self.backward_calls += 1
+        self.bad_diff.clear()
+        self._last_backward = len(self.names)
+
+    def after_backward(self, i):
+        if i >= self._last_backward:
+            self.begin_backward()
+        self._last_backward = i
+        if not self.check_layers:
+            return
+        bad_bottoms = [k for k, j in enumerate(self.bottoms[i])
+                       if not blob_ok(backend.diff(self.blobs[j]))]
+        bad_params = [k for k, blob in enumerate(self.params[i]) if not blob_ok(backend.diff(blob))]
+        inputs_bad = (any(j in self.bad_diff for j in self.tops[i])
+                      or any(j in self.bad_data for j in self.bottoms[i] + self.tops[i]))
+        for k, j in enumerate(self.bottoms[i]):
+            if k in bad_bottoms:
+                self.bad_diff.add(j)
+            else:
+                self.bad_diff.discard(j)
+        for k in bad_params:
+            self.bad_params[(self.names[i], k)] = "diff"
+        if not (bad_bottoms or bad_params):
+            return
+        self.faulty = True
+        if inputs_bad:
+            return
+        note = self._bad_weights_note(i)
+        inputs = [input_stats("top[%d] diff" % t, self.blob_names[jt], backend.diff(self.blobs[jt]))
+                  for t, jt in enumerate(self.tops[i])]
+        if bad_bottoms:
+            k = bad_bottoms[0]
+            j = self.bottoms[i][k]
+            self._report("backward", i, "bottom", k, self.blob_names[j], "diff",
+                         backend.diff(self.blobs[j]), inputs, note, self.backward_calls)
+        else:
+            k = bad_params[0]
+            self._report("backward", i, "param", k, "%s[%d]" % (self.names[i], k), "diff",
+                         backend.diff(self.params[i][k]), inputs, note, self.backward_calls)
+
+    # -- shared ----------------------------------------------------------------------
+    def _bad_weights_note(self, i):
+        bad = [k for k, blob in enumerate(self.params[i]) if not blob_ok(backend.data(blob))]
+        if not bad:
+            return ""
+        for k in bad:
+            self.bad_params[(self.names[i], k)] = "data"
+        return "its weights are non-finite already (%s): ruined by an earlier update" % ", ".join(
+            "%s[%d]" % (self.names[i], k) for k in bad)
+
+    def _report(self, pass_, i, role, k, blob, what, array, inputs, note, call):
+        fault = ProducerFault(pass_=pass_, phase=self.phase, iteration=self.iteration(),
+                              call=call, layer=self.names[i], layer_type=self.types[i],
+                              layer_index=i, role=role, blob_index=k, blob=blob, what=what,
+                              fault=blob_fault(array), inputs=inputs, note=note, action=None)
+        self.producers.append(fault)
+        self.report(fault)
+
+    def input_arrays(self):
+        """{blob name: array} of the tops of layers without bottoms (data and Input
+        layers): the batch itself, for a replayable record."""
+        out = {}
+        for i in self.data_layers:
+            for j in self.tops[i]:
+                out[self.blob_names[j]] = to_numpy(backend.data(self.blobs[j])).copy()
+        return out

@@ -1,0 +1,74 @@
+"""Caffe's lr policies as the watch reads them, against the real SGDSolver's rate."""
+
+
+import pytest
+
+from safe_layers.anomaly import parse_line, read_solver_param, schedule
+from safe_layers.anomaly.report import Event, SolverFault
+
+TINY_NET = """
+name: "tiny"
+layer { name: "data" type: "DummyData" top: "x" top: "t"
+  dummy_data_param { shape { dim: 2 dim: 2 } shape { dim: 2 dim: 1 } } }
+layer { name: "fc" type: "InnerProduct" bottom: "x" top: "y" inner_product_param { num_output: 1 } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+"""
+
+POLICIES = [
+    dict(lr_policy='"fixed"'),
+    dict(lr_policy='"step"', gamma=0.5, stepsize=3),
+    dict(lr_policy='"exp"', gamma=0.9),
+    dict(lr_policy='"inv"', gamma=0.1, power=0.75),
+    dict(lr_policy='"multistep"', gamma=0.1, stepvalue=[2, 5]),
+    dict(lr_policy='"poly"', power=0.9, max_iter=8),
+    dict(lr_policy='"sigmoid"', gamma=0.5, stepsize=4),
+]
+
+
+@pytest.mark.parametrize("fields", POLICIES, ids=lambda f: f["lr_policy"].strip('"'))
+def test_rate_is_caffes(caffe, write_solver, fields):
+    fields = dict(fields)
+    stepvalues = fields.pop("stepvalue", [])
+    path = write_solver(TINY_NET, base_lr=0.01, **fields)
+    if stepvalues:
+        path.write_text(path.read_text() + "".join("stepvalue: %d\n" % v for v in stepvalues))
+    param = read_solver_param(str(path))
+    solver = caffe.get_solver(str(path))
+    for iteration in range(8):
+        assert solver.iter == iteration
+        assert schedule.rate(param, iteration) == pytest.approx(float(solver.lr), rel=1e-6)
+        solver.step(1)
+
+
+def test_explanations_name_the_policy_and_the_fields(caffe, write_solver):
+    path = write_solver(TINY_NET, lr_policy='"poly"', power=0.9, max_iter=4)
+    param = read_solver_param(str(path))
+    text = schedule.explain(param, 6, float("nan"))
+    assert 'lr_policy "poly"' in text and "past max_iter 4" in text
+    param.ClearField("max_iter")
+    assert "max_iter is unset (0)" in schedule.explain(param, 0, float("nan"))
+    param.lr_policy, param.gamma = "exp", 0
+    assert "gamma is 0" in schedule.explain(param, 3, 0.0)
+    param.base_lr = -1
+    assert "base_lr is negative" in schedule.explain(param, 3, -1.0)
+    assert "stepsize > 0" in schedule.fatal_problem(_with(param, lr_policy="step", stepsize=0))
+    assert "gamma >= 0" in schedule.fatal_problem(_with(param, lr_policy="inv", gamma=-1))
+    assert schedule.fatal_problem(_with(param, lr_policy="fixed")) is None
+
+
+def _with(param, **fields):
+    copy = type(param)()
+    copy.CopyFrom(param)
+    for key, value in fields.items():
+        setattr(copy, key, value)
+    return copy
+
+
+def test_solver_and_event_lines_parse_back():
+    fault = SolverFault("lr", "TRAIN", 0, 'lr_policy "poly" (base_lr=0.01) gives lr = nan', "stop")
+    parsed = parse_line("E20261125 03:18:18.830953  5236 safe_layers] " + fault.line())
+    assert parsed == {"kind": "lr", "phase": "TRAIN", "iteration": 0, "action": "stop",
+                      "message": 'lr_policy "poly" (base_lr=0.01) gives lr = nan'}
+    event = Event("rollback", 100, "restored x_iter_100.solverstate")
+    assert parse_line(event.line())["kind"] == "rollback"
+    assert parse_line("I1125 03:18:18.830953  5236 solver.cpp:239] Iteration 5, loss = 1") is None
