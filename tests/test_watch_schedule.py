@@ -1,6 +1,5 @@
 """Caffe's lr policies as the watch reads them, against the real SGDSolver's rate."""
 
-
 import pytest
 
 from safe_layers.anomaly import parse_line, read_solver_param, schedule
