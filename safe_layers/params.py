@@ -8,9 +8,17 @@ with the layer type, the key, the bad value and what is allowed.
 """
 
 import math
+import struct
 from types import SimpleNamespace
 
 import yaml
+
+# Every number a layer reads ends up in float32 blobs or in Caffe's int32 fields, so every
+# numeric key is bounded: floats within +-FLT_MAX (and not so small that float32 rounds them
+# to 0), integers within int32, unless a field sets tighter bounds.
+# 3.4028235e+38 is the shortest decimal that float32 reads as its largest finite value.
+FLOAT32_MAX = 3.4028235e+38
+INT32_MIN, INT32_MAX = -2 ** 31, 2 ** 31 - 1
 
 
 class ParamError(ValueError):
@@ -32,7 +40,8 @@ class Field:
         doc (str): one line for the schema's documentation.
         choices (tuple, optional): the only allowed values.
         low, high (number, optional): inclusive bounds; ``low_open``/``high_open`` make
-            them exclusive.
+            them exclusive. Numbers are always bounded: floats default to +-FLOAT32_MAX,
+            integers to the int32 range.
         item_kind (type, optional): for lists, the type of each item.
     """
 
@@ -43,6 +52,12 @@ class Field:
         self.default = default
         self.doc = doc
         self.choices = tuple(choices) if choices is not None else None
+        if kind is float:
+            low = -FLOAT32_MAX if low is None else low
+            high = FLOAT32_MAX if high is None else high
+        elif kind is int:
+            low = INT32_MIN if low is None else low
+            high = INT32_MAX if high is None else high
         self.low, self.high = low, high
         self.low_open, self.high_open = low_open, high_open
         self.item_kind = item_kind
@@ -56,44 +71,64 @@ class Field:
             text += " of " + _TYPE_NAMES[self.item_kind].split(" ", 1)[1] + "s"
         bounds = []
         if self.low is not None:
-            bounds.append("%s %s" % (">" if self.low_open else ">=", self.low))
+            bounds.append("%s %s" % (">" if self.low_open else ">=", _number_text(self.low)))
         if self.high is not None:
-            bounds.append("%s %s" % ("<" if self.high_open else "<=", self.high))
+            bounds.append("%s %s" % ("<" if self.high_open else "<=", _number_text(self.high)))
         if bounds:
             text += " " + " and ".join(bounds)
         return text
 
     def convert(self, value):
         """Return ``value`` as this field's type, or ``None`` where it is not allowed."""
+        return self.check(value)[0]
+
+    def check(self, value):
+        """(converted value, None), or (None, why it is not allowed beyond :meth:`allowed`)."""
         if value is None:
-            return None
+            return None, ""
         if self.kind is list:
             if not isinstance(value, list):
-                return None
+                return None, ""
             if self.item_kind is None:
-                return value
+                return value, None
             items = [_scalar(self.item_kind, v) for v in value]
-            return None if any(v is None for v in items) else items
+            return (None, "") if any(v is None for v in items) else (items, None)
         value = _scalar(self.kind, value)
         if value is None:
-            return None
+            return None, ""
         if self.choices is not None and value not in self.choices:
-            return None
+            return None, ""
         if self.kind in (int, float):
             if self.kind is float and math.isnan(value):
-                return None
+                return None, ""
             if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-                return None
+                return None, ""
             if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
-                return None
-        return value
+                return None, ""
+            if self.kind is float and value != 0 and _float32(value) == 0:
+                return None, " (float32 rounds it to 0)"
+        return value, None
+
+
+def _float32(value):
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _number_text(value):
+    if isinstance(value, float):
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    return str(value)
 
 
 def _scalar(kind, value):
     if isinstance(value, bool):
         return value if kind is bool else None
     if kind is float and isinstance(value, (int, float)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float
+            return float("inf") if value > 0 else float("-inf")
     if kind is float and isinstance(value, str):
         # PyYAML reads 1e4 (no '+' or '.') as a string; Caffe users write it anyway.
         try:
@@ -105,6 +140,39 @@ def _scalar(kind, value):
     if kind is str and isinstance(value, str):
         return value
     return None
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, noting keys given twice (YAML itself keeps the last silently)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.duplicates = []
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            if key in seen and key not in loader.duplicates:
+                loader.duplicates.append(key)
+            seen.add(key)
+        except TypeError:
+            pass  # an unhashable key: construct_mapping says so itself
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_yaml(text):
+    """(value, keys given more than once) of a YAML document, with the safe loader."""
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    finally:
+        loader.dispose()
 
 
 class Params(SimpleNamespace):
@@ -141,7 +209,7 @@ class Schema:
         """Parse a ``param_str`` (YAML mapping; empty means all defaults) into Params."""
         text = param_str or ""
         try:
-            raw = yaml.safe_load(text) if text.strip() else {}
+            raw, duplicates = load_yaml(text) if text.strip() else ({}, [])
         except yaml.YAMLError as exc:
             raise self.error("is not valid YAML (%s): %r" % (str(exc).replace("\n", " "), text)) from None
         if raw is None:
@@ -150,6 +218,10 @@ class Schema:
             raise self.error("must be a YAML mapping such as \"key: value\", got %r" % (text,))
         # pycaffe does not tell a layer its own name; name the layer by its `name` key.
         name = raw.get("name") if isinstance(raw.get("name"), str) else None
+        if duplicates:
+            raise self.error("key %s given more than once (YAML would silently keep the last "
+                             "value); give each key once" % ", ".join(repr(k) for k in duplicates),
+                             name)
         unknown = sorted(str(k) for k in raw if k not in self.fields)
         if unknown:
             raise self.error("unknown key %s; allowed keys: %s"
@@ -160,10 +232,10 @@ class Schema:
             if key not in raw:
                 values[key] = field.default
                 continue
-            converted = field.convert(raw[key])
+            converted, why = field.check(raw[key])
             if converted is None:
-                raise self.error("key %r has value %r; allowed: %s"
-                                 % (key, raw[key], field.allowed()), name)
+                raise self.error("key %r has value %r%s; allowed: %s"
+                                 % (key, raw[key], why or "", field.allowed()), name)
             values[key] = converted
         params = Params(**values)
         if self.check is not None:

@@ -6,7 +6,10 @@ reports exactly the error the layer would raise at net setup, without building t
 """
 
 from safe_layers.kernels.infogain import NORMALIZATIONS
-from safe_layers.params import Field, Schema, reporting_fields
+from safe_layers.params import FLOAT32_MAX, Field, Schema, reporting_fields
+
+# What a repair writes for +-Inf (NaNGuard's default bound, SafeInfogainLoss's clamp).
+CLAMP_BOUND = FLOAT32_MAX
 
 
 def _check_nan_guard(p):
@@ -21,7 +24,8 @@ def _check_nan_guard(p):
 
 
 NAN_GUARD = Schema("NaNGuard", [
-    Field("name", str, "NaNGuard", "the name reports use (pycaffe does not tell a Python layer its own)"),
+    Field("name", str, None, "the name reports use (pycaffe does not tell a Python layer its own); "
+          "unnamed layers are numbered #1, #2, ... in their net"),
     Field("follows", str, None, "the layer this guard watches, named in every report"),
     Field("check", str, "both", "which pass to check: forward data, backward diff, or both",
           choices=("forward", "backward", "both")),
@@ -35,7 +39,8 @@ NAN_GUARD = Schema("NaNGuard", [
     Field("max_abs", float, None, "early warning: finite values with abs(x) above this are faults too",
           low=0.0, low_open=True),
     Field("dump_dir", str, None, "flight recorder: on the first fault write the blobs (.npz) and report (.json) here"),
-    Field("dump_max_mb", float, 64.0, "flight recorder: size cap of the .npz, in MB", low=0.0, low_open=True),
+    Field("dump_max_mb", float, 64.0, "flight recorder: size cap of the .npz, in MB", low=0.0, low_open=True,
+          high=1e6),
     Field("log_every", int, 100, "after the first log_first faults, one summary line every this many",
           low=1),
 ] + reporting_fields(), check=_check_nan_guard)
@@ -56,7 +61,7 @@ def _check_gradient_clip(p):
 
 
 GRADIENT_CLIP = Schema("GradientClip", [
-    Field("name", str, "GradientClip", "the name reports use"),
+    Field("name", str, None, "the name reports use; unnamed layers are numbered #1, #2, ... in their net"),
     Field("follows", str, None, "the layer whose output this clips, named in reports"),
     Field("mode", str, "norm", "value: clip each element; norm: rescale to an L2 norm bound",
           choices=("value", "norm")),
@@ -67,17 +72,20 @@ GRADIENT_CLIP = Schema("GradientClip", [
     Field("nonfinite", str, "zero", "NaN/Inf gradient elements: zero them before the norm is taken, "
           "raise (error), or keep them (left out of the norm, passed through)",
           choices=("zero", "error", "keep")),
-    Field("history", int, 100, "the norm statistics cover the last this many backward calls", low=1),
+    Field("history", int, 100, "the norm statistics cover the last this many backward calls", low=1,
+          high=1000000),
     Field("log_every", int, 100, "print the clipping statistics every this many backward calls "
           "(0: only at exit)", low=0),
 ] + reporting_fields(), check=_check_gradient_clip)
 
 
 SAFE_INFOGAIN_LOSS = Schema("SafeInfogainLoss", [
-    Field("name", str, "SafeInfogainLoss", "the name reports and errors use"),
+    Field("name", str, None, "the name reports and errors use; unnamed layers are numbered #1, #2, ... "
+          "in their net"),
     Field("follows", str, None, "the layer that produces the logits, named in reports"),
-    Field("axis", int, 1, "the class axis of bottom[0] (negative counts from the end)"),
-    Field("ignore_label", int, None, "positions with this label add no loss and no gradient"),
+    Field("axis", int, 1, "the class axis of bottom[0] (negative counts from the end)", low=-32, high=31),
+    Field("ignore_label", int, None, "positions with this label add no loss and no gradient "
+          "(labels are float32: integers beyond 2^24 are not exact)", low=-2 ** 24, high=2 ** 24),
     Field("normalization", str, "VALID", "divide the loss by: VALID (non-ignored count), BATCH_SIZE "
           "(outer count), FULL (outer x inner), NONE (1); never by less than 1",
           choices=NORMALIZATIONS),
@@ -94,7 +102,7 @@ SAFE_INFOGAIN_LOSS = Schema("SafeInfogainLoss", [
 
 
 STABLE_BATCH_NORM = Schema("StableBatchNorm", [
-    Field("name", str, "StableBatchNorm", "the name reports use"),
+    Field("name", str, None, "the name reports use; unnamed layers are numbered #1, #2, ... in their net"),
     Field("follows", str, None, "the layer this normalizes, named in reports"),
     Field("use_global_stats", bool, None, "normalize with the stored running statistics; "
           "default: true in TEST, false in TRAIN (as Caffe)"),

@@ -59,7 +59,7 @@ def test_value_mode_clips_each_element(make_net, xt):
     expected = np.clip(raw_grad(x, t), -0.5, 0.5)
     assert (np.abs(raw_grad(x, t)) > 0.5).any()  # the case is not vacuous
     np.testing.assert_allclose(run(net, x, t), expected, rtol=1e-6)
-    assert net is not None and reporting.fault_logs("v")[-1].count == 0
+    assert reporting.fault_logs("v")[-1].count == 0
 
 
 def test_norm_mode_rescales_the_whole_blob(make_net, xt):
@@ -112,8 +112,8 @@ def test_nonfinite_error_raises_with_the_report(make_net, xt, capfd):
     net = make_net(clip_net("{name: e, follows: fc, max_norm: 1, nonfinite: error}"))
     x, t = xt
     x[2, 2] = -np.inf
-    with pytest.raises(FloatingPointError, match=r"GradientClip e \(after fc\): non-finite backward diff "
-                                                 r"in TRAIN, iteration 0 \(call 1\), bottom\[0\] shape 4x5: "
+    with pytest.raises(FloatingPointError, match=r"GradientClip e \(after fc\) in TRAIN: non-finite backward diff, "
+                                                 r"iteration 0 \(call 1\), bottom\[0\] shape 4x5: "
                                                  r"nan=0 \+inf=0 -inf=1; first bad at \[2, 2\] = -inf"):
         run(net, x, t)
     assert "ABORT GradientClip e (after fc)" in capfd.readouterr().err
@@ -132,13 +132,27 @@ def test_nonfinite_keep_passes_them_and_clips_the_rest(make_net, xt):
     np.testing.assert_allclose(got[mask], expected[mask], rtol=1e-5)
 
 
+def test_nonfinite_keep_in_value_mode_passes_them_and_clips_the_rest(make_net, xt):
+    net = make_net(clip_net("{name: kv, mode: value, clip: 0.3, nonfinite: keep}"))
+    x, t = xt
+    x[0, 0], x[1, 1], x[2, 2] = np.inf, -np.inf, np.nan
+    g = raw_grad(x, t)
+    got = run(net, x, t)
+    assert got[0, 0] == np.inf and got[1, 1] == -np.inf and np.isnan(got[2, 2])
+    mask = np.isfinite(g)
+    assert (np.abs(g[mask]) > 0.3).any()
+    np.testing.assert_allclose(got[mask], np.clip(g[mask], -0.3, 0.3), rtol=1e-6)
+    report = reporting.fault_logs("kv")[-1].last
+    assert (report.nan, report.posinf, report.neginf, report.action) == (1, 1, 1, "keep")
+
+
 def test_clipping_statistics_are_logged(make_net, xt, capfd):
     net = make_net(clip_net("{name: s, max_norm: 0.5, log_every: 2, history: 3}"))
     x, t = xt
     small = t + 1e-3
     for inputs in (x, small, x, x):
         run(net, inputs, t)
-    lines = [l for l in capfd.readouterr().err.splitlines() if "GradientClip s:" in l]
+    lines = [l for l in capfd.readouterr().err.splitlines() if "GradientClip s in TRAIN:" in l]
     assert len(lines) == 2, lines
     assert "backward call 2: clipped 1 of the last 2 calls (1 of 2 in all)" in lines[0]
     assert "backward call 4: clipped 2 of the last 3 calls (3 of 4 in all)" in lines[1]
@@ -150,7 +164,7 @@ def test_clipping_statistics_are_logged(make_net, xt, capfd):
     ("{mode: value}", "mode 'value' needs key 'clip'"),
     ("{mode: norm}", "mode 'norm' needs key 'max_norm'"),
     ("{mode: value, clip: 1, per_sample: true}", "keys 'max_norm' and 'per_sample' belong to mode 'norm'"),
-    ("{max_norm: 0}", "key 'max_norm' has value 0; allowed: a number > 0.0"),
+    ("{max_norm: 0}", "key 'max_norm' has value 0; allowed: a number > 0 and <= 3.4028235e\\+38"),
     ("{max_norm: 1, nonfinite: drop}", "key 'nonfinite' has value 'drop'; allowed: one of zero, error, keep"),
 ])
 def test_bad_params_fail_at_setup(make_net, param_str, message):

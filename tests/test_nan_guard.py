@@ -48,8 +48,9 @@ def test_forward_fault_from_a_real_log_layer(make_net, capfd):
     assert report.finite_min == 0.0 and report.finite_max == pytest.approx(np.log(4.0))
     assert report.shape == (2, 3) and report.blob_index == 0 and report.follows == "log"
     err = capfd.readouterr().err
-    assert ("NaNGuard fwd (after log): non-finite forward data in TRAIN, iteration 0 (call 1), "
-            "bottom[0] shape 2x3: nan=1 +inf=0 -inf=1; first bad at [1, 1] = nan") in err
+    assert ("NaNGuard fwd (after log) in TRAIN: non-finite forward data, iteration 0 (call 1), "
+            "bottom[0] shape 2x3: nan=1 +inf=0 -inf=1; first bad at [1, 1] = nan; "
+            "finite min=0 max=1.3862944 mean|x|=0.79451346; action=warn") in err
     # Structured form: every field, JSON-safe.
     parsed = json.loads(report.to_json())
     assert parsed["first_index"] == [1, 1] and parsed["first_value"] == "nan"
@@ -108,10 +109,15 @@ def test_abort_under_pycaffe_raises_with_the_report_and_net_stays_usable(make_ne
     with pytest.raises(FloatingPointError) as info:
         net.forward()
     message = str(info.value)
-    assert message.startswith("NaNGuard stop (after log): non-finite forward data in TRAIN, iteration 0")
+    assert message.startswith("NaNGuard stop (after log) in TRAIN: non-finite forward data, iteration 0")
     assert "nan=1 +inf=0 -inf=0; first bad at [1, 2] = nan" in message
     err = capfd.readouterr().err
     assert "ABORT " + message in err and "ABORT report: {" in err
+    # The abort is recorded like any fault, and the exception carries the structured report.
+    log = last("stop")
+    assert log.count == 1 and log.first is log.last is info.value.report
+    assert info.value.report.action == "abort" and info.value.report.first_index == (1, 2)
+    assert isinstance(info.value, reporting.FaultAbort)
     # The same net keeps working on finite input.
     net.blobs["x"].data[...] = 2.0
     net.blobs["t"].data[...] = 0.0
@@ -140,10 +146,10 @@ def test_abort_under_caffe_train_exits_nonzero_with_the_report(caffe_train):
             + guard("y", "{name: sqrt_guard, follows: sqrt, action: abort}"))),
         max_iter=10, display=1)
     assert result.returncode == 1, result.stderr[-2000:]
-    assert ("ABORT NaNGuard sqrt_guard (after sqrt): non-finite forward data in TRAIN, "
+    assert ("ABORT NaNGuard sqrt_guard (after sqrt) in TRAIN: non-finite forward data, "
             "iteration 0 (call 1), bottom[0] shape 4x3: nan=12 +inf=0 -inf=0; first bad at [0, 0] = nan"
             in result.stderr)
-    assert "FloatingPointError" in result.stderr  # the Python traceback, thanks to WITH_PYTHON_LAYER
+    assert "FaultAbort" in result.stderr  # the Python traceback, thanks to WITH_PYTHON_LAYER
     assert "Iteration 0, loss" not in result.stderr  # it stopped before the first update
 
 
@@ -158,7 +164,8 @@ def test_final_summary_is_printed_at_exit_of_caffe_train(caffe_train):
     assert len(lines) == 2, lines  # the first fault in full, then only the exit summary
     assert "iteration 0 (call 1)" in lines[0] and "action=clamp" in lines[0]
     # 4 iterations + the solver's final loss forward = 5 forward calls, 6 NaN each.
-    assert "final summary: NaNGuard warner (after log): 5 faults so far (nan=30 " in lines[1]
+    assert ("final summary: NaNGuard warner (after log) in TRAIN: 5 faults so far (5 repaired; nan=30 "
+            in lines[1])
     assert "Iteration 4, loss = 0" in result.stderr  # clamped to 0 = the target
 
 
@@ -251,7 +258,7 @@ def test_test_phase_reports_test_and_no_iteration(make_net):
     net.forward()
     report = last("tst", "TEST").last
     assert report.phase == "TEST" and report.iteration is None and report.call == 1
-    assert "in TEST, call 1," in report.line()
+    assert "NaNGuard tst in TEST: non-finite forward data, call 1," in report.line()
 
 
 def test_logging_is_rate_limited_with_periodic_and_final_summaries(make_net, capfd):
@@ -262,10 +269,10 @@ def test_logging_is_rate_limited_with_periodic_and_final_summaries(make_net, cap
     lines = [l for l in capfd.readouterr().err.splitlines() if "NaNGuard noisy" in l]
     assert len(lines) == 2 + 2  # two in full, then summaries at faults 5 and 8
     assert lines[1].endswith("(further faults summarised every 3)")
-    assert "noisy: 5 faults so far (nan=30 " in lines[2] and "noisy: 8 faults so far" in lines[3]
-    log = last("noisy")
-    assert log.final_summary() is None
-    assert "final summary: NaNGuard noisy: 8 faults so far" in capfd.readouterr().err
+    assert "noisy in TRAIN: 5 faults so far (0 repaired; nan=30 " in lines[2]
+    assert "noisy in TRAIN: 8 faults so far" in lines[3]
+    last("noisy").final_summary()
+    assert "final summary: NaNGuard noisy in TRAIN: 8 faults so far" in capfd.readouterr().err
 
 
 def test_flight_recorder_writes_the_first_fault_once(make_net, tmp_path):
@@ -275,22 +282,110 @@ def test_flight_recorder_writes_the_first_fault_once(make_net, tmp_path):
     net.blobs["x"].data[...] = x
     net.forward()
     net.forward()
-    files = sorted(p.name for p in dump.iterdir())
-    assert files == ["rec-forward-data-call1.json", "rec-forward-data-call1.npz"]
-    saved = np.load(dump / "rec-forward-data-call1.npz")["bottom0"]
+    stem = "TRAIN-rec-forward-data-iter0-call1"
+    assert sorted(p.name for p in dump.iterdir()) == [stem + ".json", stem + ".npz"]
+    saved = np.load(dump / (stem + ".npz"))["bottom0"]
     np.testing.assert_array_equal(np.isnan(saved), x < 0)
-    record = json.loads((dump / "rec-forward-data-call1.json").read_text())
-    assert record["report"]["nan"] == 1 and record["arrays"] == ["bottom0"]
+    record = json.loads((dump / (stem + ".json")).read_text())
+    assert record["arrays"] == ["bottom0"]
+    assert reporting.FaultReport.from_json(record["report"]) == last("rec").first
+    assert record["line"] == last("rec").first.line()
 
 
-def test_flight_recorder_respects_its_size_cap(tmp_path):
-    report = reporting.FaultReport(**{k: None for k in reporting.FaultReport.FIELDS})
-    report.shape, report.first_index = (1,), None
-    big = np.zeros(1000, np.float32)
-    reporting.write_flight_record(str(tmp_path), "cap", {"a": big, "b": big}, report, max_bytes=6000)
-    record = json.loads((tmp_path / "cap.json").read_text())
-    assert record["arrays"] == ["a"]
-    assert record["skipped_over_size_cap"] == [{"name": "b", "shape": [1000], "bytes": 4000}]
+def test_flight_recorder_size_cap_through_the_layer(make_net, tmp_path):
+    # Two 2x3 float32 bottoms are 24 bytes each; a 30-byte cap keeps the first only.
+    dump = tmp_path / "capped"
+    net = make_net('name: "two" force_backward: true\n'
+                   'layer { name: "in" type: "Input" top: "a" top: "b" '
+                   'input_param { shape { dim: 2 dim: 3 } shape { dim: 2 dim: 3 } } }\n'
+                   + guard(["a", "b"], "{name: cap, check: forward, dump_dir: '%s', dump_max_mb: 3e-5}" % dump))
+    net.blobs["a"].data[...] = np.nan
+    net.blobs["b"].data[...] = 1.0
+    net.forward()
+    (record_path,) = dump.glob("*.json")
+    record = json.loads(record_path.read_text())
+    assert record["arrays"] == ["bottom0"] and record["max_bytes"] == 30
+    assert record["skipped_over_size_cap"] == [{"name": "bottom1", "shape": [2, 3], "bytes": 24}]
+    assert list(np.load(record_path.with_suffix(".npz"))) == ["bottom0"]
+
+
+def test_flight_recorder_failure_is_reported_once_and_abort_goes_ahead(make_net, tmp_path, capfd):
+    blocker = tmp_path / "dumps"
+    blocker.write_text("a file where the folder should be")
+    net = make_net(log_net("{name: ro, action: abort, dump_dir: '%s'}" % blocker))
+    net.blobs["x"].data[...] = -1.0
+    with pytest.raises(reporting.FaultAbort) as info:
+        net.forward()
+    lines = [reporting.parse_line(l) for l in capfd.readouterr().err.splitlines()]
+    assert [l.kind for l in lines if l is not None] == ["abort", "abort_report", "record_failure"]
+    assert lines[0].report == info.value.report  # the report came first, intact
+    assert lines[2].failure.action == "abort" and "FileExistsError" in lines[2].failure.error
+    assert last("ro").count == 1
+
+
+def test_flight_recorder_failure_keeps_training_going_with_warn(make_net, tmp_path, capfd):
+    net = make_net(log_net("{name: rw, action: clamp, dump_dir: '%s'}" % (tmp_path / "f" / "sub")))
+    (tmp_path / "f").write_text("not a folder")
+    net.blobs["x"].data[...] = -1.0
+    for _ in range(3):
+        net.forward()
+    kinds = [reporting.parse_line(l).kind for l in capfd.readouterr().err.splitlines()]
+    assert kinds == ["fault", "record_failure", "fault", "fault"]  # the failure said once
+    assert np.isfinite(net.blobs["y"].data).all() and last("rw").count == 3
+
+
+FULL_DISK = """
+import resource, sys
+import numpy as np
+import caffe
+caffe.set_mode_cpu()
+# Files may not grow beyond 4 kB: like a disk that fills up in the middle of the .npz.
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+net = caffe.Net(sys.argv[1], caffe.TRAIN)
+net.blobs["x"].data[...] = np.random.default_rng(0).standard_normal(net.blobs["x"].data.shape)
+net.forward()
+print("forward done")
+"""
+
+
+def test_a_full_disk_leaves_no_partial_record_and_training_goes_on(tmp_path):
+    import subprocess
+    import sys
+    dump = tmp_path / "dumps"
+    net_path = tmp_path / "net.prototxt"
+    net_path.write_text(log_net("{name: full, check: forward, dump_dir: '%s'}" % dump).replace(
+        "dim: 2 dim: 3 } shape { dim: 2 dim: 3", "dim: 64 dim: 512 } shape { dim: 64 dim: 512"))
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK)
+    result = subprocess.run([sys.executable, str(script), str(net_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "forward done" in result.stdout, result.stderr[-2000:]
+    kinds = [p.kind for p in map(reporting.parse_line, result.stderr.splitlines()) if p is not None]
+    assert kinds[:2] == ["fault", "record_failure"], result.stderr[-2000:]
+    assert "File too large" in result.stderr
+    assert list(dump.iterdir()) == []  # no partial .npz, no temporary file
+
+
+def test_a_guard_named_like_a_path_records_under_caffe_train(caffe_train, tmp_path):
+    result = caffe_train(
+        CLI_NET.format(shape="dim: 2 dim: 3", middle=(
+            'layer { name: "log" type: "Log" bottom: "x" top: "y" }\n'
+            + guard("y", "{name: ip/guard, follows: log, action: clamp, dump_dir: dumps}"))),
+        max_iter=2)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "NaNGuard ip/guard (after log) in TRAIN: non-finite forward data, iteration 0" in result.stderr
+    (record,) = (tmp_path / "dumps").glob("*.json")
+    assert record.name.startswith("TRAIN-ip_guard-") and record.name.endswith("-forward-data-iter0-call1.json")
+    assert json.loads(record.read_text())["report"]["layer"] == "ip/guard"
+
+
+def test_an_over_long_name_still_records(make_net, tmp_path):
+    name = "g" * 300
+    net = make_net(log_net("{name: %s, dump_dir: '%s'}" % (name, tmp_path)))
+    net.blobs["x"].data[...] = -1.0
+    net.forward()
+    (record,) = tmp_path.glob("*.json")
+    assert len(record.name) < 200 and json.loads(record.read_text())["report"]["layer"] == name
 
 
 def test_guard_needs_matching_tops(make_net):

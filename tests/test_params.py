@@ -18,9 +18,9 @@ layer {{ name: "g" type: "Python" bottom: "x" top: "x"
     ("{action: explode}",
      "NaNGuard param_str: key 'action' has value 'explode'; allowed: one of warn, clamp, abort, zero"),
     ("{max_abs: -1}",
-     "NaNGuard param_str: key 'max_abs' has value -1; allowed: a number > 0.0"),
+     "NaNGuard param_str: key 'max_abs' has value -1; allowed: a number > 0 and <= 3.4028235e+38"),
     ("{max_abs: big}",
-     "NaNGuard param_str: key 'max_abs' has value 'big'; allowed: a number > 0.0"),
+     "NaNGuard param_str: key 'max_abs' has value 'big'; allowed: a number > 0 and <= 3.4028235e+38"),
     ("{log_first: 2.5}",
      "NaNGuard param_str: key 'log_first' has value 2.5; allowed: an integer >= 0"),
     ("{log_every: true}",
@@ -65,3 +65,56 @@ def test_schema_types_are_strict():
     for bad in ("{rate: .nan}", "{rate: nan}", "{rate: -1}", "{rate: fast}", "{rate: true}", "{flag: 1}", "{sizes: [1, x]}", "{sizes: 3}"):
         with pytest.raises(ParamError, match="Demo param_str: key"):
             schema.parse(bad)
+
+
+def test_a_key_given_twice_is_an_error_naming_it(make_net):
+    with pytest.raises(ParamError) as info:
+        make_net(GUARDED.format(param_str="{name: g, action: clamp, max_abs: 5, action: abort}"))
+    assert str(info.value) == ("NaNGuard 'g' param_str: key 'action' given more than once (YAML would "
+                               "silently keep the last value); give each key once")
+
+
+def test_a_key_given_twice_fails_under_the_caffe_binary_too(caffe_bin, tmp_path):
+    net = tmp_path / "net.prototxt"
+    net.write_text(GUARDED.format(param_str="{name: g, action: clamp, action: warn}"))
+    result = caffe_bin("time", "-model", net, "-iterations", "1")
+    assert result.returncode != 0
+    assert "NaNGuard 'g' param_str: key 'action' given more than once" in result.stderr
+
+
+def _numeric_fields():
+    from safe_layers.schemas import SCHEMAS
+    return [(schema, field) for schema in SCHEMAS.values() for field in schema.fields.values()
+            if field.kind in (int, float)]
+
+
+@pytest.mark.parametrize("schema, field", _numeric_fields(),
+                         ids=lambda x: getattr(x, "layer_type", None) or getattr(x, "name", None))
+def test_every_numeric_key_has_finite_float32_bounds(schema, field):
+    from safe_layers.params import FLOAT32_MAX
+    assert field.low is not None and field.high is not None
+    assert -FLOAT32_MAX <= field.low <= field.high <= FLOAT32_MAX
+    for bad in (".inf", "-.inf", ".nan", "1e39", "-1e39", str(10 ** 40)):
+        with pytest.raises(ParamError, match=r"key '%s' has value .*; allowed: .* and <= " % field.name):
+            schema.parse("{%s: %s}" % (field.name, bad))
+
+
+@pytest.mark.parametrize("param_str, expected", [
+    ("{history: 100000000000000000000}", "GradientClip param_str: key 'history' has value "
+                                         "100000000000000000000; allowed: an integer >= 1 and <= 1000000"),
+    ("{max_norm: 1, clip: 1e-50, mode: value}", "GradientClip param_str: key 'clip' has value '1e-50' "
+                                                "(float32 rounds it to 0); allowed: a number > 0 and"),
+])
+def test_numbers_out_of_reach_name_the_key(param_str, expected):
+    from safe_layers.schemas import GRADIENT_CLIP
+    with pytest.raises(ParamError) as info:
+        GRADIENT_CLIP.parse(param_str)
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+@pytest.mark.parametrize("param_str", ["{action: clamp, max_abs: .inf}", "{action: clamp, nan_value: .inf}",
+                                       "{dump_dir: d, dump_max_mb: .inf}", "{bound: 1e39}"])
+def test_infinite_guard_params_fail_at_net_construction(make_net, param_str):
+    with pytest.raises(ParamError, match=r"^NaNGuard param_str: key '(max_abs|nan_value|dump_max_mb|bound)' "
+                                         r"has value (inf|'1e39'); allowed: a number"):
+        make_net(GUARDED.format(param_str=param_str))

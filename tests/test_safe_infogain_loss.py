@@ -188,19 +188,76 @@ def test_nan_logits_caffe_goes_nan_ours_reports_and_clamps(make_net, capfd):
     net = make_net(side_by_side((4, 3), (4,), "bottom", "{name: ig, follows: fc, action: clamp}"))
     logits = rng.standard_normal((4, 3)).astype(np.float32)
     logits[2, 1] = np.nan
-    fill(net, logits, [0, 1, 2, 1], make_h("row_stochastic", 3, rng))
+    h = make_h("row_stochastic", 3, rng)
+    labels = np.array([0, 1, 2, 1])
+    fill(net, logits, labels, h)
     assert np.isnan(net.blobs["l_caffe"].data)
     assert np.isfinite(net.blobs["l_ours"].data) and np.isfinite(net.blobs["x_o"].diff).all()
+    # The loss is that of the repaired logits (NaN -> 0) ...
+    repaired = np.where(np.isnan(logits), 0, logits).astype(np.float64)
+    log_p = repaired - np.log(np.exp(repaired).sum(1, keepdims=True))
+    expected = -(h.astype(np.float64)[labels] * log_p).sum() / 4
+    assert float(net.blobs["l_ours"].data) == pytest.approx(expected, rel=1e-6)
+    # ... repaired on a copy: the layer below still owns its NaN.
+    assert np.isnan(net.blobs["x_o"].data[2, 1])
     report = reporting.fault_logs("ig")[-1].last
     assert (report.nan, report.first_index, report.pass_) == (1, (2, 1), "forward data")
-    assert "SafeInfogainLoss ig (after fc): non-finite forward data" in capfd.readouterr().err
+    assert "SafeInfogainLoss ig (after fc) in TRAIN: non-finite forward data" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("action", ["warn", "clamp", "abort"])
+def test_a_loss_float32_cannot_hold_is_reported(make_net, action):
+    # Finite logits of +-3.4e38 with normalization NONE: the exact loss is ~6.8e38.
+    net = make_net(side_by_side((2, 3), (2,), "bottom", "{name: big, normalization: NONE, action: %s}" % action))
+    logits = np.array([[3.4e38, -3.4e38, 0], [0, 1, 2]], np.float32)
+    if action == "abort":
+        with pytest.raises(reporting.FaultAbort) as info:
+            fill(net, logits, [1, 0], np.eye(3, dtype=np.float32))
+        report = info.value.report
+    else:
+        fill(net, logits, [1, 0], np.eye(3, dtype=np.float32))
+        report = reporting.fault_logs("big")[-1].last
+        loss = float(net.blobs["l_ours"].data)
+        from safe_layers.schemas import CLAMP_BOUND
+        assert loss == (np.inf if action == "warn" else np.float32(CLAMP_BOUND))
+        assert np.isfinite(net.blobs["x_o"].diff).all()  # p - H stays bounded
+    assert (report.blob, report.blob_index, report.shape, report.posinf) == ("top", 0, (), 1)
+    assert report.detail == "the loss 6.8e+38 overflows float32"
+    assert "top[0] shape scalar: nan=0 +inf=1 -inf=0" in report.line()
+
+
+@pytest.mark.parametrize("phase, loss_weight, warned", [("TRAIN", None, True), ("TRAIN", 1.0, False),
+                                                         ("TEST", None, False)])
+def test_a_loss_without_loss_weight_is_warned_once(make_net, capfd, tmp_path, monkeypatch, phase, loss_weight,
+                                                   warned):
+    monkeypatch.chdir(tmp_path)
+    text = ('name: "lw"\nlayer { name: "in" type: "Input" top: "x" top: "y" input_param { '
+            'shape { dim: 2 dim: 3 } shape { dim: 2 } } }\n'
+            'layer { name: "ours" type: "Python" bottom: "x" bottom: "y" top: "l" %s'
+            'python_param { module: "safe_layers" layer: "SafeInfogainLoss" param_str: "{name: lw, source: H.npy}" } }\n'
+            % ("loss_weight: %g " % loss_weight if loss_weight else ""))
+    np.save("H.npy", np.eye(3))
+    net = make_net(text, phase=phase)
+    net.forward()
+    net.forward()
+    err = capfd.readouterr().err
+    assert err.count("SafeInfogainLoss lw in %s: top[0] has loss weight 0" % phase) == (1 if warned else 0)
+    if warned:
+        assert "write loss_weight: 1 in the layer (with a second top: loss_weight: 1 loss_weight: 0)" in err
+
+
+def test_label_count_is_checked_when_the_net_is_built(make_net):
+    with pytest.raises(ValueError, match=r"SafeInfogainLoss cnt in TRAIN: 5 labels for 4 positions "
+                                         r"\(bottom\[0\] shape \(4, 3\), axis 1: outer 4 x inner 1\)"):
+        make_net(side_by_side((4, 3), (5,), "bottom", "{name: cnt}").replace(
+            'layer { name: "caffe"', '# layer { name: "caffe"'))
 
 
 def test_nan_logits_abort(make_net):
     net = make_net(side_by_side((4, 3), (4,), "bottom", "{name: iga, action: abort}"))
     logits = np.ones((4, 3), np.float32)
     logits[0, 0] = np.inf
-    with pytest.raises(FloatingPointError, match=r"SafeInfogainLoss iga: .* \+inf=1 .* first bad at \[0, 0\]"):
+    with pytest.raises(FloatingPointError, match=r"SafeInfogainLoss iga in TRAIN: .* \+inf=1 .* first bad at \[0, 0\]"):
         fill(net, logits, [0, 1, 2, 1], np.eye(3, dtype=np.float32))
 
 
@@ -250,7 +307,7 @@ def test_bad_h_from_a_bottom_fails_at_forward(make_net):
     net = make_net(side_by_side((4, 3), (4,), "bottom", "{name: hb}"))
     h = np.eye(3, dtype=np.float32)
     h[1, 2] = -1
-    with pytest.raises(ValueError, match=r"SafeInfogainLoss 'hb': H\[1, 2\] = -1.0 is negative"):
+    with pytest.raises(ValueError, match=r"SafeInfogainLoss hb in TRAIN: H\[1, 2\] = -1.0 is negative"):
         fill(net, np.zeros((4, 3)), [0, 1, 2, 0], h)
 
 
@@ -280,7 +337,7 @@ def test_out_of_range_label_is_an_error_naming_label_and_position(make_net, labe
     labels = np.zeros((3, 2), np.float32)
     labels[0, 1] = -1  # ignored: fine
     labels[position] = label
-    with pytest.raises(ValueError, match=r"SafeInfogainLoss 'lab': label %s at position \(%d, %d\) \(outer, inner\) "
+    with pytest.raises(ValueError, match=r"SafeInfogainLoss lab in TRAIN: label %s at position \(%d, %d\) \(outer, inner\) "
                                          r"is outside \[0, 3\) and is not ignore_label \(-1\)"
                                          % (re.escape(repr(float(label))), position[0], position[1])):
         fill(net, np.zeros((3, 3, 2)), labels, np.eye(3))

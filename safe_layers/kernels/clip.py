@@ -57,3 +57,13 @@ def clip_by_norm_(g, max_norm, per_sample=False, finite_only=False):
     else:
         g *= scale
     return norms
+
+
+def clip_finite_by_value_(g, clip):
+    """Clip the finite elements of ``g`` to ``[-clip, clip]`` in place; NaN and +-Inf pass
+    through unchanged. Returns whether any finite element was clipped (a 0-d array)."""
+    xp = array_module(g)
+    finite = xp.isfinite(g)
+    clipped = (finite & (xp.abs(g) > clip)).any()
+    xp.copyto(g, xp.clip(g, -clip, clip), where=finite)
+    return clipped

@@ -36,8 +36,8 @@ class GradientClip(caffe.Layer):
                                % (len(bottom), len(top)), p.name)
         top[0].reshape(*bottom[0].shape)
         self.in_place = backend.same_memory(bottom[0].data, top[0].data)
-        self.fault_log = reporting.FaultLog.for_layer("GradientClip", p, self.phase)
-        self.stats = ClipStats(self.fault_log.where, p.history, p.log_every, self.fault_log)
+        self.fault_log = reporting.FaultLog.for_layer(self, "GradientClip", p)
+        self.stats = ClipStats(p.history, p.log_every, self.fault_log)
         self.backward_calls = 0
 
     def reshape(self, bottom, top):
@@ -59,16 +59,20 @@ class GradientClip(caffe.Layer):
         if grad.size == 0:
             return
         report = self.fault_log.check(grad, "backward diff", self.backward_calls, p.nonfinite)
+        keep = False
         if report is not None:
-            self.fault_log.handle(report, p.nonfinite)
-            if p.nonfinite == "zero":
+            taken = self.fault_log.handle(report)  # raises for nonfinite: error
+            if taken == "zero":
                 clip.zero_nonfinite_(grad)
-        keep = report is not None and p.nonfinite == "keep"
+            keep = taken == "keep"
         xp = array_module(grad)
         if p.mode == "value":
             norm = clip.l2_norms(grad, finite_only=keep)
-            clipped = xp.abs(grad).max() > p.clip
-            clip.clip_by_value_(grad, p.clip)
+            if keep:
+                clipped = clip.clip_finite_by_value_(grad, p.clip)
+            else:
+                clipped = xp.abs(grad).max() > p.clip
+                clip.clip_by_value_(grad, p.clip)
             self.stats.add(norm, clipped)
         else:
             norms = clip.clip_by_norm_(grad, p.max_norm, p.per_sample, finite_only=keep)
@@ -83,8 +87,7 @@ class ClipStats:
     summary is printed, so the GPU path does not synchronise per call for statistics.
     """
 
-    def __init__(self, where, history, every, fault_log):
-        self.where = where
+    def __init__(self, history, every, fault_log):
         self.every = every
         self.fault_log = fault_log
         self.norms = collections.deque(maxlen=history)
@@ -92,7 +95,7 @@ class ClipStats:
         self._unread_flags = []
         self._clipped_read = 0
         self.calls = 0
-        reporting.at_exit(self.final_summary)
+        fault_log.on_final(self.final_summary)
 
     def add(self, norm, clipped):
         self.calls += 1
@@ -114,13 +117,17 @@ class ClipStats:
         values = numpy.array([float(n) for n in self.norms])
         return float(values.min()), float(numpy.median(values)), float(values.max())
 
-    def summary(self):
-        recent = sum(bool(f) for f in self.flags)
+    def statistics(self):
+        """The :class:`reporting.ClipStatistics` of the calls so far."""
         low, mid, high = self.norm_stats()
-        return ("%s: backward call %d: clipped %d of the last %d calls (%d of %d in all); "
-                "L2 norm over the last %d calls min=%.6g median=%.6g max=%.6g"
-                % (self.where, self.calls, recent, len(self.flags), self.clipped_total(),
-                   self.calls, len(self.norms), low, mid, high))
+        return reporting.ClipStatistics(
+            subject=self.fault_log.subject, calls=self.calls,
+            recent_clipped=sum(bool(f) for f in self.flags), window=len(self.flags),
+            total_clipped=self.clipped_total(), norm_window=len(self.norms), norm_min=low,
+            norm_median=mid, norm_max=high)
+
+    def summary(self):
+        return self.statistics().text()
 
     def final_summary(self):
         if self.calls:

@@ -27,16 +27,18 @@ class NaNGuard(caffe.Layer):
                                % (len(bottom), len(top)), p.name)
         self.forward_action = p.action
         self.backward_action = p.backward_action or p.action
-        self.bound = p.bound if p.bound is not None else (p.max_abs or finite.FLOAT32_MAX)
+        self.bound = p.bound if p.bound is not None else (p.max_abs or schemas.CLAMP_BOUND)
         self.in_place = []
         for i in range(len(bottom)):
             # pycaffe blob vectors index, but do not iterate.
             top[i].reshape(*bottom[i].shape)
             self.in_place.append(backend.same_memory(bottom[i].data, top[i].data))
-        self.fault_log = reporting.FaultLog.for_layer("NaNGuard", p, self.phase, every=p.log_every)
+        self.fault_log = reporting.FaultLog.for_layer(self, "NaNGuard", p, every=p.log_every)
+        if p.dump_dir:
+            self.fault_log.recorder = reporting.FlightRecorder(self.fault_log, p.dump_dir,
+                                                               p.dump_max_mb * 1e6)
         self.forward_calls = 0
         self.backward_calls = 0
-        self.recorded = False
 
     def reshape(self, bottom, top):
         for i, same in enumerate(self.in_place):
@@ -76,14 +78,11 @@ class NaNGuard(caffe.Layer):
             report = self.fault_log.check(array, pass_, call, action, index, p.max_abs)
             if report is None:
                 continue
-            if p.dump_dir and not self.recorded:
-                self.recorded = True
-                stem = "%s-%s-call%d" % (p.name, pass_.replace(" ", "-"), call)
-                named = {"bottom%d" % i: a for i, a in enumerate(arrays) if a is not None}
-                reporting.write_flight_record(p.dump_dir, stem, named, report,
-                                              int(p.dump_max_mb * 1e6))
-            self.fault_log.handle(report, action)
-            if action == "clamp":
+            # Reported (and, on abort, raised) before any repair; the flight record holds
+            # the blobs as they arrived.
+            taken = self.fault_log.handle(
+                report, {"bottom%d" % i: a for i, a in enumerate(arrays) if a is not None})
+            if taken == "clamp":
                 finite.clamp_(array, p.nan_value, self.bound, p.max_abs)
-            elif action == "zero":
+            elif taken == "zero":
                 array.fill(0)

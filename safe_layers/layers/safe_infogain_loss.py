@@ -69,8 +69,12 @@ class SafeInfogainLoss(caffe.Layer):
                 self.file_matrix = self._prepare_matrix(load_infogain_matrix(p.source))
             except (ValueError, FileNotFoundError) as exc:
                 raise SCHEMA.error("key 'source' = %r: %s" % (p.source, exc), name) from None
-        self.fault_log = reporting.FaultLog.for_layer("SafeInfogainLoss", p, self.phase)
+        self.fault_log = reporting.FaultLog.for_layer(self, "SafeInfogainLoss", p)
         self.forward_calls = 0
+        self._saved = None
+
+    def release_buffers(self):
+        """The net is gone (Caffe keeps the layer object itself): drop the saved batch."""
         self._saved = None
 
     def _prepare_matrix(self, h):
@@ -80,18 +84,18 @@ class SafeInfogainLoss(caffe.Layer):
     def reshape(self, bottom, top):
         shape = tuple(bottom[0].shape)
         if shape[self.axis] != self.num_classes:
-            raise ValueError("SafeInfogainLoss %r: bottom[0] now has %d classes on axis %d, not %d"
-                             % (self.params.name, shape[self.axis], self.axis, self.num_classes))
+            raise ValueError(self.fault_log.error("bottom[0] now has %d classes on axis %d, not %d"
+                                                  % (shape[self.axis], self.axis, self.num_classes)))
         self.outer = int(numpy.prod(shape[:self.axis], dtype=numpy.int64))
         self.inner = int(numpy.prod(shape[self.axis + 1:], dtype=numpy.int64))
         if bottom[1].count != self.outer * self.inner:
-            raise ValueError("SafeInfogainLoss %r: %d labels for %d positions (bottom[0] shape %s, "
-                             "axis %d: outer %d x inner %d)"
-                             % (self.params.name, bottom[1].count, self.outer * self.inner, shape,
-                                self.axis, self.outer, self.inner))
+            raise ValueError(self.fault_log.error(
+                "%d labels for %d positions (bottom[0] shape %s, axis %d: outer %d x inner %d)"
+                % (bottom[1].count, self.outer * self.inner, shape, self.axis, self.outer, self.inner)))
         if len(bottom) == 3 and bottom[2].count != self.num_classes ** 2:
-            raise ValueError("SafeInfogainLoss %r: bottom[2] (H) has %d values; K = %d classes need %d"
-                             % (self.params.name, bottom[2].count, self.num_classes, self.num_classes ** 2))
+            raise ValueError(self.fault_log.error("bottom[2] (H) has %d values; K = %d classes need %d"
+                                                  % (bottom[2].count, self.num_classes,
+                                                     self.num_classes ** 2)))
         top[0].reshape()
         if len(top) == 2:
             top[1].reshape(*shape)
@@ -101,11 +105,15 @@ class SafeInfogainLoss(caffe.Layer):
         self.forward_calls += 1
         x = backend.data(bottom[0])
         xp = array_module(x)
+        if self.forward_calls == 1:
+            self._check_loss_weight(top)
         report = self.fault_log.check(x, "forward data", self.forward_calls, p.action)
+        taken = None
         if report is not None:
-            self.fault_log.handle(report, p.action)
-            if p.action == "clamp":
-                x = finite.clamp_(x.copy())  # the bottom belongs to the layer below
+            taken = self.fault_log.handle(report)
+            if taken == "clamp":
+                # On a copy: the bottom belongs to the layer below (and to Caffe's backward).
+                x = finite.clamp_(x.copy(), 0.0, schemas.CLAMP_BOUND)
         scores = x.reshape(self.outer, self.num_classes, self.inner)
         labels = backend.data(bottom[1]).reshape(self.outer, self.inner)
         try:
@@ -113,9 +121,8 @@ class SafeInfogainLoss(caffe.Layer):
             h = (self._prepare_matrix(backend.data(bottom[2])) if self.file_matrix is None
                  else self._device_matrix(xp))
         except ValueError as exc:
-            message = "SafeInfogainLoss %r: %s" % (p.name, exc)
-            self.fault_log.shout(message)  # the caffe binary may print no traceback
-            raise ValueError(message) from None
+            # Printed first: the caffe binary may show no traceback.
+            raise ValueError(self.fault_log.error(str(exc))) from None
         if p.class_weighting == "batch_frequency":
             weights = infogain.batch_frequency_weights(y, valid, self.num_classes)
         else:
@@ -125,11 +132,40 @@ class SafeInfogainLoss(caffe.Layer):
         else:
             prob, log_prob = scores, infogain.probability_log(scores)
         norm = infogain.normalizer(p.normalization, self.outer, self.inner, int(valid.sum()))
+        value = infogain.infogain_loss(log_prob, y, weights, h) / norm
         loss = backend.data(top[0])
-        loss[...] = infogain.infogain_loss(log_prob, y, weights, h) / norm
+        with numpy.errstate(over="ignore"):  # a loss float32 cannot hold is reported below
+            loss[...] = value
+        if report is None or taken == "clamp":  # else the logits' report has said why
+            self._check_loss(loss, value)
         if len(top) == 2:
             backend.data(top[1])[...] = prob.reshape(x.shape)
         self._saved = (prob, y, weights, h, norm)
+
+    def _check_loss_weight(self, top):
+        # Net::Init writes each top's loss_weight into its diff before the first forward; a
+        # Python layer has no default weight, so 0 means the net ignores this loss.
+        if reporting.phase_name(self.phase) != "TRAIN":
+            return
+        if float(backend.diff(top[0]).reshape(-1)[0]) == 0:
+            self.fault_log.warn(
+                "top[0] has loss weight 0 (no loss_weight in the prototxt, or loss_weight: 0): the "
+                "net does not add this loss and never calls its backward, so nothing learns from it; "
+                "write loss_weight: 1 in the layer (with a second top: loss_weight: 1 loss_weight: 0)")
+
+    def _check_loss(self, loss, value):
+        """Report a loss that float32 cannot hold (huge finite logits with normalization NONE
+        give one) like any other fault."""
+        p = self.params
+        report = self.fault_log.check(loss, "forward data", self.forward_calls, p.action,
+                                      blob="top")
+        if report is None:
+            return
+        value = float(value)
+        if numpy.isfinite(value):
+            report.detail = "the loss %.7g overflows float32" % value
+        if self.fault_log.handle(report) == "clamp":
+            finite.clamp_(loss, 0.0, schemas.CLAMP_BOUND)
 
     def _device_matrix(self, xp):
         if xp is not numpy and isinstance(self.file_matrix, numpy.ndarray):

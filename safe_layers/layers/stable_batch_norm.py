@@ -50,15 +50,19 @@ class StableBatchNorm(caffe.Layer):
                 self.blobs[i].data[...] = 0
         top[0].reshape(*shape)
         self.in_place = backend.same_memory(bottom[0].data, top[0].data)
-        self.fault_log = reporting.FaultLog.for_layer("StableBatchNorm", p, self.phase)
+        self.fault_log = reporting.FaultLog.for_layer(self, "StableBatchNorm", p)
         self.forward_calls = 0
         self.bad_stats_reported = False
         self._saved = None
 
+    def release_buffers(self):
+        """The net is gone (Caffe keeps the layer object itself): drop the saved batch."""
+        self._saved = None
+
     def reshape(self, bottom, top):
         if bottom[0].shape[1] != self.blobs[0].count:
-            raise ValueError("StableBatchNorm %r: bottom now has %d channels; its statistics have %d"
-                             % (self.params.name, bottom[0].shape[1], self.blobs[0].count))
+            raise ValueError(self.fault_log.error("bottom now has %d channels; its statistics have %d"
+                                                  % (bottom[0].shape[1], self.blobs[0].count)))
         if not self.in_place:
             top[0].reshape(*bottom[0].shape)
 
@@ -68,7 +72,7 @@ class StableBatchNorm(caffe.Layer):
         x = backend.data(bottom[0])
         report = self.fault_log.check(x, "forward data", self.forward_calls, p.action)
         if report is not None:
-            self.fault_log.handle(report, p.action)
+            self.fault_log.handle(report)
         stats = [backend.data(self.blobs[i]) for i in range(3)]
         use_batch = not self.use_global_stats
         mean_var = None if use_batch else batch_norm.running_stats(*stats)
@@ -88,12 +92,11 @@ class StableBatchNorm(caffe.Layer):
     def _bad_stored_stats(self, stats):
         p = self.params
         s = float(stats[2].reshape(-1)[0])
-        message = ("StableBatchNorm %r: stored statistics unusable under use_global_stats (scale factor %r%s); "
-                   % (p.name, s, "" if s != 0 and numpy.isfinite(s) else
+        message = ("stored statistics unusable under use_global_stats (scale factor %r%s); "
+                   % (s, "" if s != 0 and numpy.isfinite(s) else
                       ": untrained, or a renamed layer that received no weights"))
         if p.on_bad_stats == "error":
-            self.fault_log.shout(message + "on_bad_stats: error")
-            raise ValueError(message + "on_bad_stats: error")
+            raise ValueError(self.fault_log.error(message + "on_bad_stats: error"))
         if not self.bad_stats_reported:
             self.bad_stats_reported = True
             self.fault_log.warn(message + "normalizing with batch statistics instead of x/sqrt(eps) "
