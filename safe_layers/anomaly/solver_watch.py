@@ -254,6 +254,7 @@ class Watch:
         self._pending_update = False
         self._recorded = False
         self._lr_zero_warned = False
+        self._last_growth = -10 ** 9
         self._grad_norms = collections.deque(maxlen=o.growth_window)
         self._weight_norms = collections.deque(maxlen=o.growth_window + 1)
         self.net = solver.net if solver is not None else net
@@ -315,7 +316,9 @@ class Watch:
         if self._pending_update:
             self._check_weights(iteration - 1)
         self._check_lr(iteration)
-        if self.checkpoints is not None and self.consecutive_bad == 0:
+        if (self.checkpoints is not None and self.consecutive_bad == 0
+                and iteration - self._last_growth > self.options.checkpoint_every):
+            # A state the early warning flagged is no state to come back to.
             self.checkpoints.maybe_save(iteration, self._log_event)
         for probe in self.probes:
             probe.producers = []
@@ -469,9 +472,10 @@ class Watch:
     def _check_grad_growth(self, iteration, norm):
         history = self._grad_norms
         factor = self.options.warn_growth
-        if len(history) >= max(2, history.maxlen // 2):
+        if len(history) >= min(5, history.maxlen):
             median = float(numpy.median(history))
             if median > 0 and norm > factor * median:
+                self._last_growth = iteration
                 self._fault(SolverFault("growth", "TRAIN", iteration,
                                         "gradient L2 norm %s is %.3gx the median %s of the last %d "
                                         "iterations (warn_growth %g)"
@@ -485,6 +489,7 @@ class Watch:
         history = self._weight_norms
         factor = self.options.warn_growth
         if len(history) == history.maxlen and history[0] > 0 and norm > factor * history[0]:
+            self._last_growth = iteration
             self._fault(SolverFault("growth", "TRAIN", iteration,
                                     "weight L2 norm %s is %.3gx its value %s %d iterations before "
                                     "(warn_growth %g)" % (_num(norm), norm / history[0],
