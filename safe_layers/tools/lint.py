@@ -1,0 +1,210 @@
+"""Find what makes a Caffe net or solver go NaN, before training.
+
+    safe-layers lint solver.prototxt              # the solver and the nets it names
+    safe-layers lint train_val.prototxt --input-shape data=64,3,224,224
+    safe-layers lint net.prototxt --format json --ignore SL401
+
+A solver is checked with the nets it names (paths resolved as Caffe resolves them: from
+the working directory). Each net is built by real Caffe in a child process, once per
+phase, with its data layers replaced by Input layers of known shapes, so the pooling
+rules see true blob shapes; where Caffe refuses the net, its own message is reported
+against the layer it names; where shapes cannot be known, the shape-free rules run and
+an SL002 note says why. `--list-rules` prints every rule id.
+
+Findings print as `path:line:col: SLnnn severity message — fix: ...`. Exit status: 0 no
+errors (warnings and notes only), 1 an error, 2 unreadable input or bad arguments.
+"""
+
+import os
+
+from safe_layers.tools import findings, netshapes, prototxt
+from safe_layers.tools.findings import InputError
+from safe_layers.tools.rules import (CAFFE_REFUSES, MODULE_MISSING, NET_PATH, RULES, SHAPES_UNKNOWN,
+                                     V1_LAYERS, NetCheck, Report, layers_in_state)
+
+HELP = "check solver and net prototxts for the static causes of NaN (shapes from real Caffe)"
+
+
+def add_arguments(parser):
+    parser.add_argument("files", nargs="*", metavar="FILE.prototxt",
+                        help="solver or net prototxts (a solver brings the nets it names)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
+                        help="shape of a data top (or of a one-top data layer) when the prototxt "
+                             "and its data source do not tell; repeat for several")
+    parser.add_argument("--iterations", type=int, metavar="N",
+                        help="simulate the learning rate over N iterations (a pycaffe loop) "
+                             "instead of the solver's max_iter")
+    parser.add_argument("--no-shapes", action="store_true",
+                        help="do not build the net with Caffe: shape-free rules only")
+    parser.add_argument("--select", metavar="IDS", help="only these rule ids or prefixes (SL2,SL101)")
+    parser.add_argument("--ignore", metavar="IDS", help="leave out these rule ids or prefixes")
+    parser.add_argument("--list-rules", action="store_true", help="print the rules and exit")
+    findings.add_format_argument(parser)
+
+
+def _rule_modules():
+    from safe_layers.tools.rules import batch_norm, domain, loss, pooling, python_layers
+    return (pooling, loss, batch_norm, python_layers, domain)
+
+
+def list_rules():
+    from safe_layers.tools.rules import solver  # noqa: F401 - registers SL1xx
+    _rule_modules()
+    return [RULES[k] for k in sorted(RULES)]
+
+
+def run(args):
+    if args.list_rules:
+        for r in list_rules():
+            print("%s  %-7s  %s" % (r.id, r.severity, r.summary))
+        return 0
+    if not args.files:
+        raise InputError("no FILE given (a solver or net prototxt); see --help")
+    if args.iterations is not None and args.iterations < 1:
+        raise InputError("--iterations must be >= 1")
+    try:
+        overrides = netshapes.parse_input_shapes(args.input_shape)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    linter = Linter(overrides, args.iterations, shapes=not args.no_shapes)
+    for path in args.files:
+        linter.lint_file(path)
+    found = findings.select(linter.findings(), findings.rule_list(args.select),
+                            findings.rule_list(args.ignore))
+    counts = {s: sum(1 for f in found if f.severity == s) for s in findings.SEVERITIES}
+    summary = "lint: %d error%s, %d warning%s, %d note%s in %s" % (
+        counts["error"], "" if counts["error"] == 1 else "s",
+        counts["warning"], "" if counts["warning"] == 1 else "s",
+        counts["info"], "" if counts["info"] == 1 else "s", ", ".join(linter.checked))
+    return findings.emit(found, args.format, extra={"checked": linter.checked, "counts": counts},
+                         summary=summary)
+
+
+class Linter:
+    """Lints files one by one; ``findings()`` returns them deduplicated and sorted."""
+
+    def __init__(self, overrides=None, iterations=None, shapes=True):
+        self.overrides = overrides or {}
+        self.iterations = iterations
+        self.build_shapes = shapes
+        self.report = Report()
+        self.checked = []
+
+    def lint_file(self, path):
+        doc = prototxt.read_prototxt(path)
+        self.checked.append(doc.path)
+        if doc.kind == "solver":
+            self.lint_solver(doc)
+        else:
+            self.lint_net(doc, (("TRAIN", 0, ()), ("TEST", 0, ())))
+
+    def lint_solver(self, solver):
+        from safe_layers.tools.rules import solver as solver_rules
+        solver_rules.check(solver, self.report, self.iterations)
+        nets = prototxt.solver_nets(solver)
+        msg = solver.message
+        train_state = (msg.train_state.level, tuple(msg.train_state.stage))
+        test_state = ((msg.test_state[0].level, tuple(msg.test_state[0].stage))
+                      if len(msg.test_state) else (0, ()))
+        for field, net in nets:
+            if net.reference_note:
+                self.report.add(solver.path, solver.root.find(field), NET_PATH,
+                                "%s %r: %s" % (field, getattr(msg, field) if field in ("net", "train_net")
+                                               else net.path, net.reference_note),
+                                "run from the folder Caffe resolves it against, or an absolute path")
+            if field in ("net", "net_param"):
+                phases = (("TRAIN",) + train_state, ("TEST",) + test_state)
+            elif field.startswith("train"):
+                phases = (("TRAIN",) + train_state,)
+            else:
+                phases = (("TEST",) + test_state,)
+            self.lint_net(net, phases, solver)
+        solver_rules.check_iter_size(solver, [net for _, net in nets], self.report)
+
+    def lint_net(self, net, phases, solver=None):
+        pb2 = prototxt.caffe_pb2()
+        pairs = net.layers()
+        current = [(layer, node) for layer, node in pairs if node.name == "layer"]
+        if len(current) != len(pairs):
+            self.report.add(net.path, next(n for _, n in pairs if n.name == "layers"), V1_LAYERS,
+                            "this net uses the V1 'layers' format: Caffe upgrades it when it builds "
+                            "the net (SL001 would show a refusal), but the rules read only 'layer' entries",
+                            "upgrade it: upgrade_net_proto_text OLD NEW")
+        _check_types(net, pairs)
+        built_for = {}
+        for phase_spec in phases:
+            phase, level, stages = phase_spec
+            kept = layers_in_state(current, pb2.Phase.Value(phase), level, stages)
+            shapes = None
+            ctx = NetCheck(net, phase, kept, None, solver, self.report)
+            if self.build_shapes:
+                # A phase that keeps the same layers as one already built has its shapes
+                # (no built-in layer's output shape depends on the phase; a Python layer's
+                # might): one child, not two.
+                key = tuple(node.start for _, node in kept)
+                if any(layer.type == "Python" for layer, _ in kept):
+                    key += (phase,)
+                if key not in built_for:
+                    built_for[key] = netshapes.infer(net.message, net.path, phase, self.overrides,
+                                                     stages, level)
+                shapes = self._shape_findings(ctx, built_for[key], pairs)
+            ctx.shapes = shapes
+            for module in _rule_modules():
+                module.check(ctx)
+
+    def _shape_findings(self, ctx, built, pairs):
+        if built.unknown:
+            ctx.add(None, SHAPES_UNKNOWN, "blob shapes unknown, so the shape rules (pooling "
+                    "geometry, infogain K) ran without them: %s" % built.unknown,
+                    "give the data shape with --input-shape NAME=N,C,H,W")
+            return None
+        if built.failure is None:
+            return built
+        failure = built.failure
+        by_name = {layer.name: node for layer, node in pairs}
+        node = by_name.get(failure["layer"])
+        where = ("layer '%s'" % failure["layer"]) if failure["layer"] else "the net"
+        if failure["kind"] == "import":
+            ctx.add(node, MODULE_MISSING, "Caffe could not import the Python layer at %s: %s; "
+                    "shapes unknown, shape-free rules only" % (where, failure["message"]),
+                    "put the layer's module on PYTHONPATH (as for `caffe train`)",
+                    layer=failure["layer"])
+            return None
+        if failure["kind"] == "timeout":
+            ctx.add(node, SHAPES_UNKNOWN, "%s; shape-free rules only" % failure["message"])
+            return None
+        if failure["kind"] == "python" and failure["message"].startswith("ParamError"):
+            return None  # SL601 reports it, with the layer's own words
+        location = " (%s)" % failure["location"] if failure["location"] else ""
+        ctx.add(node, CAFFE_REFUSES, "Caffe refuses the net at %s%s: %s"
+                % (where, location, failure["message"].strip()),
+                "fix %s as the message says" % where, layer=failure["layer"],
+                data={"caffe_message": failure["message"].strip(), "location": failure["location"]})
+        return None
+
+    def findings(self):
+        merged = {}
+        for f in self.report.findings:
+            key = (f.path, f.line, f.col, f.rule, f.message)
+            if key in merged:
+                phases = merged[key].data.get("phase", "")
+                new = f.data.get("phase")
+                if new and new not in phases.split(","):
+                    merged[key].data["phase"] = phases + "," + new
+                continue
+            merged[key] = f
+        return sorted(merged.values(), key=lambda f: (f.path, f.line, f.col, f.rule))
+
+
+def _check_types(net, pairs):
+    """A layer type this Caffe does not know is unreadable input (exit 2), as in Caffe."""
+    import caffe
+    known = set(caffe.layer_type_list()) | set(netshapes.DATA_TYPES)
+    for layer, node in pairs:
+        if node.name != "layer":
+            continue
+        if layer.type not in known:
+            type_node = node.find("type") or node
+            raise InputError("%s:%d:%d: layer '%s' has type '%s', which this Caffe does not know "
+                             "(known: %s)" % (net.path, type_node.line, type_node.col, layer.name,
+                                              layer.type, ", ".join(sorted(known))))
