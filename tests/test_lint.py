@@ -446,3 +446,42 @@ def test_published_solvers_lint_without_error(lint, tmp_path, solver, folder, ne
 def test_published_resnet_lints_clean_with_shapes_from_its_declaration(lint, tmp_path, net):
     status, doc = lint(DATA / net)
     assert status == 0 and doc["findings"] == [], doc["findings"]
+
+
+# --- data shapes from the first record of the source -----------------------------------------
+
+POOL_AFTER = ('layer { name: "pool" type: "Pooling" bottom: "x" top: "p" '
+              'pooling_param { pool: AVE kernel_size: 3 stride: 5 } }\n')
+
+
+def test_shape_from_the_first_lmdb_record_and_caffe_agrees(lint, tmp_path, caffe, make_net):
+    import lmdb
+    env = lmdb.open(str(tmp_path / "train_lmdb"), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i in range(4):
+            datum = caffe.proto.caffe_pb2.Datum(channels=1, height=10, width=10, label=i,
+                                                data=bytes(range(100)))
+            txn.put(b"%08d" % i, datum.SerializeToString())
+    env.close()
+    text = ('layer { name: "data" type: "Data" top: "x" top: "label" '
+            'data_param { source: "%s" backend: LMDB batch_size: 2 } }\n' % (tmp_path / "train_lmdb")) + POOL_AFTER
+    status, doc = lint(write(tmp_path, "net.prototxt", text))
+    finding = only(doc, "SL201")
+    assert finding["bottom_shape"] == [2, 1, 10, 10] and finding["nan_rows"] == [2]
+    # Caffe's own Data layer reading that LMDB: NaN exactly in row 2 and column 2.
+    out = make_net(text).forward()["p"]
+    assert np.isnan(out[:, :, 2, :]).all() and np.isnan(out[:, :, :, 2]).all()
+    assert np.isfinite(out[:, :, :2, :2]).all()
+
+
+def test_shape_from_the_first_hdf5_file(lint, tmp_path, make_net):
+    import h5py
+    with h5py.File(tmp_path / "train.h5", "w") as h5:
+        h5["x"] = np.ones((5, 3, 10, 10), np.float32)
+    (tmp_path / "train_h5.txt").write_text("%s\n" % (tmp_path / "train.h5"))
+    text = ('layer { name: "data" type: "HDF5Data" top: "x" '
+            'hdf5_data_param { source: "%s" batch_size: 2 } }\n' % (tmp_path / "train_h5.txt")) + POOL_AFTER
+    status, doc = lint(write(tmp_path, "net.prototxt", text))
+    assert only(doc, "SL201")["bottom_shape"] == [2, 3, 10, 10]
+    out = make_net(text).forward()["p"]
+    assert np.isnan(out[:, :, 2, :]).all() and np.isfinite(out[:, :, :2, :2]).all()

@@ -15,7 +15,7 @@ Where a data layer's shapes come from (first that answers):
    the mean file's or mean values' channel count);
 3. the first record of its source (LMDB/LevelDB ``Datum``, the datasets of the first HDF5
    file, the first image of an ``ImageData`` list), read with
-   :mod:`safe_layers.tools.datasets` where that is installed.
+   :mod:`safe_layers.tools.datasets`.
 
 When one data top stays unknown the net cannot be built with true shapes: :func:`infer`
 says which, and how to give it, and the caller falls back to shape-free rules.
@@ -222,39 +222,22 @@ def _transform_channels(transform, net_path):
     return None
 
 
-def _datasets():
-    try:
-        from safe_layers.tools import datasets
-    except ImportError:
-        return None
-    return datasets
-
-
 def _first_record_shape(layer, net_path):
     """(C, H, W, how) of the first record of a Data/ImageData source, or None when the
-    layer has no readable source; ShapeUnknown with the reason when it cannot be read."""
+    layer has no source; ShapeUnknown with the reason when it cannot be read."""
+    from safe_layers.tools import datasets
+    from safe_layers.tools.findings import InputError
     if layer.type in ("Data", "AnnotatedData") and layer.data_param.source:
         source = layer.data_param.source
         path, note = prototxt.resolve_reference(source, net_path)
         if note == "does not exist":
             raise ShapeUnknown("source %r does not exist" % source)
-        datasets = _datasets()
-        reader = getattr(datasets, "first_datum", None) if datasets else None
-        if reader is None:
-            raise ShapeUnknown("source %r not read (no database reader installed)" % source)
-        backend = prototxt.caffe_pb2().DataParameter.DB.Name(layer.data_param.backend)
+        backend = prototxt.caffe_pb2().DataParameter.DB.Name(layer.data_param.backend).lower()
         try:
-            datum = reader(path, backend.lower())
-        except Exception as exc:  # noqa: BLE001 - any unreadable database: shape unknown
+            shape = datasets.first_datum_shape(path, backend)
+        except InputError as exc:
             raise ShapeUnknown("source %r unreadable: %s" % (source, exc)) from None
-        if datum is None:
-            raise ShapeUnknown("source %r is empty" % source)
-        if datum.encoded:
-            size = _image_size(bytes(datum.data))
-            if size is None:
-                raise ShapeUnknown("source %r holds encoded images that could not be decoded" % source)
-            return size + ("first record of %s" % source,)
-        return (datum.channels, datum.height, datum.width, "first record of %s" % source)
+        return tuple(shape) + ("first record of %s" % source,)
     if layer.type == "ImageData" and layer.image_data_param.source:
         p = layer.image_data_param
         path, note = prototxt.resolve_reference(p.source, net_path)
@@ -289,23 +272,16 @@ def _image_size(raw):
 
 
 def _hdf5_first_file_shapes(layer, net_path):
+    from safe_layers.tools import datasets
+    from safe_layers.tools.findings import InputError
     source = layer.hdf5_data_param.source
     path, note = prototxt.resolve_reference(source, net_path)
     if note == "does not exist":
         raise ShapeUnknown("source %r does not exist" % source)
-    with open(path) as f:
-        files = f.read().split()
-    if not files:
-        raise ShapeUnknown("source %r lists no HDF5 file" % source)
     try:
-        import h5py
-    except ImportError:
-        raise ShapeUnknown("h5py is not installed, so %r was not read" % files[0]) from None
-    try:
-        with h5py.File(files[0], "r") as h5:
-            return {name: tuple(h5[name].shape) for name in layer.top if name in h5}
-    except OSError as exc:
-        raise ShapeUnknown("HDF5 file %r unreadable: %s" % (files[0], exc)) from None
+        return datasets.hdf5_first_shapes(path, list(layer.top))
+    except InputError as exc:
+        raise ShapeUnknown("source %r unreadable: %s" % (source, exc)) from None
 
 
 def input_net(net_message, net_path, overrides):
