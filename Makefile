@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test bench clean-venv
+.PHONY: setup demo test bench bench-tools clean-venv
 
 # Debian packages, the cached Caffe build, .venv with pycaffe + safe_layers + .venv/bin/caffe.
 setup:
@@ -16,6 +16,10 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_nan_guard.py
+
+# diagnose on a generated 1 GB log, scan on a 100k-record LMDB (a few minutes).
+bench-tools: setup
+	$(PY) bench/bench_tools.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -441,12 +441,12 @@ def scan_database(report, limit):
         records = _progress(db.records(limit=limit), total, os.path.basename(path.rstrip("/")))
         for record in records:
             report.records += 1
-            name = "record %s (position %d)" % (record.key_text, record.position)
-            where = {"key": record.key_text, "position": record.position}
 
-            def found(rule, message, fix, **data):
-                report.rules.add(Finding(path, 0, 0, rule, "error", "%s: %s" % (name, message), fix,
-                                         data=dict(where, **data)))
+            def found(rule, message, fix, record=record, **data):
+                key = record.key_text
+                report.rules.add(Finding(path, 0, 0, rule, "error", "record %s (position %d): %s"
+                                         % (key, record.position, message), fix,
+                                         data=dict(data, key=key, position=record.position)))
 
             try:
                 datum = datasets.parse_datum(record.value)
@@ -737,8 +737,8 @@ def label_table(report, max_rows=20):
         return []
     rows = stats.rows(target.num_classes, target.ignore_label)
     batch = stats.batch_size
-    header = "  %8s %9s %7s  %-24s %-14s" % ("label", "records", "share", "likely absent at batch",
-                                              "batch for 99%")
+    header = "  %8s %9s %7s  %-24s %-14s" % ("label", "records", "share", "absent >=50% at batch",
+                                              "present 99% at")
     if batch:
         header += " %-12s %s" % ("P(absent)@%d" % batch, "absent in read order")
     lines = ["labels (%d records, %d classes%s):" % (stats.total, len(rows),

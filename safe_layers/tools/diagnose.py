@@ -1,0 +1,1138 @@
+"""Say what killed a Caffe training run, from its log, with the lines that prove it.
+
+    safe-layers diagnose train.log
+    safe-layers diagnose train.log --plot train.png --format json
+
+Reads a log of `caffe train`, of pycaffe (glog on stderr) or of `safe-layers train`, also
+one still being written or cut off, in one streaming pass (memory does not grow with the
+log). Finds the first iteration where anything went non-finite and classifies it in the
+six causes of the seed (``shared/docs/seed-causes.md``):
+
+  SL501 bad learning-rate policy: lr itself non-finite or negative; names the policy
+        and the solver field to fix (``poly`` without ``max_iter`` ...)
+  SL502 exploding gradients: the loss rose by orders of magnitude before it went
+        non-finite; with several losses, names the output that exploded and its weight
+  SL503 faulty input or loss layer: the loss was falling (or flat), then suddenly
+        non-finite; names the data layer's source to ``scan`` and where to guard
+  SL507 non-finite from the first iteration: the net computes NaN on its first batch
+  SL504 with debug_info: the first layer, in forward order, whose output (or weights)
+        went non-finite
+  SL505 with debug_info: the gradient that grew fastest in the iterations before
+  SL506 a safe_layers layer's report: the layer, pass and iteration it caught
+  SL508 the run aborted (a Caffe CHECK / LOG(FATAL), a Python layer's exception)
+  SL509 a test net output non-finite while training stayed finite
+  SL510 gradient clipping: how often, and a non-finite norm it let through
+  SL511 the learning rate reached 0: nothing learns from there on
+
+Exit 0 when nothing went wrong, 1 when a cause was found, 2 when the file is not a
+readable Caffe log.
+"""
+
+import collections
+import math
+import os
+import sys
+
+from safe_layers.tools import findings as findings_module
+from safe_layers.tools.caffe_log import LogReader
+from safe_layers.tools.findings import Finding, InputError
+
+HELP = "explain a dead Caffe run from its training log: cause, iteration, layer, evidence lines"
+
+EXPLODING_RATIO = 100.0   # "orders of magnitude": the loss grew at least 100x before the NaN
+WINDOW = 64               # finite losses kept before the first non-finite one
+GRADIENT_WINDOW = 8       # debug_info iterations kept per gradient before the first non-finite
+SERIES_POINTS = 2048      # points kept per plotted curve, whatever the log's length
+HEATMAP_COLUMNS = 400     # debug_info iterations kept for the heatmap
+
+DATA_LAYERS = ("Data", "HDF5Data", "ImageData", "WindowData", "MemoryData", "DummyData", "Input")
+
+
+def add_arguments(parser):
+    parser.add_argument("log", help="a Caffe training log (caffe train, pycaffe, safe-layers train)")
+    parser.add_argument("--plot", metavar="PNG",
+                        help="write loss and lr over iterations (log scale, first non-finite point "
+                             "marked) and, with debug_info, a per-layer heatmap of mean |diff|")
+    findings_module.add_format_argument(parser)
+
+
+def finite(value):
+    return value is not None and math.isfinite(value)
+
+
+def fmt(value):
+    if value is None:
+        return "?"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return "%.6g" % value
+
+
+class Series:
+    """(x, y) points of a curve, at most ``capacity`` of them: when full, every other
+    point is dropped and only every ``stride``-th point is taken from then on, so a log
+    of any length plots in bounded memory. Non-finite points are always kept."""
+
+    def __init__(self, capacity=SERIES_POINTS):
+        self.capacity = capacity
+        self.stride = 1
+        self.seen = 0
+        self.points = []
+
+    def add(self, x, y):
+        self.seen += 1
+        if self.seen % self.stride and math.isfinite(y):
+            return
+        self.points.append((x, y))
+        if len(self.points) > self.capacity:
+            self.points = [p for i, p in enumerate(self.points) if i % 2 == 0 or not math.isfinite(p[1])]
+            self.stride *= 2
+
+
+class Point:
+    """A value read at an iteration, with its line (evidence)."""
+
+    __slots__ = ("iteration", "value", "line", "text")
+
+    def __init__(self, iteration, value, line, text):
+        self.iteration, self.value, self.line, self.text = iteration, value, line, text
+
+    def as_dict(self):
+        return {"iteration": self.iteration, "value": self.value, "line": self.line}
+
+
+class Track:
+    """One quantity over iterations: its first value, its smallest and last finite value
+    before it first went non-finite, and that first non-finite value."""
+
+    def __init__(self, name, weight=None):
+        self.name = name
+        self.weight = weight
+        self.first = None
+        self.minimum = None
+        self.last = None
+        self.peak_after_min = None   # largest finite value after the minimum
+        self.bad = None
+        self.recovered = None        # the first finite value after ``bad``
+        self.series = Series()
+
+    def add(self, point):
+        if point.iteration is not None:
+            self.series.add(point.iteration, point.value)
+        if self.bad is not None:
+            if self.recovered is None and finite(point.value):
+                self.recovered = point
+            return
+        if not finite(point.value):
+            self.bad = point
+            return
+        if self.first is None:
+            self.first = point
+        if self.minimum is None or point.value < self.minimum.value:
+            self.minimum = point
+            self.peak_after_min = point
+        elif point.value > self.peak_after_min.value:
+            self.peak_after_min = point
+        self.last = point
+
+    def rise(self):
+        """How many times the value grew from its minimum to its last finite value before
+        going non-finite (1.0 when it did not grow; None without a finite history)."""
+        if self.minimum is None or self.last is None:
+            return None
+        low = self.minimum.value
+        high = max(self.last.value, self.peak_after_min.value)
+        if low <= 0:
+            return float("inf") if high > 0 and low == 0 else None
+        return high / low
+
+
+class Heatmap:
+    """Mean |diff| per layer per debug_info iteration, at most ``columns`` columns
+    (adjacent ones merged by maximum, a non-finite value winning)."""
+
+    def __init__(self, columns=HEATMAP_COLUMNS):
+        self.capacity = columns
+        self.columns = []   # [(iteration, {layer: value})]
+
+    def add(self, iteration, values):
+        self.columns.append((iteration, values))
+        if len(self.columns) > self.capacity:
+            merged = []
+            for i in range(0, len(self.columns) - 1, 2):
+                (it, a), (_, b) = self.columns[i], self.columns[i + 1]
+                merged.append((it, {k: _worse(a.get(k), b.get(k)) for k in set(a) | set(b)}))
+            if len(self.columns) % 2:
+                merged.append(self.columns[-1])
+            self.columns = merged
+
+
+def _ignore(event):
+    pass
+
+
+def _worse(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if not math.isfinite(a):
+        return a
+    if not math.isfinite(b):
+        return b
+    return max(a, b)
+
+
+class Diagnosis:
+    """Everything the log says about the run, kept in memory bounded by the net's size
+    (never by the log's length). Feed events with :meth:`feed`, then :meth:`findings`."""
+
+    def __init__(self, path):
+        self.path = path
+        self._handlers = {}
+        self.solver = None            # Event 'solver'
+        self.policy = None            # Event 'policy'
+        self.nets = {}                # phase -> Event 'net' (the latest of each)
+        self.iteration = None         # the latest 'Iteration N' of training
+        self.first_iteration = None
+        self.loss = Track("loss")
+        self.lr = Track("lr")
+        self.lr_series = Series()
+        self.lr_first_bad = None      # Point: lr non-finite
+        self.lr_first_negative = None
+        self.lr_first_zero = None
+        self.lr_last_positive = None
+        self.outputs = {}             # name -> Track (train net outputs)
+        self.test_iteration = None
+        self.test_bad = None          # Point: first non-finite test output
+        self.test_bad_name = None
+        self.first_bad = None         # (Point, what) the first non-finite training value
+        # debug_info
+        self.in_test = False
+        self.test_outputs_seen = False
+        self.block_lines = 0          # debug lines of the open block (one iteration)
+        self.block_column = {}        # its heatmap column: layer -> mean |diff|
+        self.block_gradients = {}     # (layer, kind, blob) -> its worst backward event
+        self.forward_order = []       # layers in forward order, as debug_info lists them
+        self.forward_seen = set()
+        self.gradients = {}           # (layer, kind, blob) -> deque of Point (before first bad)
+        self.frozen_gradients = None
+        self.first_bad_forward = None  # (Point, event) in the first bad debug block
+        self.first_bad_backward = None
+        self.pending_bad = []          # Points of the open block awaiting their iteration
+        self.heatmap = Heatmap()
+        self.debug_blocks = 0
+        self.norms_bad = None
+        # clipping
+        self.clips = 0
+        self.clip_first = None
+        self.clip_max = None
+        self.clip_bad = None
+        # our layers' reports
+        self.reports = 0
+        self.first_report = None       # (Event, fault dict)
+        self.first_train_report = None
+        self.report_layers = collections.OrderedDict()
+        # how it ended
+        self.fatal = None
+        self.crash = None
+        self.crash_signal = None
+        self.python_error = None
+        self.done = False
+        self.incomplete = None
+        self.lines = 0
+
+    # ---- reading ----------------------------------------------------------------------
+
+    def feed(self, event):
+        handler = self._handlers.get(event.kind)
+        if handler is None:
+            handler = self._handlers[event.kind] = getattr(self, "_on_" + event.kind, _ignore)
+        handler(event)
+
+    def _note_bad(self, point, what):
+        if self.first_bad is None:
+            self.first_bad = (point, what)
+            self._freeze_gradients()
+
+    def _on_solver(self, event):
+        self.solver = event
+
+    def _on_policy(self, event):
+        self.policy = event
+
+    def _on_net(self, event):
+        self.nets[event.phase] = event
+
+    def _on_testing(self, event):
+        self.test_iteration = event.iteration
+        self.in_test = True
+        self.test_outputs_seen = False
+
+    def _on_loss(self, event):
+        self._close_block(event.iteration)
+        self.in_test = False
+        if self.first_iteration is None:
+            self.first_iteration = event.iteration
+        self.iteration = event.iteration
+        point = Point(event.iteration, event.value, event.line, event.text)
+        self.loss.add(point)
+        if not finite(event.value):
+            self._note_bad(point, "loss")
+
+    def _on_output(self, event):
+        if event.phase == "TEST":
+            self.test_outputs_seen = True
+            if not finite(event.value) and self.test_bad is None:
+                self.test_bad = Point(self.test_iteration, event.value, event.line, event.text)
+                self.test_bad_name = event.name
+            return
+        track = self.outputs.get(event.name)
+        if track is None:
+            if len(self.outputs) >= 64:
+                return
+            track = self.outputs[event.name] = Track(event.name, event.weight)
+        point = Point(self.iteration, event.value, event.line, event.text)
+        track.add(point)
+        if not finite(event.value) and (event.weight is None or event.weight != 0):
+            self._note_bad(point, "output %s" % event.name)
+
+    def _on_lr(self, event):
+        point = Point(event.iteration, event.value, event.line, event.text)
+        self.lr_series.add(event.iteration, event.value)
+        if not finite(event.value):
+            if self.lr_first_bad is None:
+                self.lr_first_bad = point
+                self._note_bad(point, "lr")
+        elif event.value < 0:
+            if self.lr_first_negative is None:
+                self.lr_first_negative = point
+        elif event.value == 0:
+            if self.lr_first_zero is None and self.lr_last_positive is not None:
+                self.lr_first_zero = point
+        else:
+            self.lr_last_positive = point
+
+    def _debug_phase_is_test(self):
+        if self.in_test and self.test_outputs_seen:
+            self.in_test = False
+        return self.in_test
+
+    def _on_forward(self, event):
+        if self.in_test and self._debug_phase_is_test():
+            return
+        self.block_lines += 1
+        layer = event.layer
+        if layer not in self.forward_seen:
+            self.forward_seen.add(layer)
+            if len(self.forward_order) < 10000:
+                self.forward_order.append(layer)
+        if not finite(event.value):
+            self._debug_bad(event)
+
+    def _on_backward(self, event):
+        if self.in_test and self._debug_phase_is_test():
+            return
+        self.block_lines += 1
+        value = event.value
+        # The heatmap column: the largest mean |diff| of each layer (a non-finite one wins).
+        column = self.block_column
+        held = column.get(event.layer)
+        if held is None or _worse(held, value) is not held:
+            column[event.layer] = value
+        # Gradient histories: iter_size > 1 logs a key once per pass; keep the worst.
+        if self.frozen_gradients is None:
+            key = (event.layer, event.blob_kind, event.blob)
+            held = self.block_gradients.get(key)
+            if held is None or _worse(held.value, value) is not held.value:
+                self.block_gradients[key] = event
+        if not finite(value):
+            self._debug_bad(event)
+
+    def _debug_bad(self, event):
+        point = Point(None, event.value, event.line, event.text)
+        if event.kind == "forward" and self.first_bad_forward is None:
+            self.first_bad_forward = (point, event)
+            self.pending_bad.append(point)
+        elif event.kind == "backward" and self.first_bad_backward is None:
+            self.first_bad_backward = (point, event)
+            self.pending_bad.append(point)
+        self._note_bad(point, "%s %s" % (event.kind, event.layer))
+
+    def _on_norms(self, event):
+        if self.in_test and self._debug_phase_is_test():
+            return
+        if not finite(event.l2_diff) and self.norms_bad is None:
+            self.norms_bad = Point(None, event.l2_diff, event.line, event.text)
+            self.pending_bad.append(self.norms_bad)
+
+    def _close_block(self, iteration):
+        """The debug lines logged before 'Iteration N, loss' belong to iteration N."""
+        for point in self.pending_bad:
+            point.iteration = iteration
+        self.pending_bad = []
+        if not self.block_lines:
+            return
+        self.debug_blocks += 1
+        self.heatmap.add(iteration, self.block_column)
+        if self.frozen_gradients is None:
+            for key, event in self.block_gradients.items():
+                history = self.gradients.get(key)
+                if history is None:
+                    history = self.gradients[key] = collections.deque(maxlen=GRADIENT_WINDOW)
+                history.append(Point(iteration, event.value, event.line, event.text))
+        self.block_lines = 0
+        self.block_column = {}
+        self.block_gradients = {}
+
+    def _freeze_gradients(self):
+        if self.frozen_gradients is None:
+            self.frozen_gradients = {k: list(v) for k, v in self.gradients.items()}
+            self.gradients = {}
+
+    def _on_clip(self, event):
+        self.clips += 1
+        point = Point(self.iteration, event.norm, event.line, event.text)
+        if self.clip_first is None:
+            self.clip_first = point
+        if not finite(event.norm):
+            if self.clip_bad is None:
+                self.clip_bad = point
+        elif self.clip_max is None or event.norm > self.clip_max.value:
+            self.clip_max = point
+
+    def _on_report(self, event):
+        """A line of our layers or of a watch (parsed by safe_layers.reporting.parse_line)."""
+        fault = report_fault(event.report)
+        if fault is None:
+            return
+        self.reports += 1
+        name = fault["layer"]
+        self.report_layers[name] = self.report_layers.get(name, 0) + 1
+        if self.first_report is None:
+            self.first_report = (event, fault)
+        if self.first_train_report is None and fault["phase"] != "TEST":
+            self.first_train_report = (event, fault)
+            self._note_bad(Point(fault["iteration"], float("nan"), event.line, event.text), "report")
+
+    def _on_fatal(self, event):
+        if self.fatal is None:
+            self.fatal = event
+
+    def _on_crash(self, event):
+        if self.crash is None:
+            self.crash = event
+        if event.signal and self.crash_signal is None:
+            self.crash_signal = event
+
+    def _on_python_error(self, event):
+        if self.python_error is None:
+            self.python_error = event
+
+    def _on_done(self, event):
+        self.done = True
+
+    def _on_incomplete(self, event):
+        self.incomplete = event
+
+    def finish(self, lines):
+        self.lines = lines
+        self._close_block(None if self.iteration is None else self.iteration)
+
+    # ---- what the net declares ----------------------------------------------------------
+
+    def train_layers(self):
+        net = self.nets.get("TRAIN")
+        return net.layers if net is not None else []
+
+    def layer_named(self, name):
+        for layer in self.train_layers():
+            if layer.name == name:
+                return layer
+        return None
+
+    def producer_of(self, blob):
+        found = None
+        for layer in self.train_layers():
+            if blob in layer.tops:
+                found = layer
+        return found
+
+    def data_layers(self):
+        return [l for l in self.train_layers() if l.type in DATA_LAYERS]
+
+    def solver_field(self, name):
+        if self.solver is None:
+            return None
+        return self.solver.fields.get(name)
+
+    def solver_line(self, name):
+        if self.solver is None:
+            return None
+        return self.solver.field_lines.get(name)
+
+    def lr_policy(self):
+        if self.solver is not None and "lr_policy" in self.solver.fields:
+            return self.solver.fields["lr_policy"]
+        if self.policy is not None:
+            return self.policy.policy
+        return None
+
+    # ---- verdicts ------------------------------------------------------------------------
+
+    def findings(self):
+        out = []
+        lr_finding = self._lr_policy_finding()
+        if lr_finding:
+            out.append(lr_finding)
+        cause = None
+        if lr_finding is None and self.first_bad is not None:
+            cause = self._trend_finding()
+            if cause:
+                out.append(cause)
+        out.extend(self._debug_findings(cause))
+        out.extend(self._report_findings())
+        out.extend(self._abort_findings(bool(out)))
+        out.extend(self._test_findings())
+        out.extend(self._clip_findings())
+        zero = self._lr_zero_finding()
+        if zero:
+            out.append(zero)
+        return out
+
+    def _finding(self, rule, severity, point, message, fix, evidence, layer=None, **data):
+        evidence = [p for p in evidence if p is not None and p.line is not None]
+        seen, unique = set(), []
+        for p in sorted(evidence, key=lambda p: p.line):
+            if p.line not in seen:
+                seen.add(p.line)
+                unique.append(p)
+        data["evidence"] = [{"line": p.line, "text": p.text} for p in unique]
+        if point is not None and point.iteration is not None:
+            data.setdefault("iteration", point.iteration)
+        return Finding(self.path, point.line if point is not None else 0, 1 if point is not None else 0,
+                       rule, severity, message, fix, layer=layer, data=data)
+
+    def _solver_point(self, field):
+        line = self.solver_line(field)
+        if line is None:
+            return None
+        return Point(None, None, line, "%s: %s" % (field, self.solver.fields[field]))
+
+    def _lr_policy_finding(self):
+        bad = self.lr_first_bad or self.lr_first_negative
+        if bad is None:
+            return None
+        policy = self.lr_policy()
+        fields = self.solver.fields if self.solver is not None else {}
+        field, why = lr_policy_fault(policy, fields, bad.iteration, bad.value)
+        what = "non-finite" if not finite(bad.value) else "negative"
+        message = ("bad learning-rate policy: lr = %s (%s) at iteration %s%s; %s"
+                   % (fmt(bad.value), what, bad.iteration,
+                      ", lr_policy \"%s\"" % policy if policy else "", why))
+        if self.first_bad is not None and self.first_bad[1] != "lr":
+            point, what_bad = self.first_bad
+            if point.line > bad.line:
+                message += "; the loss went non-finite after it (line %d)" % point.line
+        fix = ("set %s in the solver" % field if field else
+               "fix the solver fields lr_policy reads (shared/docs/caffe-internals.md §4)")
+        fix += "; `safe-layers lint SOLVER` simulates the schedule before training"
+        evidence = [bad, self._solver_point("lr_policy"), self._solver_point(field) if field else None]
+        after = self.loss.bad
+        if after is not None and after.line > bad.line:
+            evidence.append(after)
+        return self._finding("SL501", "error", bad, message, fix, evidence, policy=policy, field=field,
+                             lr=bad.value)
+
+    def _loss_tracks(self):
+        """The training losses: the weighted train outputs, else the smoothed loss."""
+        tracks = [t for t in self.outputs.values() if t.weight is not None and t.weight != 0]
+        return tracks or [self.loss]
+
+    def _trend_finding(self):
+        point, what = self.first_bad
+        tracks = self._loss_tracks()
+        history = [t for t in tracks if t.minimum is not None]
+        bad_tracks = [t for t in tracks if t.bad is not None]
+        if not history and self.loss.minimum is None:
+            return self._from_start_finding(point)
+        if what == "report" and not bad_tracks and self.loss.bad is None:
+            return None  # a guard caught it and the loss stayed finite: see SL506
+        # The loss that went wrong first; the one that grew most if none did.
+        if bad_tracks:
+            culprit = min(bad_tracks, key=lambda t: t.bad.line)
+        else:
+            culprit = max(history, key=lambda t: t.rise() or 0)
+        if culprit.minimum is None:
+            culprit = self.loss if self.loss.minimum is not None else culprit
+        if culprit.minimum is None:
+            return self._from_start_finding(point)
+        rise = culprit.rise() or 1.0
+        bad_value = culprit.bad.value if culprit.bad is not None else (
+            self.loss.bad.value if self.loss.bad is not None else point.value)
+        # An overflow (inf before nan) after a tenfold rise is an explosion too.
+        exploding = rise >= EXPLODING_RATIO or (rise >= 10 and math.isinf(bad_value))
+        bad_point = culprit.bad or self.loss.bad or point
+        several = len([t for t in tracks if t is not self.loss]) > 1
+        low, high = culprit.minimum, max(culprit.last, culprit.peak_after_min, key=lambda p: p.value)
+        name = "" if culprit is self.loss or not several else " '%s'" % culprit.name
+        if exploding:
+            base_lr = self.solver_field("base_lr")
+            message = ("exploding gradients: the loss%s rose from %s (iteration %s) to %s (iteration "
+                       "%s), %.1f orders of magnitude, then became %s at iteration %s"
+                       % (name, fmt(low.value), low.iteration, fmt(high.value), high.iteration,
+                          math.log10(rise) if finite(rise) else float("inf"), fmt(bad_point.value),
+                          bad_point.iteration))
+            fix = ("lower base_lr%s by at least 10x" % (" (%s)" % base_lr if base_lr else ""))
+            layer = None
+            data = {"cause": "exploding gradients", "rise": rise}
+            if several:
+                producer = self.producer_of(culprit.name)
+                layer = producer.name if producer is not None else culprit.name
+                others = ["'%s' %s" % (t.name, "also went non-finite" if t.bad is not None else
+                                       "stayed within %.0fx" % (t.rise() or 1.0))
+                          for t in tracks if t is not culprit and t is not self.loss]
+                message += ("; of %d losses, '%s' (loss_weight %s, layer '%s') exploded first; %s"
+                            % (len(tracks), culprit.name, fmt(culprit.weight), layer, ", ".join(others)))
+                fix = ("lower the loss_weight of layer '%s' (now %s) by 10x or more, or base_lr; a "
+                       "GradientClip layer between '%s' and its bottom limits that loss's gradient "
+                       "alone" % (layer, fmt(culprit.weight), layer))
+                data["output"] = culprit.name
+                data["loss_weight"] = culprit.weight
+            else:
+                fix += "; or bound the gradient: clip_gradients in the solver, or a GradientClip layer above the loss"
+            evidence = [low, high, bad_point, self._solver_point("base_lr")]
+            return self._finding("SL502", "error", bad_point, message, fix, evidence, layer=layer, **data)
+        # Falling or flat, then a sudden NaN: the input or the loss.
+        first = culprit.first
+        trend = "fell" if low.value < first.value * 0.9 else "stayed near %s" % fmt(first.value)
+        if trend == "fell":
+            trend = "fell from %s (iteration %s) to %s (iteration %s)" % (
+                fmt(first.value), first.iteration, fmt(low.value), low.iteration)
+        last = culprit.last
+        message = ("faulty input or loss layer: the loss%s %s, then became %s at iteration %s without "
+                   "growing first (last finite %s at iteration %s)"
+                   % (name, trend, fmt(bad_point.value), bad_point.iteration, fmt(last.value),
+                      last.iteration))
+        recovered = culprit.recovered
+        if recovered is not None:
+            message += ("; training went on: the loss is finite again from iteration %s (%s)"
+                        % (recovered.iteration, "a watch skipped the bad iteration"
+                           if self.first_train_report and self.first_train_report[1]["source"] == "watch"
+                           else "the bad batch did not reach the weights"))
+        fix, data = self._input_advice(bad_point.iteration)
+        evidence = [first, low, last, bad_point, recovered]
+        return self._finding("SL503", "error", bad_point, message, fix, evidence,
+                             cause="faulty input or loss layer", **data)
+
+    def _input_advice(self, iteration):
+        data_layers = self.data_layers()
+        sources = []
+        for layer in data_layers:
+            source = layer.params.get("data_param.source") or layer.params.get("hdf5_data_param.source") \
+                or layer.params.get("image_data_param.source")
+            if source:
+                sources.append((layer, source))
+        parts = []
+        data = {}
+        if sources:
+            parts.append("scan the training data: %s" % "; ".join(
+                "`safe-layers scan %s` (layer '%s')" % (source, layer.name) for layer, source in sources))
+            data["sources"] = [source for _, source in sources]
+            layer, _ = sources[0]
+            batch = layer.params.get("data_param.batch_size") or layer.params.get("hdf5_data_param.batch_size")
+            iter_size = int(self.solver_field("iter_size") or 1)
+            if batch and iteration is not None and layer.type == "Data":
+                batch = int(batch)
+                start = iteration * iter_size * batch
+                parts.append("iteration %d read records %d-%d of '%s' in key order (modulo its size)"
+                             % (iteration, start, start + iter_size * batch - 1, layer.name))
+                data["record_positions"] = [start, start + iter_size * batch - 1]
+        else:
+            parts.append("scan the training data (`safe-layers scan SOURCE`)")
+        guard_after = "data layer '%s'" % data_layers[0].name if data_layers else "the data layer"
+        parts.append("put a NaNGuard (action: abort) on the tops of %s to stop at the bad batch; "
+                     "check the loss layer (a loss normalised by label counts, InfogainLoss's H)"
+                     % guard_after)
+        return "; ".join(parts), data
+
+    def _from_start_finding(self, point):
+        message = ("non-finite from the first iteration: %s is %s at iteration %s, with no finite "
+                   "loss before it: the net computes NaN/Inf on its first batch"
+                   % (self.first_bad[1], fmt(point.value), point.iteration))
+        fix = ("run `safe-layers lint` on the net (pooling windows outside the input, BatchNorm at "
+               "zero statistics, bad fillers); %s" % self._input_advice(point.iteration)[0])
+        return self._finding("SL507", "error", point, message, fix, [point],
+                             cause="non-finite from the start")
+
+    def _debug_findings(self, cause):
+        out = []
+        if self.first_bad_forward is not None:
+            point, event = self.first_bad_forward
+            layer = self.layer_named(event.layer)
+            kind = " (%s)" % layer.type if layer is not None and layer.type else ""
+            if event.blob_kind == "param":
+                message = ("debug_info: the first non-finite value in forward order is layer '%s'%s's "
+                           "weights (param blob %s = %s) at iteration %s: the update of an earlier "
+                           "iteration made them non-finite" % (event.layer, kind, event.blob,
+                                                                fmt(event.value), point.iteration))
+                fix = "see the first non-finite gradient (backward) and the cause above"
+            else:
+                role = ""
+                if layer is not None and layer.type in DATA_LAYERS:
+                    role = ": the input itself is non-finite"
+                elif layer is not None and layer.type and "Loss" in layer.type:
+                    role = ": the loss layer, its bottoms finite"
+                message = ("debug_info: the first layer in forward order whose output went non-finite "
+                           "is '%s'%s (top blob '%s' = %s) at iteration %s%s"
+                           % (event.layer, kind, event.blob, fmt(event.value), point.iteration, role))
+                fix = ("guard it: a NaNGuard after '%s' (action: abort) reports the first bad element"
+                       % event.layer)
+                if layer is not None and layer.type in DATA_LAYERS:
+                    source = (layer.params.get("data_param.source")
+                              or layer.params.get("hdf5_data_param.source") or "SOURCE")
+                    fix = ("`safe-layers scan %s` finds the record; a NaNGuard on the tops of '%s' "
+                           "stops at its batch" % (source, event.layer))
+            out.append(self._finding("SL504", "error", point, message, fix, [point], layer=event.layer,
+                                     blob=event.blob, blob_kind=event.blob_kind))
+        grown = self._fastest_gradient()
+        if grown is not None:
+            (layer_name, kind, blob), first, last, ratio = grown
+            per_iteration = ratio ** (1.0 / max(1, (last.iteration or 0) - (first.iteration or 0)))
+            message = ("debug_info: the gradient that grew fastest before the first non-finite value: "
+                       "layer '%s' %s blob %s diff %s (iteration %s) -> %s (iteration %s), x%.3g "
+                       "(x%.3g per iteration)" % (layer_name, kind, blob, fmt(first.value),
+                                                   first.iteration, fmt(last.value), last.iteration,
+                                                   ratio, per_iteration))
+            fix = ("clip it: a GradientClip layer above '%s', or lower base_lr / that layer's "
+                   "lr_mult" % layer_name)
+            severity = "error" if cause is not None and cause.rule == "SL502" else "warning"
+            out.append(self._finding("SL505", severity, last, message, fix, [first, last],
+                                     layer=layer_name, blob=blob, growth=ratio))
+        if self.first_bad_backward is not None and self.first_bad_forward is None:
+            point, event = self.first_bad_backward
+            message = ("debug_info: the first non-finite gradient is layer '%s' %s blob %s diff = %s "
+                       "at iteration %s (backward runs from the loss down)"
+                       % (event.layer, event.blob_kind, event.blob, fmt(event.value), point.iteration))
+            out.append(self._finding("SL504", "error", point, message,
+                                     "a NaNGuard (check: backward) below '%s' reports the first bad "
+                                     "element" % event.layer, [point], layer=event.layer,
+                                     blob=event.blob, blob_kind=event.blob_kind))
+        return out
+
+    def _fastest_gradient(self):
+        history = self.frozen_gradients if self.frozen_gradients is not None else None
+        if not history:
+            return None
+        best = None
+        for key, points in history.items():
+            usable = [p for p in points if finite(p.value) and p.value > 0]
+            if len(usable) < 2:
+                continue
+            ratio = usable[-1].value / usable[0].value
+            if best is None or ratio > best[3]:
+                best = (key, usable[0], usable[-1], ratio)
+        if best is None or best[3] < 10:
+            return None
+        return best
+
+    def _report_findings(self):
+        chosen = self.first_train_report or self.first_report
+        if chosen is None:
+            return []
+        event, fault = chosen
+        layer, follows = fault["layer"], fault["follows"]
+        who = "%s '%s'%s" % (fault["layer_type"] or "layer", layer,
+                             " (after '%s')" % follows if follows else "")
+        if fault["source"] == "watch":
+            who = "the watch: layer '%s' (%s)" % (layer, fault["layer_type"])
+        counts = ", ".join("%s=%d" % (label, fault[key]) for key, label in
+                           (("nan", "nan"), ("posinf", "+inf"), ("neginf", "-inf")) if fault.get(key))
+        message = ("%s caught non-finite %s in %s at iteration %s%s%s"
+                   % (who, fault["what"] or "values", fault["phase"] or "?", fault["iteration"],
+                      ": " + counts if counts else "",
+                      ", first bad at %s" % list(fault["first_index"]) if fault["first_index"] else ""))
+        if fault["action"]:
+            message += " (action=%s)" % fault["action"]
+        others = ["%s (%d)" % (name, count) for name, count in self.report_layers.items() if name != layer]
+        if others:
+            message += "; reported too: %s" % ", ".join(others)
+        watched = follows or layer
+        producer = self.layer_named(watched)
+        if (producer is not None and producer.type in DATA_LAYERS) or fault["layer_type"] in DATA_LAYERS \
+                or fault["layer_type"] == "Input":
+            fix = self._input_advice(fault["iteration"])[0]
+        elif fault["source"] == "watch":
+            fix = ("layer '%s' is the first whose inputs were finite and whose output is not: look "
+                   "at its parameters and its bottoms%s" % (layer, "; " + fault["note"] if fault["note"] else ""))
+        else:
+            fix = ("'%s' is the first non-finite output the guards saw: look at that layer (and at "
+                   "what feeds it)" % watched)
+        point = Point(fault["iteration"], float("nan"), event.line, event.text)
+        return [self._finding("SL506", "error", point, message, fix, [point], layer=watched,
+                              reports=self.reports, report=fault)]
+
+    def _abort_findings(self, explained):
+        out = []
+        if self.fatal is not None:
+            event = self.fatal
+            point = Point(self.iteration, None, event.line, event.text)
+            out.append(self._finding("SL508", "error", point,
+                                     "the run aborted at %s: %s" % (event.source or "?", event.message),
+                                     "Caffe's own message names the check that failed", [point],
+                                     source=event.source))
+        if self.python_error is not None:
+            event = self.python_error
+            point = Point(self.iteration, None, event.line, event.text)
+            evidence = [point] + ([Point(None, None, self.crash.line, self.crash.text)]
+                                  if self.crash is not None else [])
+            out.append(self._finding("SL508", "error", point, "the run aborted: %s" % event.message,
+                                     "a Python layer raised; its report and traceback are above "
+                                     "this line", evidence, error=event.error))
+        elif self.crash is not None:
+            event = self.crash
+            point = Point(self.iteration, None, event.line, event.text)
+            signal = self.crash_signal.signal if self.crash_signal is not None else None
+            message = "the process crashed: %s" % event.message
+            if signal and signal not in event.message:
+                message += " (%s)" % signal
+            fix = "see the lines above it"
+            if "error_already_set" in event.message:
+                fix = ("a Python layer raised under a caffe binary built without WITH_PYTHON_LAYER; "
+                       "its report is above this line")
+            pooling = [l.name for l in self.train_layers()
+                       if l.type == "Pooling" and l.params.get("pooling_param.pool", "MAX") == "MAX"]
+            if self.first_bad is not None and pooling and "error_already_set" not in event.message:
+                message += (" after non-finite values reached MAX pooling (%s): over an all-NaN window "
+                            "Caffe's CPU backward writes one element outside the blob, which corrupts "
+                            "the heap" % ", ".join(pooling[:6]))
+                fix = ("keep NaN out of MAX pooling: a NaNGuard (action: clamp or abort) before "
+                       "'%s' and the cause above" % pooling[0])
+            evidence = [point] + ([Point(None, None, self.crash_signal.line, self.crash_signal.text)]
+                                  if self.crash_signal is not None else [])
+            out.append(self._finding("SL508", "error", point, message, fix, evidence, signal=signal))
+        return out
+
+    def _test_findings(self):
+        if self.test_bad is None:
+            return []
+        if self.first_bad is not None and self.first_bad[0].line < self.test_bad.line:
+            return []  # training died first; the test outputs only follow it
+        batchnorm = [l.name for l in self.nets.get("TEST").layers if l.type == "BatchNorm"] \
+            if self.nets.get("TEST") is not None else []
+        why = (": BatchNorm layers (%s) at untrained statistics output x/sqrt(eps) in the test pass "
+               "before any training (StableBatchNorm does not)" % ", ".join(batchnorm[:5])
+               if batchnorm else "")
+        message = ("test net output '%s' = %s at iteration %s while training stayed finite%s"
+                   % (self.test_bad_name, fmt(self.test_bad.value), self.test_bad.iteration, why))
+        fix = "look at the test net's data and its TEST-only layers"
+        sources = [l.params.get("data_param.source") or l.params.get("hdf5_data_param.source")
+                   for l in (self.nets["TEST"].layers if "TEST" in self.nets else []) if l.type in DATA_LAYERS]
+        sources = [source for source in sources if source]
+        if sources:
+            fix = "scan the test data: %s" % "; ".join("`safe-layers scan %s`" % s for s in sources)
+        return [self._finding("SL509", "error", self.test_bad, message, fix, [self.test_bad],
+                              output=self.test_bad_name)]
+
+    def _clip_findings(self):
+        if not self.clips:
+            return []
+        if self.clip_bad is not None:
+            message = ("gradient clipping saw a non-finite L2 norm (%s) at iteration %s: Caffe's "
+                       "clip_gradients lets a NaN norm pass and turns an inf norm into NaN weights"
+                       % (fmt(self.clip_bad.value), self.clip_bad.iteration))
+            return [self._finding("SL510", "error", self.clip_bad, message,
+                                  "find the first non-finite gradient (above); GradientClip layers zero "
+                                  "non-finite elements before the norm", [self.clip_bad])]
+        limit = self.solver_field("clip_gradients")
+        message = ("gradient clipping scaled gradients down %d times (largest L2 norm %s at iteration "
+                   "%s%s)" % (self.clips, fmt(self.clip_max.value) if self.clip_max else "?",
+                             self.clip_max.iteration if self.clip_max else "?",
+                             ", limit %s" % limit if limit else ""))
+        return [self._finding("SL510", "info", self.clip_first, message, "", [self.clip_first, self.clip_max],
+                              clips=self.clips)]
+
+    def _lr_zero_finding(self):
+        if self.lr_first_zero is None:
+            return None
+        point = self.lr_first_zero
+        policy = self.lr_policy()
+        fields = self.solver.fields if self.solver is not None else {}
+        field = {"step": "gamma", "exp": "gamma", "multistep": "gamma"}.get(policy)
+        if policy == "poly":
+            field = "max_iter"
+        message = ("the learning rate reached 0 at iteration %s%s: nothing learns from there on"
+                   % (point.iteration, " (lr_policy \"%s\"%s)" % (policy, ", gamma %s" % fields["gamma"]
+                                                               if "gamma" in fields else "") if policy else ""))
+        return self._finding("SL511", "warning", point, message,
+                             "check %s" % field if field else "check the solver's lr fields",
+                             [self.lr_last_positive, point, self._solver_point("lr_policy")])
+
+
+def lr_policy_fault(policy, fields, iteration, value):
+    """(field to fix, why) for a non-finite or negative lr under ``policy``."""
+    def number(name, default=0.0):
+        try:
+            return float(fields[name])
+        except (KeyError, ValueError):
+            return default
+    base_lr = number("base_lr")
+    if not math.isfinite(base_lr):
+        return "base_lr", "base_lr itself is %s" % fields.get("base_lr")
+    if base_lr < 0:
+        return "base_lr", "base_lr is negative (%s): the solver climbs the loss" % fields.get("base_lr")
+    if policy == "poly":
+        max_iter = number("max_iter")
+        if "max_iter" not in fields or max_iter == 0:
+            return "max_iter", ("poly computes base_lr * (1 - iter/max_iter)^power and max_iter is not "
+                                "set (0): 0/0 = NaN at iteration 0, then inf (this happens under "
+                                "pycaffe's solver.step(); `caffe train` runs 0 iterations)")
+        if iteration is not None and iteration > max_iter:
+            return "max_iter", ("iteration %s is past max_iter %s: (1 - iter/max_iter) is negative and "
+                                "power %s gives %s" % (iteration, fields["max_iter"],
+                                                       fields.get("power", "0"), fmt(value)))
+        return "power", "power %s" % fields.get("power", "0")
+    if policy in ("exp", "step", "multistep"):
+        gamma = number("gamma")
+        if gamma > 1:
+            return "gamma", ("gamma %s > 1 makes lr grow by that factor each %s until it overflows"
+                             % (fields.get("gamma"), "iteration" if policy == "exp" else "step"))
+        if gamma < 0:
+            return "gamma", "gamma %s is negative: lr alternates in sign" % fields.get("gamma")
+        return "gamma", "gamma %s" % fields.get("gamma", "0")
+    if policy == "inv":
+        gamma, power = number("gamma"), number("power")
+        if gamma < 0:
+            return "gamma", ("gamma %s < 0: (1 + gamma*iter) turns negative and a fractional power "
+                             "of it is NaN" % fields.get("gamma"))
+        if power < 0:
+            return "power", "power %s < 0 makes lr grow without bound" % fields.get("power")
+        return "power", "inv reads gamma and power"
+    if policy == "sigmoid":
+        return "stepsize", "sigmoid reads gamma and stepsize"
+    if policy == "fixed":
+        return "base_lr", "fixed uses base_lr as it is"
+    if policy is None:
+        return None, "the log does not show the solver's parameters"
+    return "lr_policy", "unknown policy %r" % policy
+
+
+def report_fault(line):
+    """The fault a parsed report line tells (a dict: source 'layer' or 'watch', layer,
+    layer_type, follows, phase, iteration, what, nan, posinf, neginf, first_index, action,
+    note), or None for a line that is not about a fault (summaries, statistics, notes).
+
+    ``line`` is what ``safe_layers.reporting.parse_line`` returns; its attributes are
+    read here, its text never re-parsed."""
+    kind = getattr(line, "kind", None)
+    if kind in ("fault", "abort", "abort_report"):
+        report = line.report
+        return {"source": "layer", "layer": report.layer, "layer_type": report.layer_type,
+                "follows": report.follows, "phase": report.phase, "iteration": report.iteration,
+                "what": report.pass_, "nan": report.nan, "posinf": report.posinf,
+                "neginf": report.neginf, "first_index": report.first_index,
+                "action": report.action, "note": report.detail or ""}
+    if kind == "watch":
+        fields = line.watch or {}
+        if fields.get("kind") != "producer":
+            return None
+        return {"source": "watch", "layer": fields["layer"], "layer_type": fields["layer_type"],
+                "follows": None, "phase": fields["phase"], "iteration": fields["iteration"],
+                "what": "%s %s '%s' %s" % (fields["pass"], fields["role"], fields["blob"], fields["what"]),
+                "nan": fields["nan"], "posinf": fields["posinf"], "neginf": fields["neginf"],
+                "first_index": fields["first_index"], "action": fields["action"],
+                "note": fields["note"]}
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+
+def report_parser():
+    """The parser of our layers' (and a watch's) report lines, from the module that
+    writes them."""
+    from safe_layers import reporting
+    return reporting.parse_line
+
+
+def diagnose(path):
+    """A :class:`Diagnosis` of the log at ``path`` (InputError when unreadable)."""
+    if os.path.isdir(path):
+        raise InputError("%s: is a directory, not a log" % path)
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise InputError("%s: no such file" % path) from None
+    except OSError as exc:
+        raise InputError("%s: cannot read: %s" % (path, exc.strerror or exc)) from None
+    diagnosis = Diagnosis(path)
+    reader = LogReader(handle, report_parser())
+    with handle:
+        try:
+            for event in reader:
+                diagnosis.feed(event)
+        except OSError as exc:
+            raise InputError("%s: read error after line %d: %s" % (path, reader.lines, exc)) from None
+    diagnosis.finish(reader.lines)
+    if reader.lines == 0 and diagnosis.incomplete is None:
+        raise InputError("%s: empty log" % path)
+    if reader.glog_lines == 0 and reader.events == 0:
+        raise InputError("%s: not a Caffe log: none of its %d lines is a glog line or a line Caffe's "
+                         "solver writes" % (path, max(reader.lines, 1)))
+    diagnosis.reader = reader
+    return diagnosis
+
+
+def summary_lines(diagnosis, found):
+    d = diagnosis
+    out = []
+    for finding in found:
+        evidence = finding.data.get("evidence") or []
+        if evidence:
+            out.append("evidence for %s (%s):" % (finding.rule, finding.message.split(":")[0]))
+            for item in evidence:
+                out.append("  %s:%d: %s" % (d.path, item["line"], (item["text"] or "").strip()))
+    run = "log: %d lines" % d.lines
+    if d.first_iteration is not None:
+        run += ", iterations %s-%s" % (d.first_iteration, d.iteration)
+    last = d.loss.last
+    if last is not None:
+        run += ", last finite loss %s at iteration %s" % (fmt(last.value), last.iteration)
+    if d.debug_blocks:
+        run += ", %d debug_info iterations" % d.debug_blocks
+    if d.reports:
+        run += ", %d safe_layers report lines" % d.reports
+    out.append(run)
+    if d.first_bad is None and not any(f.severity == "error" for f in found):
+        out.append("no non-finite value in the training log")
+    if d.done:
+        out.append("the run finished (Optimization Done.)")
+    elif d.fatal is None and d.crash is None and d.python_error is None:
+        out.append("the log ends without 'Optimization Done.': the run is still going or was cut off "
+                   "(or it ran through pycaffe's solver.step(), which never writes it)")
+    if d.incomplete is not None:
+        out.append("line %d has no newline (still being written or cut off): not read"
+                   % d.incomplete.line)
+    return out
+
+
+def json_extra(diagnosis):
+    d = diagnosis
+    first = None
+    if d.first_bad is not None:
+        point, what = d.first_bad
+        first = dict(point.as_dict(), what=what)
+    return {"log": d.path, "lines": d.lines, "first_iteration": d.first_iteration,
+            "last_iteration": d.iteration, "finished": d.done,
+            "incomplete_last_line": d.incomplete.line if d.incomplete is not None else None,
+            "first_nonfinite": first, "lr_policy": d.lr_policy(),
+            "solver": d.solver.fields if d.solver is not None else None,
+            "forward_order": d.forward_order, "debug_info_iterations": d.debug_blocks,
+            "report_lines": d.reports,
+            "loss": d.loss.series.points, "lr": d.lr_series.points,
+            "outputs": {name: t.series.points for name, t in d.outputs.items()}}
+
+
+# ---------------------------------------------------------------------------------------
+# Plot.
+
+def write_plot(diagnosis, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy
+    d = diagnosis
+    heat = d.heatmap.columns
+    rows = 3 if heat else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(11, 3.4 * rows), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 2] + ([4] if heat else [])})
+    loss_ax, lr_ax = axes[0][0], axes[1][0]
+    lr_ax.sharex(loss_ax)
+    curves = [("loss (smoothed)", d.loss.series.points)]
+    curves += [("%s%s" % (name, " (* %s)" % fmt(t.weight) if t.weight is not None else ""), t.series.points)
+               for name, t in d.outputs.items() if t.weight is not None]
+    _plot_curves(loss_ax, curves, "loss")
+    _plot_curves(lr_ax, [("lr", d.lr_series.points)], "learning rate")
+    if d.first_bad is not None and d.first_bad[0].iteration is not None:
+        point, what = d.first_bad
+        for ax in (loss_ax, lr_ax):
+            ax.axvline(point.iteration, color="red", linestyle="--", linewidth=1)
+        loss_ax.annotate("first non-finite: %s = %s\niteration %s (line %d)"
+                         % (what, fmt(point.value), point.iteration, point.line),
+                         xy=(point.iteration, 0.97), xycoords=("data", "axes fraction"),
+                         xytext=(-8, 0), textcoords="offset points",
+                         ha="right", va="top", color="red", fontsize=8)
+    lr_ax.set_xlabel("iteration")
+    if heat:
+        ax = axes[2][0]
+        layers = [l for l in d.forward_order if any(l in column for _, column in heat)]
+        layers += sorted({l for _, column in heat for l in column} - set(layers))
+        matrix = numpy.full((len(layers), len(heat)), numpy.nan)
+        bad = numpy.zeros(matrix.shape, bool)
+        for j, (_, column) in enumerate(heat):
+            for i, layer in enumerate(layers):
+                value = column.get(layer)
+                if value is None:
+                    continue
+                if not math.isfinite(value):
+                    bad[i, j] = True
+                elif value > 0:
+                    matrix[i, j] = math.log10(value)
+        iterations = [it for it, _ in heat]
+        image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis")
+        if bad.any():
+            from matplotlib.colors import ListedColormap
+            overlay = numpy.ma.masked_where(~bad, numpy.ones(bad.shape))
+            ax.imshow(overlay, aspect="auto", interpolation="nearest", cmap=ListedColormap(["red"]),
+                      vmin=0, vmax=1)
+        ax.set_yticks(range(len(layers)), layers, fontsize=7 if len(layers) < 40 else 4)
+        ticks = sorted(set(numpy.linspace(0, len(heat) - 1, min(10, len(heat))).astype(int)))
+        ax.set_xticks(ticks, [str(iterations[t]) if iterations[t] is not None else "end" for t in ticks])
+        ax.set_xlabel("iteration (debug_info)")
+        ax.set_title("log10 mean |diff| per layer (backward, forward order top to bottom; red: non-finite)",
+                     fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.03)
+    loss_ax.set_title(os.path.basename(d.path), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_curves(ax, curves, label):
+    positive_only = True
+    plotted = False
+    for name, points in curves:
+        xs = [x for x, y in points if math.isfinite(y)]
+        ys = [y for x, y in points if math.isfinite(y)]
+        if not xs:
+            continue
+        plotted = True
+        if min(ys) <= 0:
+            positive_only = False
+        ax.plot(xs, ys, label=name, linewidth=1)
+        bad = [(x, y) for x, y in points if not math.isfinite(y)]
+        if bad:
+            ax.plot([bad[0][0]], [ys[-1] if ys else 1], "rx", markersize=9)
+    if plotted:
+        if positive_only:
+            ax.set_yscale("log")
+        else:
+            ax.set_yscale("symlog", linthresh=1e-3)
+        ax.legend(fontsize=7, loc="upper left")
+    else:
+        ax.text(0.5, 0.5, "no finite %s in the log" % label, transform=ax.transAxes, ha="center")
+    ax.set_ylabel(label)
+
+
+# ---------------------------------------------------------------------------------------
+
+def run(args):
+    if args.plot and os.path.realpath(args.plot) == os.path.realpath(args.log):
+        raise InputError("--plot %s would overwrite the log" % args.plot)
+    diagnosis = diagnose(args.log)
+    found = diagnosis.findings()
+    summary = summary_lines(diagnosis, found)
+    if args.plot:
+        write_plot(diagnosis, args.plot)
+        summary.append("plot: %s" % args.plot)
+    return findings_module.emit(found, args.format, extra=json_extra(diagnosis),
+                                summary="\n".join(summary), stream=sys.stdout)

@@ -1,0 +1,633 @@
+"""`safe-layers diagnose` on logs of real Caffe runs made inside the tests: `caffe train`
+and pycaffe, each failure the seed names (diverging lr, poly without max_iter, a NaN in
+the input, two losses of which one explodes), with and without debug_info; truncated
+and garbage logs; both glog date prefixes."""
+
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import textwrap
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caffe_data import convert_mnist, datum, write_lmdb
+from conftest import DIVERGING_NET
+from safe_layers.tools import cli, diagnose as diagnose_module
+
+DATA = Path(__file__).parent / "data"
+
+
+def run_diagnose(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        status = cli.main(["diagnose", *map(str, argv)])
+    return status, out.getvalue(), err.getvalue()
+
+
+def diagnose_json(log):
+    status, out, err = run_diagnose(log, "--format", "json")
+    assert err == "", err
+    return status, json.loads(out)
+
+
+def rules(document):
+    return {f["rule"]: f for f in document["findings"]}
+
+
+def assert_evidence_is_the_log(document, log):
+    """Every evidence line quoted is the log's own line at that number."""
+    lines = Path(log).read_text(errors="replace").splitlines()
+    for finding in document["findings"]:
+        for item in finding["evidence"]:
+            assert lines[item["line"] - 1].strip() == item["text"].strip() or \
+                item["text"].split(": ")[0] in lines[item["line"] - 1], (finding["rule"], item)
+
+
+def train_log(caffe_train, tmp_path, name, net_text, **solver):
+    """Run `caffe train` and keep its glog output (stderr) as a log file."""
+    result = caffe_train(net_text, **solver)
+    log = tmp_path / name
+    log.write_text(result.stderr)
+    return log, result
+
+
+# ---------------------------------------------------------------------------------------
+# Cause 1: exploding gradients (a too-high base_lr), with and without debug_info.
+
+@pytest.mark.parametrize("debug_info", [True, False])
+def test_diverging_lr(caffe_train, tmp_path, debug_info):
+    log, result = train_log(caffe_train, tmp_path, "diverging.log", DIVERGING_NET.replace("LAYER", ""),
+                            base_lr=0.1, max_iter=40, display=1,
+                            debug_info="true" if debug_info else "false")
+    assert result.returncode == 0
+    status, doc = diagnose_json(log)
+    assert status == 1
+    found = rules(doc)
+    assert found["SL502"]["cause"] == "exploding gradients"
+    assert found["SL502"]["rise"] > 1e10
+    assert "lower base_lr (0.1) by at least 10x" in found["SL502"]["fix"]
+    assert "SL503" not in found and "SL501" not in found
+    if debug_info:
+        # The squared error overflows first: the loss layer is the first non-finite output,
+        # and fc's weight gradient is the one that grew (the only learnable layer).
+        assert found["SL504"]["layer"] == "loss" and found["SL504"]["blob"] == "loss"
+        assert found["SL505"]["layer"] == "fc" and found["SL505"]["growth"] > 1e3
+        assert doc["forward_order"] == ["data", "fc", "loss"]
+        assert doc["debug_info_iterations"] == 41
+    else:
+        assert "SL504" not in found and "SL505" not in found
+    assert doc["first_nonfinite"]["iteration"] == found["SL502"]["iteration"]
+    assert_evidence_is_the_log(doc, log)
+
+
+# ---------------------------------------------------------------------------------------
+# Cause 2: a bad learning-rate policy.
+
+POLY_SCRIPT = """
+import sys, caffe
+caffe.set_mode_cpu()
+solver = caffe.SGDSolver(sys.argv[1])
+solver.step(3)
+"""
+
+
+def test_poly_without_max_iter_through_pycaffe(caffe, write_solver, tmp_path):
+    solver = write_solver(DIVERGING_NET.replace("LAYER", ""), base_lr=0.01, lr_policy='"poly"',
+                          power=0.9, display=1, max_iter=0)
+    text = solver.read_text()
+    solver.write_text("\n".join(l for l in text.splitlines() if not l.startswith("max_iter")) + "\n")
+    env = dict(os.environ, GLOG_minloglevel="0")
+    result = subprocess.run([sys.executable, "-c", POLY_SCRIPT, str(solver)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = tmp_path / "pycaffe.log"
+    log.write_text(result.stderr)
+    assert re.search(r"Iteration 0, lr = -?nan", result.stderr)
+    status, doc = diagnose_json(log)
+    assert status == 1
+    found = rules(doc)
+    assert set(found) == {"SL501"}
+    finding = found["SL501"]
+    assert finding["policy"] == "poly" and finding["field"] == "max_iter"
+    assert finding["iteration"] == 0
+    quoted = [item["text"] for item in finding["evidence"]]
+    assert any(re.search(r"Iteration 0, lr = -?nan", q) for q in quoted)
+    assert any(q.startswith("lr_policy") for q in quoted)
+    assert_evidence_is_the_log(doc, log)
+
+
+def test_exp_gamma_above_one(caffe_train, tmp_path):
+    log, _ = train_log(caffe_train, tmp_path, "exp.log",
+                       DIVERGING_NET.replace("LAYER", "").replace("std: 10", "std: 0.01"),
+                       base_lr=0.01, lr_policy='"exp"', gamma=1e10, max_iter=8, display=1)
+    status, doc = diagnose_json(log)
+    found = rules(doc)
+    assert status == 1 and found["SL501"]["policy"] == "exp" and found["SL501"]["field"] == "gamma"
+
+
+def test_lr_reaching_zero_and_gradient_clipping(caffe_train, tmp_path):
+    log, result = train_log(caffe_train, tmp_path, "multistep.log", DIVERGING_NET.replace("LAYER", ""),
+                            base_lr=0.01, lr_policy='"multistep"', stepvalue=5, gamma=0,
+                            clip_gradients=1, max_iter=10, display=1)
+    assert result.returncode == 0
+    assert "MultiStep Status: Iteration 5, step = 1" in result.stderr
+    status, doc = diagnose_json(log)
+    assert status == 0  # nothing non-finite: a warning and a note
+    found = rules(doc)
+    assert set(found) == {"SL510", "SL511"}
+    assert found["SL511"]["severity"] == "warning" and found["SL511"]["iteration"] == 5
+    clips = result.stderr.count("Gradient clipping: scaling down gradients")
+    assert clips > 0 and found["SL510"]["clips"] == clips
+
+
+# ---------------------------------------------------------------------------------------
+# Cause 4: a NaN in the input, on the published LeNet, read from an LMDB.
+
+def digits(n, seed):
+    """MNIST-shaped uint8 images whose class is a bright square's place: learnable fast."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+    for image, label in zip(images, labels):
+        row, col = 2 + (label % 5) * 5, 3 + (label // 5) * 13
+        image[row:row + 5, col:col + 9] = 230
+    return images, labels
+
+
+POISONED_POSITION = 64 * 14 + 17   # LeNet's batch is 64: iteration 14
+
+
+GUARD = """
+layer {
+  name: "data_guard" type: "Python" bottom: "data" top: "data"
+  include { phase: TRAIN }
+  python_param { module: "safe_layers" layer: "NaNGuard"
+                 param_str: "{name: data_guard, follows: mnist, action: ACTION}" }
+}
+"""
+
+WATCH_SCRIPT = """
+import sys, caffe, safe_layers
+caffe.set_mode_cpu()
+solver = caffe.get_solver(sys.argv[1])
+watch = safe_layers.watch(solver, solver_file=sys.argv[1], on_nonfinite="skip")
+solver.step(18)
+"""
+
+
+def lenet_work(work, poison="train", debug_info=True, guard=None):
+    """A folder laid out as Caffe's MNIST example expects (run from it): LMDBs written
+    by Caffe's convert_mnist_data, one record then replaced by a float Datum holding a
+    NaN (``poison``: "train" at POISONED_POSITION, "test" at 150, the second test batch),
+    LeNet as published (tests/data) with an optional NaNGuard after its TRAIN data layer
+    (``guard``: its action), and a solver of 18 iterations displaying every one."""
+    from conftest import solver_text
+    import lmdb
+    (work / "examples" / "mnist").mkdir(parents=True)
+    images, labels = digits(64 * 20, seed=7)
+    train = convert_mnist(work / "examples/mnist/mnist_train_lmdb", images, labels, "lmdb")
+    test_images, test_labels = digits(200, seed=8)
+    test = convert_mnist(work / "examples/mnist/mnist_test_lmdb", test_images, test_labels, "lmdb")
+    db, position, source = (test, 150, test_images) if poison == "test" else (
+        train, POISONED_POSITION, images)
+    poisoned = source[position].astype(np.float32)[None]
+    poisoned[0, 10, 12] = np.nan
+    env = lmdb.open(str(db), map_size=1 << 28)
+    with env.begin(write=True) as txn:
+        txn.put(b"%08d" % position, datum(poisoned, 0).SerializeToString())
+    env.close()
+    text = (DATA / "lenet_train_test.prototxt").read_text()
+    if guard:
+        at = text.index('layer {\n  name: "conv1"')
+        text = text[:at] + GUARD.replace("ACTION", guard).lstrip() + text[at:]
+    net = work / "lenet_train_test.prototxt"
+    net.write_text(text)
+    tests = dict(test_iter=2, test_interval=5) if poison == "test" else dict(test_iter=1,
+                                                                             test_interval=1000)
+    solver = work / "solver.prototxt"
+    solver.write_text(solver_text(net, base_lr=0.01, momentum=0.9, weight_decay=0.0005,
+                                  lr_policy='"inv"', gamma=0.0001, power=0.75, display=1, max_iter=18,
+                                  debug_info="true" if debug_info else "false", **tests))
+    return solver
+
+
+def run_logged(command, work):
+    """Run ``command`` in ``work`` with glog on stderr; (log path, returncode)."""
+    result = subprocess.run(command, cwd=work, env=dict(os.environ, GLOG_minloglevel="0"),
+                            capture_output=True, text=True, timeout=600)
+    log = work / "train.log"
+    log.write_text(result.stderr)
+    return log, result.returncode
+
+
+@pytest.fixture(scope="module")
+def lenet_runs(tmp_path_factory):
+    """`caffe train` of LeNet with a NaN in one record: True / False (debug_info on / off),
+    "test" (the NaN in the test set, debug_info on). {key: (log, workdir, returncode)}."""
+    import caffe  # noqa: F401 - skip/fail like the other Caffe tests
+    binary = Path(sys.executable).parent / "caffe"
+    runs = {}
+    for key in (True, False, "test"):
+        work = tmp_path_factory.mktemp("lenet_%s" % key)
+        solver = lenet_work(work, poison="test" if key == "test" else "train", debug_info=key is not False)
+        log, returncode = run_logged([str(binary), "train", "-solver", str(solver)], work)
+        # The NaN reaches LeNet's MAX pooling, whose CPU backward then writes outside the
+        # blob (caffe-internals.md §8): the run may die of heap corruption after it ends.
+        assert "Iteration 18, loss" in log.read_text(), log.read_text()[-3000:]
+        runs[key] = (log, work, returncode)
+    return runs
+
+
+@pytest.mark.parametrize("debug_info", [True, False])
+def test_nan_in_the_input_lenet(lenet_runs, debug_info, monkeypatch):
+    log, work, returncode = lenet_runs[debug_info]
+    status, doc = diagnose_json(log)
+    assert status == 1
+    found = rules(doc)
+    cause = found["SL503"]
+    assert cause["cause"] == "faulty input or loss layer"
+    assert cause["iteration"] == POISONED_POSITION // 64
+    assert "fell from" in cause["message"]
+    assert cause["sources"] == ["examples/mnist/mnist_train_lmdb"]
+    assert "safe-layers scan examples/mnist/mnist_train_lmdb" in cause["fix"]
+    assert "NaNGuard" in cause["fix"] and "mnist" in cause["fix"]
+    start, end = cause["record_positions"]
+    assert start <= POISONED_POSITION <= end and end - start == 63
+    assert "SL502" not in found and "SL501" not in found
+    if debug_info:
+        # The data layer's own top is the first non-finite value in forward order.
+        assert found["SL504"]["layer"] == "mnist" and found["SL504"]["blob"] == "data"
+        assert "the input itself" in found["SL504"]["message"]
+        assert doc["forward_order"][:3] == ["mnist", "conv1", "pool1"]
+    else:
+        assert "SL504" not in found
+    if returncode != 0:
+        assert "MAX pooling (pool1, pool2)" in found["SL508"]["message"]
+    else:
+        assert "SL508" not in found
+    assert_evidence_is_the_log(doc, log)
+    # And scan, as advised, finds that very record.
+    monkeypatch.chdir(work)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli.main(["scan", "examples/mnist/mnist_train_lmdb", "--format", "json"]) == 1
+    [bad] = json.loads(out.getvalue())["findings"]
+    assert bad["rule"] == "SL601" and bad["position"] == POISONED_POSITION
+    assert start <= bad["position"] <= end
+
+
+# ---------------------------------------------------------------------------------------
+# Two losses, one of which explodes.
+
+TWO_LOSSES = """
+name: "two_losses"
+layer { name: "data_a" type: "DummyData" top: "xa" top: "ta"
+  dummy_data_param { shape { dim: 16 dim: 10 } shape { dim: 16 dim: 1 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "gaussian" std: 1 } } }
+layer { name: "data_b" type: "DummyData" top: "xb" top: "tb"
+  dummy_data_param { shape { dim: 16 dim: 10 } shape { dim: 16 dim: 1 }
+    data_filler { type: "gaussian" std: 10 } data_filler { type: "gaussian" std: 1 } } }
+layer { name: "fc_a" type: "InnerProduct" bottom: "xa" top: "ya"
+  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "fc_b" type: "InnerProduct" bottom: "xb" top: "yb"
+  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss_a" type: "EuclideanLoss" bottom: "ya" bottom: "ta" top: "loss_a" }
+layer { name: "loss_b" type: "EuclideanLoss" bottom: "yb" bottom: "tb" top: "loss_b"
+  loss_weight: 0.5 }
+"""
+
+
+@pytest.mark.parametrize("debug_info", [True, False])
+def test_two_losses_one_explodes(caffe_train, tmp_path, debug_info):
+    log, result = train_log(caffe_train, tmp_path, "two.log", TWO_LOSSES, base_lr=0.2, max_iter=60,
+                            display=1, debug_info="true" if debug_info else "false")
+    assert result.returncode == 0
+    status, doc = diagnose_json(log)
+    assert status == 1
+    cause = rules(doc)["SL502"]
+    assert cause["output"] == "loss_b" and cause["layer"] == "loss_b"
+    assert cause["loss_weight"] == 0.5
+    assert "lower the loss_weight of layer 'loss_b' (now 0.5)" in cause["fix"]
+    assert "'loss_a' stayed within" in cause["message"]
+    if debug_info:
+        assert rules(doc)["SL505"]["layer"] == "fc_b"
+    assert_evidence_is_the_log(doc, log)
+
+
+# ---------------------------------------------------------------------------------------
+# The run aborted: a Caffe CHECK.
+
+def test_fatal_check(caffe_train, tmp_path):
+    net = """
+    layer { name: "d" type: "Data" top: "x" top: "l"
+            data_param { source: "no_such_lmdb" backend: LMDB batch_size: 2 } }
+    layer { name: "s" type: "Silence" bottom: "x" bottom: "l" }
+    """
+    log, result = train_log(caffe_train, tmp_path, "fatal.log", net, max_iter=2)
+    assert result.returncode != 0
+    status, doc = diagnose_json(log)
+    found = rules(doc)
+    assert status == 1 and set(found) == {"SL508"}
+    # Caffe's MDB_CHECK in db_lmdb.hpp fails on the missing source.
+    assert "Check failed: mdb_status == 0" in found["SL508"]["message"]
+    assert found["SL508"]["source"] == "db_lmdb.hpp"
+
+
+# ---------------------------------------------------------------------------------------
+# Logs in every shape: date prefixes, no prefix, truncated, garbage.
+
+@pytest.fixture(scope="module")
+def debug_log(lenet_runs):
+    return lenet_runs[True][0]
+
+
+def verdict(document):
+    return sorted((f["rule"], f["line"], f.get("layer"), f.get("iteration")) for f in document["findings"])
+
+
+def test_four_digit_dates_and_no_prefix(debug_log, tmp_path):
+    _, original = diagnose_json(debug_log)
+    text = debug_log.read_text()
+    four = tmp_path / "four.log"
+    four.write_text(re.sub(r"^([IWEF])\d{4}(\d{4} )", r"\1\2", text, flags=re.M))
+    assert "\nI20" not in four.read_text()[:10000]
+    _, document = diagnose_json(four)
+    assert verdict(document) == verdict(original)
+    bare = tmp_path / "bare.log"  # glog's --log_prefix=false
+    bare.write_text(re.sub(r"^[IWEF]\d{8} \S+ +\d+ \S+\] ", "", text, flags=re.M))
+    _, document = diagnose_json(bare)
+    assert verdict(document) == verdict(original)
+
+
+def test_truncated_logs(debug_log, tmp_path):
+    raw = debug_log.read_bytes()
+    _, original = diagnose_json(debug_log)
+    bad_line = rules(original)["SL503"]["line"]
+    lines = raw.split(b"\n")
+    # Cut in the middle of a line well after the NaN: the same verdict, the cut line noted.
+    after = b"\n".join(lines[:bad_line + 40]) + b"\n" + lines[bad_line + 40][:25]
+    cut = tmp_path / "cut_after.log"
+    cut.write_bytes(after)
+    status, document = diagnose_json(cut)
+    assert status == 1 and rules(document)["SL503"]["iteration"] == rules(original)["SL503"]["iteration"]
+    assert document["incomplete_last_line"] == bad_line + 41 and not document["finished"]
+    # Cut before the NaN: nothing wrong yet, and the log is said to be unfinished.
+    before = tmp_path / "cut_before.log"
+    before.write_bytes(b"\n".join(lines[:bad_line - 200]) + b"\n" + lines[bad_line - 200][:7])
+    status, out, _ = run_diagnose(before)
+    assert status == 0
+    assert "ends without 'Optimization Done.'" in out and "has no newline" in out
+    # Cut inside the solver's parameter block.
+    block = tmp_path / "cut_block.log"
+    block.write_bytes(b"\n".join(lines[:6]) + b"\n")
+    assert run_diagnose(block)[0] == 0
+
+
+def test_garbage(debug_log, tmp_path):
+    rng = random.Random(3)
+    junk = tmp_path / "random.bin"
+    junk.write_bytes(bytes(rng.randrange(256) for _ in range(200000)))
+    status, _, err = run_diagnose(junk)
+    assert status == 2 and "not a Caffe log" in err
+    empty = tmp_path / "empty.log"
+    empty.write_bytes(b"")
+    assert run_diagnose(empty)[0] == 2
+    assert run_diagnose(tmp_path)[0] == 2
+    status, _, err = run_diagnose(tmp_path / "missing.log")
+    assert status == 2 and "no such file" in err
+    # Garbage lines between the real ones change nothing.
+    _, original = diagnose_json(debug_log)
+    mixed_lines = []
+    noise = [b"\x00\xff\xfe garbage \x80\x81", b"I20261125 12:00:00.000000  1 solver.cpp:239] Iteration x, loss = y",
+             b"    Train net output #0: loss = banana", b"random text Iteration", b"[Forward] Layer",
+             b"E1125 10:00:00.123456 99 foo.cc:1] something unknown", b"A" * 200000]
+    for i, line in enumerate(debug_log.read_bytes().split(b"\n")):
+        mixed_lines.append(line)
+        if i % 3 == 0:
+            mixed_lines.append(rng.choice(noise))
+    mixed = tmp_path / "mixed.log"
+    mixed.write_bytes(b"\n".join(mixed_lines))
+    _, document = diagnose_json(mixed)
+    assert [(f["rule"], f.get("layer"), f.get("iteration")) for f in document["findings"]] == \
+        [(f["rule"], f.get("layer"), f.get("iteration")) for f in original["findings"]]
+
+
+def test_nan_in_the_test_set_only(lenet_runs):
+    """The test net's Forward lines (debug_info logs them on every test pass) are not
+    training: a NaN there is a test-data fault, and training is not blamed."""
+    log, _, returncode = lenet_runs["test"]
+    assert returncode == 0
+    status, doc = diagnose_json(log)
+    assert status == 1
+    found = rules(doc)
+    assert set(found) == {"SL509"}
+    assert found["SL509"]["output"] in ("accuracy", "loss") and found["SL509"]["iteration"] == 0
+    assert doc["first_nonfinite"] is None
+
+
+def test_guarded_lenet_names_the_guard_and_the_data_layer(caffe, tmp_path):
+    """A NaNGuard after LeNet's data layer (action: abort) under `caffe train`: our
+    report line (read by reporting.parse_line) names the guard, the layer it follows and
+    the iteration; the run stopped there."""
+    solver = lenet_work(tmp_path, guard="abort", debug_info=False)
+    log, returncode = run_logged([str(Path(sys.executable).parent / "caffe"), "train", "-solver",
+                                  str(solver)], tmp_path)
+    assert returncode == 1
+    status, doc = diagnose_json(log)
+    assert status == 1
+    found = rules(doc)
+    report = found["SL506"]
+    assert report["layer"] == "mnist" and report["iteration"] == POISONED_POSITION // 64
+    assert report["report"]["layer"] == "data_guard" and report["report"]["action"] == "abort"
+    assert report["report"]["nan"] == 1 and report["report"]["first_index"] == [17, 0, 10, 12]
+    assert "NaNGuard 'data_guard' (after 'mnist') caught non-finite forward data in TRAIN" in report["message"]
+    assert "safe-layers scan examples/mnist/mnist_train_lmdb" in report["fix"]
+    assert "FaultAbort" in found["SL508"]["message"]   # the abort ended the run
+    assert "SL503" not in found      # no NaN ever reached the loss
+    assert_evidence_is_the_log(doc, log)
+
+
+def test_watched_pycaffe_run_names_the_producer(caffe, tmp_path):
+    """safe_layers.watch on a pycaffe solver, skipping the bad iteration: its WATCH
+    producer line names the data layer; the loss never went non-finite."""
+    solver = lenet_work(tmp_path, debug_info=False)
+    log, returncode = run_logged([sys.executable, "-c", WATCH_SCRIPT, str(solver)], tmp_path)
+    assert returncode == 0, log.read_text()[-3000:]
+    assert "WATCH producer" in log.read_text()
+    status, doc = diagnose_json(log)
+    assert status == 1
+    found = rules(doc)
+    report = found["SL506"]
+    assert report["layer"] == "mnist" and report["report"]["source"] == "watch"
+    assert report["iteration"] == POISONED_POSITION // 64
+    assert report["report"]["first_index"] == [17, 0, 10, 12]
+    # Caffe logged that iteration's NaN loss before the watch skipped it: the cause is
+    # named, and that training went on.
+    cause = found["SL503"]
+    assert cause["iteration"] == POISONED_POSITION // 64
+    assert "training went on: the loss is finite again from iteration 14 (a watch skipped" in cause["message"]
+    assert "SL502" not in found and "SL508" not in found
+    assert_evidence_is_the_log(doc, log)
+
+
+def test_text_output_and_plot(debug_log, tmp_path):
+    status, out, _ = run_diagnose(debug_log, "--plot", tmp_path / "run.png")
+    assert status == 1
+    first = out.splitlines()[0]
+    assert re.match(r"%s:\d+:1: SL503 error faulty input or loss layer: " % re.escape(str(debug_log)), first)
+    assert "evidence for SL503" in out
+    from PIL import Image
+    with Image.open(tmp_path / "run.png") as image:
+        assert image.format == "PNG"
+    status, _, err = run_diagnose(debug_log, "--plot", debug_log)
+    assert status == 2 and "would overwrite the log" in err
+
+
+def test_plot_heatmap_only_with_debug_info(lenet_runs, tmp_path):
+    from PIL import Image
+    sizes = {}
+    for debug_info in (True, False):
+        log = lenet_runs[debug_info][0]
+        png = tmp_path / ("%s.png" % debug_info)
+        assert run_diagnose(log, "--plot", png)[0] == 1
+        with Image.open(png) as image:
+            sizes[debug_info] = image.size
+    assert sizes[True][1] > sizes[False][1]  # the third panel: the per-layer heatmap
+
+
+# ---------------------------------------------------------------------------------------
+# The parser, line by line (formats of caffe-internals.md §4-5).
+
+from safe_layers.tools.caffe_log import LogReader  # noqa: E402
+
+LINES = textwrap.dedent("""\
+    I1125 03:18:18.830953  5236 solver.cpp:239] Iteration 120 (12.5 iter/s, 0.8s/10 iters), loss = -nan
+    I20261125 03:18:18.830953  5236 solver.cpp:327] Iteration 50, loss = inf
+    I20261125 03:18:18.830953  5236 solver.cpp:258]     Train net output #1: loss_b = -inf (* 0.5 = -inf loss)
+    I20261125 03:18:18.830953  5236 solver.cpp:258]     Train net output #0: accuracy = 0.25
+    I20261125 03:18:18.830953  5236 solver.cpp:414]     Test net output #2: prob = nan
+    I20261125 03:18:18.830953  5236 sgd_solver.cpp:112] Iteration 7, lr = -nan
+    I20261125 03:18:18.830953  5236 solver.cpp:347] Iteration 500, Testing net (#1)
+    I20261125 03:18:18.830953  5236 solver.cpp:401]     Test loss: 2.5e-05
+    I20261125 03:18:18.830953  5236 sgd_solver.cpp:95] Gradient clipping: scaling down gradients (L2 norm 1.5e+03 > 35) by scale factor 0.0233333
+    I20261125 03:18:18.830953  5236 net.cpp:593]     [Forward] Layer conv1, top blob conv1 data: inf
+    I20261125 03:18:18.830953  5236 net.cpp:605]     [Forward] Layer conv1, param blob conv1_w data: 0.0125
+    I20261125 03:18:18.830953  5236 net.cpp:621]     [Backward] Layer pool1, bottom blob conv1 diff: -nan
+    I20261125 03:18:18.830953  5236 net.cpp:632]     [Backward] Layer conv1, param blob 1 diff: 3.5e-07
+    E20261125 03:18:18.830953  5236 net.cpp:721]     [Backward] All net params (data, diff): L1 norm = (12.5, inf); L2 norm = (1.25, nan)
+    I20261125 03:18:18.830953  5236 net.cpp:660]     [Update] Layer ip1, param 0 data: 0.5; diff: 0.25
+    I20261125 03:18:18.830953  5236 net.cpp:655]     [Update] Layer ip2, param blob 3 (owned by layer ip1, param 0) diff: 1
+    I20261125 03:18:18.830953  5236 sgd_solver.cpp:50] MultiStep Status: Iteration 3000, step = 2
+    I20261125 03:18:18.830953  5236 solver.cpp:290] Learning Rate Policy: multistep
+    F20261125 03:18:18.830953  5236 db_lmdb.hpp:15] Check failed: mdb_status == 0 (2 vs. 0) No such file or directory
+    I20261125 03:18:18.830953  5236 solver.cpp:332] Optimization Done.
+    """)
+
+
+def test_parser_reads_every_format(tmp_path):
+    log = tmp_path / "lines.log"
+    log.write_text(LINES)
+    events = list(LogReader(str(log)))
+    assert [e.kind for e in events] == [
+        "loss", "loss", "output", "output", "output", "lr", "testing", "test_loss", "clip", "forward",
+        "forward", "backward", "backward", "norms", "update", "update", "multistep", "policy", "fatal",
+        "done"]
+    by_line = {e.line: e for e in events}
+    loss = by_line[1]
+    assert loss.iteration == 120 and np.isnan(loss.value)
+    assert by_line[2].iteration == 50 and by_line[2].value == float("inf")
+    out = by_line[3]
+    assert (out.phase, out.index, out.name, out.weight) == ("TRAIN", 1, "loss_b", 0.5)
+    assert out.value == float("-inf") and out.weighted == float("-inf")
+    assert by_line[4].weight is None and by_line[4].value == 0.25
+    assert by_line[5].phase == "TEST" and np.isnan(by_line[5].value)
+    assert by_line[6].kind == "lr" and by_line[6].iteration == 7 and np.isnan(by_line[6].value)
+    assert (by_line[7].iteration, by_line[7].net) == (500, 1)
+    assert by_line[8].value == 2.5e-05
+    assert (by_line[9].norm, by_line[9].limit, by_line[9].scale) == (1500.0, 35.0, 0.0233333)
+    assert (by_line[10].layer, by_line[10].blob_kind, by_line[10].blob) == ("conv1", "top", "conv1")
+    assert by_line[10].value == float("inf")
+    assert (by_line[11].blob_kind, by_line[11].blob, by_line[11].value) == ("param", "conv1_w", 0.0125)
+    assert (by_line[12].layer, by_line[12].blob_kind) == ("pool1", "bottom") and np.isnan(by_line[12].value)
+    assert (by_line[13].blob_kind, by_line[13].blob, by_line[13].value) == ("param", "1", 3.5e-07)
+    norms = by_line[14]
+    assert (norms.l1_data, norms.l1_diff, norms.l2_data) == (12.5, float("inf"), 1.25)
+    assert np.isnan(norms.l2_diff)
+    assert (by_line[15].layer, by_line[15].param, by_line[15].data, by_line[15].diff) == ("ip1", "0", 0.5, 0.25)
+    assert by_line[16].kind == "update" and by_line[16].diff == 1.0
+    assert (by_line[17].iteration, by_line[17].step) == (3000, 2)
+    assert by_line[18].policy == "multistep"
+    assert by_line[19].kind == "fatal" and by_line[19].source == "db_lmdb.hpp"
+    assert by_line[20].kind == "done"
+    assert len(events) == 20
+
+
+def test_memory_stays_bounded():
+    """Whatever the number of iterations, what a Diagnosis keeps is bounded."""
+    from safe_layers.tools.caffe_log import Event
+    d = diagnose_module.Diagnosis("synthetic.log")
+    line = 0
+    for iteration in range(30000):
+        for layer in ("data", "conv", "loss"):
+            line += 1
+            d.feed(Event("forward", line, "x", layer=layer, blob_kind="top", blob=layer, value=1.0 + iteration))
+        line += 1
+        d.feed(Event("backward", line, "x", layer="conv", blob_kind="param", blob="0", value=0.5))
+        line += 1
+        d.feed(Event("loss", line, "x", iteration=iteration, value=1.0 / (1 + iteration)))
+        line += 1
+        d.feed(Event("output", line, "x", phase="TRAIN", index=0, name="loss", value=1.0, weight=1.0,
+                     weighted=1.0))
+        line += 1
+        d.feed(Event("lr", line, "x", iteration=iteration, value=0.01))
+    d.finish(line)
+    assert len(d.loss.series.points) <= diagnose_module.SERIES_POINTS
+    assert len(d.lr_series.points) <= diagnose_module.SERIES_POINTS
+    assert len(d.outputs["loss"].series.points) <= diagnose_module.SERIES_POINTS
+    assert len(d.heatmap.columns) <= diagnose_module.HEATMAP_COLUMNS
+    assert all(len(h) <= diagnose_module.GRADIENT_WINDOW for h in d.gradients.values())
+    assert d.block_lines == 0 and d.debug_blocks == 30000
+    # The kept points still span the run.
+    xs = [x for x, _ in d.loss.series.points]
+    assert xs[0] == 0 and xs[-1] > 29000
+
+
+def synthetic_log(path, losses):
+    """A log in `caffe train`'s format whose losses are ``losses`` (one per iteration)."""
+    lines = ["I20261125 10:00:00.000001  7 solver.cpp:45] Initializing solver from parameters: ",
+             "base_lr: 0.05", 'lr_policy: "fixed"',
+             "I20261125 10:00:00.000002  7 solver.cpp:289] Solving synthetic"]
+    for iteration, loss in enumerate(losses):
+        lines.append("I20261125 10:00:01.%06d  7 solver.cpp:239] Iteration %d (9 iter/s, 0.1s/1 iters), "
+                     "loss = %s" % (iteration, iteration, loss))
+        lines.append("I20261125 10:00:01.%06d  7 solver.cpp:258]     Train net output #0: loss = %s "
+                     "(* 1 = %s loss)" % (iteration, loss, loss))
+        lines.append("I20261125 10:00:01.%06d  7 sgd_solver.cpp:112] Iteration %d, lr = 0.05"
+                     % (iteration, iteration))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("losses, rule", [
+    (["1", "10", "100", "1000", "10000", "-nan"], "SL502"),     # four orders of magnitude
+    (["1", "8", "60", "150", "nan"], "SL502"),                 # 150x: two orders
+    (["1", "5", "50", "nan"], "SL503"),                        # 50x and no overflow: not "orders"
+    (["1", "3", "20", "inf"], "SL502"),                        # an overflow after a 20x rise
+    (["1", "3", "9", "inf"], "SL503"),                         # an overflow after less than 10x
+    (["2.3", "1.5", "0.9", "0.7", "nan"], "SL503"),            # falling, then sudden
+    (["1.0", "1.1", "0.9", "1.0", "-nan"], "SL503"),           # flat, then sudden
+    (["nan", "nan"], "SL507"),                                 # from the first iteration
+])
+def test_trend_thresholds(tmp_path, losses, rule):
+    status, doc = diagnose_json(synthetic_log(tmp_path / "synthetic.log", losses))
+    assert status == 1
+    assert [f["rule"] for f in doc["findings"]] == [rule]
+    bad = next(i for i, v in enumerate(losses) if v.lstrip("-") in ("nan", "inf"))
+    assert doc["findings"][0]["iteration"] == bad
