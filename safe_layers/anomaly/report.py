@@ -197,7 +197,7 @@ _EVENT = re.compile(
     r"(?P<message>.*)$")
 
 _INPUT = re.compile(r"(?P<role>[\w\[\] ]+?) (?P<blob>" + _STR + r") min=(?P<min>\S+) "
-                    r"max=(?P<max>\S+) mean\|x\|=(?P<mean_abs>\S+)")
+                    r"max=(?P<max>\S+) mean\|x\|=(?P<mean_abs>[^\s;]+)")  # "; " joins inputs
 
 
 def _float(text):

@@ -39,6 +39,7 @@ Every event has ``kind`` and ``line`` (1-based). Kinds and fields:
 - ``report``: report (a line of our layers or of a watch, as
   ``safe_layers.reporting.parse_line`` reads it: the parser lives beside the writer, so
   none of our formats is repeated here), severity
+- ``unreadable_report``: error (a line of ours its parser raised on: skipped, counted)
 - ``incomplete``: text (the last line, without its newline)
 
 :class:`LogReader` also counts ``lines`` and ``glog_lines`` (lines with a glog prefix).
@@ -434,7 +435,10 @@ class LogReader:
             return Event("fatal", number, message=message.strip(), source=source)
         if source == "safe_layers" or (severity is None and "safe_layers] " in message):
             if self.report_parser is not None:
-                report = self.report_parser(message)
+                try:
+                    report = self.report_parser(message)
+                except Exception as exc:  # noqa: BLE001 - a line is never fatal to the reader
+                    return Event("unreadable_report", number, error="%s: %s" % (type(exc).__name__, exc))
                 if report is not None:
                     return Event("report", number, report=report, severity=severity)
             return None

@@ -40,6 +40,7 @@ from safe_layers.tools.findings import Finding, InputError
 HELP = "explain a dead Caffe run from its training log: cause, iteration, layer, evidence lines"
 
 EXPLODING_RATIO = 100.0   # "orders of magnitude": the loss grew at least 100x before the NaN
+RISING_RATIO = 1000.0     # ... and, with nothing non-finite yet, 1000x up to the log's end
 WINDOW = 64               # finite losses kept before the first non-finite one
 GRADIENT_WINDOW = 8       # debug_info iterations kept per gradient before the first non-finite
 SERIES_POINTS = 2048      # points kept per plotted curve, whatever the log's length
@@ -230,6 +231,8 @@ class Diagnosis:
         self.clip_bad = None
         # our layers' reports
         self.reports = 0
+        self.unreadable_reports = 0
+        self.first_unreadable_report = None
         self.first_report = None       # (Event, fault dict)
         self.first_train_report = None
         self.report_layers = collections.OrderedDict()
@@ -415,6 +418,11 @@ class Diagnosis:
             self.first_train_report = (event, fault)
             self._note_bad(Point(fault["iteration"], float("nan"), event.line, event.text), "report")
 
+    def _on_unreadable_report(self, event):
+        self.unreadable_reports += 1
+        if self.first_unreadable_report is None:
+            self.first_unreadable_report = event
+
     def _on_fatal(self, event):
         if self.fatal is None:
             self.fatal = event
@@ -488,8 +496,10 @@ class Diagnosis:
         cause = None
         if lr_finding is None and self.first_bad is not None:
             cause = self._trend_finding()
-            if cause:
-                out.append(cause)
+        elif lr_finding is None:
+            cause = self._rising_finding()
+        if cause:
+            out.append(cause)
         out.extend(self._debug_findings(cause))
         out.extend(self._report_findings())
         out.extend(self._abort_findings(bool(out)))
@@ -556,8 +566,7 @@ class Diagnosis:
         bad_tracks = [t for t in tracks if t.bad is not None]
         if not history and self.loss.minimum is None:
             return self._from_start_finding(point)
-        if what == "report" and not bad_tracks and self.loss.bad is None:
-            return None  # a guard caught it and the loss stayed finite: see SL506
+        caught = what == "report" and not bad_tracks and self.loss.bad is None
         # The loss that went wrong first; the one that grew most if none did.
         if bad_tracks:
             culprit = min(bad_tracks, key=lambda t: t.bad.line)
@@ -572,17 +581,21 @@ class Diagnosis:
             self.loss.bad.value if self.loss.bad is not None else point.value)
         # An overflow (inf before nan) after a tenfold rise is an explosion too.
         exploding = rise >= EXPLODING_RATIO or (rise >= 10 and math.isinf(bad_value))
+        if caught and not exploding:
+            return None  # a guard or watch caught it while the loss was sane: SL506 says where
         bad_point = culprit.bad or self.loss.bad or point
         several = len([t for t in tracks if t is not self.loss]) > 1
         low, high = culprit.minimum, max(culprit.last, culprit.peak_after_min, key=lambda p: p.value)
         name = "" if culprit is self.loss or not several else " '%s'" % culprit.name
         if exploding:
             base_lr = self.solver_field("base_lr")
+            then = ("then became %s at iteration %s" % (fmt(bad_point.value), bad_point.iteration)
+                    if not caught else "until a report stopped it at iteration %s (line %d)"
+                    % (bad_point.iteration, bad_point.line))
             message = ("exploding gradients: the loss%s rose from %s (iteration %s) to %s (iteration "
-                       "%s), %.1f orders of magnitude, then became %s at iteration %s"
+                       "%s), %.1f orders of magnitude, %s"
                        % (name, fmt(low.value), low.iteration, fmt(high.value), high.iteration,
-                          math.log10(rise) if finite(rise) else float("inf"), fmt(bad_point.value),
-                          bad_point.iteration))
+                          math.log10(rise) if finite(rise) else float("inf"), then))
             fix = ("lower base_lr%s by at least 10x" % (" (%s)" % base_lr if base_lr else ""))
             layer = None
             data = {"cause": "exploding gradients", "rise": rise}
@@ -624,6 +637,29 @@ class Diagnosis:
         evidence = [first, low, last, bad_point, recovered]
         return self._finding("SL503", "error", bad_point, message, fix, evidence,
                              cause="faulty input or loss layer", **data)
+
+    def _rising_finding(self):
+        """No value went non-finite (yet): a loss still climbing by orders of magnitude at
+        the end of the log is an explosion under way (a log still being written, or a run
+        a watch stopped)."""
+        for track in self._loss_tracks():
+            rise = track.rise()
+            if rise is None or rise < RISING_RATIO or track.last is None:
+                continue
+            low, last = track.minimum, track.last
+            if last.value < 0.5 * track.peak_after_min.value:
+                continue  # it came back down
+            base_lr = self.solver_field("base_lr")
+            message = ("exploding gradients under way: the loss%s rose from %s (iteration %s) to %s "
+                       "(iteration %s, the last in the log), %.1f orders of magnitude; nothing is "
+                       "non-finite yet" % ("" if track is self.loss else " '%s'" % track.name,
+                                           fmt(low.value), low.iteration, fmt(last.value),
+                                           last.iteration, math.log10(rise)))
+            fix = "lower base_lr%s by at least 10x, or clip the gradient" % (
+                " (%s)" % base_lr if base_lr else "")
+            return self._finding("SL502", "warning", last, message, fix, [low, last],
+                                 cause="exploding gradients", rise=rise)
+        return None
 
     def _input_advice(self, iteration):
         data_layers = self.data_layers()
@@ -1009,6 +1045,10 @@ def summary_lines(diagnosis, found):
     elif d.fatal is None and d.crash is None and d.python_error is None:
         out.append("the log ends without 'Optimization Done.': the run is still going or was cut off "
                    "(or it ran through pycaffe's solver.step(), which never writes it)")
+    if d.unreadable_reports:
+        out.append("%d safe_layers lines could not be parsed by reporting.parse_line (first: line %d, %s); "
+                   "skipped" % (d.unreadable_reports, d.first_unreadable_report.line,
+                                d.first_unreadable_report.error))
     if d.incomplete is not None:
         out.append("line %d has no newline (still being written or cut off): not read"
                    % d.incomplete.line)
