@@ -70,20 +70,20 @@ def test_diverging_lr(caffe_train, tmp_path, debug_info):
     status, doc = diagnose_json(log)
     assert status == 1
     found = rules(doc)
-    assert found["SL502"]["cause"] == "exploding gradients"
-    assert found["SL502"]["rise"] > 1e10
-    assert "lower base_lr (0.1) by at least 10x" in found["SL502"]["fix"]
-    assert "SL503" not in found and "SL501" not in found
+    assert found["SL802"]["cause"] == "exploding gradients"
+    assert found["SL802"]["rise"] > 1e10
+    assert "lower base_lr (0.1) by at least 10x" in found["SL802"]["fix"]
+    assert "SL803" not in found and "SL801" not in found
     if debug_info:
         # The squared error overflows first: the loss layer is the first non-finite output,
         # and fc's weight gradient is the one that grew (the only learnable layer).
-        assert found["SL504"]["layer"] == "loss" and found["SL504"]["blob"] == "loss"
-        assert found["SL505"]["layer"] == "fc" and found["SL505"]["growth"] > 1e3
+        assert found["SL804"]["layer"] == "loss" and found["SL804"]["blob"] == "loss"
+        assert found["SL805"]["layer"] == "fc" and found["SL805"]["growth"] > 1e3
         assert doc["forward_order"] == ["data", "fc", "loss"]
         assert doc["debug_info_iterations"] == 41
     else:
-        assert "SL504" not in found and "SL505" not in found
-    assert doc["first_nonfinite"]["iteration"] == found["SL502"]["iteration"]
+        assert "SL804" not in found and "SL805" not in found
+    assert doc["first_nonfinite"]["iteration"] == found["SL802"]["iteration"]
     assert_evidence_is_the_log(doc, log)
 
 
@@ -113,8 +113,8 @@ def test_poly_without_max_iter_through_pycaffe(caffe, write_solver, tmp_path):
     status, doc = diagnose_json(log)
     assert status == 1
     found = rules(doc)
-    assert set(found) == {"SL501"}
-    finding = found["SL501"]
+    assert set(found) == {"SL801"}
+    finding = found["SL801"]
     assert finding["policy"] == "poly" and finding["field"] == "max_iter"
     assert finding["iteration"] == 0
     quoted = [item["text"] for item in finding["evidence"]]
@@ -129,7 +129,7 @@ def test_exp_gamma_above_one(caffe_train, tmp_path):
                        base_lr=0.01, lr_policy='"exp"', gamma=1e10, max_iter=8, display=1)
     status, doc = diagnose_json(log)
     found = rules(doc)
-    assert status == 1 and found["SL501"]["policy"] == "exp" and found["SL501"]["field"] == "gamma"
+    assert status == 1 and found["SL801"]["policy"] == "exp" and found["SL801"]["field"] == "gamma"
 
 
 def test_lr_reaching_zero_and_gradient_clipping(caffe_train, tmp_path):
@@ -141,10 +141,10 @@ def test_lr_reaching_zero_and_gradient_clipping(caffe_train, tmp_path):
     status, doc = diagnose_json(log)
     assert status == 0  # nothing non-finite: a warning and a note
     found = rules(doc)
-    assert set(found) == {"SL510", "SL511"}
-    assert found["SL511"]["severity"] == "warning" and found["SL511"]["iteration"] == 5
+    assert set(found) == {"SL810", "SL811"}
+    assert found["SL811"]["severity"] == "warning" and found["SL811"]["iteration"] == 5
     clips = result.stderr.count("Gradient clipping: scaling down gradients")
-    assert clips > 0 and found["SL510"]["clips"] == clips
+    assert clips > 0 and found["SL810"]["clips"] == clips
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def test_nan_in_the_input_lenet(lenet_runs, debug_info, monkeypatch):
     status, doc = diagnose_json(log)
     assert status == 1
     found = rules(doc)
-    cause = found["SL503"]
+    cause = found["SL803"]
     assert cause["cause"] == "faulty input or loss layer"
     assert cause["iteration"] == POISONED_POSITION // 64
     assert "fell from" in cause["message"]
@@ -260,18 +260,18 @@ def test_nan_in_the_input_lenet(lenet_runs, debug_info, monkeypatch):
     assert "NaNGuard" in cause["fix"] and "mnist" in cause["fix"]
     start, end = cause["record_positions"]
     assert start <= POISONED_POSITION <= end and end - start == 63
-    assert "SL502" not in found and "SL501" not in found
+    assert "SL802" not in found and "SL801" not in found
     if debug_info:
         # The data layer's own top is the first non-finite value in forward order.
-        assert found["SL504"]["layer"] == "mnist" and found["SL504"]["blob"] == "data"
-        assert "the input itself" in found["SL504"]["message"]
+        assert found["SL804"]["layer"] == "mnist" and found["SL804"]["blob"] == "data"
+        assert "the input itself" in found["SL804"]["message"]
         assert doc["forward_order"][:3] == ["mnist", "conv1", "pool1"]
     else:
-        assert "SL504" not in found
+        assert "SL804" not in found
     if returncode != 0:
-        assert "MAX pooling (pool1, pool2)" in found["SL508"]["message"]
+        assert "MAX pooling (pool1, pool2)" in found["SL808"]["message"]
     else:
-        assert "SL508" not in found
+        assert "SL808" not in found
     assert_evidence_is_the_log(doc, log)
     # And scan, as advised, finds that very record.
     monkeypatch.chdir(work)
@@ -279,7 +279,7 @@ def test_nan_in_the_input_lenet(lenet_runs, debug_info, monkeypatch):
     with redirect_stdout(out):
         assert cli.main(["scan", "examples/mnist/mnist_train_lmdb", "--format", "json"]) == 1
     [bad] = json.loads(out.getvalue())["findings"]
-    assert bad["rule"] == "SL601" and bad["position"] == POISONED_POSITION
+    assert bad["rule"] == "SL901" and bad["position"] == POISONED_POSITION
     assert start <= bad["position"] <= end
 
 
@@ -311,13 +311,13 @@ def test_two_losses_one_explodes(caffe_train, tmp_path, debug_info):
     assert result.returncode == 0
     status, doc = diagnose_json(log)
     assert status == 1
-    cause = rules(doc)["SL502"]
+    cause = rules(doc)["SL802"]
     assert cause["output"] == "loss_b" and cause["layer"] == "loss_b"
     assert cause["loss_weight"] == 0.5
     assert "lower the loss_weight of layer 'loss_b' (now 0.5)" in cause["fix"]
     assert "'loss_a' stayed within" in cause["message"]
     if debug_info:
-        assert rules(doc)["SL505"]["layer"] == "fc_b"
+        assert rules(doc)["SL805"]["layer"] == "fc_b"
     assert_evidence_is_the_log(doc, log)
 
 
@@ -334,10 +334,10 @@ def test_fatal_check(caffe_train, tmp_path):
     assert result.returncode != 0
     status, doc = diagnose_json(log)
     found = rules(doc)
-    assert status == 1 and set(found) == {"SL508"}
+    assert status == 1 and set(found) == {"SL808"}
     # Caffe's MDB_CHECK in db_lmdb.hpp fails on the missing source.
-    assert "Check failed: mdb_status == 0" in found["SL508"]["message"]
-    assert found["SL508"]["source"] == "db_lmdb.hpp"
+    assert "Check failed: mdb_status == 0" in found["SL808"]["message"]
+    assert found["SL808"]["source"] == "db_lmdb.hpp"
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,14 +369,14 @@ def test_four_digit_dates_and_no_prefix(debug_log, tmp_path):
 def test_truncated_logs(debug_log, tmp_path):
     raw = debug_log.read_bytes()
     _, original = diagnose_json(debug_log)
-    bad_line = rules(original)["SL503"]["line"]
+    bad_line = rules(original)["SL803"]["line"]
     lines = raw.split(b"\n")
     # Cut in the middle of a line well after the NaN: the same verdict, the cut line noted.
     after = b"\n".join(lines[:bad_line + 40]) + b"\n" + lines[bad_line + 40][:25]
     cut = tmp_path / "cut_after.log"
     cut.write_bytes(after)
     status, document = diagnose_json(cut)
-    assert status == 1 and rules(document)["SL503"]["iteration"] == rules(original)["SL503"]["iteration"]
+    assert status == 1 and rules(document)["SL803"]["iteration"] == rules(original)["SL803"]["iteration"]
     assert document["incomplete_last_line"] == bad_line + 41 and not document["finished"]
     # Cut before the NaN: nothing wrong yet, and the log is said to be unfinished.
     before = tmp_path / "cut_before.log"
@@ -427,8 +427,8 @@ def test_nan_in_the_test_set_only(lenet_runs):
     status, doc = diagnose_json(log)
     assert status == 1
     found = rules(doc)
-    assert set(found) == {"SL509"}
-    assert found["SL509"]["output"] in ("accuracy", "loss") and found["SL509"]["iteration"] == 0
+    assert set(found) == {"SL809"}
+    assert found["SL809"]["output"] in ("accuracy", "loss") and found["SL809"]["iteration"] == 0
     assert doc["first_nonfinite"] is None
 
 
@@ -443,14 +443,14 @@ def test_guarded_lenet_names_the_guard_and_the_data_layer(caffe, tmp_path):
     status, doc = diagnose_json(log)
     assert status == 1
     found = rules(doc)
-    report = found["SL506"]
+    report = found["SL806"]
     assert report["layer"] == "mnist" and report["iteration"] == POISONED_POSITION // 64
     assert report["report"]["layer"] == "data_guard" and report["report"]["action"] == "abort"
     assert report["report"]["nan"] == 1 and report["report"]["first_index"] == [17, 0, 10, 12]
     assert "NaNGuard 'data_guard' (after 'mnist') caught non-finite forward data in TRAIN" in report["message"]
     assert "safe-layers scan examples/mnist/mnist_train_lmdb" in report["fix"]
-    assert "FaultAbort" in found["SL508"]["message"]   # the abort ended the run
-    assert "SL503" not in found      # no NaN ever reached the loss
+    assert "FaultAbort" in found["SL808"]["message"]   # the abort ended the run
+    assert "SL803" not in found      # no NaN ever reached the loss
     assert_evidence_is_the_log(doc, log)
 
 
@@ -464,16 +464,16 @@ def test_watched_pycaffe_run_names_the_producer(caffe, tmp_path):
     status, doc = diagnose_json(log)
     assert status == 1
     found = rules(doc)
-    report = found["SL506"]
+    report = found["SL806"]
     assert report["layer"] == "mnist" and report["report"]["source"] == "watch"
     assert report["iteration"] == POISONED_POSITION // 64
     assert report["report"]["first_index"] == [17, 0, 10, 12]
     # Caffe logged that iteration's NaN loss before the watch skipped it: the cause is
     # named, and that training went on.
-    cause = found["SL503"]
+    cause = found["SL803"]
     assert cause["iteration"] == POISONED_POSITION // 64
     assert "training went on: the loss is finite again from iteration 14 (a watch skipped" in cause["message"]
-    assert "SL502" not in found and "SL508" not in found
+    assert "SL802" not in found and "SL808" not in found
     assert_evidence_is_the_log(doc, log)
 
 
@@ -492,11 +492,11 @@ def test_safe_layers_train_log(caffe, write_solver, tmp_path):
     status, doc = diagnose_json(log)
     assert status == 1
     found = rules(doc)
-    assert found["SL502"]["cause"] == "exploding gradients"
-    assert "until a report stopped it" in found["SL502"]["message"]
-    watch = found["SL506"]
+    assert found["SL802"]["cause"] == "exploding gradients"
+    assert "until a report stopped it" in found["SL802"]["message"]
+    watch = found["SL806"]
     assert watch["layer"] == "loss" and watch["report"]["source"] == "watch"
-    assert watch["iteration"] == found["SL502"]["iteration"]
+    assert watch["iteration"] == found["SL802"]["iteration"]
     assert "could not be parsed" not in run_diagnose(log)[1]
     assert_evidence_is_the_log(doc, log)
 
@@ -505,8 +505,8 @@ def test_text_output_and_plot(debug_log, tmp_path):
     status, out, _ = run_diagnose(debug_log, "--plot", tmp_path / "run.png")
     assert status == 1
     first = out.splitlines()[0]
-    assert re.match(r"%s:\d+:1: SL503 error faulty input or loss layer: " % re.escape(str(debug_log)), first)
-    assert "evidence for SL503" in out
+    assert re.match(r"%s:\d+:1: SL803 error faulty input or loss layer: " % re.escape(str(debug_log)), first)
+    assert "evidence for SL803" in out
     from PIL import Image
     with Image.open(tmp_path / "run.png") as image:
         assert image.format == "PNG"
@@ -640,15 +640,15 @@ def synthetic_log(path, losses):
 
 
 @pytest.mark.parametrize("losses, rule", [
-    (["1", "10", "100", "1000", "10000", "-nan"], "SL502"),     # four orders of magnitude
-    (["1", "8", "60", "150", "nan"], "SL502"),                 # 150x: two orders
-    (["1", "5", "50", "nan"], "SL503"),                        # 50x and no overflow: not "orders"
-    (["1", "3", "20", "inf"], "SL502"),                        # an overflow after a 20x rise
-    (["1", "3", "9", "inf"], "SL503"),                         # an overflow after less than 10x
-    (["2.3", "1.5", "0.9", "0.7", "nan"], "SL503"),            # falling, then sudden
-    (["1.0", "1.1", "0.9", "1.0", "-nan"], "SL503"),           # flat, then sudden
-    (["nan", "nan"], "SL507"),                                 # from the first iteration
-    (["1", "10", "100", "1000", "10000"], "SL502"),            # no NaN yet, still climbing
+    (["1", "10", "100", "1000", "10000", "-nan"], "SL802"),     # four orders of magnitude
+    (["1", "8", "60", "150", "nan"], "SL802"),                 # 150x: two orders
+    (["1", "5", "50", "nan"], "SL803"),                        # 50x and no overflow: not "orders"
+    (["1", "3", "20", "inf"], "SL802"),                        # an overflow after a 20x rise
+    (["1", "3", "9", "inf"], "SL803"),                         # an overflow after less than 10x
+    (["2.3", "1.5", "0.9", "0.7", "nan"], "SL803"),            # falling, then sudden
+    (["1.0", "1.1", "0.9", "1.0", "-nan"], "SL803"),           # flat, then sudden
+    (["nan", "nan"], "SL807"),                                 # from the first iteration
+    (["1", "10", "100", "1000", "10000"], "SL802"),            # no NaN yet, still climbing
     (["1", "10", "100", "1000", "2"], None),                   # it came back down
     (["1", "3", "9", "27", "81"], None),                       # under 1000x
 ])

@@ -69,18 +69,18 @@ def test_convert_tool_database_clean_and_with_bad_labels(caffe, tmp_path, backen
     bad = convert_mnist(tmp_path / "bad", images(60), bad_labels, backend)
     status, doc, _ = scan_json(bad, "--num-classes", 10)
     assert status == 1
-    assert faults(doc) == {("SL604", "00000007"), ("SL604", "00000031")}
-    assert {f["position"] for f in doc["findings"] if f["rule"] == "SL604"} == {7, 31}
+    assert faults(doc) == {("SL904", "00000007"), ("SL904", "00000031")}
+    assert {f["position"] for f in doc["findings"] if f["rule"] == "SL904"} == {7, 31}
 
 
 POISON = {
-    5: ("SL601", "nan"),
-    17: ("SL601", "inf"),
-    23: ("SL602", "size"),
-    29: ("SL603", "shape"),
-    31: ("SL606", "garbage"),
-    37: ("SL604", "label"),
-    41: ("SL602", "empty"),
+    5: ("SL901", "nan"),
+    17: ("SL901", "inf"),
+    23: ("SL902", "size"),
+    29: ("SL903", "shape"),
+    31: ("SL906", "garbage"),
+    37: ("SL904", "label"),
+    41: ("SL902", "empty"),
 }
 
 
@@ -126,7 +126,7 @@ def test_poisoned_records_found_exactly(caffe, tmp_path, backend):
     assert source["records"] == 48 and source["shape"] == [2, 3, 3]
     # Text output: one line per faulty record, in the compiler shape.
     status, out, _ = scan(db, "--num-classes", 4)
-    assert "%s:0:0: SL601 error record 00000005 (position 5): float_data holds nan=1" % db in out
+    assert "%s:0:0: SL901 error record 00000005 (position 5): float_data holds nan=1" % db in out
 
 
 def test_clean_float_set_scans_clean_and_limit(caffe, tmp_path):
@@ -136,7 +136,7 @@ def test_clean_float_set_scans_clean_and_limit(caffe, tmp_path):
     assert status == 0 and doc["findings"] == []
     poisoned = write_lmdb(tmp_path / "poisoned", poisoned_records())
     status, doc, _ = scan_json(poisoned, "--limit", 10)
-    assert faults(doc) == {("SL601", "00000005")}
+    assert faults(doc) == {("SL901", "00000005")}
     assert doc["sources"][0]["records"] == 10 and doc["sources"][0]["limit_reached"]
 
 
@@ -144,7 +144,7 @@ def test_caffe_data_layer_reads_the_nan_where_scan_says(caffe, make_net, tmp_pat
     """The record scan flags is the one that makes Caffe's Data layer output NaN."""
     db = write_lmdb(tmp_path / "poisoned", poisoned_records())
     _, doc, _ = scan_json(db, "--limit", 16)
-    [nan_record] = [f for f in doc["findings"] if f["rule"] == "SL601" and f["nan"]]
+    [nan_record] = [f for f in doc["findings"] if f["rule"] == "SL901" and f["nan"]]
     net = make_net("""
         layer { name: "data" type: "Data" top: "data" top: "label"
                 data_param { source: "%s" backend: LMDB batch_size: 1 } }
@@ -178,14 +178,14 @@ def test_encoded_records(caffe, tmp_path, monkeypatch):
     db = write_lmdb(tmp_path / "encoded", records)
     status, doc, _ = scan_json(db)
     assert status == 1
-    assert faults(doc) == {("SL603", "00000004"), ("SL605", "00000009")}
+    assert faults(doc) == {("SL903", "00000004"), ("SL905", "00000009")}
     assert doc["sources"][0]["shape"] == [3, 6, 5] and doc["sources"][0]["encoded"] == 12
     # Without an image library the records are counted and reported unchecked.
     monkeypatch.setattr(datasets, "image_library", lambda: None)
     status, doc, _ = scan_json(db)
     assert status == 0
     [note] = doc["findings"]
-    assert note["rule"] == "SL605" and note["severity"] == "info" and note["count"] == 12
+    assert note["rule"] == "SL905" and note["severity"] == "info" and note["count"] == 12
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,17 +286,17 @@ def test_hdf5_list_faults_with_rows(caffe, tmp_path, monkeypatch):
     by_rule = {}
     for f in doc["findings"]:
         by_rule.setdefault(f["rule"], []).append(f)
-    nonfinite = {os.path.basename(f["path"]): f["rows"] for f in by_rule["SL623"]}
+    nonfinite = {os.path.basename(f["path"]): f["rows"] for f in by_rule["SL923"]}
     assert nonfinite == {"a.h5": [4, 11], "b.h5": [2, 7]}
-    [b_finding] = [f for f in by_rule["SL623"] if f["path"].endswith("b.h5")]
+    [b_finding] = [f for f in by_rule["SL923"] if f["path"].endswith("b.h5")]
     assert b_finding["overflow_float32"] == 1 and b_finding["neginf"] == 1
-    [missing] = by_rule["SL620"]
+    [missing] = by_rule["SL920"]
     assert (missing["path"], missing["line"]) == ("list.txt", 3)
-    assert [os.path.basename(f["path"]) for f in by_rule["SL624"]] == ["c.h5"]
-    assert [os.path.basename(f["path"]) for f in by_rule["SL625"]] == ["d.h5"]
-    assert [os.path.basename(f["path"]) for f in by_rule["SL622"]] == ["e.h5"]
-    assert len(by_rule["SL604"]) == 10 and {f["label"] for f in by_rule["SL604"]} == {7}
-    assert set(by_rule) == {"SL620", "SL622", "SL623", "SL624", "SL625", "SL604"}
+    assert [os.path.basename(f["path"]) for f in by_rule["SL924"]] == ["c.h5"]
+    assert [os.path.basename(f["path"]) for f in by_rule["SL925"]] == ["d.h5"]
+    assert [os.path.basename(f["path"]) for f in by_rule["SL922"]] == ["e.h5"]
+    assert len(by_rule["SL904"]) == 10 and {f["label"] for f in by_rule["SL904"]} == {7}
+    assert set(by_rule) == {"SL920", "SL922", "SL923", "SL924", "SL925", "SL904"}
 
 
 def test_hdf5_rows_match_caffe_hdf5data(caffe, make_net, tmp_path):
@@ -322,10 +322,10 @@ def test_hdf5_rows_match_caffe_hdf5data(caffe, make_net, tmp_path):
 def test_hdf5_empty_list_missing_dataset_and_corrupt_file(caffe, tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     status, doc, _ = scan_json(tmp_path / "empty.txt", "--backend", "hdf5")
-    assert status == 1 and [f["rule"] for f in doc["findings"]] == ["SL626"]
+    assert status == 1 and [f["rule"] for f in doc["findings"]] == ["SL926"]
     write_h5(tmp_path / "x.h5", data=np.zeros((3, 2)))
     status, doc, _ = scan_json(tmp_path / "x.h5", "--tops", "data,label")
-    assert status == 1 and [f["rule"] for f in doc["findings"]] == ["SL621"]
+    assert status == 1 and [f["rule"] for f in doc["findings"]] == ["SL921"]
     raw = (tmp_path / "x.h5").read_bytes()
     (tmp_path / "cut.h5").write_bytes(raw[:len(raw) // 3])
     (tmp_path / "list.txt").write_text("%s\n" % (tmp_path / "cut.h5"))
@@ -347,15 +347,15 @@ def test_label_histogram_and_batch_trap(caffe, tmp_path):
     status, doc, _ = scan_json(db, "--num-classes", 7, "--batch-size", 32)
     assert status == 0  # warnings only
     rules = {f["rule"]: f for f in doc["findings"]}
-    assert set(rules) == {"SL610", "SL611"}
-    assert rules["SL610"]["classes"] == [5]
-    assert rules["SL611"]["classes"] == [3]
+    assert set(rules) == {"SL910", "SL911"}
+    assert rules["SL910"]["classes"] == [5]
+    assert rules["SL911"]["classes"] == [3]
     # Hypergeometric, computed independently: P(no class-3 record among 32 of 1000).
     p = math.comb(990, 32) / math.comb(1000, 32)
     [row3] = [r for r in doc["sources"][0]["labels"]["classes"] if r["label"] == 3]
     assert row3["p_absent_random"] == pytest.approx(p, rel=1e-9)
     need = next(b for b in range(1, 1000) if math.comb(990, b) / math.comb(1000, b) <= 0.01)
-    assert row3["batch_for_99"] == rules["SL611"]["batch_for_99"] == need
+    assert row3["batch_for_99"] == rules["SL911"]["batch_for_99"] == need
     half = next(b for b in range(1, 1000) if math.comb(990, b) / math.comb(1000, b) < 0.5)
     assert row3["likely_absent_up_to"] == half - 1
     # The table in text output.
@@ -369,11 +369,11 @@ def test_label_ordered_set_is_flagged(caffe, tmp_path):
     db = convert_mnist(tmp_path / "sorted", images(200, 6, (4, 4)), labels, "leveldb")
     status, doc, _ = scan_json(db, "--batch-size", 25)
     rules = {f["rule"]: f for f in doc["findings"]}
-    assert "SL612" in rules and rules["SL612"]["classes_per_batch"] == 1.0
+    assert "SL912" in rules and rules["SL912"]["classes_per_batch"] == 1.0
     shuffled = np.random.default_rng(6).permutation(labels)
     db2 = convert_mnist(tmp_path / "shuffled", images(200, 6, (4, 4)), shuffled, "leveldb")
     status, doc, _ = scan_json(db2, "--batch-size", 25)
-    assert "SL612" not in {f["rule"] for f in doc["findings"]}
+    assert "SL912" not in {f["rule"] for f in doc["findings"]}
 
 
 def test_plot_png(caffe, tmp_path):
@@ -430,8 +430,8 @@ def test_net_prototxt_scans_each_data_layer(caffe, tmp_path, monkeypatch):
     status, doc, _ = scan_json("net.prototxt")
     assert status == 1
     errors = {(f["rule"], f.get("key") or f.get("path")) for f in doc["findings"] if f["severity"] == "error"}
-    assert errors == {("SL604", "00000013"), ("SL623", "aux.h5"), ("SL630", "net.prototxt")}
-    [missing] = [f for f in doc["findings"] if f["rule"] == "SL630"]
+    assert errors == {("SL904", "00000013"), ("SL923", "aux.h5"), ("SL930", "net.prototxt")}
+    [missing] = [f for f in doc["findings"] if f["rule"] == "SL930"]
     source_line = '  data_param { source: "nowhere_lmdb" backend: LMDB batch_size: 4 }'
     assert (missing["line"], missing["col"]) == (NET.splitlines().index(source_line) + 1,
                                                  source_line.index("source") + 1)

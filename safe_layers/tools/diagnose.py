@@ -8,21 +8,21 @@ one still being written or cut off, in one streaming pass (memory does not grow 
 log). Finds the first iteration where anything went non-finite and classifies it in the
 six causes of the seed (``shared/docs/seed-causes.md``):
 
-  SL501 bad learning-rate policy: lr itself non-finite or negative; names the policy
+  SL801 bad learning-rate policy: lr itself non-finite or negative; names the policy
         and the solver field to fix (``poly`` without ``max_iter`` ...)
-  SL502 exploding gradients: the loss rose by orders of magnitude before it went
+  SL802 exploding gradients: the loss rose by orders of magnitude before it went
         non-finite; with several losses, names the output that exploded and its weight
-  SL503 faulty input or loss layer: the loss was falling (or flat), then suddenly
+  SL803 faulty input or loss layer: the loss was falling (or flat), then suddenly
         non-finite; names the data layer's source to ``scan`` and where to guard
-  SL507 non-finite from the first iteration: the net computes NaN on its first batch
-  SL504 with debug_info: the first layer, in forward order, whose output (or weights)
+  SL807 non-finite from the first iteration: the net computes NaN on its first batch
+  SL804 with debug_info: the first layer, in forward order, whose output (or weights)
         went non-finite
-  SL505 with debug_info: the gradient that grew fastest in the iterations before
-  SL506 a safe_layers layer's report: the layer, pass and iteration it caught
-  SL508 the run aborted (a Caffe CHECK / LOG(FATAL), a Python layer's exception)
-  SL509 a test net output non-finite while training stayed finite
-  SL510 gradient clipping: how often, and a non-finite norm it let through
-  SL511 the learning rate reached 0: nothing learns from there on
+  SL805 with debug_info: the gradient that grew fastest in the iterations before
+  SL806 a safe_layers layer's report: the layer, pass and iteration it caught
+  SL808 the run aborted (a Caffe CHECK / LOG(FATAL), a Python layer's exception)
+  SL809 a test net output non-finite while training stayed finite
+  SL810 gradient clipping: how often, and a non-finite norm it let through
+  SL811 the learning rate reached 0: nothing learns from there on
 
 Exit 0 when nothing went wrong, 1 when a cause was found, 2 when the file is not a
 readable Caffe log.
@@ -551,7 +551,7 @@ class Diagnosis:
         after = self.loss.bad
         if after is not None and after.line > bad.line:
             evidence.append(after)
-        return self._finding("SL501", "error", bad, message, fix, evidence, policy=policy, field=field,
+        return self._finding("SL801", "error", bad, message, fix, evidence, policy=policy, field=field,
                              lr=bad.value)
 
     def _loss_tracks(self):
@@ -582,7 +582,7 @@ class Diagnosis:
         # An overflow (inf before nan) after a tenfold rise is an explosion too.
         exploding = rise >= EXPLODING_RATIO or (rise >= 10 and math.isinf(bad_value))
         if caught and not exploding:
-            return None  # a guard or watch caught it while the loss was sane: SL506 says where
+            return None  # a guard or watch caught it while the loss was sane: SL806 says where
         bad_point = culprit.bad or self.loss.bad or point
         several = len([t for t in tracks if t is not self.loss]) > 1
         low, high = culprit.minimum, max(culprit.last, culprit.peak_after_min, key=lambda p: p.value)
@@ -615,7 +615,7 @@ class Diagnosis:
             else:
                 fix += "; or bound the gradient: clip_gradients in the solver, or a GradientClip layer above the loss"
             evidence = [low, high, bad_point, self._solver_point("base_lr")]
-            return self._finding("SL502", "error", bad_point, message, fix, evidence, layer=layer, **data)
+            return self._finding("SL802", "error", bad_point, message, fix, evidence, layer=layer, **data)
         # Falling or flat, then a sudden NaN: the input or the loss.
         first = culprit.first
         trend = "fell" if low.value < first.value * 0.9 else "stayed near %s" % fmt(first.value)
@@ -635,7 +635,7 @@ class Diagnosis:
                            else "the bad batch did not reach the weights"))
         fix, data = self._input_advice(bad_point.iteration)
         evidence = [first, low, last, bad_point, recovered]
-        return self._finding("SL503", "error", bad_point, message, fix, evidence,
+        return self._finding("SL803", "error", bad_point, message, fix, evidence,
                              cause="faulty input or loss layer", **data)
 
     def _rising_finding(self):
@@ -657,7 +657,7 @@ class Diagnosis:
                                            last.iteration, math.log10(rise)))
             fix = "lower base_lr%s by at least 10x, or clip the gradient" % (
                 " (%s)" % base_lr if base_lr else "")
-            return self._finding("SL502", "warning", last, message, fix, [low, last],
+            return self._finding("SL802", "warning", last, message, fix, [low, last],
                                  cause="exploding gradients", rise=rise)
         return None
 
@@ -698,7 +698,7 @@ class Diagnosis:
                    % (self.first_bad[1], fmt(point.value), point.iteration))
         fix = ("run `safe-layers lint` on the net (pooling windows outside the input, BatchNorm at "
                "zero statistics, bad fillers); %s" % self._input_advice(point.iteration)[0])
-        return self._finding("SL507", "error", point, message, fix, [point],
+        return self._finding("SL807", "error", point, message, fix, [point],
                              cause="non-finite from the start")
 
     def _debug_findings(self, cause):
@@ -729,7 +729,7 @@ class Diagnosis:
                               or layer.params.get("hdf5_data_param.source") or "SOURCE")
                     fix = ("`safe-layers scan %s` finds the record; a NaNGuard on the tops of '%s' "
                            "stops at its batch" % (source, event.layer))
-            out.append(self._finding("SL504", "error", point, message, fix, [point], layer=event.layer,
+            out.append(self._finding("SL804", "error", point, message, fix, [point], layer=event.layer,
                                      blob=event.blob, blob_kind=event.blob_kind))
         grown = self._fastest_gradient()
         if grown is not None:
@@ -742,15 +742,15 @@ class Diagnosis:
                                                    ratio, per_iteration))
             fix = ("clip it: a GradientClip layer above '%s', or lower base_lr / that layer's "
                    "lr_mult" % layer_name)
-            severity = "error" if cause is not None and cause.rule == "SL502" else "warning"
-            out.append(self._finding("SL505", severity, last, message, fix, [first, last],
+            severity = "error" if cause is not None and cause.rule == "SL802" else "warning"
+            out.append(self._finding("SL805", severity, last, message, fix, [first, last],
                                      layer=layer_name, blob=blob, growth=ratio))
         if self.first_bad_backward is not None and self.first_bad_forward is None:
             point, event = self.first_bad_backward
             message = ("debug_info: the first non-finite gradient is layer '%s' %s blob %s diff = %s "
                        "at iteration %s (backward runs from the loss down)"
                        % (event.layer, event.blob_kind, event.blob, fmt(event.value), point.iteration))
-            out.append(self._finding("SL504", "error", point, message,
+            out.append(self._finding("SL804", "error", point, message,
                                      "a NaNGuard (check: backward) below '%s' reports the first bad "
                                      "element" % event.layer, [point], layer=event.layer,
                                      blob=event.blob, blob_kind=event.blob_kind))
@@ -805,7 +805,7 @@ class Diagnosis:
             fix = ("'%s' is the first non-finite output the guards saw: look at that layer (and at "
                    "what feeds it)" % watched)
         point = Point(fault["iteration"], float("nan"), event.line, event.text)
-        return [self._finding("SL506", "error", point, message, fix, [point], layer=watched,
+        return [self._finding("SL806", "error", point, message, fix, [point], layer=watched,
                               reports=self.reports, report=fault)]
 
     def _abort_findings(self, explained):
@@ -813,7 +813,7 @@ class Diagnosis:
         if self.fatal is not None:
             event = self.fatal
             point = Point(self.iteration, None, event.line, event.text)
-            out.append(self._finding("SL508", "error", point,
+            out.append(self._finding("SL808", "error", point,
                                      "the run aborted at %s: %s" % (event.source or "?", event.message),
                                      "Caffe's own message names the check that failed", [point],
                                      source=event.source))
@@ -822,7 +822,7 @@ class Diagnosis:
             point = Point(self.iteration, None, event.line, event.text)
             evidence = [point] + ([Point(None, None, self.crash.line, self.crash.text)]
                                   if self.crash is not None else [])
-            out.append(self._finding("SL508", "error", point, "the run aborted: %s" % event.message,
+            out.append(self._finding("SL808", "error", point, "the run aborted: %s" % event.message,
                                      "a Python layer raised; its report and traceback are above "
                                      "this line", evidence, error=event.error))
         elif self.crash is not None:
@@ -846,7 +846,7 @@ class Diagnosis:
                        "'%s' and the cause above" % pooling[0])
             evidence = [point] + ([Point(None, None, self.crash_signal.line, self.crash_signal.text)]
                                   if self.crash_signal is not None else [])
-            out.append(self._finding("SL508", "error", point, message, fix, evidence, signal=signal))
+            out.append(self._finding("SL808", "error", point, message, fix, evidence, signal=signal))
         return out
 
     def _test_findings(self):
@@ -867,7 +867,7 @@ class Diagnosis:
         sources = [source for source in sources if source]
         if sources:
             fix = "scan the test data: %s" % "; ".join("`safe-layers scan %s`" % s for s in sources)
-        return [self._finding("SL509", "error", self.test_bad, message, fix, [self.test_bad],
+        return [self._finding("SL809", "error", self.test_bad, message, fix, [self.test_bad],
                               output=self.test_bad_name)]
 
     def _clip_findings(self):
@@ -877,7 +877,7 @@ class Diagnosis:
             message = ("gradient clipping saw a non-finite L2 norm (%s) at iteration %s: Caffe's "
                        "clip_gradients lets a NaN norm pass and turns an inf norm into NaN weights"
                        % (fmt(self.clip_bad.value), self.clip_bad.iteration))
-            return [self._finding("SL510", "error", self.clip_bad, message,
+            return [self._finding("SL810", "error", self.clip_bad, message,
                                   "find the first non-finite gradient (above); GradientClip layers zero "
                                   "non-finite elements before the norm", [self.clip_bad])]
         limit = self.solver_field("clip_gradients")
@@ -885,7 +885,7 @@ class Diagnosis:
                    "%s%s)" % (self.clips, fmt(self.clip_max.value) if self.clip_max else "?",
                              self.clip_max.iteration if self.clip_max else "?",
                              ", limit %s" % limit if limit else ""))
-        return [self._finding("SL510", "info", self.clip_first, message, "", [self.clip_first, self.clip_max],
+        return [self._finding("SL810", "info", self.clip_first, message, "", [self.clip_first, self.clip_max],
                               clips=self.clips)]
 
     def _lr_zero_finding(self):
@@ -900,7 +900,7 @@ class Diagnosis:
         message = ("the learning rate reached 0 at iteration %s%s: nothing learns from there on"
                    % (point.iteration, " (lr_policy \"%s\"%s)" % (policy, ", gamma %s" % fields["gamma"]
                                                                if "gamma" in fields else "") if policy else ""))
-        return self._finding("SL511", "warning", point, message,
+        return self._finding("SL811", "warning", point, message,
                              "check %s" % field if field else "check the solver's lr fields",
                              [self.lr_last_positive, point, self._solver_point("lr_policy")])
 

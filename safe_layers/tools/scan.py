@@ -5,24 +5,24 @@
     safe-layers scan train_val.prototxt --plot labels.png   # every data layer's source
 
 LMDB / LevelDB of Datums (as the ``Data`` layer reads them, in key order):
-  SL601 non-finite float_data; SL602 data/float_data size not channels x height x width
-  (or no values at all); SL603 a shape that differs from the first record's (Caffe shapes
-  the batch from the first record); SL604 a label outside [0, --num-classes); SL605 an
+  SL901 non-finite float_data; SL902 data/float_data size not channels x height x width
+  (or no values at all); SL903 a shape that differs from the first record's (Caffe shapes
+  the batch from the first record); SL904 a label outside [0, --num-classes); SL905 an
   encoded image that does not decode (checked with Pillow when installed, else counted
-  and reported unchecked); SL606 a value that is not a Datum.
+  and reported unchecked); SL906 a value that is not a Datum.
 HDF5 (as ``HDF5Data`` reads it: the source list, one dataset per top, converted to
 float32):
-  SL620 a listed file that does not exist; SL621 a top with no dataset of that name;
-  SL622 a dataset that is neither float nor integer; SL623 non-finite values (rows named;
-  also finite float64 values that overflow float32); SL624 tops whose dimension 0
-  differ within a file; SL625 a dataset whose shape past dimension 0 differs from the
-  first file's; SL626 a list that names no file.
+  SL920 a listed file that does not exist; SL921 a top with no dataset of that name;
+  SL922 a dataset that is neither float nor integer; SL923 non-finite values (rows named;
+  also finite float64 values that overflow float32); SL924 tops whose dimension 0
+  differ within a file; SL925 a dataset whose shape past dimension 0 differs from the
+  first file's; SL926 a list that names no file.
 Labels:
-  SL610 classes absent from the whole set; SL611 classes likely absent from a batch at the
+  SL910 classes absent from the whole set; SL911 classes likely absent from a batch at the
   net's batch size (the label-frequency trap: a loss normalised per class divides by
-  zero); SL612 records stored in label order (Caffe reads LMDB/LevelDB in key order, so
+  zero); SL912 records stored in label order (Caffe reads LMDB/LevelDB in key order, so
   each batch then holds one or two classes).
-Given a net or solver prototxt: SL630 a data layer whose source does not exist; the
+Given a net or solver prototxt: SL930 a data layer whose source does not exist; the
 number of classes from the layer feeding the loss, the batch size and ignore_label from
 the net.
 
@@ -125,21 +125,21 @@ def targets_from_prototxt(path):
                 source_node = node.find(field + ".source")
                 line, col = net.where(source_node or node)
                 if not param.source:
-                    notes.append(Finding(net.path, line, col, "SL630", "error",
+                    notes.append(Finding(net.path, line, col, "SL930", "error",
                                          "data layer '%s' (%s) names no source" % (layer.name, kind),
                                          "set %s.source" % field, layer=layer.name))
                     continue
                 resolved, note = prototxt.resolve_reference(param.source, net.path)
                 if note == "does not exist":
                     notes.append(Finding(
-                        net.path, line, col, "SL630", "error",
+                        net.path, line, col, "SL930", "error",
                         "data layer '%s' (%s): source %r does not exist (Caffe opens it relative to "
                         "the working directory, %s)" % (layer.name, kind, param.source, os.getcwd()),
                         "create the dataset or fix the path", layer=layer.name,
                         data={"source": param.source}))
                     continue
                 if note:
-                    notes.append(Finding(net.path, line, col, "SL630", "warning",
+                    notes.append(Finding(net.path, line, col, "SL930", "warning",
                                          "data layer '%s': source %r %s" % (layer.name, param.source, note),
                                          "run from the folder Caffe will run in", layer=layer.name))
                 backend = "hdf5" if kind == "HDF5Data" else (
@@ -154,7 +154,7 @@ def targets_from_prototxt(path):
                 target.layers.append(where)
             elif kind in ("ImageData", "WindowData", "MemoryData"):
                 line, col = net.where(node)
-                notes.append(Finding(net.path, line, col, "SL630", "info",
+                notes.append(Finding(net.path, line, col, "SL930", "info",
                                      "data layer '%s' (%s) is not scanned: scan reads LMDB, LevelDB "
                                      "and HDF5 sources" % (layer.name, kind), layer=layer.name))
     if not targets and not any(f.severity == "error" for f in notes):
@@ -451,7 +451,7 @@ def scan_database(report, limit):
             try:
                 datum = datasets.parse_datum(record.value)
             except datasets.DatumError as exc:
-                found("SL606", str(exc), "rebuild the database with Caffe's convert tools or "
+                found("SL906", str(exc), "rebuild the database with Caffe's convert tools or "
                       "caffe.io.array_to_datum-equivalent code")
                 continue
             shape = datasets.datum_shape(datum)
@@ -463,7 +463,7 @@ def scan_database(report, limit):
                     try:
                         shape = datasets.decode_image(datum).shape
                     except datasets.DatumError as exc:
-                        found("SL605", str(exc), "re-encode or drop this image")
+                        found("SL905", str(exc), "re-encode or drop this image")
                         shape = None
             else:
                 expected = shape[0] * shape[1] * shape[2]
@@ -472,12 +472,12 @@ def scan_database(report, limit):
                 else:
                     count, field = len(datum.float_data), "float_data"
                 if count == 0:
-                    found("SL602", "no values: data and float_data are both empty "
+                    found("SL902", "no values: data and float_data are both empty "
                                    "(declared %dx%dx%d)" % shape,
                           "drop the record or fill it", declared=list(shape), values=0)
                     shape = None
                 elif count != expected:
-                    found("SL602", "%s holds %d values, channels x height x width = %dx%dx%d = %d"
+                    found("SL902", "%s holds %d values, channels x height x width = %dx%dx%d = %d"
                           % (field, count, shape[0], shape[1], shape[2], expected),
                           "fix channels/height/width or the data of this record",
                           field=field, values=count, declared=list(shape))
@@ -491,7 +491,7 @@ def scan_database(report, limit):
                         neginf = int(numpy.isneginf(values).sum())
                         first = int(numpy.flatnonzero(bad)[0])
                         index = [int(i) for i in numpy.unravel_index(first, shape)]
-                        found("SL601", "float_data holds nan=%d +inf=%d -inf=%d of %d values; first "
+                        found("SL901", "float_data holds nan=%d +inf=%d -inf=%d of %d values; first "
                                        "at [c, h, w] = %s" % (nan, posinf, neginf, count, index),
                               "rebuild this record from its source, or guard the data layer with "
                               "a NaNGuard (action: clamp)",
@@ -500,7 +500,7 @@ def scan_database(report, limit):
                 if report.shape is None:
                     report.shape = tuple(int(d) for d in shape)
                 elif tuple(shape) != report.shape:
-                    found("SL603", "shape %s differs from the first record's %s (Caffe shapes "
+                    found("SL903", "shape %s differs from the first record's %s (Caffe shapes "
                                    "every batch from the first record)"
                           % ("x".join(map(str, shape)), "x".join(map(str, report.shape))),
                           "resize this record to %s or rebuild the set at one size"
@@ -510,7 +510,7 @@ def scan_database(report, limit):
             if label == target.ignore_label:
                 continue
             if target.num_classes is not None and not 0 <= label < target.num_classes:
-                found("SL604", "label %d is outside [0, %d) (classes from %s)"
+                found("SL904", "label %d is outside [0, %d) (classes from %s)"
                       % (label, target.num_classes, target.classes_from),
                       "relabel this record, or set the loss's ignore_label to it if it means "
                       "'no label'", label=label)
@@ -518,7 +518,7 @@ def scan_database(report, limit):
         if limit is not None and report.records >= limit and (db.count is None or db.count > limit):
             report.truncated_at = limit
     if report.encoded_unchecked:
-        report.extra.append(Finding(path, 0, 0, "SL605", "info",
+        report.extra.append(Finding(path, 0, 0, "SL905", "info",
                                     "%d encoded records not decoded: no image library (Pillow) is "
                                     "installed" % report.encoded_unchecked,
                                     "pip install Pillow to check them",
@@ -540,7 +540,7 @@ def scan_hdf5(report, limit, label_name):
     else:
         entries, list_path = datasets.hdf5_list(path), path
         if not entries:
-            report.extra.append(Finding(path, 1, 1, "SL626", "error",
+            report.extra.append(Finding(path, 1, 1, "SL926", "error",
                                         "the HDF5 list names no file (HDF5Data aborts: "
                                         "'Must have at least 1 HDF5 filename listed')",
                                         "list the .h5 files, one per line"))
@@ -557,7 +557,7 @@ def scan_hdf5(report, limit, label_name):
             if note == "does not exist":
                 hint = (" (HDF5Data splits the list at white space: a path with a space in it "
                         "becomes two)" if _line_has_several_tokens(entries, line) else "")
-                report.rules.add(Finding(list_path, line, 1, "SL620", "error",
+                report.rules.add(Finding(list_path, line, 1, "SL920", "error",
                                          "listed file %r does not exist%s" % (name, hint),
                                          "fix the path (relative paths are opened from the working "
                                          "directory, %s)" % os.getcwd(), data={"file": name}))
@@ -572,7 +572,7 @@ def scan_hdf5(report, limit, label_name):
             dim0 = {}
             for top in tops:
                 if not h5.has(top):
-                    report.rules.add(Finding(file_path, 0, 0, "SL621", "error",
+                    report.rules.add(Finding(file_path, 0, 0, "SL921", "error",
                                              "no dataset named '%s' (the top's name): it has %s"
                                              % (top, ", ".join(h5.names()) or "none"),
                                              "name the top after a dataset, or add the dataset",
@@ -580,20 +580,20 @@ def scan_hdf5(report, limit, label_name):
                     continue
                 kind = h5.kind(top)
                 if kind not in ("float", "integer"):
-                    report.rules.add(Finding(file_path, 0, 0, "SL622", "error",
+                    report.rules.add(Finding(file_path, 0, 0, "SL922", "error",
                                              "dataset '%s' is of type %s; HDF5Data reads only float "
                                              "and integer datasets" % (top, kind),
                                              "store it as float32", data={"top": top}))
                     continue
                 shape = h5.shape(top)
                 if not shape:
-                    report.rules.add(Finding(file_path, 0, 0, "SL624", "error",
+                    report.rules.add(Finding(file_path, 0, 0, "SL924", "error",
                                              "dataset '%s' is a scalar; HDF5Data needs at least one "
                                              "axis" % top, "store it with a row axis", data={"top": top}))
                     continue
                 dim0[top] = shape[0]
                 if top in first_shapes and first_shapes[top][1:] != shape[1:]:
-                    report.rules.add(Finding(file_path, 0, 0, "SL625", "error",
+                    report.rules.add(Finding(file_path, 0, 0, "SL925", "error",
                                              "dataset '%s' has rows of shape %s, the first file's "
                                              "has %s (HDF5Data shapes its top from the first file "
                                              "and would misread these rows)"
@@ -607,7 +607,7 @@ def scan_hdf5(report, limit, label_name):
                 _scan_hdf5_values(h5, top, file_path, report, rows_left, kind,
                                   top == label_name, target)
             if len(set(dim0.values())) > 1:
-                report.rules.add(Finding(file_path, 0, 0, "SL624", "error",
+                report.rules.add(Finding(file_path, 0, 0, "SL924", "error",
                                          "the tops' datasets differ in dimension 0: %s (HDF5Data "
                                          "requires the same number of rows)"
                                          % ", ".join("%s=%d" % kv for kv in dim0.items()),
@@ -657,7 +657,7 @@ def _scan_hdf5_values(h5, top, file_path, report, rows_left, kind, is_label, tar
                         continue
                     if target.num_classes is not None and not 0 <= label < target.num_classes:
                         report.rules.add(Finding(
-                            file_path, 0, 0, "SL604", "error",
+                            file_path, 0, 0, "SL904", "error",
                             "dataset '%s' row %d: label %d is outside [0, %d) (classes from %s)"
                             % (top, report.labels.total, label, target.num_classes,
                                target.classes_from),
@@ -670,7 +670,7 @@ def _scan_hdf5_values(h5, top, file_path, report, rows_left, kind, is_label, tar
         why = (" (%d finite float64 values overflow float32, as HDF5Data converts them)" % overflow
                if overflow else "")
         report.rules.add(Finding(
-            file_path, 0, 0, "SL623", "error",
+            file_path, 0, 0, "SL923", "error",
             "dataset '%s': non-finite values in %d rows: %s%s (nan=%d +inf=%d -inf=%d)%s"
             % (top, len(bad_rows), shown, more, counts["nan"], counts["posinf"], counts["neginf"], why),
             "rebuild these rows, or guard the data layer with a NaNGuard (action: clamp)",
@@ -692,7 +692,7 @@ def label_findings(report):
         more = " and %d more" % (len(absent) - len(shown)) if len(absent) > len(shown) else ""
         scope = ("of [0, %d) (from %s)" % (target.num_classes, target.classes_from)
                  if target.num_classes is not None else "below the largest label %d" % max(stats.counts))
-        out.append(Finding(where, 0, 0, "SL610", "warning",
+        out.append(Finding(where, 0, 0, "SL910", "warning",
                            "%d classes %s never occur in %d records: %s%s"
                            % (len(absent), scope, stats.total, shown, more),
                            "add examples of them; a loss weighted by class frequency divides by "
@@ -704,7 +704,7 @@ def label_findings(report):
         if rare:
             rows = ", ".join("%s (%.0f%%)" % (r["label"], 100 * r["p_absent_random"]) for r in rare[:10])
             need = max(r["batch_for_99"] for r in rare)
-            out.append(Finding(where, 0, 0, "SL611", "warning",
+            out.append(Finding(where, 0, 0, "SL911", "warning",
                                "at batch size %d, %d classes are missing from most random batches: "
                                "%s%s" % (batch, len(rare), rows, " ..." if len(rare) > 10 else ""),
                                "a loss normalised by each class's count in the batch divides by "
@@ -716,7 +716,7 @@ def label_findings(report):
             expected = sum(1.0 - stats.p_absent_random(label, batch) for label in stats.counts)
             observed = sum(stats.present_batches.values()) / stats.batches
             if observed < 0.5 * expected and observed < len(stats.counts):
-                out.append(Finding(where, 0, 0, "SL612", "warning",
+                out.append(Finding(where, 0, 0, "SL912", "warning",
                                    "records are stored in label order: read in key order, as Caffe's "
                                    "Data layer reads them, a batch of %d holds %.1f classes on "
                                    "average where a shuffled set would hold %.1f"
