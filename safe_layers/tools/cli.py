@@ -15,7 +15,7 @@ import sys
 from safe_layers.tools.findings import EXIT_INPUT, InputError
 
 # Subcommand -> module under safe_layers.tools; each defines HELP, add_arguments, run.
-SUBCOMMANDS = ("diagnose", "lint", "scan", "train")
+SUBCOMMANDS = ("diagnose", "lint", "harden", "scan", "train")
 
 
 def build_parser():

@@ -1,0 +1,466 @@
+"""Rewrite a net for incremental hardening: NaN guards where NaN starts, drop-in swaps.
+
+    safe-layers harden train_val.prototxt -o hardened.prototxt
+    safe-layers harden train_val.prototxt -o - --level repair --solver solver.prototxt
+    safe-layers harden train_val.prototxt -o out.prototxt --swap batchnorm,infogain --dry-run
+
+Levels (what each inserted NaNGuard does; outputs and gradients on finite input are those
+of the original net at every level, bit for bit at ``observe``):
+
+  observe  guards warn (one report line naming guard, layer, iteration, first bad element)
+  repair   guards clamp in forward (NaN -> 0, +-Inf -> +-FLT_MAX) and zero a non-finite
+           gradient in backward; a GradientClip (L2 norm, --max-norm) below each loss
+  strict   guards abort with the report at the first non-finite value
+
+Default placement, and why each spot:
+
+  * on every data layer's tops (Data, ImageData, HDF5Data, Input, ...): a NaN in the input
+    reaches conv1's own weight gradient in conv1's backward, before any guard placed after
+    conv1 could see it; only a guard on the data itself keeps it out;
+  * on the input of each Pooling layer: a MAX window that is all NaN keeps mask -1 and
+    Caffe's CPU backward then writes one element before its channel (another sample's
+    gradient); clamping the input keeps every window finite;
+  * after each layer the seed causes name as producers: BatchNorm (x/sqrt(eps) from
+    untrained statistics, 0/0 on constant channels), Log, Power, Exp (domain traps);
+  * below each loss (on its prediction input): the gradient that leaves the loss is where
+    an explosion starts, and the last place to name the loss that produced it.
+
+``--guard TYPE,...`` or ``--guard NAME-GLOB`` adds a guard after each matching layer
+(``--no-default-guards`` keeps only those). ``--swap batchnorm`` makes each BatchNorm a
+StableBatchNorm (same name, so caffemodels load both ways; the three
+``param { lr_mult: 0 }``; eps / moving_average_fraction / use_global_stats moved into its
+param_str); ``--swap infogain`` makes each InfogainLoss a SafeInfogainLoss (source, axis,
+ignore_label, normalization and the loss weight carried over; a Softmax in front is kept
+and read with ``input: probabilities``).
+
+Every inserted layer gets a name, ``follows`` and, with ``--solver``, the solver's
+``iter_size``. Every other byte of the file is kept (comments, formatting): the diff shows
+only the hardening. Hardening a hardened net changes nothing. The input is never written:
+``-o`` is required (``-o -`` for stdout); ``--dry-run`` prints the unified diff instead. A
+summary of what changed goes to stderr.
+"""
+
+import difflib
+import fnmatch
+import os
+import sys
+
+from safe_layers.tools import prototxt
+from safe_layers.tools.findings import InputError
+from safe_layers.tools.netshapes import DATA_TYPES
+from safe_layers.tools.rules import layers_in_state, loss_weights
+
+HELP = "insert NaN guards (and drop-in swaps) into a net prototxt, keeping every other byte"
+
+LEVELS = ("observe", "repair", "strict")
+SWAPS = ("batchnorm", "infogain")
+PRODUCER_TYPES = ("BatchNorm", "Log", "Power", "Exp")
+INPUT_TYPES = tuple(DATA_TYPES) + ("Input",)
+GUARD_PARAMS = {
+    "observe": "action: warn",
+    "repair": "action: clamp, backward_action: zero",
+    "strict": "action: abort",
+}
+
+
+def add_arguments(parser):
+    parser.add_argument("input", metavar="IN.prototxt", help="the net to harden (never written)")
+    parser.add_argument("-o", "--output", metavar="OUT.prototxt",
+                        help="where the hardened net goes ('-' for stdout); required unless --dry-run")
+    parser.add_argument("--level", choices=LEVELS, default="observe",
+                        help="observe: guards warn (default); repair: clamp forward, zero backward, "
+                             "GradientClip below each loss; strict: abort with the report")
+    parser.add_argument("--guard", action="append", default=[], metavar="TYPE,...|NAME-GLOB",
+                        help="also guard after each layer of these types (Convolution,InnerProduct) "
+                             "or whose name matches the glob ('res5*'); repeatable")
+    parser.add_argument("--no-default-guards", action="store_true",
+                        help="only the --guard spots, not the default placement")
+    parser.add_argument("--swap", default="", metavar="batchnorm,infogain",
+                        help="replace BatchNorm by StableBatchNorm and/or InfogainLoss by SafeInfogainLoss")
+    parser.add_argument("--solver", metavar="SOLVER.prototxt",
+                        help="the solver that trains this net: its iter_size goes into every inserted layer")
+    parser.add_argument("--max-norm", type=float, default=1000.0, metavar="X",
+                        help="repair: the L2 bound of the GradientClip below each loss (default 1000)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the unified diff to stdout; write nothing")
+
+
+def run(args):
+    if not args.dry_run and not args.output:
+        raise InputError("-o OUT.prototxt is required (or -o - for stdout, or --dry-run); the "
+                         "input is never overwritten")
+    swaps = [s.strip().lower() for s in args.swap.split(",") if s.strip()]
+    unknown = [s for s in swaps if s not in SWAPS]
+    if unknown:
+        raise InputError("--swap %s: allowed: %s" % (",".join(unknown), ", ".join(SWAPS)))
+    if args.max_norm <= 0:
+        raise InputError("--max-norm must be > 0")
+    if args.output and args.output != "-" and os.path.exists(args.output) and \
+            os.path.samefile(args.output, args.input):
+        raise InputError("-o %s is the input file: harden never overwrites its input" % args.output)
+    iter_size = None
+    if args.solver:
+        iter_size = prototxt.read_solver(args.solver).message.iter_size or 1
+    net = prototxt.read_prototxt(args.input)
+    if net.kind != "net":
+        raise InputError("%s is a solver; harden takes the net (give the solver with --solver)" % net.path)
+    hardener = Hardener(net, level=args.level, guards=args.guard, default_guards=not args.no_default_guards,
+                        swaps=swaps, iter_size=iter_size, max_norm=args.max_norm)
+    text = hardener.harden()
+    for line in hardener.summary(args.output if not args.dry_run else None):
+        sys.stderr.write(line + "\n")
+    if args.dry_run:
+        sys.stdout.writelines(difflib.unified_diff(
+            net.text.splitlines(True), text.splitlines(True), fromfile=net.path,
+            tofile=args.output if args.output and args.output != "-" else net.path + " (hardened)"))
+        return 0
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        tmp = args.output + ".tmp%d" % os.getpid()
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, args.output)
+    return 0
+
+
+class Spot:
+    """A guard to insert after layer ``index``, on ``blobs``, for ``reasons``."""
+
+    def __init__(self, index, blobs, reason):
+        self.index, self.blobs, self.reasons = index, list(blobs), [reason]
+        self.clip_blob = None  # repair: a GradientClip on this blob (below a loss)
+
+    def add(self, blobs, reason):
+        for blob in blobs:
+            if blob not in self.blobs:
+                self.blobs.append(blob)
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+
+class Hardener:
+    """Plans and applies the edits to one net's text."""
+
+    def __init__(self, net, level="observe", guards=(), default_guards=True, swaps=(), iter_size=None,
+                 max_norm=1000.0):
+        if level not in LEVELS:
+            raise ValueError("level %r; allowed: %s" % (level, ", ".join(LEVELS)))
+        self.net, self.level, self.iter_size, self.max_norm = net, level, iter_size, max_norm
+        self.guard_specs = [g for spec in guards for g in spec.split(",") if g.strip()]
+        self.default_guards, self.swaps = default_guards, list(swaps)
+        pairs = net.layers()
+        if any(node.name == "layers" for _, node in pairs):
+            raise InputError("%s uses the V1 'layers' format; upgrade it first "
+                             "(upgrade_net_proto_text OLD NEW), then harden" % net.path)
+        self.pairs = pairs
+        self.names = {layer.name for layer, _ in pairs}
+        self.edits = []  # (start, end, text)
+        self.log = []
+        self.inserted = {"NaNGuard": 0, "GradientClip": 0}
+        self.swapped = {}
+
+    # ---- planning ------------------------------------------------------------------------
+
+    def _phase_lists(self):
+        pb2 = prototxt.caffe_pb2()
+        index_of = {node.start: i for i, (_, node) in enumerate(self.pairs)}
+        lists = []
+        for phase in ("TRAIN", "TEST"):
+            kept = layers_in_state(self.pairs, pb2.Phase.Value(phase))
+            lists.append([index_of[node.start] for _, node in kept])
+        return lists
+
+    def _last_writers(self, before, blob):
+        """Indices of the layers that last write ``blob`` before layer ``before``, one per
+        phase (a TRAIN and a TEST data layer may both write 'data')."""
+        found = []
+        for order in self._phase_lists():
+            if before not in order:
+                continue
+            position = order.index(before)
+            for i in reversed(order[:position]):
+                # Our own guards and clips are transparent: the writer is the layer they follow.
+                if blob in self.pairs[i][0].top and not self._is_ours(self.pairs[i][0]):
+                    if i not in found:
+                        found.append(i)
+                    break
+        return found
+
+    def _plan_spots(self):
+        spots = {}
+
+        def want(index, blobs, reason):
+            if index in spots:
+                spots[index].add(blobs, reason)
+            else:
+                spots[index] = Spot(index, blobs, reason)
+            return spots[index]
+
+        for i, (layer, _) in enumerate(self.pairs):
+            if self._is_ours(layer):
+                continue
+            if self.default_guards:
+                if layer.type in INPUT_TYPES or (layer.type == "Python" and not layer.bottom):
+                    if layer.top:
+                        want(i, list(layer.top), "data layer tops")
+                if layer.type == "Pooling" and layer.bottom:
+                    for w in self._last_writers(i, layer.bottom[0]):
+                        want(w, [layer.bottom[0]], "input of pooling '%s'" % layer.name)
+                if layer.type in PRODUCER_TYPES and layer.top:
+                    want(i, [layer.top[0]], "a %s output" % layer.type)
+                if any(loss_weights(layer)) and layer.bottom:
+                    for w in self._last_writers(i, layer.bottom[0]):
+                        spot = want(w, [layer.bottom[0]], "below loss '%s'" % layer.name)
+                        if self.level == "repair":
+                            spot.clip_blob = layer.bottom[0]
+            for spec in self.guard_specs:
+                if layer.type == spec or fnmatch.fnmatchcase(layer.name, spec):
+                    if layer.top:
+                        want(i, list(layer.top), "--guard %s" % spec)
+        return [spots[i] for i in sorted(spots)]
+
+    @staticmethod
+    def _is_ours(layer):
+        return layer.type == "Python" and layer.python_param.module.split(".")[0] == "safe_layers" \
+            and layer.python_param.layer in ("NaNGuard", "GradientClip")
+
+    def _existing(self, index, blob, kind):
+        """Whether a safe_layers ``kind`` layer on ``blob`` already sits right after layer
+        ``index`` (among the guards/clips that follow it): hardening twice changes nothing."""
+        for layer, _ in self.pairs[index + 1:]:
+            if not self._is_ours(layer):
+                return False
+            if layer.python_param.layer == kind and blob in layer.bottom:
+                return True
+        return False
+
+    # ---- text ----------------------------------------------------------------------------
+
+    def _indent(self):
+        """The file's indentation unit, read from the first multi-line layer block."""
+        text = self.net.text
+        for _, node in self.pairs:
+            if node.children and node.children[0].line > node.line:
+                child = node.children[0]
+                start = text.rfind("\n", 0, child.start) + 1
+                return text[start:child.start] or "  "
+        return "  "
+
+    def _unique(self, base):
+        name, n = base, 1
+        while name in self.names:
+            n += 1
+            name = "%s_%d" % (base, n)
+        self.names.add(name)
+        return name
+
+    def _param_str(self, pairs):
+        parts = ["%s: %s" % kv for kv in pairs]
+        if self.iter_size is not None:
+            parts.append("iter_size: %d" % self.iter_size)
+        return "{%s}" % ", ".join(parts)
+
+    def _block(self, name, blobs, rules, kind, param_str, ind):
+        lines = ["layer {", '%sname: "%s"' % (ind, name), '%stype: "Python"' % ind]
+        lines += ['%sbottom: "%s"' % (ind, b) for b in blobs]
+        lines += ['%stop: "%s"' % (ind, b) for b in blobs]
+        lines += ["%s%s" % (ind, r) for r in rules]
+        lines += ["%spython_param {" % ind, '%s%smodule: "safe_layers"' % (ind, ind),
+                  '%s%slayer: "%s"' % (ind, ind, kind),
+                  '%s%sparam_str: "%s"' % (ind, ind, param_str), "%s}" % ind, "}"]
+        return "\n".join(lines) + "\n"
+
+    def _rules_text(self, layer):
+        from google.protobuf import text_format
+        out = []
+        for field in ("include", "exclude"):
+            for rule_message in getattr(layer, field):
+                out.append("%s { %s }" % (field, text_format.MessageToString(rule_message, as_one_line=True)))
+        return out
+
+    def _insert_after(self, node, block):
+        """An edit that puts ``block`` on the lines after ``node``'s block."""
+        text = self.net.text
+        newline = text.find("\n", node.end)
+        rest = text[node.end:newline if newline >= 0 else len(text)]
+        if newline < 0:
+            return (len(text), len(text), ("" if text.endswith("\n") else "\n") + block)
+        if rest.strip() and not rest.strip().startswith("#"):
+            return (node.end, node.end, "\n" + block)
+        position = newline + 1
+        blank_after = text[position:position + 1] == "\n"
+        return (position, position, ("\n" + block) if blank_after else block)
+
+    def _plan_guards(self):
+        ind = self._indent()
+        for spot in self._plan_spots():
+            layer, node = self.pairs[spot.index]
+            blobs = [b for b in spot.blobs if not self._existing(spot.index, b, "NaNGuard")]
+            blocks = []
+            rules = self._rules_text(layer)
+            if blobs:
+                name = self._unique("%s_guard" % layer.name)
+                params = [("name", name), ("follows", layer.name)] + \
+                    [tuple(p.split(": ")) for p in GUARD_PARAMS[self.level].split(", ")]
+                blocks.append(self._block(name, blobs, rules, "NaNGuard", self._param_str(params), ind))
+                self.inserted["NaNGuard"] += 1
+                self.log.append("  + NaNGuard %s after %s on %s: %s"
+                                % (name, layer.name, ", ".join(blobs), "; ".join(spot.reasons)))
+            clip = spot.clip_blob
+            if clip and not self._existing(spot.index, clip, "GradientClip"):
+                name = self._unique("%s_clip" % layer.name)
+                params = [("name", name), ("follows", layer.name), ("mode", "norm"),
+                          ("max_norm", "%g" % self.max_norm)]
+                blocks.append(self._block(name, [clip], rules, "GradientClip", self._param_str(params), ind))
+                self.inserted["GradientClip"] += 1
+                self.log.append("  + GradientClip %s after %s on %s: L2 norm <= %g below the loss"
+                                % (name, layer.name, clip, self.max_norm))
+            if blocks:
+                self.edits.append(self._insert_after(node, "".join(blocks)))
+
+    # ---- swaps ---------------------------------------------------------------------------
+
+    def _line_span(self, node):
+        """The span that removes ``node``: its whole line(s) when nothing else is on them."""
+        text = self.net.text
+        line_start = text.rfind("\n", 0, node.start) + 1
+        newline = text.find("\n", node.end)
+        line_end = newline + 1 if newline >= 0 else len(text)
+        before = text[line_start:node.start]
+        after = text[node.end:line_end]
+        if not before.strip() and (not after.strip() or after.strip().startswith("#")):
+            return line_start, line_end
+        return node.start, node.end
+
+    def _closing(self, node):
+        """(position, indent, own_line): where a field goes at the end of a layer block."""
+        text = self.net.text
+        close = node.end - 1  # the '}'
+        line_start = text.rfind("\n", 0, close) + 1
+        if not text[line_start:close].strip():
+            return line_start, True
+        return close, False
+
+    def _field_edit(self, node, lines, ind):
+        position, own_line = self._closing(node)
+        if own_line:
+            return (position, position, "".join("%s%s\n" % (ind, l) for l in lines))
+        return (position, position, " " + " ".join(lines) + " ")
+
+    def _python_param_lines(self, kind, param_str, ind):
+        return ["python_param {", '%smodule: "safe_layers"' % ind, '%slayer: "%s"' % (ind, kind),
+                '%sparam_str: "%s"' % (ind, param_str), "}"]
+
+    def _producer_name(self, index, blob):
+        writers = self._last_writers(index, blob)
+        return self.pairs[writers[0]][0].name if writers else None
+
+    def _swap_batch_norm(self, index, layer, node, ind):
+        p = layer.batch_norm_param
+        params = [("name", layer.name)]
+        producer = self._producer_name(index, layer.bottom[0]) if layer.bottom else None
+        if producer:
+            params.append(("follows", producer))
+        moved = []
+        for key in ("use_global_stats", "moving_average_fraction", "eps"):
+            if p.HasField(key):
+                value = getattr(p, key)
+                params.append((key, str(value).lower() if isinstance(value, bool) else "%.7g" % value))
+                moved.append(key)
+        dropped = [f.name for f, _ in p.ListFields() if f.name not in moved]
+        edits = [self._type_edit(node)]
+        block = node.find("batch_norm_param")
+        if block is not None:
+            edits.append(self._line_span(block) + ("",))
+        zero = [spec for spec in layer.param if spec.lr_mult == 0]
+        lines = ["param { lr_mult: 0 }"] * max(0, 3 - len(layer.param)) if len(zero) == len(layer.param) else []
+        lines += self._python_param_lines("StableBatchNorm", self._param_str(params), ind)
+        edits.append(self._field_edit(node, lines, ind))
+        note = "moved %s into param_str" % ", ".join(moved) if moved else "no batch_norm_param keys"
+        if dropped:
+            note += "; dropped %s (StableBatchNorm has no such key)" % ", ".join(dropped)
+        self.log.append("  ~ %s: BatchNorm -> StableBatchNorm (same name: caffemodels load); %s%s"
+                        % (layer.name, note, "; added %d param { lr_mult: 0 }" % (lines.count("param { lr_mult: 0 }"))
+                           if "param { lr_mult: 0 }" in lines else ""))
+        return edits
+
+    def _swap_infogain(self, index, layer, node, ind):
+        params = [("name", layer.name)]
+        producer = self._producer_name(index, layer.bottom[0]) if layer.bottom else None
+        if producer:
+            params.append(("follows", producer))
+        ip, lp = layer.infogain_loss_param, layer.loss_param
+        if ip.source:
+            params.append(("source", ip.source))
+        if ip.HasField("axis"):
+            params.append(("axis", ip.axis))
+        if lp.HasField("ignore_label"):
+            params.append(("ignore_label", lp.ignore_label))
+        if lp.HasField("normalization"):
+            enum = lp.DESCRIPTOR.fields_by_name["normalization"].enum_type
+            params.append(("normalization", enum.values_by_number[lp.normalization].name))
+        elif lp.HasField("normalize"):
+            params.append(("normalization", "VALID" if lp.normalize else "BATCH_SIZE"))
+        softmax = None
+        if layer.bottom:
+            writers = self._last_writers(index, layer.bottom[0])
+            if writers and self.pairs[writers[0]][0].type == "Softmax":
+                softmax = self.pairs[writers[0]][0].name
+                params.append(("input", "probabilities"))
+        edits = [self._type_edit(node)]
+        for field in ("infogain_loss_param", "loss_param"):
+            block = node.find(field)
+            if block is not None:
+                edits.append(self._line_span(block) + ("",))
+        lines = [] if len(layer.loss_weight) else ["loss_weight: 1"]
+        lines += self._python_param_lines("SafeInfogainLoss", self._param_str(params), ind)
+        edits.append(self._field_edit(node, lines, ind))
+        self.log.append("  ~ %s: InfogainLoss -> SafeInfogainLoss (%s%s)"
+                        % (layer.name, "loss_weight: 1 added, a Python layer has no default; "
+                           if not len(layer.loss_weight) else "",
+                           "Softmax '%s' in front kept and read with input: probabilities, the loss "
+                           "this prototxt was written for (today's InfogainLoss applied softmax twice "
+                           "here)" % softmax if softmax else "reads the logits, as InfogainLoss does"))
+        return edits
+
+    def _type_edit(self, node):
+        type_node = node.find("type")
+        return (type_node.value_start, type_node.value_end, '"Python"')
+
+    def _plan_swaps(self):
+        ind = self._indent()
+        for i, (layer, node) in enumerate(self.pairs):
+            if layer.type == "BatchNorm" and "batchnorm" in self.swaps:
+                self.edits.extend(self._swap_batch_norm(i, layer, node, ind))
+                self.swapped["BatchNorm"] = self.swapped.get("BatchNorm", 0) + 1
+            elif layer.type == "InfogainLoss" and "infogain" in self.swaps:
+                self.edits.extend(self._swap_infogain(i, layer, node, ind))
+                self.swapped["InfogainLoss"] = self.swapped.get("InfogainLoss", 0) + 1
+
+    # ---- apply ---------------------------------------------------------------------------
+
+    def harden(self):
+        """The hardened text (the input text itself when nothing is to change)."""
+        self._plan_swaps()
+        self._plan_guards()
+        text = self.net.text
+        # Apply from the end so earlier offsets stay valid; at one offset, in plan order.
+        order = sorted(range(len(self.edits)), key=lambda k: (self.edits[k][0], k), reverse=True)
+        for k in order:
+            start, end, new = self.edits[k]
+            text = text[:start] + new + text[end:]
+        if self.edits:
+            # Never hand out a file Caffe cannot read.
+            prototxt.parse_text(text, "NetParameter", self.net.path + " (hardened)")
+        return text
+
+    def summary(self, output):
+        head = ("harden %s: level %s: %d NaNGuard and %d GradientClip inserted, %s"
+                % (self.net.path, self.level, self.inserted["NaNGuard"], self.inserted["GradientClip"],
+                   ", ".join("%d %s swapped" % (n, k) for k, n in sorted(self.swapped.items()))
+                   or "no swap"))
+        if not self.edits:
+            head += "; nothing to change (already hardened)"
+        tail = ("wrote %s" % ("stdout" if output == "-" else output)) if output else "dry run: nothing written"
+        return [head] + self.log + [tail]

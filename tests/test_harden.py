@@ -1,0 +1,323 @@
+"""`safe-layers harden`: on published nets, every level's output loads in caffe.Net, takes
+the original's caffemodel and gives the original's outputs and gradients on finite input
+(bit for bit at observe); only hardening shows in the diff; hardening twice changes nothing."""
+
+import difflib
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+from safe_layers.tools import cli, netshapes
+
+DATA = Path(__file__).parent / "data"
+
+# name -> (--input-shape for data tops, batch size to build with, swap batchnorm?)
+PUBLISHED = {
+    "lenet_train_test.prototxt": (["data=1,1,28,28"], 4),
+    "cifar10_quick_train_test.prototxt": (["data=1,3,32,32"], 4),
+    "cifar10_full_sigmoid_train_test_bn.prototxt": (["data=1,3,32,32"], 4),
+    "resnet50_train_val.prototxt": ([], 1),
+}
+
+
+@pytest.fixture
+def harden(caffe, tmp_path, monkeypatch, capsys):
+    """harden(in_path, *args) -> (status, stdout, stderr); runs in tmp_path, in process."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(*argv):
+        capsys.readouterr()
+        status = cli.main(["harden"] + [str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+def buildable(caffe, tmp_path, text, name, shapes, batch):
+    """``text`` with its data layers as Input layers (batch ``batch``), written to a file."""
+    message = text_format.Parse(text, caffe.proto.caffe_pb2.NetParameter())
+    for layer in message.layer:
+        for field in ("data_param", "image_data_param", "hdf5_data_param"):
+            if layer.HasField(field):
+                getattr(layer, field).batch_size = batch
+    overrides = netshapes.parse_input_shapes(shapes)
+    net, _ = netshapes.input_net(message, str(DATA / "x.prototxt"), overrides)
+    path = tmp_path / name
+    path.write_text(text_format.MessageToString(net))
+    return str(path)
+
+
+def feed(net, seed=0):
+    rng = np.random.RandomState(seed)
+    for name in net.inputs:
+        blob = net.blobs[name]
+        if name == "label":
+            classes = 10 if blob.data.size and "fc1000" not in net.blobs else 1000
+            blob.data[...] = rng.randint(0, classes, blob.data.shape)
+        else:
+            blob.data[...] = rng.uniform(-1, 1, blob.data.shape)
+
+
+def randomize_statistics(net):
+    """Trained-looking BatchNorm statistics, so TEST-phase comparisons mean something."""
+    rng = np.random.RandomState(1)
+    for layer_name, layer in zip(net._layer_names, net.layers):
+        if layer.type == "BatchNorm":
+            blobs = net.params[layer_name]
+            blobs[0].data[...] = rng.uniform(-0.1, 0.1, blobs[0].data.shape)
+            blobs[1].data[...] = rng.uniform(0.5, 1.5, blobs[1].data.shape)
+            blobs[2].data[...] = 1
+
+
+def compare(caffe, original_file, hardened_file, tmp_path, phase, exact, rtol=1e-4, atol=1e-5):
+    phase_value = getattr(caffe, phase)
+    original = caffe.Net(original_file, phase_value)
+    randomize_statistics(original)
+    weights = str(tmp_path / "original.caffemodel")
+    original.save(weights)
+    hardened = caffe.Net(hardened_file, phase_value, weights=weights)
+    for net in (original, hardened):
+        feed(net)
+        net.forward()
+        net.backward()
+    check = (lambda a, b: np.array_equal(a, b)) if exact else \
+        (lambda a, b: np.allclose(a, b, rtol=rtol, atol=atol))
+    # Caffe names its own Split blobs after the consumers, which the guards change.
+    named = [n for n in original.blobs if "_split_" not in n]
+    assert set(named) <= set(hardened.blobs)
+    for name in named:
+        assert check(original.blobs[name].data, hardened.blobs[name].data), ("data", name)
+    assert set(original.params) <= set(hardened.params)
+    for name, blobs in original.params.items():
+        for i, blob in enumerate(blobs):
+            assert check(blob.data, hardened.params[name][i].data), ("weights", name, i)
+            assert check(blob.diff, hardened.params[name][i].diff), ("gradient", name, i)
+    return original, hardened
+
+
+def only_insertions(before, after):
+    ops = difflib.SequenceMatcher(None, before.splitlines(True), after.splitlines(True)).get_opcodes()
+    return all(tag in ("equal", "insert") for tag, *_ in ops)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("level", ["observe", "repair", "strict"])
+def test_published_net_hardened_keeps_outputs_and_gradients(harden, caffe, tmp_path, name, level):
+    shapes, batch = PUBLISHED[name]
+    source = DATA / name
+    status, _, err = harden(source, "-o", "hard.prototxt", "--level", level)
+    assert status == 0, err
+    original_text, hardened_text = source.read_text(), (tmp_path / "hard.prototxt").read_text()
+    assert hardened_text != original_text and only_insertions(original_text, hardened_text)
+    assert "level %s" % level in err and "wrote hard.prototxt" in err
+    # Hardening a hardened net changes nothing.
+    status, _, err = harden("hard.prototxt", "-o", "again.prototxt", "--level", level)
+    assert (tmp_path / "again.prototxt").read_text() == hardened_text and "nothing to change" in err
+    original_file = buildable(caffe, tmp_path, original_text, "orig_in.prototxt", shapes, batch)
+    hardened_file = buildable(caffe, tmp_path, hardened_text, "hard_in.prototxt", shapes, batch)
+    for phase in ("TRAIN", "TEST"):
+        compare(caffe, original_file, hardened_file, tmp_path, phase, exact=(level == "observe"))
+
+
+@pytest.mark.parametrize("name", ["resnet50_train_val.prototxt", "cifar10_full_sigmoid_train_test_bn.prototxt"])
+def test_batchnorm_swap_loads_the_caffemodel_and_matches(harden, caffe, tmp_path, name):
+    shapes, batch = PUBLISHED[name]
+    source = DATA / name
+    status, _, err = harden(source, "-o", "swap.prototxt", "--swap", "batchnorm", "--solver",
+                            DATA / "cifar10_full_sigmoid_solver_bn.prototxt")
+    assert status == 0, err
+    text = (tmp_path / "swap.prototxt").read_text()
+    message = text_format.Parse(text, caffe.proto.caffe_pb2.NetParameter())
+    swapped = [l for l in message.layer if l.python_param.layer == "StableBatchNorm"]
+    assert swapped and not [l for l in message.layer if l.type == "BatchNorm"]
+    for layer in swapped:
+        assert [p.lr_mult for p in layer.param] == [0, 0, 0]
+        assert "name: %s," % layer.name in layer.python_param.param_str
+        assert "iter_size: 1" in layer.python_param.param_str
+    # Idempotent with the swap too; lint finds no error in the result.
+    status, _, _ = harden("swap.prototxt", "-o", "again.prototxt", "--swap", "batchnorm", "--solver",
+                          DATA / "cifar10_full_sigmoid_solver_bn.prototxt")
+    assert (tmp_path / "again.prototxt").read_text() == text
+    original_file = buildable(caffe, tmp_path, source.read_text(), "orig_in.prototxt", shapes, batch)
+    hardened_file = buildable(caffe, tmp_path, text, "swap_in.prototxt", shapes, batch)
+    # StableBatchNorm takes its moments in float64, Caffe in float32: equal to float32 rounding,
+    # amplified through the depth of the net.
+    for phase in ("TRAIN", "TEST"):
+        compare(caffe, original_file, hardened_file, tmp_path, phase, exact=False, rtol=2e-3, atol=2e-3)
+
+
+def test_hardened_published_nets_lint_without_error(harden, caffe, tmp_path, capsys):
+    for name, (shapes, _) in PUBLISHED.items():
+        status, _, err = harden(DATA / name, "-o", "h.prototxt", "--level", "repair", "--swap", "batchnorm")
+        assert status == 0, err
+        args = ["lint", "--format", "json", "h.prototxt"] + sum((["--input-shape", s] for s in shapes), [])
+        capsys.readouterr()
+        status = cli.main(args)
+        document = json.loads(capsys.readouterr().out)
+        assert status == 0 and [f for f in document["findings"] if f["severity"] == "error"] == [], name
+
+
+# --- what the guards do on non-finite input, on LeNet ----------------------------------------
+
+def test_levels_on_a_nan_input(harden, caffe, tmp_path):
+    source = DATA / "lenet_train_test.prototxt"
+    results = {}
+    for level in ("observe", "repair", "strict"):
+        harden(source, "-o", "%s.prototxt" % level, "--level", level)
+        path = buildable(caffe, tmp_path, (tmp_path / ("%s.prototxt" % level)).read_text(),
+                         "%s_in.prototxt" % level, ["data=1,1,28,28"], 4)
+        net = caffe.Net(path, caffe.TRAIN)
+        feed(net)
+        net.blobs["data"].data[1, 0, 3, 3] = np.nan
+        try:
+            net.forward()
+            net.backward()
+            results[level] = (float(net.blobs["loss"].data), net.params["conv1"][0].diff.copy())
+        except FloatingPointError as exc:
+            results[level] = str(exc)
+    loss, grad = results["observe"]
+    # Warned only, so stock behaviour: MAX pooling skips the NaN and the loss looks fine,
+    # while conv1's weight gradient is NaN (a finite loss over a dying net).
+    assert np.isfinite(loss) and np.isnan(grad).any()
+    loss, grad = results["repair"]
+    assert np.isfinite(loss) and np.isfinite(grad).all()  # the guard on the data kept conv1 clean
+    assert "mnist_guard" in results["strict"] and "nan=1" in results["strict"]
+
+
+def test_guard_before_max_pooling_keeps_other_samples_gradients(harden, caffe, tmp_path):
+    """A NaN window makes stock MAX pooling write its gradient one element before the
+    channel (into the previous sample); the repair guard on the pooling input prevents it."""
+    text = textwrap.dedent("""\
+        force_backward: true
+        layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 2 dim: 1 dim: 4 dim: 4 } } }
+        layer { name: "target" type: "Input" top: "p2" input_param { shape { dim: 2 dim: 1 dim: 2 dim: 2 } } }
+        layer { name: "sqrt" type: "Power" bottom: "x" top: "r" power_param { power: 0.5 } }
+        layer { name: "pool" type: "Pooling" bottom: "r" top: "p" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+        layer { name: "loss" type: "EuclideanLoss" bottom: "p" bottom: "p2" top: "loss" }
+        """)
+    (tmp_path / "net.prototxt").write_text(text)
+    harden("net.prototxt", "-o", "hard.prototxt", "--level", "repair")
+    hardened = (tmp_path / "hard.prototxt").read_text()
+    assert "sqrt_guard" in hardened  # on the pooling input, after the Power that makes the NaN
+
+    def sample0_gradient(path, poison):
+        net = caffe.Net(str(path), caffe.TRAIN)
+        net.blobs["x"].data[...] = 1.0 + np.arange(32).reshape(2, 1, 4, 4)
+        net.blobs["p2"].data[...] = 0
+        if poison:
+            net.blobs["x"].data[1, 0, :2, :2] = -1.0  # sqrt(-1): one all-NaN window in sample 1
+        net.forward()
+        net.backward()
+        return net.blobs["x"].diff[0].copy()
+
+    clean = sample0_gradient(tmp_path / "net.prototxt", False)
+    stock = sample0_gradient(tmp_path / "net.prototxt", True)
+    assert not np.array_equal(stock, clean)  # sample 0's gradient changed by sample 1's NaN
+    guarded = sample0_gradient(tmp_path / "hard.prototxt", True)
+    assert np.array_equal(guarded, clean)
+
+
+# --- swaps of InfogainLoss -------------------------------------------------------------------
+
+def infogain_net(h_name, softmax=False):
+    head = textwrap.dedent("""\
+        layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 4 dim: 5 } } }
+        layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 4 } } }
+        layer { name: "fc" type: "InnerProduct" bottom: "x" top: "fc"
+                inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 1 } } }
+        """)
+    if softmax:
+        head += 'layer { name: "prob" type: "Softmax" bottom: "fc" top: "prob" }\n'
+    return head + ('layer { name: "loss" type: "InfogainLoss" bottom: "%s" bottom: "label" top: "loss"\n'
+                   '        infogain_loss_param { source: "%s" }\n'
+                   '        loss_param { ignore_label: 2 normalization: BATCH_SIZE } }\n'
+                   % ("prob" if softmax else "fc", h_name))
+
+
+def write_h(caffe, path, matrix):
+    blob = caffe.proto.caffe_pb2.BlobProto()
+    blob.shape.dim.extend([1, 1, 3, 3])
+    blob.data.extend(np.asarray(matrix, np.float32).ravel().tolist())
+    path.write_bytes(blob.SerializeToString())
+
+
+def test_infogain_swap_matches_caffes_loss_and_gradient(harden, caffe, tmp_path):
+    write_h(caffe, tmp_path / "H.binaryproto", [[1, 0.2, 0], [0, 1, 0.5], [0.1, 0, 1]])
+    (tmp_path / "net.prototxt").write_text(infogain_net("H.binaryproto"))
+    status, _, err = harden("net.prototxt", "-o", "swap.prototxt", "--swap", "infogain", "--no-default-guards")
+    assert status == 0 and "InfogainLoss -> SafeInfogainLoss" in err
+    text = (tmp_path / "swap.prototxt").read_text()
+    layer = text_format.Parse(text, caffe.proto.caffe_pb2.NetParameter()).layer[-1]
+    assert list(layer.loss_weight) == [1.0]
+    assert layer.python_param.param_str == ("{name: loss, follows: fc, source: H.binaryproto, "
+                                            "ignore_label: 2, normalization: BATCH_SIZE}")
+    nets = []
+    for path in ("net.prototxt", "swap.prototxt"):
+        net = caffe.Net(str(tmp_path / path), caffe.TRAIN)
+        nets.append(net)
+    nets[1].params["fc"][0].data[...] = nets[0].params["fc"][0].data
+    nets[1].params["fc"][1].data[...] = nets[0].params["fc"][1].data
+    for net in nets:
+        net.blobs["x"].data[...] = np.random.RandomState(3).uniform(-2, 2, (4, 5))
+        net.blobs["label"].data[...] = [0, 1, 2, 1]
+        net.forward()
+        net.backward()
+    assert np.allclose(nets[0].blobs["loss"].data, nets[1].blobs["loss"].data, rtol=1e-5)
+    assert np.allclose(nets[0].params["fc"][0].diff, nets[1].params["fc"][0].diff, rtol=1e-4, atol=1e-6)
+
+
+def test_infogain_after_softmax_reads_probabilities(harden, caffe, tmp_path):
+    write_h(caffe, tmp_path / "H.binaryproto", np.eye(3))
+    (tmp_path / "net.prototxt").write_text(infogain_net("H.binaryproto", softmax=True))
+    status, _, err = harden("net.prototxt", "-o", "swap.prototxt", "--swap", "infogain")
+    assert "input: probabilities" in err and "softmax twice" in err
+    net = caffe.Net(str(tmp_path / "swap.prototxt"), caffe.TRAIN)
+    net.blobs["x"].data[...] = np.random.RandomState(3).uniform(-2, 2, (4, 5))
+    net.blobs["label"].data[...] = [0, 1, 0, 1]
+    net.forward()
+    p = net.blobs["prob"].data
+    expected = -np.log(p[np.arange(4), [0, 1, 0, 1]]).sum() / 4  # one softmax, as written before 2017
+    assert np.isclose(float(net.blobs["loss"].data), expected, rtol=1e-5)
+
+
+# --- options and refusals --------------------------------------------------------------------
+
+def test_guard_option_types_and_globs(harden, tmp_path):
+    source = DATA / "cifar10_quick_train_test.prototxt"
+    status, out, err = harden(source, "-o", "-", "--no-default-guards", "--guard", "ReLU", "--guard", "ip*")
+    assert status == 0
+    names = [l.split('"')[1] for l in out.splitlines() if l.strip().startswith("name:") and "_guard" in l]
+    assert names == ["relu1_guard", "relu2_guard", "relu3_guard", "ip1_guard", "ip2_guard"]
+    assert "wrote stdout" in err
+
+
+def test_dry_run_prints_the_diff_and_writes_nothing(harden, tmp_path):
+    status, out, err = harden(DATA / "lenet_train_test.prototxt", "--dry-run")
+    assert status == 0 and out.startswith("--- ") and "\n+  name: \"conv1_guard\"\n" in out
+    assert "dry run: nothing written" in err and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["net.prototxt"], "-o OUT.prototxt is required"),
+    (["net.prototxt", "-o", "net.prototxt"], "harden never overwrites its input"),
+    (["net.prototxt", "-o", "x", "--swap", "dropout"], "--swap dropout: allowed: batchnorm, infogain"),
+    (["solver.prototxt", "-o", "x"], "is a solver; harden takes the net"),
+    (["bad.prototxt", "-o", "x"], "bad.prototxt:2:1: "),
+    (["absent.prototxt", "-o", "x"], "absent.prototxt: no such file"),
+    (["v1.prototxt", "-o", "x"], "V1 'layers' format"),
+])
+def test_refusals_exit_2_and_leave_the_input(harden, tmp_path, args, message):
+    net = 'layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 1 } } }\n'
+    (tmp_path / "net.prototxt").write_text(net)
+    (tmp_path / "solver.prototxt").write_text('net: "net.prototxt"\nbase_lr: 0.1\n')
+    (tmp_path / "bad.prototxt").write_text("layer { name: \n")
+    (tmp_path / "v1.prototxt").write_text('layers { name: "r" type: RELU bottom: "x" top: "x" }\n')
+    status, out, err = harden(*args)
+    assert status == 2 and message in err, err
+    assert (tmp_path / "net.prototxt").read_text() == net
+    assert not (tmp_path / "x").exists()
