@@ -485,3 +485,11 @@ def test_shape_from_the_first_hdf5_file(lint, tmp_path, make_net):
     assert only(doc, "SL201")["bottom_shape"] == [2, 3, 10, 10]
     out = make_net(text).forward()["p"]
     assert np.isnan(out[:, :, 2, :]).all() and np.isfinite(out[:, :, :2, :2]).all()
+
+
+def test_readme_rule_table_is_the_rule_list():
+    from safe_layers.tools.lint import list_rules
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    table = text.split("<!-- lint rules:")[1].split("<!-- end lint rules -->")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| SL")]
+    assert rows == ["| %s | %s | %s |" % (r.id, r.severity, r.summary) for r in list_rules()]

@@ -8,7 +8,7 @@ from safe_layers.tools import prototxt
 from safe_layers.tools.rules import loss_weights, rule
 
 SOFTMAX_TWICE = rule("SL301", "error", "InfogainLoss fed by a Softmax: softmax applied twice")
-H_BAD = rule("SL302", "error", "infogain H missing, unreadable, non-finite, negative or not K x K")
+H_BAD = rule("SL302", "error", "infogain H missing, unreadable, non-finite, negative or not K x K (loaded and checked)")
 H_ROWS = rule("SL303", "warning", "infogain H rows do not sum to 1: gradients scale with the row sums")
 PYTHON_LOSS_WEIGHT = rule("SL304", "error", "a Python loss layer without loss_weight: its loss is ignored")
 LOSS_WEIGHT_RATIO = rule("SL305", "warning", "a loss_weight far (>= 100x) above the other losses'")

@@ -12,7 +12,7 @@ import math
 
 from safe_layers.tools.rules import rule
 
-WINDOW_OUTSIDE = rule("SL201", "error", "pooling windows lie outside the input: NaN (AVE) or -FLT_MAX (MAX)")
+WINDOW_OUTSIDE = rule("SL201", "error", "pooling windows lie outside the input: NaN (AVE) or -FLT_MAX (MAX); rows, columns and fixes named")
 STRIDE_OVER_KERNEL = rule("SL202", "warning", "pooling stride > kernel without pad, shapes unknown: "
                           "empty windows for some input sizes")
 
@@ -174,19 +174,19 @@ def _report(ctx, layer, where, pool, shape, found):
     height, width = shape[2], shape[3]
     out_h, out_w = found["out"]
     parts = []
-    if found["rows"]:
-        parts.append("output row%s %s (window start%s %s of %d input rows)"
-                     % ("s" if len(found["rows"]) > 1 else "", _names(found["rows"]),
-                        "s" if len(found["rows"]) > 1 else "", _names(found["row_starts"]), height))
-    if found["cols"]:
-        parts.append("output column%s %s (window start%s %s of %d input columns)"
-                     % ("s" if len(found["cols"]) > 1 else "", _names(found["cols"]),
-                        "s" if len(found["cols"]) > 1 else "", _names(found["col_starts"]), width))
+    for axis, key, starts, size in (("row", "rows", "row_starts", height),
+                                    ("column", "cols", "col_starts", width)):
+        if found[key]:
+            many = len(found[key]) > 1
+            parts.append("output %s%s %s (window%s starting at input %s %s of %d)"
+                         % (axis, "s" if many else "", _names(found[key]), "s" if many else "",
+                            axis, _names(found[starts]), size))
     if pool == "AVE":
         if found["nan_rows"] or found["nan_cols"]:
-            effect = "AVE divides 0 by a window size of 0 there: NaN in %s" % " and ".join(
-                x for x in ("rows %s" % _names(found["nan_rows"]) if found["nan_rows"] else "",
-                            "columns %s" % _names(found["nan_cols"]) if found["nan_cols"] else "") if x)
+            nan_at = " and ".join(
+                "%s%s %s" % (axis, "s" if len(found[key]) > 1 else "", _names(found[key]))
+                for axis, key in (("row", "nan_rows"), ("column", "nan_cols")) if found[key])
+            effect = "AVE divides 0 by a window size of 0 there: NaN in %s" % nan_at
             severity = "error"
         else:
             effect = "AVE outputs 0 there (windows entirely in the padding): silently wrong values"
@@ -202,7 +202,7 @@ def _report(ctx, layer, where, pool, shape, found):
     fixes = _fixes(shape, layer, found)
     ctx.add(where, WINDOW_OUTSIDE,
             "pooling layer '%s' (%s, kernel %dx%d, stride %dx%d, pad %dx%d) on bottom '%s' %s -> "
-            "output %dx%d: %s read no input: %s"
+            "output %dx%d: %s read no input; %s"
             % (layer.name, pool, kernel[0], kernel[1], stride[0], stride[1], pad[0], pad[1],
                layer.bottom[0], "x".join(str(d) for d in shape), out_h, out_w, "; ".join(parts), effect),
             "; or ".join(fixes) if fixes else "make kernel_size >= stride",

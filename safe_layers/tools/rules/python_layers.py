@@ -9,8 +9,8 @@ one the layer would raise at net setup.
 
 from safe_layers.tools.rules import rule
 
-IGNORED_BLOCK = rule("SL501", "error", "a Caffe *_param block on a Python layer: pycaffe never shows it to the layer")
-PARAM_STR = rule("SL601", "error", "a safe_layers layer's param_str its schema rejects")
+IGNORED_BLOCK = rule("SL501", "error", "a Caffe *_param block on a Python layer: pycaffe never shows it to the layer (names the keys to move into param_str)")
+PARAM_STR = rule("SL601", "error", "a safe_layers layer's param_str its schema rejects (the layer's own error text)")
 UNKNOWN_CLASS = rule("SL602", "error", "python_param names a safe_layers layer that does not exist")
 
 

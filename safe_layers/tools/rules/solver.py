@@ -9,8 +9,8 @@ import numpy as np
 
 from safe_layers.tools.rules import rule
 
-POLICY_FIELD = rule("SL101", "error", "the lr_policy lacks a field it reads")
-LR_BAD = rule("SL102", "error", "the simulated learning rate turns NaN, infinite, negative (error) or zero (warning)")
+POLICY_FIELD = rule("SL101", "error", "the lr_policy lacks a field it reads (warning where the schedule only degenerates to a constant)")
+LR_BAD = rule("SL102", "error", "the simulated learning rate turns NaN, infinite, negative (error) or zero (warning), first iteration and value")
 POLICY_UNKNOWN = rule("SL103", "error", "unknown or missing lr_policy: Caffe aborts at the first update")
 MAX_ITER_ZERO = rule("SL104", "error", "max_iter 0: `caffe train` runs no iteration")
 MOMENTUM = rule("SL105", "error", "momentum (or Adam's momentum2) >= 1: the update never decays")
@@ -188,7 +188,7 @@ def check(solver, report, iterations=None):
                 iteration, value, kind = bad
                 severity = "warning" if kind == "zero" else "error"
                 add(LR_BAD, "lr_policy",
-                    "lr_policy %r simulated %s: the learning rate is %s at iteration %d (lr = %s)%s"
+                    "lr_policy %r simulated %s: the learning rate is %s at iteration %d: lr = %s%s"
                     % (policy, how, kind, iteration, _fmt(value), _explain(msg, kind, iteration)),
                     _lr_fix(msg, kind), severity=severity,
                     data={"iteration": iteration, "lr": value, "kind": kind, "simulated": stop})
