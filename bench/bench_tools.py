@@ -144,7 +144,9 @@ def _status_kb(pid, field):
 
 
 def measure(command, cwd=None):
-    """(seconds, peak RSS MB, peak RssAnon MB, peak RssFile MB, returncode) of a child."""
+    """(wall seconds, peak RSS MB, peak RssAnon MB, peak RssFile MB, returncode, CPU
+    seconds) of a child. CPU seconds (user + system) tell the work done when other
+    processes share the cores."""
     start = time.perf_counter()
     proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peaks = {"RssAnon": 0, "RssFile": 0}
@@ -169,7 +171,8 @@ def measure(command, cwd=None):
     code = os.waitstatus_to_exitcode(status)
     if code not in (0, 1):
         raise SystemExit("%s failed (%d):\n%s" % (" ".join(command), code, stderr[-2000:]))
-    return seconds, usage.ru_maxrss / 1024, peaks["RssAnon"] / 1024, peaks["RssFile"] / 1024, code
+    return (seconds, usage.ru_maxrss / 1024, peaks["RssAnon"] / 1024, peaks["RssFile"] / 1024, code,
+            usage.ru_utime + usage.ru_stime)
 
 
 def python_read_floor(path):
@@ -199,10 +202,12 @@ def bench_diagnose(work, megabytes):
     print("== diagnose: generated a %.0f MB log (%d iterations, debug_info on, %.0f s to write)"
           % (size, iterations, time.perf_counter() - t0))
     floor = python_read_floor(big)
-    seconds, rss, anon, _, code = measure(cli("diagnose", big, "--format", "json"))
-    _, rss_small, anon_small, _, _ = measure(cli("diagnose", small, "--format", "json"))
-    print("  python line-by-line read (floor)  %7.1f MB/s  (%.1f s)" % (size / floor[0], floor[0]))
-    print("  safe-layers diagnose              %7.1f MB/s  (%.1f s, exit %d)" % (size / seconds, seconds, code))
+    seconds, rss, anon, _, code, cpu = measure(cli("diagnose", big, "--format", "json"))
+    _, rss_small, anon_small, _, _, _ = measure(cli("diagnose", small, "--format", "json"))
+    print("  python line-by-line read (floor)  %7.1f MB/s  (%.1f s wall, %.1f s CPU)"
+          % (size / floor[0], floor[0], floor[5]))
+    print("  safe-layers diagnose              %7.1f MB/s  (%.1f s wall, exit %d); %.1f MB per CPU second"
+          % (size / seconds, seconds, code, size / cpu))
     print("  diagnose / floor speed            %7.2f" % (floor[0] / seconds))
     print("  peak RSS: %.0f MB on %.0f MB, %.0f MB on %.0f MB (ratio %.2f)"
           % (rss, size, rss_small, os.path.getsize(small) / 1e6, rss / rss_small))
@@ -222,21 +227,26 @@ def bench_scan(work, records):
           % (records, size, time.perf_counter() - t0))
     floor = lmdb_walk_floor(big)
     # Start-up (imports: pycaffe's caffe_pb2 brings in caffe, skimage, scipy) is paid once.
-    startup = measure(cli("scan", big, "--format", "json", "--limit", "1"))[0]
-    seconds, rss, anon, rss_file, code = measure(cli("scan", big, "--format", "json",
-                                                     "--num-classes", "10", "--batch-size", "64"))
-    _, rss_small, anon_small, file_small, _ = measure(cli("scan", small, "--format", "json",
+    startup = measure(cli("scan", big, "--format", "json", "--limit", "1"))
+    seconds, rss, anon, rss_file, code, cpu = measure(cli("scan", big, "--format", "json",
                                                           "--num-classes", "10", "--batch-size", "64"))
+    _, rss_small, anon_small, file_small, _, _ = measure(cli("scan", small, "--format", "json",
+                                                             "--num-classes", "10", "--batch-size", "64"))
     print("  bare LMDB cursor walk (floor)     %9.0f records/s (%.2f s)" % (records / floor[0], floor[0]))
-    print("  safe-layers scan                  %9.0f records/s (%.2f s, exit %d)"
-          % (records / seconds, seconds, code))
-    print("  scan without its start-up (%.2f s) %9.0f records/s" % (startup, records / (seconds - startup)))
+    print("  safe-layers scan                  %9.0f records/s (%.2f s wall, %.2f s CPU, exit %d)"
+          % (records / seconds, seconds, cpu, code))
+    print("  start-up alone (--limit 1)        %.2f s wall, %.2f s CPU" % (startup[0], startup[5]))
+    if cpu - startup[5] > 0.2 * cpu:
+        print("  scan without its start-up         %9.0f records per CPU second"
+              % (records / (cpu - startup[5])))
+    else:
+        print("  scan without its start-up         n/a (start-up is most of the run: use more records)")
     print("  scan / floor speed                %9.2f" % (floor[0] / seconds))
     print("  peak RssAnon (what scan holds): %.0f MB for %d records, %.0f MB for %d (ratio %.2f)"
           % (anon, records, anon_small, max(1, records // 10), anon / anon_small))
     print("  peak RSS incl. mapped file pages: %.0f MB (RssFile %.0f MB) vs %.0f MB (RssFile %.0f MB)"
           % (rss, rss_file, rss_small, file_small))
-    return {"records_s": records / seconds, "startup": startup, "anon": anon, "anon_small": anon_small}
+    return {"records_s": records / seconds, "startup": startup[0], "anon": anon, "anon_small": anon_small}
 
 
 def main():

@@ -281,6 +281,37 @@ def test_nan_in_the_input_lenet(lenet_runs, debug_info, monkeypatch):
     [bad] = json.loads(out.getvalue())["findings"]
     assert bad["rule"] == "SL901" and bad["position"] == POISONED_POSITION
     assert start <= bad["position"] <= end
+    # Given the published net itself, scan reads both of its data layers' sources, with
+    # LeNet's 10 classes (ip2's num_output) and batch sizes.
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli.main(["scan", "lenet_train_test.prototxt", "--format", "json",
+                         "--select", "SL9"]) == 1
+    document = json.loads(out.getvalue())
+    assert [(f["rule"], f["position"]) for f in document["findings"]] == [("SL901", POISONED_POSITION)]
+    sources = {s["path"]: s for s in document["sources"]}
+    assert set(sources) == {"examples/mnist/mnist_train_lmdb", "examples/mnist/mnist_test_lmdb"}
+    assert sources["examples/mnist/mnist_train_lmdb"]["num_classes"] == 10
+    assert sources["examples/mnist/mnist_train_lmdb"]["labels"]["batch_size"] == 64
+    assert sources["examples/mnist/mnist_test_lmdb"]["labels"]["batch_size"] == 100
+
+
+# ---------------------------------------------------------------------------------------
+# Cause 5: a pooling window outside its input (the project's own example net).
+
+def test_pooling_geometry_from_the_first_iteration(caffe_train, tmp_path):
+    text = (Path(__file__).parent.parent / "examples/pooling_nan/train.prototxt").read_text()
+    unguarded = re.sub(r'layer \{\n  name: "pool1_guard".*?\n\}\n', "", text, flags=re.S)
+    assert "NaNGuard" not in unguarded
+    log, result = train_log(caffe_train, tmp_path, "pooling.log", unguarded, max_iter=3, display=1,
+                            debug_info="true")
+    status, doc = diagnose_json(log)
+    assert status == 1
+    found = rules(doc)
+    assert found["SL807"]["iteration"] == 0
+    assert found["SL804"]["layer"] == "pool1" and found["SL804"]["iteration"] == 0
+    assert "pooling window lying outside it" in found["SL804"]["message"]
+    assert "safe-layers lint" in found["SL804"]["fix"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -507,6 +538,11 @@ def test_text_output_and_plot(debug_log, tmp_path):
     first = out.splitlines()[0]
     assert re.match(r"%s:\d+:1: SL803 error faulty input or loss layer: " % re.escape(str(debug_log)), first)
     assert "evidence for SL803" in out
+    status, out, _ = run_diagnose(debug_log, "--ignore", "SL804,SL808")
+    assert status == 1 and [l.split(": ")[1].split()[0] for l in out.splitlines() if ": SL8" in l
+                            and not l.startswith("evidence")] == ["SL803"]
+    status, out, _ = run_diagnose(debug_log, "--select", "SL801")
+    assert status == 0 and ": SL8" not in out
     from PIL import Image
     with Image.open(tmp_path / "run.png") as image:
         assert image.format == "PNG"

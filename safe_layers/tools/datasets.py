@@ -20,7 +20,9 @@ and walked with a cursor, LevelDB with an iterator, HDF5 in row chunks. Nothing 
 writes to the source either: LMDB opens read-only without its lock file, and LevelDB (whose
 ``Open`` always writes: a lock, an info log, a new manifest, a compaction of its journal)
 is opened through a private directory of symbolic links to the source's files, which
-LevelDB never writes into, only replaces or unlinks, inside that private directory.
+LevelDB never writes into, only replaces or unlinks, inside that private directory (a
+journal LevelDB replays on open is written out there as a new table: temporary disk space
+up to the journal's size).
 
 Every failure to read is an :class:`~safe_layers.tools.findings.InputError` saying what
 and where (the CLI exits 2 on it).

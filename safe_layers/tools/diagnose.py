@@ -54,6 +54,8 @@ def add_arguments(parser):
     parser.add_argument("--plot", metavar="PNG",
                         help="write loss and lr over iterations (log scale, first non-finite point "
                              "marked) and, with debug_info, a per-layer heatmap of mean |diff|")
+    parser.add_argument("--select", metavar="IDS", help="only these rule ids or prefixes (SL80,SL811)")
+    parser.add_argument("--ignore", metavar="IDS", help="leave out these rule ids or prefixes")
     findings_module.add_format_argument(parser)
 
 
@@ -714,17 +716,30 @@ class Diagnosis:
                                                                 fmt(event.value), point.iteration))
                 fix = "see the first non-finite gradient (backward) and the cause above"
             else:
-                role = ""
-                if layer is not None and layer.type in DATA_LAYERS:
+                layer_type = layer.type if layer is not None else None
+                role, fix = "", ("guard it: a NaNGuard after '%s' (action: abort) reports the first bad "
+                                 "element" % event.layer)
+                if layer_type in DATA_LAYERS:
                     role = ": the input itself is non-finite"
-                elif layer is not None and layer.type and "Loss" in layer.type:
+                elif layer_type == "Pooling":
+                    # Seed cause 5: a window past the input (stride > kernel, CEIL rounding).
+                    role = (": with finite input, a pooling window lying outside it (stride > kernel, "
+                            "Caffe's CEIL rounding) averages 0/0 or outputs -FLT_MAX")
+                    fix = ("`safe-layers lint` checks the geometry with real shapes; pad, change "
+                           "kernel/stride, or round_mode: FLOOR")
+                elif layer_type == "BatchNorm":
+                    role = ": BatchNorm (at zero statistics it outputs x/sqrt(eps), ~316x)"
+                    fix = ("replace it with StableBatchNorm (same blobs, caffemodels load both ways; "
+                           "`safe-layers harden --swap batchnorm`)")
+                elif layer_type and "Loss" in layer_type:
                     role = ": the loss layer, its bottoms finite"
+                    if layer_type == "InfogainLoss":
+                        fix = ("InfogainLoss with an unnormalized or non-finite H, or labels outside "
+                               "[0, K): SafeInfogainLoss validates both")
                 message = ("debug_info: the first layer in forward order whose output went non-finite "
                            "is '%s'%s (top blob '%s' = %s) at iteration %s%s"
                            % (event.layer, kind, event.blob, fmt(event.value), point.iteration, role))
-                fix = ("guard it: a NaNGuard after '%s' (action: abort) reports the first bad element"
-                       % event.layer)
-                if layer is not None and layer.type in DATA_LAYERS:
+                if layer_type in DATA_LAYERS:
                     source = (layer.params.get("data_param.source")
                               or layer.params.get("hdf5_data_param.source") or "SOURCE")
                     fix = ("`safe-layers scan %s` finds the record; a NaNGuard on the tops of '%s' "
@@ -1169,7 +1184,8 @@ def run(args):
     if args.plot and os.path.realpath(args.plot) == os.path.realpath(args.log):
         raise InputError("--plot %s would overwrite the log" % args.plot)
     diagnosis = diagnose(args.log)
-    found = diagnosis.findings()
+    found = findings_module.select(diagnosis.findings(), findings_module.rule_list(args.select),
+                                   findings_module.rule_list(args.ignore))
     summary = summary_lines(diagnosis, found)
     if args.plot:
         write_plot(diagnosis, args.plot)

@@ -67,6 +67,8 @@ def add_arguments(parser):
                              "(default: 100)")
     parser.add_argument("--plot", metavar="PNG", help="write the label histogram and the "
                                                       "batch-absence curves as a PNG")
+    parser.add_argument("--select", metavar="IDS", help="only these rule ids or prefixes (SL90,SL923)")
+    parser.add_argument("--ignore", metavar="IDS", help="leave out these rule ids or prefixes")
     findings_module.add_format_argument(parser)
 
 
@@ -846,6 +848,8 @@ def run(args):
     found = list(notes)
     for report in reports:
         found.extend(report.findings())
+    found = findings_module.select(found, findings_module.rule_list(args.select),
+                                   findings_module.rule_list(args.ignore))
     summary = []
     for report in reports:
         t = report.target
