@@ -296,6 +296,8 @@ def test_hdf5_list_faults_with_rows(caffe, tmp_path, monkeypatch):
     assert [os.path.basename(f["path"]) for f in by_rule["SL925"]] == ["d.h5"]
     assert [os.path.basename(f["path"]) for f in by_rule["SL922"]] == ["e.h5"]
     assert len(by_rule["SL904"]) == 10 and {f["label"] for f in by_rule["SL904"]} == {7}
+    assert [f["row"] for f in by_rule["SL904"]] == list(range(10))  # b.h5's rows
+    assert all(f["path"].endswith("b.h5") for f in by_rule["SL904"])
     assert set(by_rule) == {"SL920", "SL922", "SL923", "SL924", "SL925", "SL904"}
 
 

@@ -272,9 +272,10 @@ class LogReader:
                 yield from self._events(f)
 
     def _lines(self, f):
-        """(number, text) of each complete line; over-long lines skipped; the last line
-        without its newline yielded as (number, None, text). Reads 1 MB at a time and
-        splits in C: a binary file without newlines never sits in memory whole."""
+        """(number, text) of each complete line, decoded; over-long lines skipped; the
+        last line without its newline yielded as (number, None) with ``self.tail`` set.
+        Reads 1 MB at a time, decodes and splits it in C: a binary file without newlines
+        never sits in memory whole."""
         carry = b""
         skipping = False   # inside an over-long line, until its newline
         number = 0
@@ -283,27 +284,27 @@ class LogReader:
             chunk = read(_CHUNK)
             if not chunk:
                 break
-            pieces = chunk.split(b"\n")
+            data = carry + chunk if carry else chunk
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                carry = data
+                if len(carry) > MAX_LINE:
+                    carry, skipping = b"", True
+                continue
+            carry = data[cut + 1:]
+            # Cut at a newline, so no UTF-8 sequence is split.
+            lines = data[:cut].decode("utf-8", "replace").split("\n")
             if skipping:
-                if len(pieces) == 1:
-                    continue
-                pieces[0] = b""
+                lines[0] = None  # the end of an over-long line
                 skipping = False
+            for text in lines:
                 number += 1
-                self.overlong += 1
-                pieces = pieces[1:]
-            else:
-                pieces[0] = carry + pieces[0]
-            carry = pieces.pop()
-            if len(carry) > MAX_LINE:
-                carry = b""
-                skipping = True
-            for raw in pieces:
-                number += 1
-                if len(raw) > MAX_LINE:
+                if text is None or len(text) > MAX_LINE:
                     self.overlong += 1
                     continue
-                yield number, raw
+                yield number, text
+            if len(carry) > MAX_LINE:
+                carry, skipping = b"", True
         if skipping:
             number += 1
             self.overlong += 1
@@ -318,25 +319,28 @@ class LogReader:
     def _events(self, f):
         block = None
         self.tail = None
-        for number, raw in self._lines(f):
-            if raw is None:
+        forward_line, backward_line = _FORWARD_LINE.match, _BACKWARD_LINE.match
+        for number, text in self._lines(f):
+            if text is None:
                 # The last line, without its newline: still being written or cut off.
                 yield Event("incomplete", number, self.tail.decode("utf-8", "replace"))
                 break
-            text = raw.decode("utf-8", "replace")
             if text.endswith("\r"):
                 text = text[:-1]
-            if block is None:
-                # Fast path for the bulk of a debug_info log; the text before the tag must
-                # be a glog prefix (ending in "] ") or nothing but blanks.
-                event = None
+            if block is None and "] Layer " in text:
+                # Fast path for the bulk of a debug_info log: one match checks the prefix
+                # (glog's or none) and reads the line.
+                m = None
                 if "[Forward] Layer " in text:
-                    event = self._debug(text, number, _FORWARD_LINE, "forward")
+                    m, kind = forward_line(text), "forward"
                 elif "[Backward] Layer " in text:
-                    event = self._debug(text, number, _BACKWARD_LINE, "backward")
-                if event is not None:
+                    m, kind = backward_line(text), "backward"
+                if m is not None:
+                    prefix, layer, blob_kind, blob, value = m.groups()
+                    if prefix:
+                        self.glog_lines += 1
                     self.events += 1
-                    yield event
+                    yield DebugEvent(kind, number, text, layer, blob_kind, blob, float(value))
                     continue
             prefix = _PREFIX.match(text)
             if prefix is None:
@@ -375,15 +379,6 @@ class LogReader:
         if block is not None:
             self.events += 1
             yield block.event()
-
-    def _debug(self, text, number, pattern, kind):
-        m = pattern.match(text)
-        if m is None:
-            return None
-        prefix, layer, blob_kind, blob, value = m.groups()
-        if prefix:
-            self.glog_lines += 1
-        return DebugEvent(kind, number, text, layer, blob_kind, blob, float(value))
 
     def _parse(self, message, number, severity, source):
         # Cheap substring tests first: most lines of a debug_info log are [Forward] /

@@ -649,8 +649,7 @@ def _scan_hdf5_values(h5, top, file_path, report, rows_left, kind, is_label, tar
         if is_label:
             flat = values.reshape(len(values), -1)
             if flat.shape[1] == 1:
-                for value in flat[:, 0]:
-                    value = float(value)
+                for offset, value in enumerate(flat[:, 0].tolist()):
                     if not math.isfinite(value) or value != int(value):
                         report.labels.non_integer += 1
                         continue
@@ -661,10 +660,9 @@ def _scan_hdf5_values(h5, top, file_path, report, rows_left, kind, is_label, tar
                         report.rules.add(Finding(
                             file_path, 0, 0, "SL904", "error",
                             "dataset '%s' row %d: label %d is outside [0, %d) (classes from %s)"
-                            % (top, report.labels.total, label, target.num_classes,
-                               target.classes_from),
+                            % (top, start + offset, label, target.num_classes, target.classes_from),
                             "relabel the row, or set the loss's ignore_label to it",
-                            data={"top": top, "label": label}))
+                            data={"top": top, "row": start + offset, "label": label}))
                     report.labels.add(label)
     if bad_rows:
         shown = bad_rows[:20]
