@@ -151,7 +151,9 @@ def test_resume_from_a_snapshot_reports_the_true_iteration(tmp_path):
             'random_seed: 1\nsolver_mode: CPU\nsnapshot_prefix: "%s"\n' % (net, tmp_path / "snap"))
     net.write_text(POISONED.replace("CALLS", "[]"))
     solver.write_text(text.replace("MAX", "20"))
-    assert safe_layers_train("-solver", solver, cwd=tmp_path).returncode == 0
+    first = safe_layers_train("-solver", solver, "--progress", "always", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "20/20" in first.stderr  # tqdm's bar (asked for: stderr is no terminal here)
     net.write_text(POISONED.replace("CALLS", "[18]"))
     solver.write_text(text.replace("MAX", "40"))
     run = safe_layers_train("-solver", solver, "-snapshot", tmp_path / "snap_iter_20.solverstate",

@@ -351,3 +351,66 @@ def test_layer_reports_use_the_watched_iteration_with_iter_size(caffe, write_sol
     producer = next(f for f in w.faults if f.kind == "producer")
     assert producer.iteration == 2 and producer.layer == "poison"
     assert w.skipped == [2] and w.solver.iter == 5
+
+
+def test_weights_made_nonfinite_by_the_update_are_named(caffe, write_solver, tmp_path):
+    """Finite gradients, a finite rate, and an update that overflows: the weights check
+    after the update names the param blob (and with rollback restores the checkpoint)."""
+    from conftest import DIVERGING_NET
+    path = write_solver(DIVERGING_NET.replace("LAYER", ""), base_lr=3e38,
+                        snapshot_prefix='"%s"' % (tmp_path / "ck"))
+    w = watch(str(path), log_first=0)
+    with pytest.raises(NonFiniteError) as caught:
+        w.solver.step(3)
+    report = caught.value.report
+    assert report.kind == "weights" and report.iteration == 0 and "fc[0]" in report.params
+    assert "after the update of iteration 0" in report.message
+    w.close()
+
+    w = watch(str(path), rollback_after=1, checkpoint_every=1, max_rollbacks=2, lr_factor=1e-38,
+              log_first=0)
+    w.solver.step(3)
+    assert w.rollbacks == 1 and w.solver.iter == 3 and all_finite(w.solver.net)
+    w.close()
+
+
+def test_nan_aware_global_clip(caffe, write_solver):
+    from conftest import DIVERGING_NET
+    path = write_solver(DIVERGING_NET.replace("LAYER", ""), base_lr=1, momentum=0)
+    w = watch(str(path), clip_gradients=0.5, log_first=0)
+    before = w.solver.net.params["fc"][0].data.copy(), w.solver.net.params["fc"][1].data.copy()
+    w.solver.step(1)
+    after = w.solver.net.params["fc"][0].data, w.solver.net.params["fc"][1].data
+    step = math.sqrt(sum(float(((a - b).astype(np.float64) ** 2).sum()) for a, b in zip(after, before)))
+    # lr 1, no momentum, no decay: the update is the clipped gradient, L2 norm 0.5.
+    assert step == pytest.approx(0.5, rel=1e-4)
+    assert w.counts["clip"] == 1
+    w.close()
+
+
+CLIP_NAN_NET = """
+name: "one_nan_gradient"
+layer { name: "data" type: "DummyData" top: "x" top: "t"
+  dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 1 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "gaussian" std: 1 } } }
+layer { name: "poison" type: "Python" bottom: "x" top: "xp"
+  python_param { module: "poison" layer: "PoisonAtCall" param_str: "{calls: [1], sample: 0}" } }
+layer { name: "fc" type: "InnerProduct" bottom: "xp" top: "y"
+  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "other" type: "InnerProduct" bottom: "x" top: "z"
+  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+layer { name: "loss2" type: "EuclideanLoss" bottom: "z" bottom: "t" top: "loss2" }
+"""
+
+
+def test_clip_zeroes_nonfinite_diffs_where_caffes_would_pass_nan(caffe, write_solver):
+    path = write_solver(CLIP_NAN_NET, base_lr=0.1, clip_gradients=10)  # Caffe's own clip too
+    plain = caffe.get_solver(str(path))
+    plain.step(1)
+    assert not all_finite(plain.net)  # Caffe's clip_gradients let the NaN through
+    w = watch(str(path), on_nonfinite="warn", clip_gradients=10, log_first=0)
+    w.solver.step(1)
+    assert all_finite(w.solver.net)
+    assert any(f.kind == "gradients" and f.action == "warn" for f in w.faults)
+    w.close()

@@ -9,12 +9,24 @@ already bad is not blamed: only a *producer* is reported, a layer whose inputs (
 data, params; in backward also top diffs and the forward values) were all finite.
 """
 
+import operator
+
 import numpy
 
 from safe_layers import backend
 from safe_layers.anomaly.report import BlobFault, ProducerFault
 from safe_layers.kernels import finite
 from safe_layers.kernels.xp import array_module, to_numpy
+
+
+def accessors():
+    """(data, diff): functions from a Blob to its arrays. On the CPU the blob's own NumPy
+    views (``backend.data`` asks the mode on every call, which costs more than the check
+    of a small blob); on GPU the backend's device arrays. Chosen once, when a watch
+    attaches: the mode does not change under a running solver."""
+    if backend.mode() == "cpu":
+        return operator.attrgetter("data"), operator.attrgetter("diff")
+    return backend.data, backend.diff
 
 
 def blob_ok(array):
@@ -52,6 +64,7 @@ class NetProbe:
         self.report = report
         self.iteration = iteration  # callable -> int or None
         self.check_layers = check_layers
+        self.data, self.diff = accessors()
         self.names = list(net._layer_names)
         self.types = [layer.type for layer in net.layers]
         self.blob_names = list(net._blob_names)
@@ -91,13 +104,13 @@ class NetProbe:
         self._last_forward = i
         for j, weight in self.loss_tops[i]:
             # Layer::Forward: loss += dot(top data, loss weights), in the net's float.
-            data = backend.data(self.blobs[j])
+            data = self.data(self.blobs[j])
             self.loss = numpy.float32(self.loss + numpy.float32(float(data.sum()) * weight))
         if i == self.last:
             self.pass_losses.append(self.loss)
         if not self.check_layers:
             return
-        bad = [k for k, j in enumerate(self.tops[i]) if not blob_ok(backend.data(self.blobs[j]))]
+        bad = [k for k, j in enumerate(self.tops[i]) if not blob_ok(self.data(self.blobs[j]))]
         inputs_bad = any(j in self.bad_data for j in self.bottoms[i])
         for k, j in enumerate(self.tops[i]):
             if k in bad:
@@ -112,10 +125,10 @@ class NetProbe:
         note = self._bad_weights_note(i)
         k = bad[0]
         j = self.tops[i][k]
-        inputs = [input_stats("bottom[%d]" % b, self.blob_names[jb], backend.data(self.blobs[jb]))
+        inputs = [input_stats("bottom[%d]" % b, self.blob_names[jb], self.data(self.blobs[jb]))
                   for b, jb in enumerate(self.bottoms[i])]
         self._report("forward", i, "top", k, self.blob_names[j], "data",
-                     backend.data(self.blobs[j]), inputs, note, self.forward_calls)
+                     self.data(self.blobs[j]), inputs, note, self.forward_calls)
 
     # -- backward --------------------------------------------------------------------
     def begin_backward(self):
@@ -130,8 +143,8 @@ class NetProbe:
         if not self.check_layers:
             return
         bad_bottoms = [k for k, j in enumerate(self.bottoms[i])
-                       if not blob_ok(backend.diff(self.blobs[j]))]
-        bad_params = [k for k, blob in enumerate(self.params[i]) if not blob_ok(backend.diff(blob))]
+                       if not blob_ok(self.diff(self.blobs[j]))]
+        bad_params = [k for k, blob in enumerate(self.params[i]) if not blob_ok(self.diff(blob))]
         inputs_bad = (any(j in self.bad_diff for j in self.tops[i])
                       or any(j in self.bad_data for j in self.bottoms[i] + self.tops[i]))
         for k, j in enumerate(self.bottoms[i]):
@@ -147,21 +160,21 @@ class NetProbe:
         if inputs_bad:
             return
         note = self._bad_weights_note(i)
-        inputs = [input_stats("top[%d] diff" % t, self.blob_names[jt], backend.diff(self.blobs[jt]))
+        inputs = [input_stats("top[%d] diff" % t, self.blob_names[jt], self.diff(self.blobs[jt]))
                   for t, jt in enumerate(self.tops[i])]
         if bad_bottoms:
             k = bad_bottoms[0]
             j = self.bottoms[i][k]
             self._report("backward", i, "bottom", k, self.blob_names[j], "diff",
-                         backend.diff(self.blobs[j]), inputs, note, self.backward_calls)
+                         self.diff(self.blobs[j]), inputs, note, self.backward_calls)
         else:
             k = bad_params[0]
             self._report("backward", i, "param", k, "%s[%d]" % (self.names[i], k), "diff",
-                         backend.diff(self.params[i][k]), inputs, note, self.backward_calls)
+                         self.diff(self.params[i][k]), inputs, note, self.backward_calls)
 
     # -- shared ----------------------------------------------------------------------
     def _bad_weights_note(self, i):
-        bad = [k for k, blob in enumerate(self.params[i]) if not blob_ok(backend.data(blob))]
+        bad = [k for k, blob in enumerate(self.params[i]) if not blob_ok(self.data(blob))]
         if not bad:
             return ""
         for k in bad:
@@ -183,5 +196,5 @@ class NetProbe:
         out = {}
         for i in self.data_layers:
             for j in self.tops[i]:
-                out[self.blob_names[j]] = to_numpy(backend.data(self.blobs[j])).copy()
+                out[self.blob_names[j]] = to_numpy(self.data(self.blobs[j])).copy()
         return out

@@ -30,10 +30,10 @@ import time
 
 import numpy
 
-from safe_layers import backend, context, reporting
+from safe_layers import context, reporting
 from safe_layers.anomaly import record as records
 from safe_layers.anomaly import schedule
-from safe_layers.anomaly.probe import NetProbe, blob_fault, blob_ok
+from safe_layers.anomaly.probe import NetProbe, accessors, blob_fault, blob_ok
 from safe_layers.anomaly.report import Event, SolverFault
 from safe_layers.kernels import clip as clip_kernels
 from safe_layers.params import Field
@@ -258,6 +258,7 @@ class Watch:
         self._grad_norms = collections.deque(maxlen=o.growth_window)
         self._weight_norms = collections.deque(maxlen=o.growth_window + 1)
         self.net = solver.net if solver is not None else net
+        self._data, self._diff = accessors()
         self.params = _param_names(self.net)
         self.iter_size = self._iter_size()
         self.probes = [NetProbe(self.net, "TRAIN" if solver is not None else phase,
@@ -341,7 +342,7 @@ class Watch:
                      for label in ["%s[%d]" % (layer, k)])
         norms = None
         if need_norms:
-            norms = [(label, _sumsq(backend.diff(blob))) for label, _, _, blob in self.params]
+            norms = [(label, _sumsq(self._diff(blob))) for label, _, _, blob in self.params]
             bad = sorted(set(bad) | {label for label, s in norms if not math.isfinite(s)})
         if bad or not math.isfinite(self.loss):
             self._bad_iteration(iteration, bad)
@@ -426,7 +427,7 @@ class Watch:
         o = self.options
         bad, total = [], 0.0
         for label, _, _, blob in self.params:
-            data = backend.data(blob)
+            data = self._data(blob)
             if o.warn_growth:
                 s = _sumsq(data)
                 if math.isfinite(s):
@@ -458,15 +459,15 @@ class Watch:
         limit = self.options.clip_gradients
         if has_nonfinite:
             for _, _, _, blob in self.params:
-                clip_kernels.zero_nonfinite_(backend.diff(blob))
+                clip_kernels.zero_nonfinite_(self._diff(blob))
         if norm <= limit:
             return
         scale = limit / (norm + clip_kernels.TINY)
         for _, _, _, blob in self.params:
-            backend.diff(blob)[...] *= numpy.float32(scale)
-        self.counts["clip"] += 1
+            self._diff(blob)[...] *= numpy.float32(scale)
         self._log_event(Event("clip", iteration, "param diff L2 norm %s > %s: scaled by %s; %d clipped "
-                              "in all" % (_num(norm), _num(limit), _num(scale), self.counts["clip"]),
+                              "in all" % (_num(norm), _num(limit), _num(scale),
+                                          self.counts["clip"] + 1),
                               {"norm": norm, "scale": scale}))
 
     def _check_grad_growth(self, iteration, norm):

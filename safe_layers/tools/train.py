@@ -179,22 +179,25 @@ def prepare(args, workdir):
 
 
 def _lint(args):
-    """`safe-layers lint` on the solver, where that subcommand exists: its errors stop the
-    run (exit 2) unless --no-lint. Returns an exit status or None to go on."""
+    """`safe-layers lint` on the solver (and the nets it names), where that subcommand
+    exists: its findings are printed, and its errors stop the run (exit 2) unless
+    --no-lint. Returns an exit status, or None to go on."""
     try:
         from safe_layers.tools import lint
     except ImportError:
         return None
-    runner = getattr(lint, "lint_paths", None)
-    if runner is None:
+    linter_class = getattr(lint, "Linter", None)
+    if linter_class is None:
         return None
-    findings = runner([args.solver])
-    errors = [f for f in findings if f.severity == "error"]
-    for finding in findings:
+    linter = linter_class()
+    linter.lint_file(args.solver)
+    found = linter.findings()
+    for finding in found:
         sys.stderr.write(finding.text() + "\n")
+    errors = [f for f in found if f.severity == "error"]
     if errors and not args.no_lint:
-        sys.stderr.write("safe-layers train: lint found %d error%s; fix them or pass --no-lint\n"
-                         % (len(errors), "" if len(errors) == 1 else "s"))
+        sys.stderr.write("safe-layers train: lint found %d error%s in %s; fix them or pass --no-lint\n"
+                         % (len(errors), "" if len(errors) == 1 else "s", args.solver))
         return EXIT_INPUT
     return None
 
