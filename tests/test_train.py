@@ -177,11 +177,14 @@ def test_bad_input_exits_2_and_says_why(lenet, tmp_path):
     unknown = lenet(lr_policy='"cosine"')
     run = safe_layers_train("-solver", unknown, cwd=tmp_path)
     assert run.returncode == 2 and "Unknown learning rate policy" in run.stderr
-    # A net Caffe refuses to build: its CHECK kills the training process, not the tool.
+    # A net Caffe refuses to build: lint says so first; past lint, its CHECK kills the
+    # training process, not the tool.
     solver = lenet()
     net = tmp_path / "lenet_train_test.prototxt"
     net.write_text(net.read_text().replace('bottom: "pool2"', 'bottom: "pool9"'))
     run = safe_layers_train("-solver", solver, cwd=tmp_path)
+    assert run.returncode == 2 and "SL001 error" in run.stderr, run.stderr[-2000:]
+    run = safe_layers_train("-solver", solver, "--no-lint", cwd=tmp_path)
     assert run.returncode == 2, run.stderr[-2000:]
     assert "Caffe aborted while building" in run.stderr and "pool9" in run.stderr
     run = safe_layers_train("-solver", lenet(), "-gpu", "0,1", cwd=tmp_path)
@@ -212,3 +215,19 @@ def test_weights_with_commas_and_sigint_stop(caffe_bin, lenet, tmp_path):
     assert "Optimization stopped early." in log
     snapshots = list(tmp_path.glob("long_iter_*.caffemodel"))
     assert len(snapshots) == 1 and int(snapshots[0].name.split("_")[2].split(".")[0]) < 50
+
+
+def test_lint_errors_stop_the_run_unless_no_lint(tmp_path):
+    from test_watch import POOLING_NET
+    net = tmp_path / "pool.prototxt"
+    net.write_text(POOLING_NET)
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text('net: "%s"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 5\ndisplay: 1\n'
+                      'random_seed: 1\nsolver_mode: CPU\nsnapshot_prefix: "%s"\n' % (net, tmp_path / "p"))
+    run = safe_layers_train("-solver", solver, cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert re.search(r"pool\.prototxt:\d+:\d+: SL\d+ error .*pool1", run.stderr), run.stderr[-2000:]
+    assert "pass --no-lint" in run.stderr and not (tmp_path / "p_events.jsonl").exists()
+    run = safe_layers_train("-solver", solver, "--no-lint", cwd=tmp_path)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert 'WATCH producer forward "Pooling" "pool1"' in run.stderr.strip().splitlines()[-1]

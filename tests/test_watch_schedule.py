@@ -2,7 +2,7 @@
 
 import pytest
 
-from safe_layers.anomaly import parse_line, read_solver_param, schedule
+from safe_layers.anomaly import parse_line, read_solver_param, report, schedule
 from safe_layers.anomaly.report import Event, SolverFault
 
 TINY_NET = """
@@ -71,3 +71,10 @@ def test_solver_and_event_lines_parse_back():
     event = Event("rollback", 100, "restored x_iter_100.solverstate")
     assert parse_line(event.line())["kind"] == "rollback"
     assert parse_line("I1125 03:18:18.830953  5236 solver.cpp:239] Iteration 5, loss = 1") is None
+    assert parse_line(report.repeat_line(105, "lr", fault)) == dict(
+        parse_line(fault.line()), repeated=105)
+    assert parse_line(report.record_line("/r/iter3.json")) == {"kind": "record",
+                                                               "path": "/r/iter3.json"}
+    assert parse_line(report.summary_line(3, {"producer": 2, "loss": 1}, 1, 0, 2, 0)) == {
+        "kind": "summary", "faults": 3, "counts": {"producer": 2, "loss": 1}, "skipped": 1,
+        "rollbacks": 0, "checkpoints": 2, "clips": 0}

@@ -171,6 +171,27 @@ class Event:
         return "Event(%s)" % self.line()
 
 
+def record_line(path):
+    """The line that says where a replayable record was written."""
+    return "%srecord: %s (replay: safe_layers.anomaly.replay(%r, net))" % (TAG, path, path)
+
+
+def record_failed_line(directory, error):
+    return "%srecord: could not write to %s: %s" % (TAG, directory, error)
+
+
+def repeat_line(count, kind, latest):
+    """The periodic line that stands for reports past ``log_first``."""
+    return "%s%d %s reports so far; latest: %s" % (TAG, count, kind, latest.line())
+
+
+def summary_line(faults, counts, skipped, rollbacks, checkpoints, clips):
+    """One line: what a watch saw and did (``Watch.summary``)."""
+    shown = ", ".join("%s=%d" % kv for kv in sorted(counts.items())) or "none"
+    return ("%ssummary: %d faults (%s); %d skipped, %d rollbacks, %d checkpoints, %d clips"
+            % (TAG, faults, shown, skipped, rollbacks, checkpoints, clips))
+
+
 # ---------------------------------------------------------------------------------------
 # The reader.
 
@@ -200,6 +221,15 @@ _INPUT = re.compile(r"(?P<role>[\w\[\] ]+?) (?P<blob>" + _STR + r") min=(?P<min>
                     r"max=(?P<max>\S+) mean\|x\|=(?P<mean_abs>[^\s;]+)")  # "; " joins inputs
 
 
+_RECORD = re.compile(_GLOG + r"WATCH record: (?:(?P<path>\S+) \(replay: .*\)|could not write to "
+                     r"(?P<directory>.*?): (?P<error>.*))$")
+_REPEAT = re.compile(_GLOG + r"WATCH (?P<count>\d+) (?P<kind>\w+) reports so far; latest: "
+                     r"(?P<latest>.*)$")
+_SUMMARY = re.compile(_GLOG + r"WATCH summary: (?P<faults>\d+) faults \((?P<counts>[^)]*)\); "
+                      r"(?P<skipped>\d+) skipped, (?P<rollbacks>\d+) rollbacks, "
+                      r"(?P<checkpoints>\d+) checkpoints, (?P<clips>\d+) clips$")
+
+
 def _float(text):
     return None if text == "none" else float(text)
 
@@ -210,6 +240,10 @@ def parse_line(line):
     lines give the same keys as ``ProducerFault.as_dict`` (finite input statistics to
     six digits)."""
     line = line.rstrip("\n")
+    match = _REPEAT.search(line)  # first: it carries another report's line inside
+    if match:
+        latest = parse_line(match.group("latest")) or {}
+        return dict(latest, repeated=int(match.group("count")))
     match = _PRODUCER.search(line)
     if match:
         g = match.groupdict()
@@ -241,4 +275,18 @@ def parse_line(line):
     if match:
         g = match.groupdict()
         return {"kind": g["kind"], "iteration": int(g["iteration"]), "message": g["message"]}
+    match = _RECORD.search(line)
+    if match:
+        g = match.groupdict()
+        if g["path"]:
+            return {"kind": "record", "path": g["path"]}
+        return {"kind": "record", "path": None, "directory": g["directory"], "error": g["error"]}
+    match = _SUMMARY.search(line)
+    if match:
+        g = match.groupdict()
+        counts = dict((k, int(v)) for k, v in (item.split("=") for item in g["counts"].split(", ")
+                                              if "=" in item))
+        return {"kind": "summary", "faults": int(g["faults"]), "counts": counts,
+                "skipped": int(g["skipped"]), "rollbacks": int(g["rollbacks"]),
+                "checkpoints": int(g["checkpoints"]), "clips": int(g["clips"])}
     return None

@@ -34,6 +34,7 @@ from safe_layers import context, reporting
 from safe_layers.anomaly import record as records
 from safe_layers.anomaly import schedule
 from safe_layers.anomaly.probe import NetProbe, accessors, blob_fault, blob_ok
+from safe_layers.anomaly import report
 from safe_layers.anomaly.report import Event, SolverFault
 from safe_layers.kernels import clip as clip_kernels
 from safe_layers.params import Field
@@ -516,7 +517,7 @@ class Watch:
         if count <= o.log_first or severity == "E" and fault.action == "stop":
             self._write(severity, fault.line())
         elif (count - o.log_first) % o.log_every == 0:
-            self._write(severity, "WATCH %d %s reports so far; latest: %s" % (count, key, fault.line()))
+            self._write(severity, report.repeat_line(count, key, fault))
         if self.listener:
             self.listener(fault)
         if not self._recorded and self.options.record_dir and fault.kind != "growth":
@@ -549,10 +550,10 @@ class Watch:
             path = records.write_record(self.options.record_dir, self.iteration(), fault,
                                         self.probes[0].input_arrays(), self.net)
         except Exception as exc:  # noqa: BLE001 - a record never kills a run
-            self._write("W", "WATCH record: could not write to %s: %s" % (self.options.record_dir, exc))
+            self._write("W", report.record_failed_line(self.options.record_dir, exc))
             return
         self.record_path = path
-        self._write("I", "WATCH record: %s (replay: safe_layers.anomaly.replay(%r, net))" % (path, path))
+        self._write("I", report.record_line(path))
 
     def _write(self, severity, text):
         stream = self.stream or sys.stderr
@@ -657,13 +658,12 @@ class Watch:
 
     def summary(self):
         """One line: what the watch saw and did."""
-        return ("WATCH summary: %d faults (%s); %d skipped, %d rollbacks, %d checkpoints, %d clips"
-                % (len(self.faults), ", ".join("%s=%d" % kv for kv in sorted(
-                    (k, v) for k, v in self.counts.items()
-                    if k in ("producer", "lr", "loss", "gradients", "weights", "growth",
-                             "stopped"))) or "none",
-                   len(self.skipped), self.rollbacks,
-                   self.checkpoints.count if self.checkpoints else 0, self.counts["clip"]))
+        kinds = ("producer", "lr", "loss", "gradients", "weights", "growth", "stopped")
+        return report.summary_line(len(self.faults), {k: v for k, v in self.counts.items()
+                                                      if k in kinds and v},
+                                   len(self.skipped), self.rollbacks,
+                                   self.checkpoints.count if self.checkpoints else 0,
+                                   self.counts["clip"])
 
 
 def _num(value):

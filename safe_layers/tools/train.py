@@ -203,11 +203,11 @@ def _lint(args):
 
 
 def run(args):
-    status = _lint(args)
-    if status is not None:
-        return status
     with tempfile.TemporaryDirectory(prefix="safe-layers-train-") as workdir:
         config = prepare(args, workdir)
+        status = _lint(args)
+        if status is not None:
+            return status
         config_path = os.path.join(workdir, "config.json")
         with open(config_path, "w") as f:
             json.dump(config, f)
