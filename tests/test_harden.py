@@ -222,6 +222,42 @@ def test_guard_before_max_pooling_keeps_other_samples_gradients(harden, caffe, t
     assert np.array_equal(guarded, clean)
 
 
+def test_guard_after_outside_window_pooling_keeps_the_next_weights_finite(harden, caffe, tmp_path):
+    """The seed's AVE pooling (kernel 3, stride 5 on 10x10) divides 0 by 0 in its last row
+    and column; that NaN is the *bottom data* of the next layer, so the next layer's weight
+    gradient is NaN before any guard after it can act. harden puts a guard on the pooling's
+    output; trained with SGD, the weights after the pooling stay finite only with it."""
+    text = textwrap.dedent("""\
+        layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 4 dim: 1 dim: 10 dim: 10 } } }
+        layer { name: "label" type: "Input" top: "y" input_param { shape { dim: 4 } } }
+        layer { name: "conv" type: "Convolution" bottom: "x" top: "c"
+                convolution_param { num_output: 2 kernel_size: 1 weight_filler { type: "xavier" } } }
+        layer { name: "pool" type: "Pooling" bottom: "c" top: "p" pooling_param { pool: AVE kernel_size: 3 stride: 5 } }
+        layer { name: "fc" type: "InnerProduct" bottom: "p" top: "fc"
+                inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+        layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "y" top: "loss" }
+        """)
+    (tmp_path / "net.prototxt").write_text(text)
+    status, _, err = harden("net.prototxt", "-o", "hard.prototxt", "--level", "repair")
+    assert status == 0 and "pool_guard after pool on p: output of pooling 'pool'" in err
+
+    def fc_weights_after_training(net_file):
+        solver_file = tmp_path / ("solver_" + net_file)
+        solver_file.write_text('net: "%s"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 3\n'
+                               'display: 0\nrandom_seed: 1\nsnapshot_after_train: false\n'
+                               % (tmp_path / net_file))
+        solver = caffe.SGDSolver(str(solver_file))
+        solver.net.blobs["x"].data[...] = np.random.RandomState(0).rand(4, 1, 10, 10)
+        solver.net.blobs["y"].data[...] = [0, 1, 2, 0]
+        solver.step(3)
+        return solver.net.params["fc"][0].data.copy()
+
+    stock = fc_weights_after_training("net.prototxt")
+    assert np.isnan(stock).any()  # the pooling's NaN went into fc's own weight gradient
+    guarded = fc_weights_after_training("hard.prototxt")
+    assert np.isfinite(guarded).all()
+
+
 # --- swaps of InfogainLoss -------------------------------------------------------------------
 
 def infogain_net(h_name, softmax=False):

@@ -20,6 +20,10 @@ Default placement, and why each spot:
   * on the input of each Pooling layer: a MAX window that is all NaN keeps mask -1 and
     Caffe's CPU backward then writes one element before its channel (another sample's
     gradient); clamping the input keeps every window finite;
+  * on the output of each Pooling layer whose last windows can lie outside its input
+    (stride > kernel, CEIL rounding, no pad): AVE pooling divides 0 by 0 there, and the
+    NaN would reach the next layer's own weight gradient before a guard after that layer
+    could see it (``safe-layers lint`` names the exact rows and the geometry fix);
   * after each layer the seed causes name as producers: BatchNorm (x/sqrt(eps) from
     untrained statistics, 0/0 on constant channels), Log, Power, Exp (domain traps);
   * below each loss (on its prediction input): the gradient that leaves the loss is where
@@ -48,7 +52,7 @@ import sys
 from safe_layers.tools import prototxt
 from safe_layers.tools.findings import InputError
 from safe_layers.tools.netshapes import DATA_TYPES
-from safe_layers.tools.rules import layers_in_state, loss_weights
+from safe_layers.tools.rules import layers_in_state, loss_weights, pooling
 
 HELP = "insert NaN guards (and drop-in swaps) into a net prototxt, keeping every other byte"
 
@@ -207,6 +211,9 @@ class Hardener:
                 if layer.type == "Pooling" and layer.bottom:
                     for w in self._last_writers(i, layer.bottom[0]):
                         want(w, [layer.bottom[0]], "input of pooling '%s'" % layer.name)
+                    if layer.top and pooling.axes_outside(layer):
+                        want(i, [layer.top[0]], "output of pooling '%s': stride > kernel, so its "
+                             "last windows can lie outside the input (AVE: 0/0)" % layer.name)
                 if layer.type in PRODUCER_TYPES and layer.top:
                     want(i, [layer.top[0]], "a %s output" % layer.type)
                 if any(loss_weights(layer)) and layer.bottom:

@@ -48,6 +48,17 @@ def params(layer):
     return kernel, stride, pad, ceil, p.global_pooling
 
 
+def axes_outside(layer):
+    """The axes (0: rows, 1: columns) on which some input size puts the last window of
+    ``layer`` outside its input: stride > kernel with CEIL rounding and no pad (with a pad,
+    Caffe pulls the last window back; FLOOR never reaches past the edge). Empty when no
+    input shape can make a window read nothing."""
+    kernel, stride, pad, ceil, global_pooling = params(layer)
+    if global_pooling or pad[0] or pad[1] or not ceil:
+        return []
+    return [a for a in (0, 1) if stride[a] > kernel[a]]
+
+
 def pooled_size(size, kernel, stride, pad, ceil, any_pad):
     """Caffe's output size on one axis (pooling_layer.cpp Reshape)."""
     ratio = float(size + 2 * pad - kernel) / stride
@@ -147,12 +158,10 @@ def check(ctx):
                 continue
             _report(ctx, layer, where, pool, shape, found)
         else:
-            kernel, stride, pad, ceil, global_pooling = params(layer)
-            if global_pooling or pad[0] or pad[1] or not ceil:
-                continue
-            axes = [a for a in (0, 1) if stride[a] > kernel[a]]
+            axes = axes_outside(layer)
             if not axes:
                 continue
+            kernel, stride = params(layer)[:2]
             k, s = kernel[axes[0]], stride[axes[0]]
             example = k + 1  # (H - k) mod s = 1 <= s - k: the last window starts at H
             ctx.add(where, STRIDE_OVER_KERNEL,
