@@ -132,6 +132,22 @@ def test_exp_gamma_above_one(caffe_train, tmp_path):
     assert status == 1 and found["SL801"]["policy"] == "exp" and found["SL801"]["field"] == "gamma"
 
 
+def test_max_iter_zero_trains_nothing(caffe_train, tmp_path):
+    """`caffe train` with max_iter 0 (the proto default when it is left out) runs Step(0):
+    a final loss and test of the untrained net, "Optimization Done.", exit 0."""
+    net = DIVERGING_NET.replace("LAYER", "").replace("std: 10", "std: 0.01")
+    log, result = train_log(caffe_train, tmp_path, "idle.log", net, max_iter=0, display=1)
+    assert result.returncode == 0 and "Optimization Done." in result.stderr
+    status, doc = diagnose_json(log)
+    assert status == 1 and list(rules(doc)) == ["SL812"]
+    assert "max_iter is 0" in rules(doc)["SL812"]["message"]
+    assert_evidence_is_the_log(doc, log)
+    # The same net trained for three iterations: nothing to say.
+    log, result = train_log(caffe_train, tmp_path, "three.log", net, max_iter=3, display=1)
+    status, doc = diagnose_json(log)
+    assert result.returncode == 0 and status == 0 and doc["findings"] == []
+
+
 def test_lr_reaching_zero_and_gradient_clipping(caffe_train, tmp_path):
     log, result = train_log(caffe_train, tmp_path, "multistep.log", DIVERGING_NET.replace("LAYER", ""),
                             base_lr=0.01, lr_policy='"multistep"', stepvalue=5, gamma=0,
@@ -678,9 +694,14 @@ def synthetic_log(path, losses):
 @pytest.mark.parametrize("losses, rule", [
     (["1", "10", "100", "1000", "10000", "-nan"], "SL802"),     # four orders of magnitude
     (["1", "8", "60", "150", "nan"], "SL802"),                 # 150x: two orders
-    (["1", "5", "50", "nan"], "SL803"),                        # 50x and no overflow: not "orders"
+    (["1", "5", "50", "nan"], "SL802"),                        # 50x: more than an order of magnitude
     (["1", "3", "20", "inf"], "SL802"),                        # an overflow after a 20x rise
     (["1", "3", "9", "inf"], "SL803"),                         # an overflow after less than 10x
+    (["1", "2", "4", "nan"], "SL803"),                         # 4x: rose, but not an explosion
+    (["2.3", "0.5", "0.05", "0.6", "0.08", "nan"], "SL803"),   # 12x above its minimum, not above its start
+    # examples/demo.py high_lr, a softmax classifier at base_lr 10 under `caffe train`
+    # (every 5th iteration): 31x above the first loss, then NaN.
+    (["2.31229", "68.6884", "19.0303", "9.06676", "72.8139", "9.22389", "-nan"], "SL802"),
     (["2.3", "1.5", "0.9", "0.7", "nan"], "SL803"),            # falling, then sudden
     (["1.0", "1.1", "0.9", "1.0", "-nan"], "SL803"),           # flat, then sudden
     (["nan", "nan"], "SL807"),                                 # from the first iteration
@@ -700,3 +721,10 @@ def test_trend_thresholds(tmp_path, losses, rule):
         if rule:
             assert doc["findings"][0]["severity"] == "warning"
             assert doc["findings"][0]["iteration"] == len(losses) - 1
+
+
+def test_a_rise_below_an_order_of_magnitude_is_said_as_a_rise(tmp_path):
+    status, doc = diagnose_json(synthetic_log(tmp_path / "synthetic.log", ["1", "2", "4", "nan"]))
+    [finding] = doc["findings"]
+    assert finding["rule"] == "SL803"
+    assert "the loss rose from 1 (iteration 0) to 4 (iteration 2), 4.0x" in finding["message"]

@@ -10,8 +10,8 @@ six causes of the seed (``shared/docs/seed-causes.md``):
 
   SL801 bad learning-rate policy: lr itself non-finite or negative; names the policy
         and the solver field to fix (``poly`` without ``max_iter`` ...)
-  SL802 exploding gradients: the loss rose by orders of magnitude before it went
-        non-finite; with several losses, names the output that exploded and its weight
+  SL802 exploding gradients: the loss climbed an order of magnitude or more above its
+        first value before it went non-finite; with several losses, names the output that exploded and its weight
   SL803 faulty input or loss layer: the loss was falling (or flat), then suddenly
         non-finite; names the data layer's source to ``scan`` and where to guard
   SL807 non-finite from the first iteration: the net computes NaN on its first batch
@@ -23,6 +23,8 @@ six causes of the seed (``shared/docs/seed-causes.md``):
   SL809 a test net output non-finite while training stayed finite
   SL810 gradient clipping: how often, and a non-finite norm it let through
   SL811 the learning rate reached 0: nothing learns from there on
+  SL812 the run finished without a single training iteration (``max_iter`` 0 or unset:
+        `caffe train` stops at once, and its final test reports an untrained net)
 
 Exit 0 when nothing went wrong, 1 when a cause was found, 2 when the file is not a
 readable Caffe log.
@@ -39,7 +41,11 @@ from safe_layers.tools.findings import Finding, InputError
 
 HELP = "explain a dead Caffe run from its training log: cause, iteration, layer, evidence lines"
 
-EXPLODING_RATIO = 100.0   # "orders of magnitude": the loss grew at least 100x before the NaN
+# The loss climbed at least this many times above its first value (an order of magnitude)
+# before the NaN (Track.growth): a softmax
+# loss grows only linearly with the logits, so a classifier blown up by a high base_lr
+# (measured: 2.3 -> 72.8, 31x, then NaN, examples/demo.py high_lr) rarely shows more.
+EXPLODING_RATIO = 10.0
 RISING_RATIO = 1000.0     # ... and, with nothing non-finite yet, 1000x up to the log's end
 WINDOW = 64               # finite losses kept before the first non-finite one
 GRADIENT_WINDOW = 8       # debug_info iterations kept per gradient before the first non-finite
@@ -148,6 +154,16 @@ class Track:
         if low <= 0:
             return float("inf") if high > 0 and low == 0 else None
         return high / low
+
+
+    def growth(self):
+        """How many times the value's peak (after its minimum, up to its last finite value)
+        exceeds its first value: an explosion climbs above where training started, while a
+        loss that trained down to 0.01 and wanders to 0.1 has risen 10x from its minimum
+        but not grown. Falls back to :meth:`rise` when the first value is not positive."""
+        if self.first is None or self.first.value <= 0:
+            return self.rise()
+        return max(self.last.value, self.peak_after_min.value) / self.first.value
 
 
 class Heatmap:
@@ -440,7 +456,7 @@ class Diagnosis:
             self.python_error = event
 
     def _on_done(self, event):
-        self.done = True
+        self.done = self.done or event  # the first "Optimization Done." (Solver's, then caffe.cpp's)
 
     def _on_incomplete(self, event):
         self.incomplete = event
@@ -510,6 +526,9 @@ class Diagnosis:
         zero = self._lr_zero_finding()
         if zero:
             out.append(zero)
+        idle = self._no_training_finding()
+        if idle:
+            out.append(idle)
         return out
 
     def _finding(self, rule, severity, point, message, fix, evidence, layer=None, **data):
@@ -581,8 +600,7 @@ class Diagnosis:
         rise = culprit.rise() or 1.0
         bad_value = culprit.bad.value if culprit.bad is not None else (
             self.loss.bad.value if self.loss.bad is not None else point.value)
-        # An overflow (inf before nan) after a tenfold rise is an explosion too.
-        exploding = rise >= EXPLODING_RATIO or (rise >= 10 and math.isinf(bad_value))
+        exploding = (culprit.growth() or 0) >= EXPLODING_RATIO
         if caught and not exploding:
             return None  # a guard or watch caught it while the loss was sane: SL806 says where
         bad_point = culprit.bad or self.loss.bad or point
@@ -620,10 +638,15 @@ class Diagnosis:
             return self._finding("SL802", "error", bad_point, message, fix, evidence, layer=layer, **data)
         # Falling or flat, then a sudden NaN: the input or the loss.
         first = culprit.first
-        trend = "fell" if low.value < first.value * 0.9 else "stayed near %s" % fmt(first.value)
-        if trend == "fell":
+        if low.value < first.value * 0.9:
             trend = "fell from %s (iteration %s) to %s (iteration %s)" % (
                 fmt(first.value), first.iteration, fmt(low.value), low.iteration)
+        elif (culprit.growth() or 1.0) >= 1.5:
+            trend = "rose from %s (iteration %s) to %s (iteration %s), %.1fx: less than an order " \
+                    "of magnitude" % (fmt(first.value), first.iteration, fmt(high.value), high.iteration,
+                                      culprit.growth())
+        else:
+            trend = "stayed near %s" % fmt(first.value)
         last = culprit.last
         message = ("faulty input or loss layer: the loss%s %s, then became %s at iteration %s without "
                    "growing first (last finite %s at iteration %s)"
@@ -920,6 +943,27 @@ class Diagnosis:
                              [self.lr_last_positive, point, self._solver_point("lr_policy")])
 
 
+    def _no_training_finding(self):
+        """`caffe train` with max_iter 0 (unset: its proto default) runs Step(0): no
+        training iteration, a final "Iteration 0, loss" and test, and "Optimization Done."."""
+        if not self.done or self.solver is None or self.iteration != self.first_iteration:
+            return None  # losses at several iterations: something was trained
+        try:
+            max_iter = float(self.solver_field("max_iter") or 0)
+        except ValueError:
+            return None
+        if max_iter > 0:
+            return None
+        point = Point(self.iteration, None, self.done.line, self.done.text)
+        declared = self._solver_point("max_iter")
+        message = ("the run trained nothing: max_iter is %s, so `caffe train` ran no iteration "
+                   "before \"Optimization Done.\" (any test output above is the untrained net's)"
+                   % ("0" if declared is not None else "not set (0)"))
+        return self._finding("SL812", "error", point, message,
+                             "set max_iter in the solver (the number of iterations to train)",
+                             [declared, point], cause="no training")
+
+
 def lr_policy_fault(policy, fields, iteration, value):
     """(field to fix, why) for a non-finite or negative lr under ``policy``."""
     def number(name, default=0.0):
@@ -1077,7 +1121,7 @@ def json_extra(diagnosis):
         point, what = d.first_bad
         first = dict(point.as_dict(), what=what)
     return {"log": d.path, "lines": d.lines, "first_iteration": d.first_iteration,
-            "last_iteration": d.iteration, "finished": d.done,
+            "last_iteration": d.iteration, "finished": bool(d.done),
             "incomplete_last_line": d.incomplete.line if d.incomplete is not None else None,
             "first_nonfinite": first, "lr_policy": d.lr_policy(),
             "solver": d.solver.fields if d.solver is not None else None,
