@@ -16,6 +16,7 @@ test: setup
 
 bench: setup
 	$(PY) bench/bench_nan_guard.py
+	$(PY) bench/bench_stable_batch_norm.py
 
 # diagnose on a generated 1 GB log, scan on a 100k-record LMDB (a few minutes).
 bench-tools: setup

@@ -329,8 +329,9 @@ def _jsonable(value):
     return value
 
 
-def inspect(array, max_abs=None, **context):
-    """A FaultReport for ``array``, or None when it holds no fault after all.
+def inspect(array, max_abs=None, always=False, **context):
+    """A FaultReport for ``array``, or None when it holds no fault after all (unless
+    ``always``: a fault the counts do not show, told by a ``detail`` in ``context``).
 
     ``context`` supplies the FaultReport fields that describe where the array came from
     (layer_type, layer, follows, phase, pass_, call, iteration, blob, blob_index, action).
@@ -338,7 +339,7 @@ def inspect(array, max_abs=None, **context):
     line exactly.
     """
     counts = finite.count_faults(array, max_abs)
-    if not any(counts.values()):
+    if not any(counts.values()) and not always:
         return None  # the fast check's overflowing-sum false alarm
     first_index, first_value = finite.first_fault(array, max_abs)
     fmin, fmax, fmean = finite.finite_stats(array)
@@ -594,6 +595,7 @@ class FaultLog:
         self.escalate_after = escalate_after
         self.stream = stream
         self.recorder = None
+        self.net = None  # the number of the net this layer was built in (LiveLayers.register)
         self._final_hooks = []
         self._lock = threading.Lock()
         self.clear()
@@ -637,14 +639,16 @@ class FaultLog:
         stream.write(glog_prefix(severity) + text + "\n")
         stream.flush()
 
-    def check(self, array, pass_, call, action, blob_index=0, max_abs=None, blob="bottom"):
+    def check(self, array, pass_, call, action, blob_index=0, max_abs=None, blob="bottom",
+              fast=None):
         """The fast check of ``array``; on a fault, its exact FaultReport (not yet recorded).
 
         ``call`` counts this pass in this layer from 1; the report turns it into the
-        solver iteration (TRAIN) with :func:`iteration`.
+        solver iteration (TRAIN) with :func:`iteration`. ``fast``: the fast check's answer
+        when the caller has it already (a layer whose own sums tell it), else None.
         """
         LIVE.mark_running()
-        if finite.all_finite(array, max_abs):
+        if fast if fast is not None else finite.all_finite(array, max_abs):
             return None
         return inspect(array, max_abs, **self.context(pass_, call, action, blob_index, blob))
 
@@ -796,6 +800,7 @@ class LiveLayers:
         self._lock = threading.Lock()
         self._running = False
         self._epoch_phase = None
+        self._epoch = 0
         self._unnamed = {}
         # An object held by exactly one outside reference, like a released Caffe layer:
         # counted through the same function, it calibrates what "released" reads as.
@@ -808,22 +813,26 @@ class LiveLayers:
 
     def name_for(self, layer_type, name, phase):
         """``name``, or for an unnamed layer '#k': its number among the unnamed layers of its
-        type in the net being built (a net's layers are set up one after another, before
-        any runs; a new phase or a layer having run starts the next net)."""
-        if name is not None:
-            return name
+        type in the net being built. A net's layers are set up one after another before any
+        of them runs, so a new phase or a layer having run starts the next net (nets built
+        back to back with nothing run in between count as one here)."""
         with self._lock:
             if self._running or phase != self._epoch_phase:
                 self._unnamed = {}
                 self._running = False
                 self._epoch_phase = phase
+                self._epoch += 1
+            if name is not None:
+                return name
             number = self._unnamed.get(layer_type, 0) + 1
             self._unnamed[layer_type] = number
         return "#%d" % number
 
     def register(self, owner, log):
+        """Keep ``log`` of ``owner`` (weakly); ``log.net`` numbers the net being built."""
         self.sweep()
         with self._lock:
+            log.net = self._epoch
             self._entries.append((weakref.ref(owner), log))
 
     def released(self, ref):
@@ -848,11 +857,12 @@ class LiveLayers:
         with self._lock:
             return [(ref(), log) for ref, log in self._entries if ref() is not None]
 
-    def owners(self, layer_type=None, phase=None):
-        """The live layers (objects) of ``layer_type`` in ``phase``, oldest first."""
+    def owners(self, layer_type=None, phase=None, net=None):
+        """The live layers (objects) of ``layer_type`` in ``phase`` and built as part of net
+        number ``net`` (a FaultLog's ``net``), oldest first."""
         return [owner for owner, log in self.entries()
                 if (layer_type is None or log.layer_type == layer_type)
-                and (phase is None or log.phase == phase)]
+                and (phase is None or log.phase == phase) and (net is None or log.net == net)]
 
     def forget_all(self):
         with self._lock:

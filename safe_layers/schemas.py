@@ -8,8 +8,21 @@ reports exactly the error the layer would raise at net setup, without building t
 from safe_layers.kernels.infogain import NORMALIZATIONS
 from safe_layers.params import FLOAT32_MAX, Field, Schema, reporting_fields
 
-# What a repair writes for +-Inf (NaNGuard's default bound, SafeInfogainLoss's clamp).
-CLAMP_BOUND = FLOAT32_MAX
+# What a repair writes for +-Inf (NaNGuard's default bound, SafeInfogainLoss's clamp on its
+# logits): large next to a healthy activation, small enough that the next layer's sums, squares
+# and weight gradients cannot overflow, and that one repaired element does not wreck the weights
+# in one update; measured by bench/measure_clamp_bound.py (README, "Choosing the clamp bound").
+CLAMP_BOUND = 1e3
+
+# A repair needed on this many consecutive calls means a dead net, not a bad batch.
+ESCALATE_AFTER = 10
+
+
+def escalation_field(repairs):
+    return Field("escalate_after", int, ESCALATE_AFTER,
+                 "a repair (%s) needed on this many consecutive calls of one pass escalates to abort, "
+                 "with a report saying so: the net is dead, and repairing on would hide it (0: never)"
+                 % repairs, low=0)
 
 
 def _check_nan_guard(p):
@@ -35,7 +48,8 @@ NAN_GUARD = Schema("NaNGuard", [
           choices=("warn", "clamp", "abort", "zero")),
     Field("nan_value", float, 0.0, "clamp: the value NaN becomes"),
     Field("bound", float, None, "clamp: the magnitude +-Inf (and values over max_abs) become; "
-          "default max_abs, else the float32 maximum", low=0.0, low_open=True),
+          "default max_abs, else %g (see README: the float32 maximum overflows the next layer)"
+          % CLAMP_BOUND, low=0.0, low_open=True),
     Field("max_abs", float, None, "early warning: finite values with abs(x) above this are faults too",
           low=0.0, low_open=True),
     Field("dump_dir", str, None, "flight recorder: on the first fault write the blobs (.npz) and report (.json) here"),
@@ -43,6 +57,7 @@ NAN_GUARD = Schema("NaNGuard", [
           high=1e6),
     Field("log_every", int, 100, "after the first log_first faults, one summary line every this many",
           low=1),
+    escalation_field("clamp, zero"),
 ] + reporting_fields(), check=_check_nan_guard)
 
 
@@ -76,6 +91,7 @@ GRADIENT_CLIP = Schema("GradientClip", [
           high=1000000),
     Field("log_every", int, 100, "print the clipping statistics every this many backward calls "
           "(0: only at exit)", low=0),
+    escalation_field("nonfinite: zero"),
 ] + reporting_fields(), check=_check_gradient_clip)
 
 
@@ -96,8 +112,10 @@ SAFE_INFOGAIN_LOSS = Schema("SafeInfogainLoss", [
     Field("class_weighting", str, "none", "batch_frequency: weight each position by n_valid / "
           "(classes present x its class count), finite when a class is absent",
           choices=("none", "batch_frequency")),
-    Field("action", str, "warn", "non-finite bottom[0]: warn, clamp (NaN -> 0, +-Inf -> +-float32 max, "
-          "on a copy) or abort", choices=("warn", "clamp", "abort")),
+    Field("action", str, "warn", "non-finite bottom[0] (or a loss float32 cannot hold): warn, clamp "
+          "(logits on a copy: NaN -> 0, +-Inf -> +-%g; a loss -> +-float32 max) or abort" % CLAMP_BOUND,
+          choices=("warn", "clamp", "abort")),
+    escalation_field("clamp"),
 ] + reporting_fields())
 
 

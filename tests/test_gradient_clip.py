@@ -183,3 +183,36 @@ def test_clip_keeps_a_diverging_solver_finite(make_solver):
     clipped.step(200)
     assert np.isfinite(clipped.net.params["fc"][0].data).all()
     assert np.isfinite(clipped.net.blobs["loss"].data).all()
+
+
+SOFTMAX_NET = """
+name: "softmax"
+layer { name: "data" type: "DummyData" top: "x" top: "label" dummy_data_param {
+  shape { dim: 16 dim: 64 } shape { dim: 16 }
+  data_filler { type: "gaussian" std: 10 } data_filler { type: "uniform" min: 0 max: 9.99 } } }
+layer { name: "ip1" type: "InnerProduct" bottom: "x" top: "h" inner_product_param { num_output: 32 weight_filler { type: "xavier" } } }
+layer { name: "relu" type: "ReLU" bottom: "h" top: "h" }
+layer { name: "ip2" type: "InnerProduct" bottom: "h" top: "score" inner_product_param { num_output: 10 weight_filler { type: "xavier" } } }
+layer { name: "clip" type: "Python" bottom: "score" top: "score" python_param { module: "safe_layers"
+  layer: "GradientClip" param_str: "{name: softclip, follows: ip2, max_norm: 1, log_every: 0}" } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss" }
+"""
+
+
+def _largest_weight(solver):
+    return max(float(np.abs(b.data).max()) for blobs in solver.net.params.values() for b in blobs)
+
+
+def test_a_clip_above_softmax_cannot_stop_a_learning_rate_divergence(make_solver):
+    """What the README says: above SoftmaxWithLoss the gradient is (p - onehot) / N, of L2
+    norm at most sqrt(2 / N) (0.35 for N = 16), so max_norm: 1 never clips there; the blow-up
+    of a high base_lr is lr x weight gradient, which only a parameter-level clip reaches."""
+    solver = make_solver(SOFTMAX_NET, base_lr=10, momentum=0.9)
+    solver.step(8)
+    clip = next(layer for layer in solver.net.layers if hasattr(layer, "stats"))
+    assert clip.stats.clipped_total() == 0 and clip.stats.calls == 8
+    assert clip.stats.norm_stats()[2] <= np.sqrt(2 / 16) + 1e-6
+    assert _largest_weight(solver) > 1e10  # diverged regardless
+    bounded = make_solver(SOFTMAX_NET, base_lr=10, momentum=0.9, clip_gradients=1)
+    bounded.step(8)
+    assert _largest_weight(bounded) < 100  # the solver's own parameter-level clip holds it

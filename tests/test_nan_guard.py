@@ -59,6 +59,7 @@ def test_forward_fault_from_a_real_log_layer(make_net, capfd):
     net.forward()
     net.forward()
     assert last("fwd").last.iteration == 2 and last("fwd").count == 3
+    assert last("fwd").first.call == 1 and last("fwd").last.call == 3  # first stays the first
 
 
 def test_iteration_accounts_for_iter_size(make_net):
@@ -232,7 +233,8 @@ def test_separate_top_is_repaired_and_the_bottom_left_alone(make_net):
     net.blobs["x"].data[...] = [[1.0, np.nan], [np.inf, 2.0]]
     net.blobs["z"].data[...] = [np.nan, 1.0, 1.0]
     net.forward()
-    np.testing.assert_array_equal(net.blobs["xg"].data, [[1.0, -5.0], [np.finfo(np.float32).max, 2.0]])
+    # +Inf becomes the default bound, 1000 (README: "Choosing the clamp bound").
+    np.testing.assert_array_equal(net.blobs["xg"].data, [[1.0, -5.0], [1000.0, 2.0]])
     np.testing.assert_array_equal(net.blobs["zg"].data, [-5.0, 1.0, 1.0])
     assert np.isnan(net.blobs["x"].data[0, 1]) and np.isinf(net.blobs["x"].data[1, 0])
     log = last("sep")
@@ -240,6 +242,49 @@ def test_separate_top_is_repaired_and_the_bottom_left_alone(make_net):
     net.backward()  # Reduction SUM's gradient is 1 everywhere: copied to both bottoms
     np.testing.assert_array_equal(net.blobs["x"].diff, np.ones((2, 2)))
     np.testing.assert_array_equal(net.blobs["z"].diff, np.ones(3))
+
+
+@pytest.mark.parametrize("param_str, expected", [
+    ("{name: b, action: clamp, bound: 7}", [[7.0, -7.0, 0.0], [1.0, 20.0, -30.0]]),
+    ("{name: b, action: clamp, bound: 7, max_abs: 10}", [[7.0, -7.0, 0.0], [1.0, 7.0, -7.0]]),
+    ("{name: b, action: clamp, max_abs: 10, nan_value: -3}", [[10.0, -10.0, -3.0], [1.0, 10.0, -10.0]]),
+])
+def test_bound_is_what_clamp_writes(make_net, param_str, expected):
+    net = make_net('name: "b"\nlayer { name: "in" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }\n'
+                   + guard("x", param_str))
+    net.blobs["x"].data[...] = [[np.inf, -np.inf, np.nan], [1.0, 20.0, -30.0]]
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["x"].data, expected)
+
+
+@pytest.mark.parametrize("check", ["forward", "backward", "both"])
+def test_check_chooses_the_passes(make_net, check):
+    # Forward: Log(-1) is NaN. Backward: dL/dy = 1e37 * 10 / 2 overflows in Power's backward.
+    net = make_net(GRAD_OVERFLOW % guard("x", "{name: chk, action: clamp, check: %s}" % check))
+    net.blobs["x"].data[...] = 1.0
+    net.blobs["x"].data[0, 0] = np.nan
+    net.forward()
+    net.backward()
+    passes = [r for r in (last("chk").first, last("chk").last) if r is not None]
+    assert {r.pass_ for r in passes} == {"forward": {"forward data"}, "backward": {"backward diff"},
+                                         "both": {"forward data", "backward diff"}}[check]
+    assert np.isnan(net.blobs["x"].data[0, 0]) == (check == "backward")  # repaired only when checked
+    assert np.isfinite(net.blobs["x"].diff).all() == (check != "forward")
+
+
+def test_max_abs_on_gradients(make_net):
+    # loss_weight 1: dL/dx = 10 * (10 x - t) / 2 = 50 for x = 1, t = 0: out of range for max_abs 20.
+    net = make_net((GRAD_OVERFLOW % guard("x", "{name: gmax, check: backward, action: clamp, max_abs: 20}"))
+                   .replace("loss_weight: 1e37", "loss_weight: 1"))
+    net.blobs["x"].data[...] = 1.0
+    net.blobs["t"].data[...] = 0.0
+    net.forward()
+    net.backward()
+    report = last("gmax").last
+    assert (report.pass_, report.kind, report.over, report.max_abs) == ("backward diff", "out-of-range", 6, 20.0)
+    assert report.first_value == 50.0 and report.finite_max == 50.0
+    assert "out-of-range backward diff" in report.line() and "over|20|=6" in report.line()
+    np.testing.assert_array_equal(net.blobs["x"].diff, np.full((2, 3), 20.0))  # bound defaults to max_abs
 
 
 def test_max_abs_flags_exploding_finite_values(make_net):
@@ -396,14 +441,38 @@ def test_guard_needs_matching_tops(make_net):
                  'python_param { module: "safe_layers" layer: "NaNGuard" } }\n')
 
 
-def test_clamp_keeps_a_diverging_solver_finite(make_solver):
+def test_clamp_on_a_diverging_solver_escalates_to_abort(make_solver):
     # lr 0.1 on inputs of std 10 diverges: every step multiplies the error by ~|1 - 0.1*100|.
     plain = make_solver(DIVERGING_NET.replace("LAYER", ""), base_lr=0.1)
     plain.step(200)
     assert not np.isfinite(plain.net.params["fc"][0].data).all()
     guarded = make_solver(DIVERGING_NET.replace("LAYER", guard("y", "{name: div, action: clamp, max_abs: 1e3}")),
                           base_lr=0.1)
-    guarded.step(200)
-    assert np.isfinite(guarded.net.params["fc"][0].data).all()
-    assert np.isfinite(guarded.net.blobs["loss"].data).all()
-    assert last("div").count > 0  # it did have to intervene
+    with pytest.raises(reporting.FaultAbort) as info:
+        guarded.step(200)
+    report = info.value.report
+    assert (report.action, report.escalated_from, report.escalated_after) == ("abort", "clamp", 10)
+    assert "action=abort (escalated from clamp after 10 consecutive faulty calls)" in report.line()
+    log = last("div")
+    assert (log.count, log.repaired) == (10, 9) and log.last is report
+    assert [log.first.call, report.call] == [report.call - 9, report.call]
+    # escalate_after: 0 repairs for ever: the numbers stay finite while the fit is lost,
+    # which is why repairs escalate by default.
+    forever = make_solver(DIVERGING_NET.replace("LAYER", guard(
+        "y", "{name: div0, action: clamp, max_abs: 1e3, escalate_after: 0}")), base_lr=0.1)
+    forever.step(200)
+    assert np.isfinite(forever.net.params["fc"][0].data).all()
+    assert last("div0").count > 150 and last("div0").repaired == last("div0").count
+
+
+def test_escalation_needs_consecutive_faulty_calls(make_net):
+    net = make_net(log_net("{name: alt, action: clamp, check: forward, escalate_after: 3}"))
+    for value in [-1, 1, -1, -1, 1, -1, -1, 1] * 3:  # never three faulty calls in a row
+        net.blobs["x"].data[...] = value
+        net.forward()
+    assert last("alt").count == 15 and last("alt").repaired == 15
+    net.blobs["x"].data[...] = -1
+    net.forward()
+    net.forward()
+    with pytest.raises(reporting.FaultAbort, match=r"escalated from clamp after 3 consecutive faulty calls"):
+        net.forward()

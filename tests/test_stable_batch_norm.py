@@ -1,6 +1,8 @@
 """StableBatchNorm beside Caffe's BatchNorm in real nets and solvers, caffemodels both ways,
 finite differences, and the cases where Caffe's layer explodes or loses precision."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -361,3 +363,79 @@ def test_caffe_train_tests_before_training_without_the_316x_blow_up(caffe_train)
     assert ours_log.count("StableBatchNorm bn in TEST: stored statistics unusable under use_global_stats") == 1
     # Later tests use the trained statistics in both, and agree.
     np.testing.assert_allclose(ours_losses[1:], stock_losses[1:], rtol=1e-3)
+
+
+def test_a_batch_that_would_overflow_the_statistics_is_kept_out_and_reported(make_net, capfd):
+    net = make_net(plain_pair((8, 3), "{name: huge, follows: fc}"))
+    x = np.random.default_rng(7).standard_normal((8, 3)).astype(np.float32)
+    x[:, 1] *= 1e20  # finite, but its variance (1e40) is beyond float32
+    feed(net, x)
+    assert np.isinf(net.params["bnc"][1].data[1])  # Caffe's BatchNorm: Inf for good
+    for i in range(3):  # ours: the update skipped as a whole
+        assert not net.params["bno"][i].data.any()
+    np.testing.assert_allclose(net.blobs["yo"].data, _reference(x), atol=1e-5)  # and the output exact
+    assert np.isfinite(net.blobs["xo"].diff).all()
+    report = reporting.fault_logs("huge")[-1].last
+    assert (report.kind, report.nan, report.posinf, report.action) == ("out-of-range", 0, 0, "warn")
+    expected = x[:, 1].astype(np.float64).var() * 8 / 7  # what Caffe's update would add
+    assert report.detail == ("the running variance would overflow float32 (channel 1: %.7g); this batch "
+                             "is kept out of the running statistics" % expected)
+    line = [l for l in capfd.readouterr().err.splitlines() if "StableBatchNorm huge" in l][0]
+    assert reporting.parse_line(line).report == report
+    feed(net, x / np.float32(1e20) * 0 + 1 + np.arange(8, dtype=np.float32)[:, None])  # an ordinary batch
+    assert float(net.params["bno"][2].data[0]) == 1.0 and np.isfinite(net.params["bno"][1].data).all()
+
+
+def test_a_batch_that_would_overflow_the_statistics_aborts_with_action_abort(make_net):
+    net = make_net(plain_pair((8, 3), "{name: huge, action: abort}"))
+    x = np.ones((8, 3), np.float32)
+    x[::2, 0] = 1e20
+    with pytest.raises(reporting.FaultAbort, match=r"running variance would overflow float32 \(channel 0"):
+        feed(net, x)
+    assert not net.params["bno"][2].data.any()
+
+
+def test_unusable_statistics_are_reported_in_one_line_per_net(caffe, tmp_path, capfd):
+    """ResNet-50 (53 BatchNorm) as StableBatchNorm, TEST phase, no weights loaded."""
+    from published import published_net
+    text = published_net("resnet50_train_val.prototxt", data="input", batch=1, phase_only="TEST")
+    text = text.replace('type: "BatchNorm"', 'type: "Python" python_param { module: "safe_layers" '
+                        'layer: "StableBatchNorm" }')
+    names = re.findall(r'name: "(bn[^"]*)"', text)
+    assert len(names) == 53
+    path = tmp_path / "resnet50_stable.prototxt"
+    path.write_text(text)
+    def run(net):
+        net.blobs["data"].data[...] = np.random.default_rng(0).standard_normal(net.blobs["data"].data.shape)
+        net.forward()
+        assert np.isfinite(net.blobs["fc1000"].data).all()
+    first = caffe.Net(str(path), caffe.TEST)
+    run(first)
+    second = caffe.Net(str(path), caffe.TEST)
+    for net in (second, first, second):
+        run(net)
+    lines = [l for l in capfd.readouterr().err.splitlines() if "stored statistics unusable" in l]
+    assert len(lines) == 2, lines  # one per net, not 53 each
+    for line in lines:
+        parsed = reporting.parse_line(line)
+        assert parsed.kind == "notice" and parsed.subject.layer == "#1" and parsed.subject.phase == "TEST"
+        assert "so are those of 52 more StableBatchNorm layers in TEST: #2, #3," in line
+        assert line.endswith("#53; normalizing with batch statistics instead of x/sqrt(eps) (reported once)")
+
+
+@pytest.mark.parametrize("phase", ["TRAIN", "TEST"])
+@pytest.mark.parametrize("eps", [1e-5, 0.5])
+def test_eps_is_what_is_added_to_the_variance(make_net, phase, eps):
+    net = make_net(plain_pair((6, 3), "{eps: %r}" % eps, bn_param="eps: %r" % eps), phase=phase)
+    stats = [np.array([0.5, -1.0, 2.0]), np.array([0.25, 4.0, 1.0]), np.array([1.0])]
+    for i, value in enumerate(stats):
+        net.params["bnc"][i].data[...] = value
+        net.params["bno"][i].data[...] = value
+    x = np.random.default_rng(9).standard_normal((6, 3)).astype(np.float32)
+    feed(net, x)
+    if phase == "TRAIN":
+        expected = _reference(x, eps)
+    else:
+        expected = (x - stats[0]) / np.sqrt(stats[1] + eps)
+    np.testing.assert_allclose(net.blobs["yo"].data, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.blobs["yo"].data, net.blobs["yc"].data, rtol=1e-4, atol=1e-5)  # as Caffe

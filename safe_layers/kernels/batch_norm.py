@@ -3,11 +3,45 @@
 Pure functions over NumPy or CuPy arrays. ``x`` is viewed as (N, C, S): S = 1 for an
 N x C blob, H*W for N x C x H x W. Caffe's statistics blobs are the accumulated mean M,
 the accumulated variance V and the scale factor s; the running estimates are M/s, V/s
-(``batch_norm_layer.cpp``). Moments are accumulated in float64 by two passes, so a
-channel at 1e4 + small noise keeps its variance, and a variance is never below 0.
+(``batch_norm_layer.cpp``).
+
+Accuracy without float64 arrays. The moments are *shifted two-pass* sums: a first pass
+gives an estimate ``k`` of each channel's mean, float32 ``d = x - k`` is then exact where it
+matters (Sterbenz: x and k within a factor 2 of each other, which is the case where the
+float32 difference of a large mean would otherwise cancel), and the sums of ``d`` and ``d*d``
+are taken in float32 along each row and in float64 across rows. So the mean is
+exact to ~1e-7 of the channel's standard deviation whatever its magnitude (a channel at
+1e4 + noise of 0.05 keeps its variance), the variance to ~1e-6 relative, never below 0. Elementwise
+work stays in float32 in buffers the caller reuses (:class:`Workspace`): no float64 copy of
+a blob, no per-call allocation of blob-sized arrays. Where a per-channel correction is below
+TOLERANCE (2^-20 of the standard deviation) the pass that would apply it is left out.
 """
 
+import numpy
+
 from safe_layers.kernels.xp import array_module
+
+# The largest float32: statistics beyond it would be stored as Inf for good.
+FLOAT32_MAX = 3.4028234663852886e+38
+
+
+class Workspace:
+    """Blob-sized float32 buffers one layer reuses from call to call (reallocated only when
+    the shape, dtype or array module changes)."""
+
+    def __init__(self):
+        self._buffers = {}
+
+    def get(self, name, like):
+        buffer = self._buffers.get(name)
+        if (buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype
+                or array_module(buffer) is not array_module(like)):
+            buffer = array_module(like).empty(like.shape, like.dtype)
+            self._buffers[name] = buffer
+        return buffer
+
+    def release(self):
+        self._buffers = {}
 
 
 def as_channels(x):
@@ -15,26 +49,141 @@ def as_channels(x):
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def batch_moments(x):
-    """Per-channel mean and biased variance of ``x`` (N, C, ...) in float64, variance >= 0."""
+def channel_sum(a3):
+    """Per-channel sum of (N, C, S) ``a3``: float32 along S (einsum's vectorised loop: 3-4x
+    ``sum(axis=2)`` on the short rows of late ResNet stages), float64 across N."""
+    xp = array_module(a3)
+    return xp.einsum("ncs->nc", a3).astype(xp.float64).sum(axis=0)
+
+
+def channel_dot(a3, b3):
+    """Per-channel sum of ``a3 * b3`` (both (N, C, S)) in float64 across N, float32 along S
+    (einsum, no product array written; ~1e-6 relative for S = 112 * 112)."""
+    xp = array_module(a3)
+    return xp.einsum("ncs,ncs->nc", a3, b3).astype(xp.float64).sum(axis=0)
+
+
+def channel_sums(x):
+    """Per-channel sums of ``x`` (N, C, ...), float64. Finite exactly when every element is
+    (NaN and Inf survive a sum; +Inf with -Inf gives NaN), except when finite values
+    overflow the float32 row sums: so they double as the layer's fast finiteness check."""
+    return channel_sum(as_channels(x))
+
+
+def _per_channel(v, dtype):
+    return v.astype(dtype)[None, :, None]
+
+
+# Outputs may be off by at most this much (in units of the channel's standard deviation)
+# where that saves a pass over the blob: a few float32 ulps of a normalized value.
+TOLERANCE = 2.0 ** -20
+
+
+def _negligible(v):
+    """Whether every per-channel correction ``v`` (in units of the standard deviation) is
+    below TOLERANCE, so the pass over the blob that applies it can be left out. Asked on the
+    host only for NumPy; a device array is always corrected (no synchronisation)."""
+    return array_module(v) is numpy and float(numpy.abs(v).max()) < TOLERANCE
+
+
+def normalize_batch(x, eps, centered, out, sums=None):
+    """Normalize ``x`` (N, C, ...) with its own per-channel statistics: y = (x - mean) /
+    sqrt(var + eps) into ``out`` (may be x). ``sums``: :func:`channel_sums` of x if the
+    caller has them. Writes x - mean + offset into ``centered`` (a float32 buffer shaped like
+    x, kept for :func:`backward_batch_stats`). Returns (mean, var, inv_std, offset), float64
+    per channel; offset is 0 except where offset * inv_std is below TOLERANCE (then y carries
+    it too, and a pass over the blob is saved).
+
+    Shifted two-pass moments (module docstring): four or five passes, all float32.
+    """
     xp = array_module(x)
-    x3 = as_channels(x).astype(xp.float64)
-    mean = x3.mean(axis=(0, 2))
-    centered = x3 - mean[None, :, None]
-    var = (centered * centered).mean(axis=(0, 2))
-    return mean, xp.maximum(var, 0.0)
+    x3, d3, y3 = as_channels(x), as_channels(centered), as_channels(out)
+    count = x3.shape[0] * x3.shape[2]
+    sums = channel_sum(x3) if sums is None else sums
+    shift = (sums / count).astype(x.dtype)
+    xp.subtract(x3, shift[None, :, None], out=d3)  # d = x - k, exact where k ~ x
+    delta = channel_sum(d3) / count  # mean = k + delta
+    with numpy.errstate(over="ignore"):  # |d| > 1.8e19: Inf, caught by the caller (wide path)
+        var = xp.maximum(channel_dot(d3, d3) / count - delta * delta, 0.0)
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    offset = delta
+    if not _negligible(delta * inv_std):
+        d3 -= _per_channel(delta, x.dtype)
+        offset = xp.zeros_like(delta)
+    xp.multiply(d3, _per_channel(inv_std, x.dtype), out=y3)
+    return shift.astype(xp.float64) + delta, var, inv_std, offset
+
+
+def normalize_batch_wide(x, eps, centered, out):
+    """:func:`normalize_batch` computed in float64 arrays: for the rare batch whose float32
+    squares overflow (|x - mean| beyond ~1.8e19), where the float32 path's variance is Inf."""
+    xp = array_module(x)
+    x64 = as_channels(x).astype(xp.float64)
+    mean = x64.mean(axis=(0, 2))
+    x64 -= mean[None, :, None]
+    var = (x64 * x64).mean(axis=(0, 2))
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    as_channels(centered)[...] = x64
+    x64 *= inv_std[None, :, None]
+    as_channels(out)[...] = x64
+    return mean, var, inv_std, xp.zeros_like(mean)
+
+
+def batch_moments(x):
+    """Per-channel mean and biased variance of ``x`` (N, C, ...), float64 per channel,
+    variance >= 0 (the moments :func:`normalize_batch` uses)."""
+    xp = array_module(x)
+    mean, var, _, _ = normalize_batch(x, 1.0, xp.empty(x.shape, x.dtype), xp.empty(x.shape, x.dtype))
+    return mean, var
+
+
+def normalize_global(x, mean, var, eps, out):
+    """y = (x - mean) / sqrt(var + eps) per channel with given float64 ``mean``/``var``,
+    into ``out`` (may be x). The mean is subtracted as its float32 part, then (where it
+    matters) the rest, so a large mean cancels exactly. Returns inv_std (float64 per channel)."""
+    xp = array_module(x)
+    x3, y3 = as_channels(x), as_channels(out)
+    high = mean.astype(x.dtype)
+    low = mean - high.astype(xp.float64)
+    inv_std = 1.0 / xp.sqrt(var + eps)
+    xp.subtract(x3, high[None, :, None], out=y3)
+    y3 *= _per_channel(inv_std, x.dtype)
+    if not _negligible(low * inv_std):
+        y3 -= _per_channel(low * inv_std, x.dtype)
+    return inv_std
+
+
+def normalize(x, mean, var, eps):
+    """(y, inv_std): y = (x - mean) / sqrt(var + eps) per channel, as a new float32 array."""
+    xp = array_module(x)
+    out = xp.empty(x.shape, x.dtype)
+    return out, normalize_global(x, mean, var, eps, out)
 
 
 def update_running_stats(acc_mean, acc_var, scale_factor, mean, var, count, fraction):
     """Caffe's moving-average update, in place on the three statistics arrays:
-    s <- f*s + 1, M <- f*M + mean, V <- f*V + c*var with c = m/(m-1) (1 when m = 1)."""
+    s <- f*s + 1, M <- f*M + mean, V <- f*V + c*var with c = m/(m-1) (1 when m = 1).
+
+    Computed in float64 and stored only if float32 can hold all of it. Returns None when
+    stored, else (name, channel, value) of the first statistic that would not be finite
+    in float32 ('mean' / 'variance'), and the statistics are left as they were."""
+    xp = array_module(acc_mean)
     correction = count / (count - 1.0) if count > 1 else 1.0
-    scale_factor *= fraction
-    scale_factor += 1.0
-    acc_mean *= fraction
-    acc_mean += mean.astype(acc_mean.dtype)
-    acc_var *= fraction
-    acc_var += (correction * var).astype(acc_var.dtype)
+    new_mean = acc_mean.astype(xp.float64) * fraction + mean
+    new_var = acc_var.astype(xp.float64) * fraction + correction * var
+    # One host read for the decision (on GPU: one synchronisation per training forward).
+    if bool((xp.abs(new_mean) <= FLOAT32_MAX).all() & (xp.abs(new_var) <= FLOAT32_MAX).all()):
+        acc_mean[...] = new_mean
+        acc_var[...] = new_var
+        scale_factor *= fraction
+        scale_factor += 1.0
+        return None
+    for name, values in (("mean", new_mean), ("variance", new_var)):
+        bad = ~(xp.abs(values) <= FLOAT32_MAX)
+        if bool(bad.any()):
+            channel = int(xp.argmax(bad))
+            return name, channel, float(values[channel])
+    return None  # unreachable: the check above failed for one of the two
 
 
 def running_stats(acc_mean, acc_var, scale_factor):
@@ -53,27 +202,28 @@ def running_stats(acc_mean, acc_var, scale_factor):
     return mean, xp.maximum(var, 0.0)
 
 
-def normalize(x, mean, var, eps):
-    """(y, inv_std): y = (x - mean) / sqrt(var + eps) per channel, in float64."""
-    xp = array_module(x)
-    inv_std = 1.0 / xp.sqrt(var + eps)
-    y = (as_channels(x).astype(xp.float64) - mean[None, :, None]) * inv_std[None, :, None]
-    return y.reshape(x.shape), inv_std
-
-
-def backward_batch_stats(dy, y, inv_std):
-    """dx when the batch's own statistics normalized it:
-    (dy - mean(dy) - y * mean(dy * y)) * inv_std, means per channel over N and S."""
+def backward_batch_stats(dy, centered, offset, inv_std, out, work):
+    """dx when the batch's own statistics normalized it, into ``out`` (may be dy):
+    (dy - mean(dy) - y * mean(dy * y)) * inv_std with y = (centered - offset) * inv_std,
+    means per channel over N and S. With g = mean(dy) and h = mean(dy * (centered - offset)):
+    dx = inv_std * dy - inv_std**3 * h * centered + inv_std * (inv_std**2 * h * offset - g)
+    (four passes, float32)."""
     xp = array_module(dy)
-    dy3 = as_channels(dy).astype(xp.float64)
-    y3 = as_channels(y)
-    mean_dy = dy3.mean(axis=(0, 2), keepdims=True)
-    mean_dy_y = (dy3 * y3).mean(axis=(0, 2), keepdims=True)
-    dx = (dy3 - mean_dy - y3 * mean_dy_y) * inv_std[None, :, None]
-    return dx.reshape(dy.shape)
+    dy3, d3, dx3 = as_channels(dy), as_channels(centered), as_channels(out)
+    count = dy3.shape[0] * dy3.shape[2]
+    g = channel_sum(dy3) / count
+    h = channel_dot(dy3, d3) / count - offset * g
+    slope = inv_std ** 3 * h
+    scratch = as_channels(work.get("scratch", dy))
+    xp.multiply(d3, _per_channel(-slope, dy.dtype), out=scratch)
+    scratch += _per_channel(slope * offset - inv_std * g, dy.dtype)
+    xp.multiply(dy3, _per_channel(inv_std, dy.dtype), out=dx3)
+    dx3 += scratch
+    return out
 
 
-def backward_global_stats(dy, inv_std):
-    """dx when fixed (running) statistics normalized it: dy * inv_std."""
+def backward_global_stats(dy, inv_std, out):
+    """dx when fixed (running) statistics normalized it: dy * inv_std, into ``out``."""
     xp = array_module(dy)
-    return (as_channels(dy).astype(xp.float64) * inv_std[None, :, None]).reshape(dy.shape)
+    xp.multiply(as_channels(dy), _per_channel(inv_std, dy.dtype), out=as_channels(out))
+    return out

@@ -19,7 +19,7 @@ import os
 import caffe
 import numpy
 
-from safe_layers import backend, reporting, schemas
+from safe_layers import backend, params, reporting, schemas
 from safe_layers.kernels import finite, infogain
 from safe_layers.kernels.xp import array_module
 
@@ -165,7 +165,8 @@ class SafeInfogainLoss(caffe.Layer):
         if numpy.isfinite(value):
             report.detail = "the loss %.7g overflows float32" % value
         if self.fault_log.handle(report) == "clamp":
-            finite.clamp_(loss, 0.0, schemas.CLAMP_BOUND)
+            # The largest float32: a loss clamped to anything plausible would hide the fault.
+            finite.clamp_(loss, 0.0, params.FLOAT32_MAX)
 
     def _device_matrix(self, xp):
         if xp is not numpy and isinstance(self.file_matrix, numpy.ndarray):

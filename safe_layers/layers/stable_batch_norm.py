@@ -3,10 +3,11 @@
 Same three blobs (accumulated mean [C], accumulated variance [C], scale factor [1]), same
 parameters and defaults, same statistics update and outputs, so a caffemodel moves
 between this layer and stock BatchNorm in both directions (same layer name). Stable in
-that moments are two-pass float64 (variance >= 0); untrusted stored statistics (a zero or
-non-finite scale factor, non-finite mean/variance) are not amplified by 1/sqrt(eps) but
-replaced by the batch's own (or rejected: ``on_bad_stats: error``); a non-finite batch
-never enters the running averages; ``eps <= 0`` is rejected.
+that moments are shifted two-pass sums, exact whatever the mean's magnitude (variance >= 0);
+untrusted stored statistics (a zero or non-finite scale factor, non-finite mean/variance)
+are not amplified by 1/sqrt(eps) but replaced by the batch's own (or rejected:
+``on_bad_stats: error``); a non-finite batch, or one that would make the stored statistics
+overflow float32, never enters the running averages; ``eps <= 0`` is rejected.
 
 The statistics must not be learned. Caffe's BatchNorm forces that itself; a Python layer
 cannot, so declare three ``param { lr_mult: 0 }`` (otherwise weight decay shrinks them):
@@ -23,6 +24,7 @@ import numpy
 
 from safe_layers import backend, reporting, schemas
 from safe_layers.kernels import batch_norm
+from safe_layers.kernels.xp import array_module
 
 SCHEMA = schemas.STABLE_BATCH_NORM
 
@@ -53,11 +55,13 @@ class StableBatchNorm(caffe.Layer):
         self.fault_log = reporting.FaultLog.for_layer(self, "StableBatchNorm", p)
         self.forward_calls = 0
         self.bad_stats_reported = False
+        self.work = batch_norm.Workspace()
         self._saved = None
 
     def release_buffers(self):
-        """The net is gone (Caffe keeps the layer object itself): drop the saved batch."""
+        """The net is gone (Caffe keeps the layer object itself): drop the buffers."""
         self._saved = None
+        self.work.release()
 
     def reshape(self, bottom, top):
         if bottom[0].shape[1] != self.blobs[0].count:
@@ -70,45 +74,86 @@ class StableBatchNorm(caffe.Layer):
         p = self.params
         self.forward_calls += 1
         x = backend.data(bottom[0])
-        report = self.fault_log.check(x, "forward data", self.forward_calls, p.action)
+        xp = array_module(x)
+        # The channel sums are the first pass of the moments and the fast finiteness check.
+        sums = batch_norm.channel_sums(x)
+        report = self.fault_log.check(x, "forward data", self.forward_calls, p.action,
+                                      fast=bool(xp.isfinite(sums).all()))
         if report is not None:
-            self.fault_log.handle(report)
+            self.fault_log.handle(report)  # raises for action: abort
         stats = [backend.data(self.blobs[i]) for i in range(3)]
-        use_batch = not self.use_global_stats
-        mean_var = None if use_batch else batch_norm.running_stats(*stats)
-        if mean_var is None and not use_batch:
+        stored = None if not self.use_global_stats else batch_norm.running_stats(*stats)
+        if self.use_global_stats and stored is not None:
+            # y straight into the top: backward needs only inv_std here.
+            inv_std = batch_norm.normalize_global(x, *stored, p.eps, backend.data(top[0]))
+            self._saved = (None, None, inv_std)
+            return
+        if self.use_global_stats:
             self._bad_stored_stats(stats)
-            use_batch = True
-        if use_batch:
-            mean_var = batch_norm.batch_moments(x)
-            if not self.use_global_stats and report is None:
-                batch_norm.update_running_stats(*stats, *mean_var, x.size // x.shape[1],
-                                                p.moving_average_fraction)
-        y, inv_std = batch_norm.normalize(x, *mean_var, p.eps)
-        backend.data(top[0])[...] = y
-        # In-place use (and a Scale after it) overwrites the top: keep y for backward.
-        self._saved = (y, inv_std, use_batch)
+        # x - mean is kept for backward: in place (and with a Scale after it) the top is
+        # overwritten before backward runs.
+        centered = self.work.get("centered", x)
+        out = backend.data(top[0])
+        mean, var, inv_std, offset = batch_norm.normalize_batch(x, p.eps, centered, out, sums)
+        if not self.use_global_stats and report is None:
+            overflow = batch_norm.update_running_stats(*stats, mean, var, x.size // x.shape[1],
+                                                       p.moving_average_fraction)
+            if overflow is not None:
+                # Float32 squares may have overflowed too: the wide path says what is true.
+                mean, var, inv_std, offset = batch_norm.normalize_batch_wide(x, p.eps, centered, out)
+                overflow = batch_norm.update_running_stats(
+                    *stats, mean, var, x.size // x.shape[1], p.moving_average_fraction)
+                if overflow is not None:
+                    self._report_overflow(x, overflow)
+        elif report is None and not bool(xp.isfinite(var).all()):
+            mean, var, inv_std, offset = batch_norm.normalize_batch_wide(x, p.eps, centered, out)
+        self._saved = (centered, offset, inv_std)
+
+    def _report_overflow(self, x, overflow):
+        """A finite batch whose statistics update float32 cannot hold: the update was skipped;
+        report it like a non-finite batch."""
+        name, channel, value = overflow
+        report = reporting.inspect(
+            x, always=True, detail="the running %s would overflow float32 (channel %d: %s); "
+            "this batch is kept out of the running statistics" % (name, channel, "%.7g" % value),
+            **self.fault_log.context("forward data", self.forward_calls, self.params.action))
+        self.fault_log.handle(report)
 
     def _bad_stored_stats(self, stats):
         p = self.params
         s = float(stats[2].reshape(-1)[0])
-        message = ("stored statistics unusable under use_global_stats (scale factor %r%s); "
-                   % (s, "" if s != 0 and numpy.isfinite(s) else
-                      ": untrained, or a renamed layer that received no weights"))
+        why = ("scale factor %r%s" % (s, "" if s != 0 and numpy.isfinite(s) else
+                                      ": untrained, or a renamed layer that received no weights"))
         if p.on_bad_stats == "error":
-            raise ValueError(self.fault_log.error(message + "on_bad_stats: error"))
-        if not self.bad_stats_reported:
-            self.bad_stats_reported = True
-            self.fault_log.warn(message + "normalizing with batch statistics instead of x/sqrt(eps) "
-                                "(reported once)")
+            raise ValueError(self.fault_log.error(
+                "stored statistics unusable under use_global_stats (%s); on_bad_stats: error" % why))
+        if self.bad_stats_reported:
+            return
+        # One line for every layer of this phase in the same state (a net loaded without
+        # its statistics has them all so), not 53 lines for a ResNet-50.
+        alike = [layer for layer in reporting.LIVE.owners("StableBatchNorm", self.fault_log.phase,
+                                                          self.fault_log.net)
+                 if layer is self or (layer.use_global_stats and not layer.bad_stats_reported
+                                      and layer.params.on_bad_stats == "batch"
+                                      and not layer.stored_stats_usable())]
+        for layer in alike:
+            layer.bad_stats_reported = True
+        others = [layer.fault_log.layer for layer in alike if layer is not self]
+        self.fault_log.warn(
+            "stored statistics unusable under use_global_stats (%s)%s; normalizing with batch "
+            "statistics instead of x/sqrt(eps) (reported once)"
+            % (why, "; so are those of %d more StableBatchNorm layers in %s: %s"
+               % (len(others), self.fault_log.phase, ", ".join(others)) if others else ""))
+
+    def stored_stats_usable(self):
+        return batch_norm.running_stats(*[backend.data(self.blobs[i]) for i in range(3)]) is not None
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
-        y, inv_std, used_batch = self._saved
-        dy = backend.diff(top[0])
-        if used_batch:
-            dx = batch_norm.backward_batch_stats(dy, y, inv_std)
+        centered, offset, inv_std = self._saved
+        dy, dx = backend.diff(top[0]), backend.diff(bottom[0])  # the same memory in place
+        if centered is not None:  # normalized with the batch's own statistics
+            batch_norm.backward_batch_stats(dy, centered, offset, inv_std, dx, self.work)
         else:
-            dx = batch_norm.backward_global_stats(dy, inv_std)
-        backend.diff(bottom[0])[...] = dx  # dx is a new array: safe when top is bottom
+            batch_norm.backward_global_stats(dy, inv_std, dx)
