@@ -680,6 +680,10 @@ class FaultLog:
             self._count(report)
             self.shout("ABORT " + report.line())
             self.shout("ABORT report: " + report.to_json())
+            if report.escalated_from:
+                self.error("%s was needed on %d calls in a row: the net is dead (or the fault is "
+                           "built into it and repairing it is meant: then say escalate_after: 0)"
+                           % (report.escalated_from, report.escalated_after))
         else:
             self.record(report)
         if self.recorder is not None and arrays is not None:

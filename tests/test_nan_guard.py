@@ -465,7 +465,7 @@ def test_clamp_on_a_diverging_solver_escalates_to_abort(make_solver):
     assert last("div0").count > 150 and last("div0").repaired == last("div0").count
 
 
-def test_escalation_needs_consecutive_faulty_calls(make_net):
+def test_escalation_needs_consecutive_faulty_calls(make_net, capfd):
     net = make_net(log_net("{name: alt, action: clamp, check: forward, escalate_after: 3}"))
     for value in [-1, 1, -1, -1, 1, -1, -1, 1] * 3:  # never three faulty calls in a row
         net.blobs["x"].data[...] = value
@@ -476,3 +476,7 @@ def test_escalation_needs_consecutive_faulty_calls(make_net):
     net.forward()
     with pytest.raises(reporting.FaultAbort, match=r"escalated from clamp after 3 consecutive faulty calls"):
         net.forward()
+    lines = [reporting.parse_line(l) for l in capfd.readouterr().err.splitlines()]
+    assert [l.kind for l in lines[-3:]] == ["abort", "abort_report", "notice"]
+    assert lines[-1].message == ("clamp was needed on 3 calls in a row: the net is dead (or the fault is built "
+                                 "into it and repairing it is meant: then say escalate_after: 0)")
