@@ -128,6 +128,10 @@ def test_a_fault_exits_1_with_the_report_last_and_skip_trains_on(lenet, tmp_path
     assert rollbacks and rollbacks[0]["base_lr_to"] < 0.1
     its = [e for e in events if e["event"] == "iteration"]
     assert its[-1]["iteration"] == 199
+    # Every iteration is accounted for: the ones replayed after the rollback too.
+    first = events.index(rollbacks[0])
+    replayed = next(e for e in events[first:] if e["event"] == "iteration")
+    assert replayed["iteration"] == rollbacks[0]["to"]
     assert (tmp_path / "ck_train.png").read_bytes()[:4] == b"\x89PNG"
 
 

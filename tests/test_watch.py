@@ -414,3 +414,29 @@ def test_clip_zeroes_nonfinite_diffs_where_caffes_would_pass_nan(caffe, write_so
     assert all_finite(w.solver.net)
     assert any(f.kind == "gradients" and f.action == "warn" for f in w.faults)
     w.close()
+
+
+TEST_POISONED_NET = """
+name: "test_poisoned"
+layer { name: "data" type: "DummyData" top: "x" top: "t"
+  dummy_data_param { shape { dim: 4 dim: 3 } shape { dim: 4 dim: 1 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "gaussian" std: 1 } } }
+layer { name: "poison" type: "Python" bottom: "x" top: "x" include { phase: TEST }
+  python_param { module: "poison" layer: "PoisonAtCall" param_str: "{calls: [1], sample: 2}" } }
+layer { name: "fc" type: "InnerProduct" bottom: "x" top: "y"
+  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+"""
+
+
+def test_test_nets_are_checked_and_reported_only(caffe, write_solver):
+    """A producer in the TEST net is reported with phase TEST and the solver's
+    iteration; training goes on, even under on_nonfinite stop."""
+    path = write_solver(TEST_POISONED_NET, test_iter=1, test_interval=2)
+    w = watch(str(path), log_first=0)
+    w.solver.step(3)
+    found = [f for f in w.faults if f.kind == "producer"]
+    assert [(f.phase, f.layer, f.action, f.iteration, f.fault.samples) for f in found] == [
+        ("TEST", "poison", "report", 0, [2])]
+    assert w.solver.iter == 3
+    w.close()

@@ -564,10 +564,12 @@ class Watch:
             pass  # a closed stream never hides the exception that follows
 
     # -- stepping --------------------------------------------------------------------
-    def step(self, iters=1):
-        """``solver.step(iters)`` under the watch: runs until ``iter`` has advanced by
-        ``iters`` updates; skipped iterations are retried with the next batch; a
-        rollback moves ``iter`` back to the checkpoint and training goes on from there."""
+    def step(self, iters=1, until_rollback=False):
+        """``solver.step(iters)`` under the watch: runs until ``iter`` reaches its value
+        at the call plus ``iters``; skipped iterations are retried with the next batch; a
+        rollback moves ``iter`` back to the checkpoint and training goes on from there
+        (``until_rollback``: returns right after it instead, for a caller that accounts
+        for every iteration itself)."""
         if self.closed:
             return self._step(iters)
         target = int(self.solver.iter) + int(iters)
@@ -582,6 +584,8 @@ class Watch:
                 continue
             except _Rollback as request:
                 self._rollback(request.fault)
+                if until_rollback:
+                    return
             finally:
                 context.deactivate(self)
 

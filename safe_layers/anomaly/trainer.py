@@ -228,10 +228,13 @@ class Trainer:
                 if self.stop_requested:
                     break
             rollbacks = watch.rollbacks
-            watch.step(1)
-            if watch.rollbacks != rollbacks:  # back at a checkpoint: Caffe would start over
-                smoothed = SmoothedLoss(max(1, param.average_loss), int(solver.iter) - 1)
+            watch.step(1, until_rollback=True)
+            if watch.rollbacks != rollbacks:
+                # Back at a checkpoint: the smoothing starts over, as a new Step() would.
+                smoothed = SmoothedLoss(max(1, param.average_loss), int(solver.iter))
                 tested_at = None
+                self._signals()
+                continue
             done = int(solver.iter) - 1
             value = smoothed.update(watch.loss, done)
             self.events.write({"event": "iteration", "iteration": done, "loss": watch.loss,

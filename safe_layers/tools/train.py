@@ -320,9 +320,22 @@ def write_plot(events, path):
     figure, loss_axis = pyplot.subplots(figsize=(9, 4.5), dpi=100)
     x = [e["iteration"] for e in its]
     loss = [_float(e.get("loss")) for e in its]
-    loss_axis.plot(x, loss, color="#9ab", linewidth=0.8, label="loss")
-    loss_axis.plot(x, [_float(e.get("smoothed_loss")) for e in its], color="#136",
-                   linewidth=1.4, label="smoothed loss (average_loss)")
+    # A rollback sends the iterations back: each run of increasing iterations is drawn on
+    # its own, the ones a rollback abandoned faded.
+    runs, start = [], 0
+    for i in range(1, len(its) + 1):
+        if i == len(its) or x[i] <= x[i - 1]:
+            runs.append((start, i))
+            start = i
+    for n, (a, b) in enumerate(runs):
+        last = n == len(runs) - 1
+        alpha = 1.0 if last else 0.35
+        loss_axis.plot(x[a:b], loss[a:b], color="#9ab", linewidth=0.8, alpha=alpha,
+                       label="loss" if last else None)
+        loss_axis.plot(x[a:b], [_float(e.get("smoothed_loss")) for e in its[a:b]], color="#136",
+                       linewidth=1.4, alpha=alpha,
+                       label="smoothed loss (average_loss)" if last else
+                       ("abandoned by a rollback" if n == 0 else None))
     finite = [v for v in loss if v == v and abs(v) != float("inf")]
     floor = min(finite) if finite else 0.0
     if skips:
@@ -336,9 +349,13 @@ def write_plot(events, path):
     loss_axis.set_xlabel("iteration")
     loss_axis.set_ylabel("loss")
     lr_axis = loss_axis.twinx()
-    lr_axis.plot(x, [_float(e.get("lr")) for e in its], color="green", linewidth=1, label="lr")
-    rates = [r for r in (_float(e.get("lr")) for e in its) if r == r and r > 0]
-    if rates and max(rates) / min(rates) > 100:
+    rates_all = [_float(e.get("lr")) for e in its]
+    for n, (a, b) in enumerate(runs):
+        last = n == len(runs) - 1
+        lr_axis.plot(x[a:b], rates_all[a:b], color="green", linewidth=1,
+                     alpha=1.0 if last else 0.35, label="lr" if last else None)
+    rates = [r for r in rates_all if r == r and r > 0]
+    if rates and max(rates) / min(rates) >= 100:
         lr_axis.set_yscale("log")
     lr_axis.set_ylabel("lr", color="green")
     handles = loss_axis.get_legend_handles_labels()
