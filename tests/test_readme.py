@@ -42,8 +42,9 @@ def test_snippet_layers_run_forward_and_backward_on_real_input(make_net, snippet
         for item in header.group(1).split():
             name, dims = item.split("=")
             shapes[name] = [int(d) for d in dims.split(",")]
-    bottoms = sorted(set(re.findall(r'bottom: "([^"]+)"', text)))
-    tops = set(re.findall(r'top: "([^"]+)"', text))
+    layers = re.sub(r"#[^\n]*", "", text)  # the prototxt without its comments
+    bottoms = sorted(set(re.findall(r'bottom: "([^"]+)"', layers)))
+    tops = set(re.findall(r'top: "([^"]+)"', layers))
     inputs = "".join('layer { name: "in_%s" type: "Input" top: "%s" input_param { shape { %s } } }\n'
                      % (b, b, " ".join("dim: %d" % d for d in shapes.get(b, [2, 3, 4, 4])))
                      for b in bottoms)
@@ -53,7 +54,7 @@ def test_snippet_layers_run_forward_and_backward_on_real_input(make_net, snippet
     monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     classes = next((dims[1] for name, dims in shapes.items() if name != "label" and len(dims) > 1), 3)
-    for source in set(re.findall(r"source: ([\w.]+)", text)):
+    for source in set(re.findall(r"source: ([\w.]+)", layers)):
         h = rng.random((classes, classes)).astype(np.float32) + 0.1
         blob = caffe.io.array_to_blobproto((h / h.sum(1, keepdims=True)).reshape(1, 1, classes, classes))
         (tmp_path / source).write_bytes(blob.SerializeToString())
