@@ -1017,41 +1017,37 @@ def _temporary(directory, temporaries):
 
 
 def _publish(directory, stem, npz_tmp, json_tmp):
-    """Link both files in under the first free ``stem[-n]``; never overwrite."""
+    """Move both files in under the first free ``stem[-n]``; never overwrite."""
+    links = True
     for attempt in range(1, 1000):
         name = stem if attempt == 1 else "%s-%d" % (stem, attempt)
         npz = os.path.join(directory, name + ".npz")
         jsn = os.path.join(directory, name + ".json")
-        try:
-            _link(npz_tmp, npz)
-        except FileExistsError:
+        if links:
+            try:
+                os.link(npz_tmp, npz)  # atomic, and fails instead of overwriting
+            except FileExistsError:
+                continue
+            except OSError:
+                links = False  # a file system without hard links: rename below
+            else:
+                try:
+                    os.link(json_tmp, jsn)
+                except FileExistsError:
+                    os.unlink(npz)
+                    continue
+                except BaseException:
+                    os.unlink(npz)
+                    raise
+                return npz, jsn
+        # rename is atomic too, but replaces an existing file: look first (racy only
+        # against another writer choosing the very same new name).
+        if os.path.lexists(npz) or os.path.lexists(jsn):
             continue
-        try:
-            _link(json_tmp, jsn)
-        except FileExistsError:
-            os.unlink(npz)
-            continue
-        except BaseException:
-            os.unlink(npz)
-            raise
+        os.rename(npz_tmp, npz)
+        os.rename(json_tmp, jsn)
         return npz, jsn
     raise FileExistsError("no free file name for %r in %r" % (stem, directory))
-
-
-def _link(source, target):
-    try:
-        os.link(source, target)  # atomic, and fails instead of overwriting
-    except FileExistsError:
-        raise
-    except OSError:
-        # A file system without hard links: rename is atomic too (racy only against
-        # another writer choosing the very same new name).
-        if os.path.lexists(target):
-            raise FileExistsError(target) from None
-        with open(source, "rb") as src, open(target, "xb") as dst:
-            dst.write(src.read())
-            dst.flush()
-            os.fsync(dst.fileno())
 
 
 class FlightRecorder:

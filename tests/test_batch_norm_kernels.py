@@ -166,6 +166,20 @@ class TestBatchNormKernels:
             numeric[index] = (_loss_of_x(plus, w, 1e-5) - _loss_of_x(minus, w, 1e-5)) / 2e-4
         np.testing.assert_allclose(dx, numeric, rtol=1e-4, atol=1e-5)
 
+    def test_backward_batch_stats_takes_the_offset_into_account(self, xp):
+        # centered - offset is x - mean: any offset gives the same gradient.
+        x = _x((4, 3, 5), seed=3)
+        dy = _x((4, 3, 5), seed=4)
+        mean, var, _ = _reference(x, 1e-5)
+        inv_std = xp.asarray(1 / np.sqrt(var + 1e-5))
+        exact = (x - _expand(mean, 3)).astype(np.float32)
+        offset = np.array([0.5, -2.0, 0.0])
+        shifted = (exact + _expand(offset, 3)).astype(np.float32)
+        outs = [to_numpy(batch_norm.backward_batch_stats(xp.asarray(dy), xp.asarray(c), xp.asarray(o), inv_std,
+                                                         xp.empty(x.shape, xp.float32), batch_norm.Workspace()))
+                for c, o in ((exact, np.zeros(3)), (shifted, offset))]
+        np.testing.assert_allclose(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+
     def test_backward_global_stats(self, xp):
         dy = _x((2, 3))
         inv_std = np.array([1.0, 2.0, 0.5])

@@ -170,6 +170,17 @@ def test_write_flight_record_never_overwrites(tmp_path):
     assert np.load(first[0])["a"].tolist() == [1, 1] and np.load(second[0])["a"].tolist() == [0, 0]
 
 
+def test_without_hard_links_a_record_is_still_never_overwritten(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise PermissionError(1, "Operation not permitted")  # a file system without hard links
+    monkeypatch.setattr(os, "link", no_links)
+    first = reporting.write_flight_record(str(tmp_path), "fs", {"a": np.ones(2)}, small_report(), 100)
+    second = reporting.write_flight_record(str(tmp_path), "fs", {"a": np.zeros(2)}, small_report(), 100)
+    assert [os.path.basename(p) for p in first + second] == ["fs.npz", "fs.json", "fs-2.npz", "fs-2.json"]
+    assert np.load(first[0])["a"].tolist() == [1, 1] and np.load(second[0])["a"].tolist() == [0, 0]
+    assert sorted(os.listdir(tmp_path)) == ["fs-2.json", "fs-2.npz", "fs.json", "fs.npz"]
+
+
 @pytest.mark.parametrize("name, expected", [
     ("conv1_guard", "conv1_guard"),
     ("ip/guard", "ip_guard-%08x"),
