@@ -209,7 +209,9 @@ def test_weights_with_commas_and_sigint_stop(caffe_bin, lenet, tmp_path):
     for line in child.stderr:
         seen.append(line)
         if "sgd_solver.cpp:112] Iteration 3," in line:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGHUP)  # -sighup_effect snapshot (the default)
+        if "sgd_solver.cpp:112] Iteration 6," in line:
+            child.send_signal(signal.SIGINT)  # -sigint_effect stop (the default)
             break
         assert time.time() < deadline
     rest = child.stderr.read()
@@ -217,8 +219,10 @@ def test_weights_with_commas_and_sigint_stop(caffe_bin, lenet, tmp_path):
     log = "".join(seen) + rest
     assert log.count("Finetuning from %s" % model) >= 2
     assert "Optimization stopped early." in log
-    snapshots = list(tmp_path.glob("long_iter_*.caffemodel"))
-    assert len(snapshots) == 1 and int(snapshots[0].name.split("_")[2].split(".")[0]) < 50
+    # One snapshot for SIGHUP, one at the stop (snapshot_after_train), as caffe train.
+    snapshots = sorted(int(p.name.split("_")[2].split(".")[0])
+                       for p in tmp_path.glob("long_iter_*.caffemodel"))
+    assert len(snapshots) == 2 and 4 <= snapshots[0] < snapshots[1] < 50, snapshots
 
 
 def test_lint_errors_stop_the_run_unless_no_lint(tmp_path):
