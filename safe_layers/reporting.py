@@ -979,12 +979,12 @@ def write_flight_record(directory, stem, arrays, report, max_bytes):
     os.makedirs(directory, exist_ok=True)
     kept, skipped, used = {}, [], 0
     for name, array in arrays.items():
-        data = to_numpy(array)
-        if used + data.nbytes > max_bytes:
-            skipped.append({"name": name, "shape": list(data.shape), "bytes": int(data.nbytes)})
+        # The size is known on the device: only arrays under the cap are copied to the host.
+        if used + array.nbytes > max_bytes:
+            skipped.append({"name": name, "shape": list(array.shape), "bytes": int(array.nbytes)})
             continue
-        kept[name] = data
-        used += data.nbytes
+        kept[name] = to_numpy(array)
+        used += array.nbytes
     temporaries = []
     try:
         npz_tmp = _temporary(directory, temporaries)

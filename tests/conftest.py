@@ -2,6 +2,15 @@
 
 A test that needs Caffe skips when pycaffe is missing, except in CI (CI=true), where a
 missing pycaffe fails the run: CI must never go green by skipping the real thing.
+
+GPU gating. Tests marked ``gpu`` run where CuPy sees a CUDA device and skip elsewhere.
+A *GPU test run* is one that selects them (``-m gpu``) or one started with
+``SAFE_LAYERS_REQUIRE_GPU=1`` (what ``ci/gpu-check`` does); with CI=true, or with that
+variable, a GPU test run that executed no GPU test fails, and with the variable any
+skipped GPU test fails it too. ``SAFE_LAYERS_TEST_MODE=gpu`` runs the whole suite with
+Caffe in GPU mode (``backend.set_mode_gpu()``, ``solver_mode: GPU``), checking after
+each test that no Python layer read a blob through pycaffe's host ``.data``/``.diff``
+in its forward or backward (each such read is a device-to-host copy).
 """
 
 import os
@@ -16,6 +25,10 @@ import pytest
 os.environ.setdefault("GLOG_minloglevel", "2")
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
+REQUIRE_GPU = os.environ.get("SAFE_LAYERS_REQUIRE_GPU", "") == "1"
+TEST_MODE = os.environ.get("SAFE_LAYERS_TEST_MODE", "cpu").strip().lower()
+if TEST_MODE not in ("cpu", "gpu"):
+    raise pytest.UsageError("SAFE_LAYERS_TEST_MODE=%r; allowed: cpu, gpu" % TEST_MODE)
 
 
 def _import_caffe():
@@ -26,7 +39,11 @@ def _import_caffe():
         if IN_CI:
             pytest.fail("CI=true: " + message, pytrace=False)
         pytest.skip(message)
-    caffe.set_mode_cpu()
+    from safe_layers import backend
+    if TEST_MODE == "gpu":
+        backend.set_mode_gpu(0)
+    else:
+        backend.set_mode_cpu()
     return caffe
 
 
@@ -86,7 +103,7 @@ def make_solver(caffe, write_solver):
 
 def solver_text(net_path, **fields):
     values = {"base_lr": 0.01, "lr_policy": '"fixed"', "max_iter": 100, "display": 0,
-              "random_seed": 1, "solver_mode": "CPU", "snapshot_after_train": "false"}
+              "random_seed": 1, "solver_mode": TEST_MODE.upper(), "snapshot_after_train": "false"}
     values.update(fields)
     lines = ['net: "%s"' % net_path] + ["%s: %s" % kv for kv in values.items()]
     return "\n".join(lines) + "\n"
@@ -119,12 +136,101 @@ def caffe_train(caffe_bin, write_solver, tmp_path):
 
 
 def _cupy_device():
+    """cupy where it sees at least one usable CUDA device, else None."""
     try:
         import cupy
-        cupy.cuda.runtime.getDeviceCount()
-        return cupy
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
     except Exception:  # noqa: BLE001 - any failure means "no usable GPU"
         return None
+
+
+def gpu_build(caffe):
+    """Whether this pycaffe was built with CUDA (it has the device pointers)."""
+    return hasattr(caffe._caffe.Blob, "_gpu_data_ptr")
+
+
+class _GpuGate:
+    """Counts what the tests marked gpu did, and fails a GPU test run that ran none."""
+
+    def __init__(self, config):
+        markexpr = config.getoption("markexpr", "") or ""
+        self.requested = REQUIRE_GPU or ("gpu" in markexpr and "not gpu" not in markexpr)
+        self.gpu_ids = set()
+        self.passed = self.failed = 0
+        self.skipped = []
+
+    def pytest_collection_modifyitems(self, items):
+        self.gpu_ids = {item.nodeid for item in items if item.get_closest_marker("gpu")}
+
+    def pytest_runtest_logreport(self, report):
+        if report.nodeid not in self.gpu_ids:
+            return
+        if report.skipped:
+            self.skipped.append("%s (%s)" % (report.nodeid, report.longrepr[-1]
+                                              if isinstance(report.longrepr, tuple) else report.longrepr))
+        elif report.when == "call":
+            self.passed += report.passed
+            self.failed += report.failed
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session):
+        if not self.requested or not (IN_CI or REQUIRE_GPU):
+            return
+        problems = []
+        if self.passed + self.failed == 0:
+            problems.append("a GPU test run executed no GPU test (%d selected, %d skipped)"
+                            % (len(self.gpu_ids), len(self.skipped)))
+        if REQUIRE_GPU and self.skipped:
+            problems.append("SAFE_LAYERS_REQUIRE_GPU=1 and %d GPU test(s) skipped" % len(self.skipped))
+        if problems:
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.ensure_newline()
+            for line in problems + ["  skipped: " + s for s in self.skipped[:10]]:
+                if reporter is not None:
+                    reporter.write_line("GPU gate: " + line, red=True)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_GpuGate(config), "safe_layers_gpu_gate")
+
+
+@pytest.fixture(autouse=True)
+def _no_host_copies_in_gpu_mode(request):
+    """In GPU mode, a Python layer's forward/backward must not read blob.data/.diff."""
+    if TEST_MODE != "gpu" or "caffe" not in request.fixturenames:
+        yield
+        return
+    import caffe as caffe_module
+    blob = caffe_module._caffe.Blob
+    reads = []
+    originals = {name: getattr(blob, name) for name in ("data", "diff")}
+
+    def counting(name):
+        original = originals[name]
+
+        def read(self):
+            frame = sys._getframe(1)
+            while frame is not None:
+                code = frame.f_code
+                if (code.co_name in ("forward", "backward")
+                        and "safe_layers" + os.sep + "layers" in code.co_filename):
+                    reads.append("%s:%d .%s in %s" % (code.co_filename, frame.f_lineno, name,
+                                                      code.co_name))
+                    break
+                frame = frame.f_back
+            return original.__get__(self)
+        return property(read)
+
+    for name in originals:
+        setattr(blob, name, counting(name))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(blob, name, original)
+    assert not reads, "host copies by Python layers in GPU mode: %s" % "; ".join(reads[:5])
 
 
 def array_modules():

@@ -9,25 +9,21 @@ import math
 
 import numpy
 
+from safe_layers.kernels import xp as _xp
 from safe_layers.kernels.xp import array_module
 
 FLOAT32_MAX = float(numpy.finfo(numpy.float32).max)
 
-
-_max_abs_kernel = None
+# max |x| in one fused pass, NaN if any element is NaN: fmax would drop NaN, this keeps
+# it, so one number answers "any NaN, any Inf, anything above the threshold".
+MAX_ABS_NAN = _xp.declare(_xp.Reduction(
+    name="safe_layers_max_abs_nan", in_ctype="T", out_ctype="T", map_expr="fabs(in0)",
+    reduce_expr="(a != a || a > b) ? a : b", post_map_expr="out0 = a", identity="0"))
 
 
 def _device_max_abs(x):
-    """max |x| over a CuPy array in one fused pass; NaN if any element is NaN."""
-    global _max_abs_kernel
-    if _max_abs_kernel is None:
-        import cupy
-        # fmax/fabs would drop NaN; this reduction keeps it, so one number answers
-        # "any NaN, any Inf, anything above the threshold".
-        _max_abs_kernel = cupy.ReductionKernel(
-            "T x", "T y", "fabs(x)", "(a != a || a > b) ? a : b", "y = a", "0",
-            "safe_layers_max_abs_nan")
-    return _max_abs_kernel(x.ravel())
+    """max |x| over a CuPy array (a 0-d device array: no host synchronisation)."""
+    return _xp.kernel(MAX_ABS_NAN)(x.ravel())
 
 
 def all_finite(x, max_abs=None):
