@@ -86,8 +86,9 @@ boost_flags=()
 if [[ ! -e /usr/lib/x86_64-linux-gnu/libboost_python$py_nodot.so ]]; then
   boost_prefix=$("$here/build_boost_python.sh" "$python" | tail -n 1) \
     || die "no Boost.Python for Python ${py_ident% *} (build_boost_python.sh failed, see above)"
+  # Caffe asks FindBoost for the component "python3" (from -Dpython_version=3).
   boost_flags=(-DBoost_NO_BOOST_CMAKE=ON "-DBOOST_LIBRARYDIR=$boost_prefix/lib"
-               "-DBoost_PYTHON${py_nodot}_LIBRARY_RELEASE=$boost_prefix/lib/libboost_python$py_nodot.so")
+               "-DBoost_PYTHON3_LIBRARY_RELEASE=$boost_prefix/lib/libboost_python$py_nodot.so")
 fi
 
 cmake_flags=(
