@@ -184,7 +184,6 @@ def bench_device(megabytes=(64, 256, 1024), repeat=20):
         out("  %5d MB: all_finite %.0f GB/s (%s, %.0f %% of a device copy's %.0f GB/s); "
             "kernel alone %.0f GB/s; cupy.sum %.0f GB/s (target >= 80 %%)"
             % (mb, gb / check, of_peak, 100 * gb / check / copy_bw, copy_bw, gb / kernel, gb / total))
-        del x, y
 
 
 def _device_seconds(cupy, fn, repeat):

@@ -1,17 +1,27 @@
 """The project's own Caffe build step: cache reuse and clear failures."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+import conftest
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "caffe_build" / "build_caffe.sh"
 
+if os.environ.get("SAFE_LAYERS_BUNDLE"):
+    pytest.skip("the GPU bundle's Caffe is prebuilt (ci/gpu-check): the build is tested where "
+                "the bundle is made", allow_module_level=True)
+
 
 def test_second_build_reuses_the_cache(caffe):
-    result = subprocess.run([str(BUILD), sys.executable], capture_output=True, text=True, timeout=120)
+    # The environment's Caffe is the CPU build or, after `make setup CUDA=1`, the CUDA one.
+    env = dict(os.environ, CUDA="1" if conftest.gpu_build(caffe) else "0")
+    result = subprocess.run([str(BUILD), sys.executable], capture_output=True, text=True, timeout=120,
+                            env=env)
     assert result.returncode == 0, result.stderr
     assert "reusing cached Caffe at" in result.stderr
     prefix = Path(result.stdout.strip().splitlines()[-1])

@@ -19,7 +19,11 @@ from safe_layers import backend, host
     (("caffe", "train", "-weights", "gpu.caffemodel"), "cpu"),
     (None, "cpu"),  # not inside the caffe binary
 ])
-def test_caffe_train_gpu_flag_selects_gpu_mode(monkeypatch, argv, mode):
+def test_caffe_train_gpu_flag_selects_gpu_mode(monkeypatch, tmp_path, argv, mode):
+    # Without -gpu the layers read solver_mode from the -solver file (as caffe.cpp does).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "s.prototxt").write_text('net: "n.prototxt"\n')
+    backend._solver_mode.cache_clear()
     monkeypatch.delenv("SAFE_LAYERS_MODE", raising=False)
     monkeypatch.setattr(backend, "_explicit_mode", None)
     monkeypatch.setattr(host, "caffe_cli_argv", lambda: argv)
