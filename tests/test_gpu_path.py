@@ -168,3 +168,38 @@ def test_compile_check_sources_are_what_cupy_compiles(cupy_device, monkeypatch, 
     compiled = {source for source, _ in seen}
     for path, (source, options) in expected.items():
         assert source in compiled, "CuPy compiled another %s source than the compile check" % path
+
+
+def test_a_gpu_test_run_that_ran_no_gpu_test_fails_in_ci(tmp_path):
+    import conftest
+    import os
+    import subprocess
+    if conftest._cupy_device() is not None:
+        pytest.skip("a GPU is here: the GPU tests run")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
+               str(ROOT / "tests" / "test_backend.py")]
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "SAFE_LAYERS_REQUIRE_GPU")}
+    quiet = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stdout[-2000:]      # a developer's machine: skips are fine
+    ci = subprocess.run(command, cwd=ROOT, env=dict(env, CI="true"), capture_output=True, text=True,
+                        timeout=300)
+    assert ci.returncode == 1, ci.stdout[-2000:]
+    assert "GPU gate: a GPU test run executed no GPU test (2 selected, 2 skipped)" in ci.stdout
+
+
+def test_gpu_check_counts_tests_from_pytests_junit_file(tmp_path):
+    import subprocess
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "ci" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    (tmp_path / "test_three.py").write_text(
+        "import pytest\ndef test_ok(): pass\ndef test_bad(): assert 0\n"
+        "@pytest.mark.skip(reason='x')\ndef test_skip(): pass\n")
+    xml = tmp_path / "out.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", str(xml),
+                    str(tmp_path / "test_three.py")], cwd=tmp_path, capture_output=True, timeout=120)
+    counts = gpu_check.junit_counts(xml)
+    assert {k: counts[k] for k in ("run", "passed", "failed", "skipped")} == \
+        {"run": 2, "passed": 1, "failed": 1, "skipped": 1}
+    assert counts["failed_tests"] == ["test_three::test_bad"]
+    assert gpu_check.junit_counts(tmp_path / "missing.xml") is None
