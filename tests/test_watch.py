@@ -305,6 +305,52 @@ def test_rollback_restores_exactly_the_saved_weights_and_iter(lenet_solver, tmp_
     assert not (tmp_path / "ck_iter_5.solverstate").exists()  # the watch's own files go
 
 
+def test_no_checkpoint_of_a_state_worse_than_the_start(caffe, write_solver, tmp_path):
+    """CIFAR-10 quick at base_lr 10 with a checkpoint every iteration: the loss climbs for a
+    few iterations before the first NaN, and a checkpoint of those states brings the blow-up
+    back with it. Checkpoints only while the recent loss is within checkpoint_loss_ratio of
+    the first one: the rollbacks reach a sane state and training runs on; without that
+    gate the same run exhausts its rollbacks."""
+    net = published_net(CIFAR, data="dummy", batch=4, phase_only="TRAIN")
+    fields = published_solver_fields("cifar10_quick_solver.prototxt")
+    fields.update(base_lr=10, snapshot_prefix='"%s"' % (tmp_path / "ck"))
+    path = write_solver(net, **fields)
+    outcome = {}
+    for ratio in (1.5, 1e9):
+        w = watch(str(path), on_nonfinite="skip", rollback_after=2, checkpoint_every=1,
+                  lr_factor=0.01, log_first=0, checkpoint_loss_ratio=ratio)
+        try:
+            w.solver.step(30)
+            outcome[ratio] = ("done", w.solver.iter, all_finite(w.solver.net))
+        except NonFiniteError as caught:
+            outcome[ratio] = ("stopped", caught.report.kind)
+        finally:
+            w.close()
+    assert outcome[1.5] == ("done", 30, True)
+    assert outcome[1e9][0] == "stopped"
+
+
+def test_a_checkpoint_that_fails_again_rolls_back_one_further(lenet_solver, tmp_path):
+    """Batches 7-10 are poisoned: the rollback to checkpoint 5 meets poison again before
+    checkpoint 10 is taken, so the next rollback goes to checkpoint 0 (bit-exact), and the
+    files of the abandoned checkpoint 5 are gone."""
+    solver, path = lenet_solver(nan_at=[(7, 0), (8, 0), (9, 0), (10, 0)],
+                                snapshot_prefix='"%s"' % (tmp_path / "ck"))
+    w = watch(solver, solver_file=path, on_nonfinite="skip", rollback_after=2, checkpoint_every=5,
+              log_first=0)
+    restored = []
+    w.listener = lambda item: item.kind == "rollback" and restored.append(
+        (item.details["to"], weights(solver.net), "further back" in item.line(),
+         (tmp_path / "ck_iter_5.solverstate").exists()))
+    at_zero = weights(solver.net)
+    solver.step(10)
+    assert [(to, further, kept5) for to, _, further, kept5 in restored] == \
+        [(5, False, True), (0, True, False)]  # the abandoned checkpoint 5 is dropped
+    assert_bit_equal(restored[1][1], at_zero)
+    assert solver.iter == 10 and all_finite(solver.net)
+    w.close()
+
+
 def test_resume_under_pycaffe_and_iter_size_report_the_true_iteration(lenet_solver, caffe, capfd,
                                                                       tmp_path):
     prefix = tmp_path / "snap"

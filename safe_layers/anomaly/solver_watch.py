@@ -48,7 +48,14 @@ OPTIONS = [
     Field("rollback_after", int, None, "after this many bad iterations in a row (or at once when "
           "the weights go non-finite), restore the last checkpoint", low=1),
     Field("checkpoint_every", int, 100, "rollback: take a checkpoint (solver snapshot) every this "
-          "many iterations, when the weights are finite", low=1),
+          "many iterations, when the weights are finite and the training loss (mean of the last "
+          "growth_window iterations) is at most checkpoint_loss_ratio times the loss of the run's "
+          "first iteration", low=1),
+    Field("checkpoint_loss_ratio", float, 1.5, "rollback: a state whose recent loss is above this "
+          "many times the loss of the run's first iteration does worse than the net it started "
+          "from, and is not checkpointed", low=1.0),
+    Field("keep_checkpoints", int, 3, "rollback: checkpoints kept; a rollback whose checkpoint "
+          "fails again before a newer one is taken goes one checkpoint further back", low=1),
     Field("lr_factor", float, None, "rollback: multiply base_lr by this at each rollback",
           low=0.0, high=1.0, low_open=True),
     Field("max_rollbacks", int, 5, "rollback: stop after this many", low=1),
@@ -155,13 +162,15 @@ class _Checkpoints:
     written over (that iteration is not checkpointed) nor deleted.
     """
 
-    def __init__(self, solver, param, every, started):
+    def __init__(self, solver, param, every, started, keep):
         self.solver = solver
         self.prefix = param.snapshot_prefix
         self.h5 = param.snapshot_format == 0  # SolverParameter.HDF5 == 0, BINARYPROTO == 1
         self.every = every
         self.started = started
-        self.latest = None          # (iteration, state path)
+        self.keep = keep
+        self.kept = []              # [(iteration, state path)], oldest first
+        self.taken_since_rollback = 0
         self.owned = {}             # iteration -> [(path, mtime)]
         self.warned_existing = False
         self.seconds = 0.0
@@ -172,6 +181,10 @@ class _Checkpoints:
         if self.h5:
             return stem + ".caffemodel.h5", stem + ".solverstate.h5"
         return stem + ".caffemodel", stem + ".solverstate"
+
+    @property
+    def latest(self):
+        return self.kept[-1] if self.kept else None
 
     def maybe_save(self, iteration, log):
         if iteration % self.every or (self.latest and self.latest[0] == iteration):
@@ -190,12 +203,27 @@ class _Checkpoints:
             self.count += 1
             self.owned[iteration] = [(p, os.path.getmtime(p)) for p in (model, state)
                                      if os.path.exists(p)]
-        previous = self.latest
-        self.latest = (iteration, state)
-        if previous:
-            self.forget(previous[0])
+        self.kept.append((iteration, state))
+        self.taken_since_rollback += 1
+        while len(self.kept) > self.keep:
+            self.forget(self.kept.pop(0)[0])
         log(Event("checkpoint", iteration, "rollback point %s" % state,
                   {"state": state, "owned": iteration in self.owned}))
+
+    def target(self, previous):
+        """The checkpoint to restore: the latest, unless the last rollback went to
+        ``previous`` and failed again before a newer checkpoint was taken; then the one
+        before ``previous`` (the oldest kept when there is none). Checkpoints after the
+        target belong to the abandoned run and are dropped."""
+        if previous is not None and self.taken_since_rollback == 0:
+            older = [c for c in self.kept if c[0] < previous]
+            chosen = older[-1] if older else self.kept[0]
+        else:
+            chosen = self.kept[-1]
+        while self.kept[-1] != chosen:
+            self.forget(self.kept.pop()[0])
+        self.taken_since_rollback = 0
+        return chosen
 
     def forget(self, iteration):
         for path, mtime in self.owned.pop(iteration, []):
@@ -258,6 +286,9 @@ class Watch:
         self._last_growth = -10 ** 9
         self._grad_norms = collections.deque(maxlen=o.growth_window)
         self._weight_norms = collections.deque(maxlen=o.growth_window + 1)
+        self._recent_losses = collections.deque(maxlen=o.growth_window)
+        self._start_loss = None        # the loss of the run's first iteration (before any update)
+        self._rolled_to = None         # the checkpoint iteration the last rollback restored
         self.net = solver.net if solver is not None else net
         self._data, self._diff = accessors()
         self.params = _param_names(self.net)
@@ -274,7 +305,8 @@ class Watch:
                     self.probes.append(probe)
                     self._hook(test_net, probe, backward=False)
             solver.add_callback(self._on_start, self._on_gradients_ready)
-            self.checkpoints = (_Checkpoints(solver, solver_param, o.checkpoint_every, self.started)
+            self.checkpoints = (_Checkpoints(solver, solver_param, o.checkpoint_every, self.started,
+                                             o.keep_checkpoints)
                                 if o.rollback_after else None)
             self._step, self._solve = solver.step, solver.solve
             solver.step, solver.solve = self.step, self.solve
@@ -319,8 +351,10 @@ class Watch:
             self._check_weights(iteration - 1)
         self._check_lr(iteration)
         if (self.checkpoints is not None and self.consecutive_bad == 0
-                and iteration - self._last_growth > self.options.checkpoint_every):
-            # A state the early warning flagged is no state to come back to.
+                and iteration - self._last_growth > self.options.checkpoint_every
+                and self._loss_no_worse_than_at_start()):
+            # A state the early warning flagged, or one doing worse than its own
+            # initialization, is no state to come back to.
             self.checkpoints.maybe_save(iteration, self._log_event)
         for probe in self.probes:
             probe.producers = []
@@ -349,6 +383,9 @@ class Watch:
             self._bad_iteration(iteration, bad)
         else:
             self.consecutive_bad = 0
+            self._recent_losses.append(self.loss)
+            if self._start_loss is None:
+                self._start_loss = self.loss
         if norms is not None:
             total = math.sqrt(sum(s for _, s in norms if math.isfinite(s)))
             self.grad_norm = total
@@ -470,6 +507,17 @@ class Watch:
                               "in all" % (_num(norm), _num(limit), _num(scale),
                                           self.counts["clip"] + 1),
                               {"norm": norm, "scale": scale}))
+
+    def _loss_no_worse_than_at_start(self):
+        """Whether the mean loss of the last growth_window iterations is at most
+        checkpoint_loss_ratio times the loss of the run's first iteration: a net doing
+        worse than the one it started from (a softmax blown up by a high base_lr sits at
+        5-70 where it started at 2.3) is no state to return to. True before both are known,
+        and for a first loss that is not positive."""
+        if self._start_loss is None or not self._recent_losses:
+            return True
+        recent = sum(self._recent_losses) / len(self._recent_losses)
+        return self._start_loss <= 0 or recent <= self.options.checkpoint_loss_ratio * self._start_loss
 
     def _check_grad_growth(self, iteration, norm):
         history = self._grad_norms
@@ -622,6 +670,9 @@ class Watch:
                    % self.options.checkpoint_every)
             self._stop(SolverFault("stopped", "TRAIN", cause.iteration, "%s; %s" % (cause.message, why),
                                    "stop", cause.params))
+        further_back = self._rolled_to is not None and self.checkpoints.taken_since_rollback == 0
+        latest = self.checkpoints.target(self._rolled_to)
+        self._rolled_to = latest[0]
         self.rollbacks += 1
         start = time.perf_counter()
         self.solver.restore(latest[1])
@@ -631,8 +682,11 @@ class Watch:
         self._pending_update = False
         self._grad_norms.clear()
         self._weight_norms.clear()
+        self._recent_losses.clear()
         message = "restored %s (iteration %d) after %s at iteration %d" % (
             latest[1], latest[0], cause.kind, cause.iteration)
+        if further_back:
+            message += " (the previous rollback's checkpoint failed again: one further back)"
         details = {"to": latest[0], "from": iteration, "state": latest[1], "seconds": seconds}
         if self.options.lr_factor:
             old = float(self.solver.param.base_lr)

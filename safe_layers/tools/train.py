@@ -58,6 +58,12 @@ def add_arguments(parser):
                        help="restore the last checkpoint after K bad iterations in a row")
     watch.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
                        help="rollback checkpoints every N iterations (default 100)")
+    watch.add_argument("--keep-checkpoints", type=int, default=3, metavar="N",
+                       help="checkpoints kept (default 3); a rollback whose checkpoint fails again "
+                            "before a newer one is taken goes one further back")
+    watch.add_argument("--checkpoint-loss-ratio", type=float, default=1.5, metavar="R",
+                       help="no checkpoint while the recent training loss is above R times the "
+                            "loss training started with (default 1.5)")
     watch.add_argument("--lr-factor", type=float, metavar="F",
                        help="multiply base_lr by F at each rollback")
     watch.add_argument("--max-rollbacks", type=int, default=5, metavar="M")
@@ -85,6 +91,8 @@ def add_arguments(parser):
 def _watch_options(args):
     return {"on_nonfinite": args.on_nonfinite, "rollback_after": args.rollback_after,
             "checkpoint_every": args.checkpoint_every, "lr_factor": args.lr_factor,
+            "keep_checkpoints": args.keep_checkpoints,
+            "checkpoint_loss_ratio": args.checkpoint_loss_ratio,
             "max_rollbacks": args.max_rollbacks, "max_skips": args.max_skips,
             "warn_growth": args.warn_growth, "clip_gradients": args.clip_gradients,
             "record_dir": args.record_dir, "check_layers": not args.no_layer_checks}
