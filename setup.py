@@ -15,6 +15,8 @@ setup(
         # CuPy for the GPU path; pick the wheel matching the CUDA runtime (cupy-cuda12x, ...).
         "gpu": ["cupy"],
         "test": ["pytest"],
+        # make demo: scikit-learn ships the 8x8 digits the demo turns into LMDBs.
+        "demo": ["scikit-learn"],
     },
     entry_points={"console_scripts": ["safe-layers = safe_layers.tools.cli:entry_point"]},
 )

@@ -28,7 +28,7 @@ log "installing Python packages"
   || die "pip could not install caffe_build/requirements.txt"
 "$vpy" -m pip install -q --disable-pip-version-check -r "$root/caffe_build/requirements-gpu.txt" \
   || die "pip could not install caffe_build/requirements-gpu.txt"
-"$vpy" -m pip install -q --disable-pip-version-check -e "$root[test]" \
+"$vpy" -m pip install -q --disable-pip-version-check -e "$root[test,demo]" \
   || die "pip could not install safe_layers from $root"
 
 prefix=$("$root/caffe_build/build_caffe.sh" "$vpy" | tail -n 1)
