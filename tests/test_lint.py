@@ -12,7 +12,7 @@ import pytest
 
 from safe_layers.tools import cli
 from safe_layers.tools.rules import RULES
-from safe_layers.tools.rules.solver import learning_rates
+from safe_layers.lr_policy import rates as learning_rates
 
 DATA = Path(__file__).parent / "data"
 

@@ -30,9 +30,8 @@ import time
 
 import numpy
 
-from safe_layers import context, reporting
+from safe_layers import context, lr_policy, reporting
 from safe_layers.anomaly import record as records
-from safe_layers.anomaly import schedule
 from safe_layers.anomaly.probe import NetProbe, accessors, blob_fault, blob_ok
 from safe_layers.anomaly import report
 from safe_layers.anomaly.report import Event, SolverFault
@@ -262,7 +261,7 @@ class Watch:
                              "rollback restores the solver's own snapshots, named by its "
                              "snapshot_prefix, which pycaffe does not expose")
         if solver_param is not None:
-            problem = schedule.fatal_problem(solver_param)
+            problem = lr_policy.fatal_problem(solver_param)
             if problem:
                 raise ValueError("watch: " + problem)
         self.solver = solver
@@ -398,14 +397,14 @@ class Watch:
     # -- the checks ------------------------------------------------------------------
     def _check_lr(self, iteration):
         if self.param is not None and self.param.lr_policy == "multistep":
-            lr = schedule.rate(self.param, iteration)
+            lr = lr_policy.rate(self.param, iteration)
         else:
             lr = float(self.solver.lr)
         self.lr = lr
         if math.isfinite(lr) and lr > 0:
             return
         if self.param is not None:
-            message = schedule.explain(self.param, iteration, lr)
+            message = lr_policy.describe(self.param, iteration, lr)
         else:
             message = ("lr = %g at iteration %d (give the watch solver_file= to name the lr_policy "
                        "fields that cause it)" % (lr, iteration))
@@ -763,7 +762,7 @@ def watch(target, solver_file=None, stream=None, **options):
     if isinstance(target, (str, os.PathLike)):
         solver_file = os.fspath(target)
         param = read_solver_param(solver_file)
-        problem = schedule.fatal_problem(param)
+        problem = lr_policy.fatal_problem(param)
         if problem:  # before get_solver: Caffe would abort the process at the first update
             raise ValueError("watch: %s: %s" % (solver_file, problem))
         import caffe

@@ -35,6 +35,7 @@ import math
 import os
 import sys
 
+from safe_layers import lr_policy
 from safe_layers.tools import findings as findings_module
 from safe_layers.tools.caffe_log import LogReader
 from safe_layers.tools.findings import Finding, InputError
@@ -555,8 +556,16 @@ class Diagnosis:
         if bad is None:
             return None
         policy = self.lr_policy()
-        fields = self.solver.fields if self.solver is not None else {}
-        field, why = lr_policy_fault(policy, fields, bad.iteration, bad.value)
+        fields = dict(self.solver.fields) if self.solver is not None else {}
+        if policy:
+            fields["lr_policy"] = policy
+        if self.solver is None and policy is None:
+            field, why = None, "the log does not show the solver's parameters"
+            fix = "fix the solver fields lr_policy reads (shared/docs/caffe-internals.md §4)"
+        else:
+            param = lr_policy.LogFields(fields)
+            field, why = lr_policy.explain(param, bad.iteration, bad.value)
+            fix = lr_policy.fix(param, bad.iteration, bad.value)
         what = "non-finite" if not finite(bad.value) else "negative"
         message = ("bad learning-rate policy: lr = %s (%s) at iteration %s%s; %s"
                    % (fmt(bad.value), what, bad.iteration,
@@ -565,8 +574,6 @@ class Diagnosis:
             point, what_bad = self.first_bad
             if point.line > bad.line:
                 message += "; the loss went non-finite after it (line %d)" % point.line
-        fix = ("set %s in the solver" % field if field else
-               "fix the solver fields lr_policy reads (shared/docs/caffe-internals.md §4)")
         fix += "; `safe-layers lint SOLVER` simulates the schedule before training"
         evidence = [bad, self._solver_point("lr_policy"), self._solver_point(field) if field else None]
         after = self.loss.bad
@@ -962,54 +969,6 @@ class Diagnosis:
         return self._finding("SL812", "error", point, message,
                              "set max_iter in the solver (the number of iterations to train)",
                              [declared, point], cause="no training")
-
-
-def lr_policy_fault(policy, fields, iteration, value):
-    """(field to fix, why) for a non-finite or negative lr under ``policy``."""
-    def number(name, default=0.0):
-        try:
-            return float(fields[name])
-        except (KeyError, ValueError):
-            return default
-    base_lr = number("base_lr")
-    if not math.isfinite(base_lr):
-        return "base_lr", "base_lr itself is %s" % fields.get("base_lr")
-    if base_lr < 0:
-        return "base_lr", "base_lr is negative (%s): the solver climbs the loss" % fields.get("base_lr")
-    if policy == "poly":
-        max_iter = number("max_iter")
-        if "max_iter" not in fields or max_iter == 0:
-            return "max_iter", ("poly computes base_lr * (1 - iter/max_iter)^power and max_iter is not "
-                                "set (0): 0/0 = NaN at iteration 0, then inf (this happens under "
-                                "pycaffe's solver.step(); `caffe train` runs 0 iterations)")
-        if iteration is not None and iteration > max_iter:
-            return "max_iter", ("iteration %s is past max_iter %s: (1 - iter/max_iter) is negative and "
-                                "power %s gives %s" % (iteration, fields["max_iter"],
-                                                       fields.get("power", "0"), fmt(value)))
-        return "power", "power %s" % fields.get("power", "0")
-    if policy in ("exp", "step", "multistep"):
-        gamma = number("gamma")
-        if gamma > 1:
-            return "gamma", ("gamma %s > 1 makes lr grow by that factor each %s until it overflows"
-                             % (fields.get("gamma"), "iteration" if policy == "exp" else "step"))
-        if gamma < 0:
-            return "gamma", "gamma %s is negative: lr alternates in sign" % fields.get("gamma")
-        return "gamma", "gamma %s" % fields.get("gamma", "0")
-    if policy == "inv":
-        gamma, power = number("gamma"), number("power")
-        if gamma < 0:
-            return "gamma", ("gamma %s < 0: (1 + gamma*iter) turns negative and a fractional power "
-                             "of it is NaN" % fields.get("gamma"))
-        if power < 0:
-            return "power", "power %s < 0 makes lr grow without bound" % fields.get("power")
-        return "power", "inv reads gamma and power"
-    if policy == "sigmoid":
-        return "stepsize", "sigmoid reads gamma and stepsize"
-    if policy == "fixed":
-        return "base_lr", "fixed uses base_lr as it is"
-    if policy is None:
-        return None, "the log does not show the solver's parameters"
-    return "lr_policy", "unknown policy %r" % policy
 
 
 def report_fault(line):

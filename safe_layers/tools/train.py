@@ -110,7 +110,7 @@ def _net_name(param, solver_path):
 def prepare(args, workdir):
     """Check the command line and the solver as `caffe train` would (InputError where it
     would abort), and write the solver the training process builds. Returns the config."""
-    from safe_layers.anomaly import schedule
+    from safe_layers import lr_policy
     from safe_layers.anomaly.solver_watch import WatchOptions, read_solver_param
     from google.protobuf import text_format
     if args.snapshot and args.weights:
@@ -121,7 +121,7 @@ def prepare(args, workdir):
     except ValueError as exc:
         raise InputError(str(exc)) from None
     param = read_solver_param(args.solver)
-    problem = schedule.fatal_problem(param)
+    problem = lr_policy.fatal_problem(param)
     if problem:
         raise InputError("%s: %s" % (args.solver, problem))
     if param.average_loss < 1:

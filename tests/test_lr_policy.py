@@ -1,8 +1,9 @@
-"""Caffe's lr policies as the watch reads them, against the real SGDSolver's rate."""
+"""safe_layers.lr_policy (lint, the watch and diagnose share it) against the real SGDSolver's rate."""
 
 import pytest
 
-from safe_layers.anomaly import parse_line, read_solver_param, report, schedule
+from safe_layers import lr_policy
+from safe_layers.anomaly import parse_line, read_solver_param, report
 from safe_layers.anomaly.report import Event, SolverFault
 
 TINY_NET = """
@@ -35,24 +36,24 @@ def test_rate_is_caffes(caffe, write_solver, fields):
     solver = caffe.get_solver(str(path))
     for iteration in range(8):
         assert solver.iter == iteration
-        assert schedule.rate(param, iteration) == pytest.approx(float(solver.lr), rel=1e-6)
+        assert lr_policy.rate(param, iteration) == pytest.approx(float(solver.lr), rel=1e-6)
         solver.step(1)
 
 
 def test_explanations_name_the_policy_and_the_fields(caffe, write_solver):
     path = write_solver(TINY_NET, lr_policy='"poly"', power=0.9, max_iter=4)
     param = read_solver_param(str(path))
-    text = schedule.explain(param, 6, float("nan"))
+    text = lr_policy.describe(param, 6, float("nan"))
     assert 'lr_policy "poly"' in text and "past max_iter 4" in text
     param.ClearField("max_iter")
-    assert "max_iter is unset (0)" in schedule.explain(param, 0, float("nan"))
+    assert "max_iter is unset (0)" in lr_policy.describe(param, 0, float("nan"))
     param.lr_policy, param.gamma = "exp", 0
-    assert "gamma is 0" in schedule.explain(param, 3, 0.0)
+    assert "gamma is 0" in lr_policy.describe(param, 3, 0.0)
     param.base_lr = -1
-    assert "base_lr is negative" in schedule.explain(param, 3, -1.0)
-    assert "stepsize > 0" in schedule.fatal_problem(_with(param, lr_policy="step", stepsize=0))
-    assert "gamma >= 0" in schedule.fatal_problem(_with(param, lr_policy="inv", gamma=-1))
-    assert schedule.fatal_problem(_with(param, lr_policy="fixed")) is None
+    assert "base_lr is negative" in lr_policy.describe(param, 3, -1.0)
+    assert "stepsize > 0" in lr_policy.fatal_problem(_with(param, lr_policy="step", stepsize=0))
+    assert "gamma >= 0" in lr_policy.fatal_problem(_with(param, lr_policy="inv", gamma=-1))
+    assert lr_policy.fatal_problem(_with(param, lr_policy="fixed")) is None
 
 
 def _with(param, **fields):
@@ -78,3 +79,39 @@ def test_solver_and_event_lines_parse_back():
     assert parse_line(report.summary_line(3, {"producer": 2, "loss": 1}, 1, 0, 2, 0)) == {
         "kind": "summary", "faults": 3, "counts": {"producer": 2, "loss": 1}, "skipped": 1,
         "rollbacks": 0, "checkpoints": 2, "clips": 0}
+
+
+def test_multistep_steps_replays_caffes_counter():
+    """Caffe moves current_step_ at most once per iteration: with a repeated stepvalue the
+    second step comes an iteration later than a count of stepvalues reached would say."""
+    assert list(lr_policy.multistep_steps([2, 5], 0, 7)) == [0, 0, 1, 1, 1, 2, 2]
+    assert list(lr_policy.multistep_steps([2, 2, 5], 0, 7)) == [0, 0, 1, 2, 2, 3, 3]
+    assert list(lr_policy.multistep_steps([2, 2, 5], 4, 7)) == [2, 3, 3]
+
+
+def test_a_logs_solver_block_explains_like_the_message(caffe, write_solver):
+    """diagnose reads the solver from the block a log prints (strings, absent fields
+    unset); the explanation and fix are those of the parsed message."""
+    path = write_solver(TINY_NET, lr_policy='"poly"', power=0.9)
+    param = read_solver_param(str(path))
+    param.ClearField("max_iter")
+    from_log = lr_policy.LogFields({"base_lr": "0.01", "lr_policy": "poly", "power": "0.9"})
+    assert lr_policy.explain(from_log, 0, float("nan")) == lr_policy.explain(param, 0, float("nan"))
+    field, why = lr_policy.explain(from_log, 0, float("nan"))
+    assert field == "max_iter" and "max_iter is unset (0)" in why
+    assert lr_policy.fix(from_log, 0, float("nan")).startswith("set max_iter")
+    exp = lr_policy.LogFields({"base_lr": "0.01", "lr_policy": "exp", "gamma": "10"})
+    assert lr_policy.explain(exp, 40, float("inf"))[0] == "gamma"
+    assert lr_policy.fix(exp, 40, float("inf")) == "gamma below 1 (e.g. 0.9999)"
+
+
+@pytest.mark.parametrize("policy", ["inv", "multistep"])
+def test_negative_gamma_is_caffes_abort_for_inv_and_multistep_too(caffe, write_solver, caffe_train,
+                                                                 policy):
+    fields = dict(lr_policy='"%s"' % policy, gamma=-0.5, power=1, max_iter=3)
+    param = read_solver_param(str(write_solver(TINY_NET, **fields)))
+    assert "CHECK_GE(gamma, 0)" in lr_policy.fatal_problem(param)
+    with pytest.raises(ValueError, match="gamma >= 0"):
+        lr_policy.rates(param, 0, 3)
+    result = caffe_train(TINY_NET, **fields)  # the real binary aborts as said
+    assert result.returncode != 0 and "Check failed: this->param_.gamma() >= 0" in result.stderr
