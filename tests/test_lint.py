@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from safe_layers import lr_policy
 from safe_layers.tools import cli
 from safe_layers.tools.rules import RULES
-from safe_layers.lr_policy import rates as learning_rates
 
 DATA = Path(__file__).parent / "data"
 
@@ -149,7 +149,7 @@ def test_poly_without_max_iter_is_nan_at_iteration_0_as_in_caffe(lint, tmp_path,
     assert math.isnan(rates[0]) and np.isposinf(rates[1:]).all()
     message = caffe.proto.caffe_pb2.SolverParameter()
     message.lr_policy, message.base_lr, message.power = "poly", 0.01, 0.9
-    np.testing.assert_array_equal(learning_rates(message, 0, 3), rates)
+    np.testing.assert_array_equal(lr_policy.rates(message, 0, 3), rates)
 
 
 def test_poly_past_max_iter_is_nan_where_lint_says(lint, tmp_path, caffe):
@@ -162,31 +162,6 @@ def test_poly_past_max_iter_is_nan_where_lint_says(lint, tmp_path, caffe):
     assert (finding["iteration"], finding["kind"]) == (5, "zero")  # 1 - 5/5 = 0
     rates = caffe_rates(caffe, path, 8)
     assert rates[5] == 0 and np.isnan(rates[6:]).all() and (rates[:5] > 0).all()
-
-
-POLICIES = [
-    dict(lr_policy='"fixed"'),
-    dict(lr_policy='"step"', gamma=0.5, stepsize=3),
-    dict(lr_policy='"exp"', gamma=0.9),
-    dict(lr_policy='"inv"', gamma=0.1, power=0.75),
-    dict(lr_policy='"multistep"', gamma=0.1, stepvalue=[2, 5]),
-    dict(lr_policy='"poly"', power=2, max_iter=10),
-    dict(lr_policy='"sigmoid"', gamma=0.5, stepsize=4),
-]
-
-
-@pytest.mark.parametrize("fields", POLICIES, ids=lambda f: f["lr_policy"].strip('"'))
-def test_simulated_schedule_equals_solver_lr(tmp_path, caffe, monkeypatch, fields):
-    monkeypatch.chdir(tmp_path)
-    fields = dict(fields)
-    stepvalues = fields.pop("stepvalue", [])
-    text = "".join("stepvalue: %d\n" % v for v in stepvalues)
-    fields.setdefault("max_iter", 10)
-    path = solver_file(tmp_path, "solver.prototxt", base_lr=0.01, display=0, **fields)
-    path.write_text(path.read_text() + text)
-    from google.protobuf import text_format
-    message = text_format.Parse(path.read_text(), caffe.proto.caffe_pb2.SolverParameter())
-    np.testing.assert_allclose(learning_rates(message, 0, 10), caffe_rates(caffe, path, 10), rtol=1e-6)
 
 
 def test_exp_with_gamma_over_1_overflows_where_caffe_does(lint, tmp_path, caffe):

@@ -1,5 +1,6 @@
 """safe_layers.lr_policy (lint, the watch and diagnose share it) against the real SGDSolver's rate."""
 
+import numpy
 import pytest
 
 from safe_layers import lr_policy
@@ -34,10 +35,15 @@ def test_rate_is_caffes(caffe, write_solver, fields):
         path.write_text(path.read_text() + "".join("stepvalue: %d\n" % v for v in stepvalues))
     param = read_solver_param(str(path))
     solver = caffe.get_solver(str(path))
-    for iteration in range(8):
+    caffes = []
+    for iteration in range(10):
         assert solver.iter == iteration
-        assert lr_policy.rate(param, iteration) == pytest.approx(float(solver.lr), rel=1e-6)
+        caffes.append(float(solver.lr))
+        # The watch's per-iteration rate, against the rate Caffe reports at that iteration.
+        assert lr_policy.rate(param, iteration) == pytest.approx(caffes[-1], rel=1e-6, nan_ok=True)
         solver.step(1)
+    # Lint's simulation of the whole schedule (poly past max_iter 8: NaN, as Caffe).
+    numpy.testing.assert_allclose(lr_policy.rates(param, 0, 10), numpy.float32(caffes), rtol=1e-6)
 
 
 def test_explanations_name_the_policy_and_the_fields(caffe, write_solver):
