@@ -162,7 +162,25 @@ class Subject:
 
 # ---- one fault -------------------------------------------------------------------------------
 
-class FaultReport:
+class _Fields:
+    """A record of ``FIELDS``, built from keywords and equal to another of its class when
+    every field is (a NaN read back equals the NaN written)."""
+
+    FIELDS = ()
+
+    def __init__(self, **values):
+        for key in self.FIELDS:
+            setattr(self, key, values[key])
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(_same(getattr(self, k), getattr(other, k)) for k in self.FIELDS)
+
+    __hash__ = None
+
+
+class FaultReport(_Fields):
     """One fault: a blob with NaN/Inf, or values over ``max_abs``, seen by a layer.
 
     Attributes (plain Python values; :meth:`as_dict`):
@@ -308,11 +326,6 @@ class FaultReport:
                 raw[key] = float(raw[key])
         return cls(**raw)
 
-    def __eq__(self, other):
-        if not isinstance(other, FaultReport):
-            return NotImplemented
-        return all(_same(getattr(self, k), getattr(other, k)) for k in self.FIELDS)
-
     def __repr__(self):
         return "FaultReport(%s)" % self.line()
 
@@ -354,7 +367,7 @@ def inspect(array, max_abs=None, always=False, **context):
 _WHEN = r"iteration -?\d+ \(call \d+\)|call \d+"
 
 
-class FaultSummary:
+class FaultSummary(_Fields):
     """The running totals of one FaultLog, as its periodic and final summary lines say them."""
 
     FIELDS = ("subject", "count", "repaired", "nan", "posinf", "neginf", "over", "first_pass",
@@ -363,10 +376,6 @@ class FaultSummary:
                        r"\+inf=(?P<posinf>\d+) -inf=(?P<neginf>\d+) over=(?P<over>\d+) in total\); "
                        r"first at (?P<first_pass>\w+ \w+) (?P<first_when>%s), "
                        r"latest at (?P<latest_pass>\w+ \w+) (?P<latest_when>%s)$" % (_WHEN, _WHEN))
-
-    def __init__(self, **values):
-        for key in self.FIELDS:
-            setattr(self, key, values[key])
 
     def text(self):
         return ("%s: %d fault%s so far (%d repaired; nan=%d +inf=%d -inf=%d over=%d in total); "
@@ -385,12 +394,8 @@ class FaultSummary:
         return cls(subject=subject, first_pass=g["first_pass"], first_when=g["first_when"],
                    latest_pass=g["latest_pass"], latest_when=g["latest_when"], **ints)
 
-    def __eq__(self, other):
-        return isinstance(other, FaultSummary) and all(
-            getattr(self, k) == getattr(other, k) for k in self.FIELDS)
 
-
-class ClipStatistics:
+class ClipStatistics(_Fields):
     """How often a GradientClip clipped, and the norms over its last calls (its statistics line)."""
 
     FIELDS = ("subject", "calls", "recent_clipped", "window", "total_clipped", "norm_window",
@@ -399,10 +404,6 @@ class ClipStatistics:
                        r"(?P<window>\d+) calls \((?P<total_clipped>\d+) of \d+ in all\); L2 norm over "
                        r"the last (?P<norm_window>\d+) calls min=(?P<norm_min>\S+) "
                        r"median=(?P<norm_median>\S+) max=(?P<norm_max>\S+)$")
-
-    def __init__(self, **values):
-        for key in self.FIELDS:
-            setattr(self, key, values[key])
 
     def text(self):
         return ("%s: backward call %d: clipped %d of the last %d calls (%d of %d in all); "
@@ -420,21 +421,13 @@ class ClipStatistics:
         return cls(subject=subject, **{k: (float(v) if k.startswith("norm_m") else int(v))
                                         for k, v in g.items()})
 
-    def __eq__(self, other):
-        return isinstance(other, ClipStatistics) and all(
-            getattr(self, k) == getattr(other, k) for k in self.FIELDS)
 
-
-class RecordFailure:
+class RecordFailure(_Fields):
     """A flight record that could not be written: said once per layer, never raised."""
 
     FIELDS = ("subject", "directory", "action", "error")
     _BODY = re.compile(r"flight record not written to (?P<directory>'.*?'|\".*?\") \(reported once; "
                        r"the fault's action=(?P<action>\w+) goes ahead\): (?P<error>.*)$")
-
-    def __init__(self, **values):
-        for key in self.FIELDS:
-            setattr(self, key, values[key])
 
     def text(self):
         return ("%s: flight record not written to %r (reported once; the fault's action=%s goes "
@@ -447,10 +440,6 @@ class RecordFailure:
             return None
         return cls(subject=subject, directory=ast.literal_eval(m.group("directory")),
                    action=m.group("action"), error=m.group("error"))
-
-    def __eq__(self, other):
-        return isinstance(other, RecordFailure) and all(
-            getattr(self, k) == getattr(other, k) for k in self.FIELDS)
 
 
 # ---- reading lines back ------------------------------------------------------------------------
