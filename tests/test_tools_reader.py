@@ -117,3 +117,15 @@ def test_schemas_import_without_caffe():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['GradientClip', 'NaNGuard', 'SafeInfogainLoss', 'StableBatchNorm']"
+
+
+def test_a_broken_solver_is_worded_as_a_solver(tmp_path, caffe):
+    """Structure broken (an unclosed brace), kind unknown: the error comes from the message
+    type that parsed further, not from NetParameter's 'no field named base_lr'."""
+    path = tmp_path / "solver.prototxt"
+    path.write_text('net: "n.prototxt"\nbase_lr: 0.01\nlr_policy: "fixed"\nmomentum: 0.9\n'
+                    'max_iter: 10\nnet_param { name: "x" \n')
+    with pytest.raises(InputError) as caught:
+        prototxt.read_prototxt(path)
+    assert "base_lr" not in str(caught.value)
+    assert str(caught.value).endswith("solver.prototxt:6:19: Expected \"}\".")

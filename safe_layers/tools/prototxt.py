@@ -327,11 +327,26 @@ def read_prototxt(path, kind=None):
         root = index_text(text, path)
     except InputError:
         # Let protobuf word the error where it can (it knows the schema); ours otherwise.
-        parse_text(text, "NetParameter" if kind != "solver" else "SolverParameter", path)
+        # Kind unknown: the message type whose parse gets further is the one meant.
+        errors = []
+        for message_type in ((["NetParameter"] if kind != "solver" else []) +
+                             (["SolverParameter"] if kind != "net" else [])):
+            try:
+                parse_text(text, message_type, path)
+            except InputError as exc:
+                errors.append(exc)
+        if errors:
+            raise max(errors, key=_error_position)
         raise
     kind = kind or _kind_of(root)
     message = parse_text(text, "NetParameter" if kind == "net" else "SolverParameter", path)
     return Prototxt(path, text, kind, message, root)
+
+
+def _error_position(error):
+    """(line, column) of an InputError worded 'path:line:col: ...' ((0, 0) without)."""
+    match = re.search(r":(\d+):(\d+): ", str(error))
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 def read_net(path):
