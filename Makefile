@@ -24,6 +24,7 @@ bench: setup
 	$(PY) bench/bench_finite_sizes.py --plot bench/figures/finite_check_sizes.png
 	$(PY) bench/bench_stable_batch_norm.py
 	$(PY) bench/bench_infogain.py --rounds 21
+	$(PY) bench/bench_deferred.py
 
 # diagnose on a generated 1 GB log, scan on a 100k-record LMDB (a few minutes).
 bench-tools: setup

@@ -13,7 +13,13 @@ Steps, each with its own time limit, all run even when one fails:
    unguarded, NaNGuard abort, NaNGuard clamp, and clamp with ``solver_mode: GPU`` and
    no -gpu flag;
 4. ``bench``: bench/bench_nan_guard.py --gpu-only (fused check vs device bandwidth,
-   zero-copy vs host round trip, each layer vs the Caffe CUDA layer it replaces).
+   zero-copy vs host round trip, each layer vs the Caffe CUDA layer it replaces);
+5. ``bench-deferred``: bench/bench_deferred.py --gpu (a ResNet-50 training step with a
+   NaNGuard after every layer against the plain net, checks deferred and at once, with
+   the host reads of each).
+
+``GPU_CHECK_STEPS`` (comma-separated names from above) runs only those steps, for a
+machine that gives one command less time than all of them take.
 
 Writes OUTDIR/gpu-report.json and OUTDIR/BENCHMARKS-gpu.md; exit 0 only if every step
 passed and at least one GPU test ran.
@@ -36,7 +42,9 @@ DEMO = ROOT / "examples" / "pooling_nan"
 GUARD = re.compile(r'layer \{\n  name: "pool1_guard".*?\n\}\n', re.S)
 CAFFE = Path(sys.executable).parent / "caffe"
 # Seconds per step: the GPU machines give one command 10 minutes.
-LIMITS = {"gpu-tests": 150, "suite-gpu-mode": 240, "caffe-train": 60, "bench": 120, "cpu-smoke": 1200}
+LIMITS = {"gpu-tests": 150, "suite-gpu-mode": 240, "caffe-train": 60, "bench": 120,
+          "bench-deferred": 150, "cpu-smoke": 1200}
+STEPS = ("gpu-tests", "suite-gpu-mode", "caffe-train", "bench", "bench-deferred")
 
 
 def say(text):
@@ -132,18 +140,28 @@ def step_caffe_train():
             "seconds": round(time.perf_counter() - start, 1)}
 
 
-def step_bench(outdir):
-    path = outdir / "bench-gpu.json"
-    command = [sys.executable, str(ROOT / "bench" / "bench_nan_guard.py"), "--gpu-only", "--json", str(path)]
-    say("bench: " + " ".join(command[1:]))
+def step_bench(outdir, name="bench", script="bench_nan_guard.py", args=("--gpu-only",)):
+    path = outdir / ("%s-gpu.json" % name)
+    command = [sys.executable, str(ROOT / "bench" / script)] + list(args) + ["--json", str(path)]
+    say("%s: %s" % (name, " ".join(command[1:])))
     start = time.perf_counter()
     try:
-        status = subprocess.run(command, cwd=ROOT, timeout=LIMITS["bench"]).returncode
+        status = subprocess.run(command, cwd=ROOT, timeout=LIMITS[name]).returncode
     except subprocess.TimeoutExpired:
-        status = "timeout after %d s" % LIMITS["bench"]
+        status = "timeout after %d s" % LIMITS[name]
     figures = json.loads(path.read_text()) if path.exists() else {}
-    return {"name": "bench", "ok": status == 0 and bool(figures), "exit": status, "figures": figures,
+    return {"name": name, "ok": status == 0 and bool(figures), "exit": status, "figures": figures,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def selected_steps():
+    """The steps GPU_CHECK_STEPS names (all by default); an unknown name is an error."""
+    names = [n.strip() for n in os.environ.get("GPU_CHECK_STEPS", "").split(",") if n.strip()]
+    unknown = sorted(set(names) - set(STEPS))
+    if unknown:
+        raise SystemExit("gpu-check: GPU_CHECK_STEPS names %s; allowed: %s"
+                         % (", ".join(unknown), ", ".join(STEPS)))
+    return names or list(STEPS)
 
 
 def device_description():
@@ -159,14 +177,19 @@ def device_description():
 
 def benchmarks_markdown(report):
     device = report.get("device") or {}
-    figures = next((s.get("figures") for s in report["steps"] if s["name"] == "bench"), None) or {}
+    text = []
+    for name in ("bench", "bench-deferred"):
+        step = next((s for s in report["steps"] if s["name"] == name), None)
+        if step is not None:
+            text += (step.get("figures") or {}).get("text", ["(no figures: the %s step did not finish)"
+                                                             % name])
     lines = ["## GPU (ci/gpu-check)", "",
              "Machine: %s (sm %s, %s GiB), driver %s, CUDA runtime %s, CuPy %s; bundle commit %s; run of %s."
              % (device.get("name"), device.get("compute_capability"), device.get("memory_gib"),
                 device.get("driver"), device.get("runtime"), device.get("cupy"), report["bundle_commit"][:12],
                 report["date"]),
              "Reproduce: `make gpu-bundle` (a machine with registries), then `ci/gpu-check OUTDIR` on the GPU machine.",
-             "", "```"] + figures.get("text", ["(no figures: the bench step did not finish)"]) + ["```", ""]
+             "", "```"] + (text or ["(no bench step ran)"]) + ["```", ""]
     tests = [s for s in report["steps"] if "run" in s]
     lines += ["| step | run | passed | failed | skipped |", "|---|---|---|---|---|"]
     lines += ["| %s | %d | %d | %d | %d |" % (s["name"], s["run"], s["passed"], s["failed"], s["skipped"])
@@ -205,10 +228,16 @@ def main(argv=None):
             return 1
         say("device: %s" % json.dumps(report["device"]))
         gate = {"SAFE_LAYERS_REQUIRE_GPU": "1", "CI": "true"}
-        report["steps"].append(run_pytest("gpu-tests", outdir, ["-m", "gpu"], gate))
-        report["steps"].append(run_pytest("suite-gpu-mode", outdir, [], dict(gate, SAFE_LAYERS_TEST_MODE="gpu")))
-        report["steps"].append(step_caffe_train())
-        report["steps"].append(step_bench(outdir))
+        steps = {
+            "gpu-tests": lambda: run_pytest("gpu-tests", outdir, ["-m", "gpu"], gate),
+            "suite-gpu-mode": lambda: run_pytest("suite-gpu-mode", outdir, [],
+                                                 dict(gate, SAFE_LAYERS_TEST_MODE="gpu")),
+            "caffe-train": step_caffe_train,
+            "bench": lambda: step_bench(outdir),
+            "bench-deferred": lambda: step_bench(outdir, "bench-deferred", "bench_deferred.py", ("--gpu",)),
+        }
+        for name in selected_steps():
+            report["steps"].append(steps[name]())
     ok = all(step["ok"] for step in report["steps"])
     report["status"] = "pass" if ok else "fail"
     report["tests"] = {key: sum(step.get(key, 0) for step in report["steps"])

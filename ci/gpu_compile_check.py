@@ -11,7 +11,8 @@ float blob:
   input is not contiguous);
 * ``cub-pass1`` / ``cub-pass2``: the two kernels of CuPy's CUB block reduction (the
   default for a ReductionKernel on a contiguous input);
-* ``elementwise``: an ElementwiseKernel's one kernel.
+* ``elementwise``: an ElementwiseKernel's one kernel;
+* ``raw``: a RawModule of our own CUDA source, as CuPy's compiler cache gets it.
 
 The final source and options are caught where CuPy passes them to its compiler cache
 (``cupy.cuda.compiler._compile_module_with_cache``), then compiled with NVRTC for each
@@ -139,7 +140,16 @@ class Generator:
         """{path: (source, options)} for one declaration and input dtype."""
         if isinstance(spec, xp.Reduction):
             return self._reduction_sources(spec, dtype)
+        if isinstance(spec, xp.Raw):
+            return {"raw": self._raw_source(spec)}
         return {"elementwise": self._elementwise_source(spec, dtype)}
+
+    def _raw_source(self, spec):
+        # RawModule -> cupy._core.raw._get_raw_module: our source as it is, no CuPy headers.
+        return self._compile_call(lambda: self.core.compile_with_cache(
+            spec.code, spec.options, prepend_cupy_headers=False, backend="nvrtc",
+            translate_cucomplex=False, enable_cooperative_groups=False, name_expressions=None,
+            log_stream=None, jitify=False))
 
     def _reduction_sources(self, spec, dtype):
         k = self._kernel
@@ -180,17 +190,28 @@ class Generator:
         return out
 
     def _elementwise_source(self, spec, dtype):
+        # As ElementwiseKernel.__call__ builds it for contiguous 1-d arrays of ``dtype`` where
+        # a parameter's type is the placeholder, the outputs given, and the parameters named
+        # in spec.scalars passed as Python scalars.
         k = self._kernel
         kernel = xp.kernel(spec)
         in_params, out_params = kernel.in_params, kernel.out_params
-        in_types = tuple(dtype if p.dtype is None else None for p in in_params)
-        _, out_types, type_map = k._decide_params_type(in_params, out_params, in_types, ())
-        params = kernel.params
-        arginfos = tuple(self._arg(self.NDARRAY, 1, t) for t in in_types + out_types) + (
-            self._arg(self.INDEXER, 1),)
-        code = k._get_elementwise_kernel_code(arginfos, type_map, params, kernel.operation,
-                                              kernel.name, kernel.preamble)
-        return self._compile_call(self.core.compile_with_cache, code, kernel.options)
+
+        def arg_type(p):
+            if p.name in spec.scalars:
+                return None  # ElementwiseKernel.__call__: a scalar argument has no array type
+            return dtype if p.dtype is None else p.dtype.type
+        in_types, out_types, type_map = k._decide_params_type(
+            in_params, out_params, tuple(arg_type(p) for p in in_params),
+            tuple(arg_type(p) for p in out_params))
+        arginfos = tuple(self._arg(self.SCALAR, 0, t) if p.name in spec.scalars
+                         else self._arg(self.NDARRAY, 1, t)
+                         for p, t in zip(in_params + out_params, in_types + out_types))
+        arginfos += (self._arg(self.INDEXER, 1),)
+        code = k._get_elementwise_kernel_code(arginfos, type_map, kernel.params, kernel.operation,
+                                              kernel.name, kernel.preamble, **kernel.kwargs)
+        return self._compile_call(self.core.compile_with_cache, code,
+                                  tuple(kernel.kwargs.get("options", ())))
 
 
 class NVRTC:
@@ -236,8 +257,14 @@ def undeclared_kernels():
 
 
 def dtypes_of(spec):
-    ctype = spec.in_ctype if isinstance(spec, xp.Reduction) else spec.in_params.split()[0]
-    return PLACEHOLDER_DTYPES if len(ctype) == 1 else (numpy.dtype(ctype).type,)
+    """The input dtypes a declaration is checked for (a RawModule: its own source, once)."""
+    if isinstance(spec, xp.Raw):
+        return (None,)
+    if isinstance(spec, xp.Reduction):
+        ctype = spec.in_ctype
+        return PLACEHOLDER_DTYPES if len(ctype) == 1 else (numpy.dtype(ctype).type,)
+    types = [param.split()[-2] for param in (spec.in_params + "," + spec.out_params).split(",")]
+    return PLACEHOLDER_DTYPES if any(len(t) == 1 for t in types) else (numpy.float64,)
 
 
 def check(specs, archs, out=sys.stdout):
@@ -252,8 +279,9 @@ def check(specs, archs, out=sys.stdout):
                     ok, detail = compiler.compile(spec.name, source, options, arch)
                     lines += 1
                     failures += not ok
-                    print("%-30s %-8s %-10s sm_%s  %s  %s (%.1f s)"
-                          % (spec.name, numpy.dtype(dtype).name, path, arch, "ok  " if ok else "FAIL",
+                    print("%-34s %-8s %-11s sm_%s  %s  %s (%.1f s)"
+                          % (spec.name, numpy.dtype(dtype).name if dtype else "-", path, arch,
+                             "ok  " if ok else "FAIL",
                              detail, time.perf_counter() - start), file=out, flush=True)
     return lines, failures
 

@@ -25,6 +25,13 @@ So on first use the pool is bounded (``SAFE_LAYERS_GPU_POOL_MB``, default a tent
 the card), unless the process already set a limit.
 
 Layers call :func:`data` and :func:`diff` and never touch ``.data``/``.diff`` directly.
+
+Checks at once or deferred (``safe_layers.deferred``): :func:`deferred_checks` says which
+way a layer checks an array. Automatic (the default): deferred for device arrays (one
+host read per pass instead of one per check), at once for NumPy arrays (on the host a
+read costs nothing, and an abort stops at the layer that saw the fault).
+:func:`set_checks` or ``SAFE_LAYERS_CHECKS`` (``immediate`` / ``deferred`` / ``auto``)
+force one way, for tests and benchmarks.
 """
 
 import functools
@@ -37,7 +44,9 @@ import numpy
 from safe_layers import host
 
 _MODES = ("cpu", "gpu")
+_CHECKS = ("auto", "immediate", "deferred")
 _explicit_mode = None
+_explicit_checks = None
 _warned_host_fallback = False
 _pool_bounded = False
 #: The share of the card's memory CuPy's pool may hold when SAFE_LAYERS_GPU_POOL_MB is unset.
@@ -142,6 +151,35 @@ def mode():
             raise ValueError("SAFE_LAYERS_MODE=%r; allowed: cpu, gpu" % env)
         return env
     return _caffe_cli_mode() or "cpu"
+
+
+def set_checks(policy):
+    """How layers check arrays: 'immediate', 'deferred', or 'auto' / None (deferred for
+    device arrays, at once for host arrays; SAFE_LAYERS_CHECKS when set)."""
+    global _explicit_checks
+    if policy is not None and policy not in _CHECKS:
+        raise ValueError("checks %r; allowed: %s" % (policy, ", ".join(_CHECKS)))
+    _explicit_checks = policy
+
+
+def checks():
+    """The policy in force: 'auto', 'immediate' or 'deferred' (:func:`set_checks`, else the
+    environment variable SAFE_LAYERS_CHECKS, else 'auto')."""
+    if _explicit_checks is not None:
+        return _explicit_checks
+    env = os.environ.get("SAFE_LAYERS_CHECKS", "").strip().lower()
+    if env and env not in _CHECKS:
+        raise ValueError("SAFE_LAYERS_CHECKS=%r; allowed: %s" % (env, ", ".join(_CHECKS)))
+    return env or "auto"
+
+
+def deferred_checks(array):
+    """Whether a layer's checks of ``array`` are deferred (read once per pass, see
+    ``safe_layers.deferred``) rather than answered at once."""
+    policy = checks()
+    if policy == "auto":
+        return not isinstance(array, numpy.ndarray)
+    return policy == "deferred"
 
 
 def _bound_memory_pool(cupy):

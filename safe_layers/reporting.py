@@ -74,9 +74,9 @@ import zlib
 
 import numpy
 
-from safe_layers import context, host
+from safe_layers import context, deferred, host
 from safe_layers.kernels import finite
-from safe_layers.kernels.xp import to_numpy
+from safe_layers.kernels.xp import array_module, to_numpy
 
 PHASES = {0: "TRAIN", 1: "TEST"}
 
@@ -349,17 +349,63 @@ def inspect(array, max_abs=None, always=False, **context):
     ``context`` supplies the FaultReport fields that describe where the array came from
     (layer_type, layer, follows, phase, pass_, call, iteration, blob, blob_index, action).
     The statistics are rounded to float32 like the data, so a report reads back from its
-    line exactly.
+    line exactly. One host read (a row of ``finite.fault_stats``).
     """
-    counts = finite.count_faults(array, max_abs)
+    row = finite.fault_stats(array, finite.empty_rows(array_module(array), 1)[0], max_abs,
+                             always=True)
+    return report_from_row(to_numpy(row), tuple(array.shape), max_abs, always, **context)
+
+
+def report_from_row(row, shape, max_abs=None, always=False, **context):
+    """The FaultReport a host row of ``finite.fault_stats`` describes (for an array of
+    ``shape``), or None when nothing is at fault (unless ``always``). ``context``: as for
+    :func:`inspect`."""
+    counts = {"nan": int(row[finite.NAN]), "posinf": int(row[finite.POSINF]),
+              "neginf": int(row[finite.NEGINF]), "over": int(row[finite.OVER])}
     if not any(counts.values()) and not always:
         return None  # the fast check's overflowing-sum false alarm
-    first_index, first_value = finite.first_fault(array, max_abs)
-    fmin, fmax, fmean = finite.finite_stats(array)
-    return FaultReport(shape=tuple(int(d) for d in array.shape), max_abs=max_abs,
+    first_index = first_value = None
+    if row[finite.FIRST] >= 0:
+        first_index = tuple(int(i) for i in numpy.unravel_index(int(row[finite.FIRST]), shape))
+        first_value = float(row[finite.FIRST_VALUE])
+    fmin = fmax = fmean = None
+    if row[finite.FINITE]:
+        fmin, fmax = float(row[finite.FINITE_MIN]), float(row[finite.FINITE_MAX])
+        fmean = float(row[finite.SUM_ABS] / row[finite.FINITE])
+    return FaultReport(shape=tuple(int(d) for d in shape), max_abs=max_abs,
                        first_index=first_index, first_value=as_float32(first_value),
                        finite_min=as_float32(fmin), finite_max=as_float32(fmax),
                        finite_mean_abs=as_float32(fmean), **counts, **context)
+
+
+class PendingFault:
+    """A deferred check's entry on its board (``safe_layers.deferred``): when the board is
+    read, its row becomes the FaultReport the check at once would have made, handled by
+    the layer's log (printed, counted, escalated, raised for abort). ``detail(row)``, if
+    given, says what the counts do not (and makes a row with zero counts a fault when it
+    returns text); ``skip(row)``, if given and true, drops the row (a fault another
+    report has explained)."""
+
+    def __init__(self, log, shape, max_abs, context, detail=None, skip=None):
+        self.log = log
+        self.shape = shape
+        self.max_abs = max_abs
+        self.context = context
+        self.detail = detail
+        self.skip = skip
+
+    def resolve(self, row):
+        if self.skip is not None and self.skip(row):
+            return None
+        detail = self.detail(row) if self.detail is not None else None
+        report = report_from_row(row, self.shape, self.max_abs, always=detail is not None,
+                                 **self.context)
+        if report is None:
+            return None
+        if detail is not None:
+            report.detail = detail
+        self.log.handle(report)  # raises for abort
+        return report
 
 
 # ---- the other line kinds --------------------------------------------------------------------
@@ -585,6 +631,8 @@ class FaultLog:
         self.stream = stream
         self.recorder = None
         self.net = None  # the number of the net this layer was built in (LiveLayers.register)
+        self.board = deferred.Board()  # its net's board once registered (for_layer)
+        self._calls = None  # (board, {pass kind: its call context}), made once
         self._final_hooks = []
         self._lock = threading.Lock()
         self.clear()
@@ -617,6 +665,7 @@ class FaultLog:
         log = cls(layer_type, name, params.follows, phase, full=params.log_first, every=every,
                   iter_size=params.iter_size, escalate_after=getattr(params, "escalate_after", 0))
         LIVE.register(owner, log)
+        log.board = deferred.BOARDS.for_net(log.net)
         return log
 
     def on_final(self, hook):
@@ -640,6 +689,29 @@ class FaultLog:
         if fast if fast is not None else finite.all_finite(array, max_abs):
             return None
         return inspect(array, max_abs, **self.context(pass_, call, action, blob_index, blob))
+
+    def running(self, kind):
+        """Around the layer's forward (``kind`` 'forward') or backward: its net's board
+        follows the passes and reads its deferred checks where a pass ends
+        (``safe_layers.deferred``); a read may raise an earlier layer's abort."""
+        calls = self._calls
+        if calls is None or calls[0] is not self.board:
+            calls = self._calls = (self.board, {k: self.board.call(self, k) for k in deferred.PASSES})
+        return calls[1][kind]
+
+    def defer(self, array, pass_, call, action, blob_index=0, max_abs=None, blob="bottom",
+              always=False, detail=None, skip=None):
+        """The check of :meth:`check`, deferred: the fault statistics of ``array`` go into
+        a row of the board on the array's device, no host read; the report (if any) is
+        made and handled when the board is read. Returns the row, for repairs that depend
+        on it (``finite.clamp_flagged_``) and for the layer's own columns (from
+        ``finite.EXTRA``). ``detail`` / ``skip``: see PendingFault; with ``always`` or a
+        ``detail`` the statistics of a clean array are kept too."""
+        LIVE.mark_running()
+        entry = PendingFault(self, tuple(array.shape), max_abs,
+                             self.context(pass_, call, action, blob_index, blob), detail, skip)
+        row = self.board.add(entry, self, pass_.split()[0], array)
+        return finite.fault_stats(array, row, max_abs, always=always or detail is not None)
 
     def context(self, pass_, call, action, blob_index=0, blob="bottom"):
         """The FaultReport fields that say where and when (for :func:`inspect`)."""
@@ -911,6 +983,7 @@ def _final_summary_quietly(log):
 
 
 def _final_summaries():
+    deferred.BOARDS.read_all()  # deferred checks not read yet (a pass cut short at exit)
     for _, log in LIVE.entries():
         _final_summary_quietly(log)
 

@@ -16,7 +16,7 @@ import numpy
 from safe_layers import backend
 from safe_layers.anomaly.report import BlobFault, ProducerFault
 from safe_layers.kernels import finite
-from safe_layers.kernels.xp import array_module, to_numpy
+from safe_layers.kernels.xp import array_module, host_scalar, to_numpy
 
 
 def accessors():
@@ -105,7 +105,7 @@ class NetProbe:
         for j, weight in self.loss_tops[i]:
             # Layer::Forward: loss += dot(top data, loss weights), in the net's float.
             data = self.data(self.blobs[j])
-            self.loss = numpy.float32(self.loss + numpy.float32(float(data.sum()) * weight))
+            self.loss = numpy.float32(self.loss + numpy.float32(host_scalar(data.sum()) * weight))
         if i == self.last:
             self.pass_losses.append(self.loss)
         if not self.check_layers:

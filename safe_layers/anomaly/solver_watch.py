@@ -36,6 +36,7 @@ from safe_layers.anomaly.probe import NetProbe, accessors, blob_fault, blob_ok
 from safe_layers.anomaly import report
 from safe_layers.anomaly.report import Event, SolverFault
 from safe_layers.kernels import clip as clip_kernels
+from safe_layers.kernels.xp import host_scalar
 from safe_layers.params import Field
 
 ON_NONFINITE = ("stop", "skip", "warn")
@@ -143,10 +144,10 @@ def _sumsq(array):
     if flat.size == 0:
         return 0.0
     with numpy.errstate(over="ignore", invalid="ignore"):
-        total = float(flat.dot(flat))
+        total = host_scalar(flat.dot(flat))
         if not math.isfinite(total):
             wide = flat.astype("float64")
-            total = float(wide.dot(wide))
+            total = host_scalar(wide.dot(wide))
     return total
 
 
@@ -304,6 +305,11 @@ class Watch:
                     self.probes.append(probe)
                     self._hook(test_net, probe, backward=False)
             solver.add_callback(self._on_start, self._on_gradients_ready)
+            # The deferred checks of the training net's layers are read here, once per
+            # iteration (safe_layers.deferred), not at the ends of its passes.
+            self.boards = _boards(self.net)
+            for board in self.boards:
+                board.reader = self
             self.checkpoints = (_Checkpoints(solver, solver_param, o.checkpoint_every, self.started,
                                              o.keep_checkpoints)
                                 if o.rollback_after else None)
@@ -313,6 +319,17 @@ class Watch:
             self.base_lr = float(solver.param.base_lr)
         else:
             self.checkpoints = None
+            self.boards = []
+        self.guard_reports = []  # what the last read of the boards found, in execution order
+
+    def _read_boards(self):
+        """Read the training net's deferred checks (one host read per board that has any):
+        their reports are printed by their layers, an abort raises from here, before the
+        update; returns the reports, the first flagged layer in execution order first."""
+        found = []
+        for board in self.boards:
+            found.extend(board.read())
+        return found
 
     def _iter_size(self):
         return int(self.param.iter_size) if self.param is not None else 1
@@ -345,6 +362,7 @@ class Watch:
         if self.closed:
             return
         context.activate(self)
+        self._read_boards()  # left by a net.forward() of the caller's between steps
         iteration = self.iteration()
         if self._pending_update:
             self._check_weights(iteration - 1)
@@ -363,6 +381,7 @@ class Watch:
     def _on_gradients_ready(self):
         if self.closed:
             return
+        self.guard_reports = self._read_boards()
         iteration = self.iteration()
         probe = self.probes[0]
         losses = probe.pass_losses or [numpy.float32("nan")]
@@ -433,6 +452,9 @@ class Watch:
         if producer is not None:
             message += "; first produced by %s %s in %s" % (producer.layer_type, producer.layer,
                                                            producer.pass_)
+        elif self.guard_reports:
+            first = self.guard_reports[0]
+            message += "; first flagged by %s in %s" % (first.where, first.pass_)
         kind = "gradients" if bad_params else "loss"
         o = self.options
         details = {"loss": self.loss, "lr": self.lr}
@@ -706,6 +728,8 @@ class Watch:
             return
         self.closed = True
         context.deactivate(self)
+        for board in self.boards:
+            board.reader = None
         if self.solver is not None:
             del self.solver.step
             del self.solver.solve
@@ -721,6 +745,16 @@ class Watch:
                                    len(self.skipped), self.rollbacks,
                                    self.checkpoints.count if self.checkpoints else 0,
                                    self.counts["clip"])
+
+
+def _boards(net):
+    """The deferred-check boards (safe_layers.deferred) of the layers of ``net``."""
+    boards = []
+    for layer in net.layers:
+        board = getattr(getattr(layer, "fault_log", None), "board", None)
+        if board is not None and all(board is not b for b in boards):
+            boards.append(board)
+    return boards
 
 
 def _num(value):

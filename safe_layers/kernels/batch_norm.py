@@ -19,7 +19,8 @@ TOLERANCE (2^-20 of the standard deviation) the pass that would apply it is left
 
 import numpy
 
-from safe_layers.kernels.xp import array_module
+from safe_layers.kernels import xp as _xp
+from safe_layers.kernels.xp import array_module, host_scalar
 
 # The largest float32: statistics beyond it would be stored as Inf for good.
 FLOAT32_MAX = 3.4028234663852886e+38
@@ -63,6 +64,23 @@ def channel_dot(a3, b3):
     return xp.einsum("ncs,ncs->nc", a3, b3).astype(xp.float64).sum(axis=0)
 
 
+# Per-channel sum of squares with double products: no float32 square can overflow. CuPy's
+# einsum has no float64 accumulator for float32 input (NumPy's: einsum(..., dtype=float64)).
+SUM_SQUARES_WIDE = _xp.declare(_xp.Reduction(
+    name="safe_layers_sum_squares_wide", in_ctype="T", out_ctype="float64",
+    map_expr="(double)in0 * (double)in0", reduce_expr="a + b", post_map_expr="out0 = a",
+    identity="0", reduce_type="double"))
+
+
+def channel_sum_squares_wide(a3):
+    """Per-channel sum of ``a3 * a3`` ((N, C, S) float32) with float64 products and sums:
+    finite for any finite input, at the cost of float64 arithmetic."""
+    xp = array_module(a3)
+    if xp is numpy:
+        return numpy.einsum("ncs,ncs->c", a3, a3, dtype=numpy.float64)
+    return _xp.kernel(SUM_SQUARES_WIDE)(a3, axis=(0, 2))
+
+
 def channel_sums(x):
     """Per-channel sums of ``x`` (N, C, ...), float64. Finite exactly when every element is
     (NaN and Inf survive a sum; +Inf with -Inf gives NaN), except when finite values
@@ -86,7 +104,7 @@ def _negligible(v):
     return array_module(v) is numpy and float(numpy.abs(v).max()) < TOLERANCE
 
 
-def normalize_batch(x, eps, centered, out, sums=None):
+def normalize_batch(x, eps, centered, out, sums=None, wide_squares=False):
     """Normalize ``x`` (N, C, ...) with its own per-channel statistics: y = (x - mean) /
     sqrt(var + eps) into ``out`` (may be x). ``sums``: :func:`channel_sums` of x if the
     caller has them. Writes x - mean + offset into ``centered`` (a float32 buffer shaped like
@@ -94,7 +112,10 @@ def normalize_batch(x, eps, centered, out, sums=None):
     per channel; offset is 0 except where offset * inv_std is below TOLERANCE (then y carries
     it too, and a pass over the blob is saved).
 
-    Shifted two-pass moments (module docstring): four or five passes, all float32.
+    Shifted two-pass moments (module docstring): four or five passes, all float32. With
+    ``wide_squares`` the squares are summed with float64 products
+    (:func:`channel_sum_squares_wide`), so that a finite batch never needs
+    :func:`normalize_batch_wide` (a decision only the host could make).
     """
     xp = array_module(x)
     x3, d3, y3 = as_channels(x), as_channels(centered), as_channels(out)
@@ -104,7 +125,8 @@ def normalize_batch(x, eps, centered, out, sums=None):
     xp.subtract(x3, shift[None, :, None], out=d3)  # d = x - k, exact where k ~ x
     delta = channel_sum(d3) / count  # mean = k + delta
     with numpy.errstate(over="ignore"):  # |d| > 1.8e19: Inf, caught by the caller (wide path)
-        var = xp.maximum(channel_dot(d3, d3) / count - delta * delta, 0.0)
+        squares = channel_sum_squares_wide(d3) if wide_squares else channel_dot(d3, d3)
+        var = xp.maximum(squares / count - delta * delta, 0.0)
     inv_std = 1.0 / xp.sqrt(var + eps)
     offset = delta
     if not _negligible(delta * inv_std):
@@ -171,8 +193,9 @@ def update_running_stats(acc_mean, acc_var, scale_factor, mean, var, count, frac
     correction = count / (count - 1.0) if count > 1 else 1.0
     new_mean = acc_mean.astype(xp.float64) * fraction + mean
     new_var = acc_var.astype(xp.float64) * fraction + correction * var
-    # One host read for the decision (on GPU: one synchronisation per training forward).
-    if bool((xp.abs(new_mean) <= FLOAT32_MAX).all() & (xp.abs(new_var) <= FLOAT32_MAX).all()):
+    # One host read for the decision (on GPU: one synchronisation per training forward;
+    # update_running_stats_where decides on the device instead).
+    if host_scalar((xp.abs(new_mean) <= FLOAT32_MAX).all() & (xp.abs(new_var) <= FLOAT32_MAX).all()):
         acc_mean[...] = new_mean
         acc_var[...] = new_var
         scale_factor *= fraction
@@ -180,10 +203,37 @@ def update_running_stats(acc_mean, acc_var, scale_factor, mean, var, count, frac
         return None
     for name, values in (("mean", new_mean), ("variance", new_var)):
         bad = ~(xp.abs(values) <= FLOAT32_MAX)
-        if bool(bad.any()):
-            channel = int(xp.argmax(bad))
-            return name, channel, float(values[channel])
+        if host_scalar(bad.any()):
+            channel = int(host_scalar(xp.argmax(bad)))
+            return name, channel, host_scalar(values[channel])
     return None  # unreachable: the check above failed for one of the two
+
+
+#: update_running_stats_where's facts: [kept out (1) or stored (0), 0 mean / 1 variance,
+#: channel, value] of the first statistic float32 cannot hold.
+OVERFLOW_NAMES = ("mean", "variance")
+
+
+def update_running_stats_where(acc_mean, acc_var, scale_factor, mean, var, count, fraction,
+                               accept):
+    """:func:`update_running_stats` decided on the device: the statistics are updated
+    where ``accept`` (a 0-d bool array: the batch is finite) and float32 holds every new
+    value, else left as they were. Returns the facts of a finite batch kept out for
+    overflow, as a float64 array of 4 (see OVERFLOW_NAMES), without a host read."""
+    xp = array_module(acc_mean)
+    correction = count / (count - 1.0) if count > 1 else 1.0
+    both = xp.stack([acc_mean.astype(xp.float64) * fraction + mean,
+                     acc_var.astype(xp.float64) * fraction + correction * var])
+    bad = ~(xp.abs(both) <= FLOAT32_MAX)
+    first = xp.argmax(bad.reshape(-1))
+    fits = ~xp.take(bad.reshape(-1), first)  # take: indexing by a 0-d array is a host read in NumPy
+    store = accept & fits
+    xp.copyto(acc_mean, both[0], where=store, casting="same_kind")
+    xp.copyto(acc_var, both[1], where=store, casting="same_kind")
+    xp.copyto(scale_factor, scale_factor * fraction + 1.0, where=store, casting="same_kind")
+    channels = acc_mean.shape[0]
+    return xp.stack([(accept & ~fits).astype(xp.float64), (first // channels).astype(xp.float64),
+                     (first % channels).astype(xp.float64), xp.take(both.reshape(-1), first)])
 
 
 def running_stats(acc_mean, acc_var, scale_factor):
@@ -195,9 +245,10 @@ def running_stats(acc_mean, acc_var, scale_factor):
     divisor = xp.where(s != 0, s, 1.0)  # s == 0 is rejected below; no 0/0 on the way
     mean = acc_mean.astype(xp.float64) / divisor
     var = acc_var.astype(xp.float64) / divisor
-    # One host read for the whole decision (on GPU: one synchronisation per forward).
+    # One host read for the whole decision (on GPU: one synchronisation per forward): it
+    # decides what runs (the stored statistics, or the batch's own).
     usable = (s != 0) & xp.isfinite(s) & xp.isfinite(mean).all() & xp.isfinite(var).all()
-    if not bool(usable):
+    if not host_scalar(usable):
         return None
     return mean, xp.maximum(var, 0.0)
 

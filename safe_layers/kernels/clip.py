@@ -34,7 +34,7 @@ def l2_norms(g, per_sample=False, finite_only=False):
     xp = array_module(g)
     rows = g.reshape(g.shape[0] if (per_sample and g.ndim) else 1, -1).astype(xp.float64)
     if finite_only:
-        rows[~xp.isfinite(rows)] = 0.0
+        rows = xp.where(xp.isfinite(rows), rows, 0.0)  # a masked assignment would read on the host
     norms = xp.sqrt(xp.einsum("ij,ij->i", rows, rows))
     return norms if per_sample else norms.reshape(())
 

@@ -1,13 +1,25 @@
-"""The array module of an array, and the one factory of the package's CUDA kernels.
+"""The array module of an array, the one way a device value reaches the host, and the one
+factory of the package's CUDA kernels.
 
-Kernels are declared once, as data (:class:`Reduction`, :class:`Elementwise`), at import
-time of the module that uses them; the CuPy kernel object is made on first use and
-memoized (CuPy itself compiles it once per device and dtype). Declaring them as data
-also lets ``ci/gpu_compile_check.py`` compile every one of them with NVRTC on a machine
-without a GPU (:data:`KERNELS` lists them).
+Host reads. On a GPU, turning a device value into a host value (``float(x)``,
+``bool(x)``, ``int(x)``, ``x.get()``) waits for every kernel queued before it: the
+stream drains. Every such read in safe_layers goes through :func:`to_numpy` (or
+:func:`host_scalar`, built on it), which counts it in :data:`HOST_READS`, on NumPy too:
+the count is what the same code would cost on a GPU, so tests prove on a CPU how many
+synchronisations an iteration makes. Code that runs only for NumPy arrays (the NumPy twin
+of a device kernel) may look at its own host data freely; it never runs on a GPU.
+
+Kernels are declared once, as data (:class:`Reduction`, :class:`Elementwise`,
+:class:`Raw`), at import time of the module that uses them; the CuPy kernel object is
+made on first use and memoized (CuPy itself compiles it once per device and dtype).
+Declaring them as data also lets ``ci/gpu_compile_check.py`` compile every one of them
+with NVRTC on a machine without a GPU (:data:`KERNELS` lists them).
 """
 
+import collections
+import contextlib
 import functools
+import sys
 from typing import NamedTuple
 
 import numpy
@@ -22,11 +34,63 @@ def array_module(x):
     return cupy.get_array_module(x)
 
 
+class HostReads:
+    """How many values were read on the host through :func:`to_numpy` (on a GPU, each one
+    a synchronisation of the stream). ``sites`` counts them by caller while
+    :meth:`recording` is active (for a test's failure message)."""
+
+    def __init__(self):
+        self.count = 0
+        self.sites = collections.Counter()
+        self._recording = 0
+
+    def add(self):
+        self.count += 1
+        if self._recording:
+            frame = sys._getframe(2)
+            while frame is not None and frame.f_code.co_filename == __file__:
+                frame = frame.f_back  # host_scalar -> to_numpy: name the caller of either
+            if frame is not None:
+                self.sites["%s:%d %s" % (frame.f_code.co_filename.rsplit("/", 2)[-1],
+                                         frame.f_lineno, frame.f_code.co_name)] += 1
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Count the reads inside the block; yields a Counter-like snapshot object whose
+        ``count`` and ``sites`` are those of the block once it ends."""
+        start, sites = self.count, collections.Counter(self.sites)
+        self._recording += 1
+        block = _Block()
+        try:
+            yield block
+        finally:
+            self._recording -= 1
+            block.count = self.count - start
+            block.sites = self.sites - sites
+
+
+class _Block:
+    count = 0
+    sites = collections.Counter()
+
+
+#: Every host read of the process (see the module docstring).
+HOST_READS = HostReads()
+
+
 def to_numpy(x):
-    """``x`` as a NumPy array: itself on the host, a copy from the device otherwise."""
-    if isinstance(x, numpy.ndarray):
+    """``x`` as a NumPy array (or NumPy scalar): itself on the host, a copy from the device
+    otherwise. Counted in :data:`HOST_READS` either way (see the module docstring)."""
+    HOST_READS.add()
+    if isinstance(x, (numpy.ndarray, numpy.generic, bool, int, float)):
         return x
     return x.get()
+
+
+def host_scalar(x):
+    """The one value of ``x`` (a 0-d or one-element array) as a Python scalar: one host read."""
+    value = to_numpy(x)
+    return value.item() if isinstance(value, (numpy.ndarray, numpy.generic)) else value
 
 
 class Reduction(NamedTuple):
@@ -66,13 +130,26 @@ class Reduction(NamedTuple):
 
 
 class Elementwise(NamedTuple):
-    """A ``cupy.ElementwiseKernel``."""
+    """A ``cupy.ElementwiseKernel``. ``scalars`` names the parameters passed as Python
+    scalars (the compile check must know, since a typed parameter may be either)."""
 
     name: str
     in_params: str
     out_params: str
     operation: str
     preamble: str = ""
+    scalars: tuple = ()
+
+
+class Raw(NamedTuple):
+    """A ``cupy.RawModule`` of our own CUDA source, for what CuPy's generated kernels cannot
+    do in one pass; ``functions`` are its ``extern "C"`` kernels (``kernel(spec)`` returns
+    the module: ``.get_function(name)``)."""
+
+    name: str
+    code: str
+    functions: tuple
+    options: tuple = ("--std=c++17",)
 
 
 _C_TYPES = {"bool": "bool", "int8": "signed char", "uint8": "unsigned char", "int32": "int",
@@ -108,5 +185,7 @@ def kernel(spec):
             spec.in_params, spec.out_params, spec.map_expr, spec.reduce_expr,
             spec.post_map_expr, spec.identity, spec.name, reduce_type=spec.reduce_type,
             preamble=spec.full_preamble())
+    if isinstance(spec, Raw):
+        return cupy.RawModule(code=spec.code, options=spec.options)
     return cupy.ElementwiseKernel(spec.in_params, spec.out_params, spec.operation, spec.name,
                                   preamble=spec.preamble)

@@ -13,13 +13,14 @@ loss layer that explodes, without touching the rest of the net.
 """
 
 import collections
+import contextlib
 
 import caffe
 import numpy
 
 from safe_layers import backend, reporting, schemas
-from safe_layers.kernels import clip
-from safe_layers.kernels.xp import array_module
+from safe_layers.kernels import clip, finite
+from safe_layers.kernels.xp import array_module, to_numpy
 
 
 SCHEMA = schemas.GRADIENT_CLIP
@@ -51,6 +52,10 @@ class GradientClip(caffe.Layer):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
+        with self.fault_log.running("backward"):
+            self._backward(top, bottom)
+
+    def _backward(self, top, bottom):
         p = self.params
         self.backward_calls += 1
         grad = backend.diff(bottom[0])
@@ -58,26 +63,33 @@ class GradientClip(caffe.Layer):
             grad[...] = backend.diff(top[0])
         if grad.size == 0:
             return
-        report = self.fault_log.check(grad, "backward diff", self.backward_calls, p.nonfinite)
-        keep = False
-        if report is not None:
-            taken = self.fault_log.handle(report)  # raises for nonfinite: error
-            if taken == "zero":
-                clip.zero_nonfinite_(grad)
-            keep = taken == "keep"
-        xp = array_module(grad)
-        if p.mode == "value":
-            norm = clip.l2_norms(grad, finite_only=keep)
-            if keep:
-                clipped = clip.clip_finite_by_value_(grad, p.clip)
-            else:
-                clipped = xp.abs(grad).max() > p.clip
-                clip.clip_by_value_(grad, p.clip)
-            self.stats.add(norm, clipped)
+        # keep: non-finite elements stay and are left out of the norm. Decided by the
+        # parameter, not by the check: on a finite gradient both ways give the same norm.
+        keep = p.nonfinite == "keep"
+        deferred = backend.deferred_checks(grad)
+        if deferred:
+            row = self.fault_log.defer(grad, "backward diff", self.backward_calls, p.nonfinite)
+            if p.nonfinite == "zero":
+                finite.clamp_flagged_(grad, row, 0.0, 0.0)  # NaN and +-Inf -> 0 where flagged
         else:
-            norms = clip.clip_by_norm_(grad, p.max_norm, p.per_sample, finite_only=keep)
-            largest = norms.max()
-            self.stats.add(largest, largest > p.max_norm)
+            report = self.fault_log.check(grad, "backward diff", self.backward_calls, p.nonfinite)
+            if report is not None and self.fault_log.handle(report) == "zero":  # raises for error
+                clip.zero_nonfinite_(grad)
+        xp = array_module(grad)
+        # Deferred, a gradient that will abort (nonfinite: error) reaches the clipping.
+        with numpy.errstate(invalid="ignore") if deferred else contextlib.nullcontext():
+            if p.mode == "value":
+                norm = clip.l2_norms(grad, finite_only=keep)
+                if keep:
+                    clipped = clip.clip_finite_by_value_(grad, p.clip)
+                else:
+                    clipped = xp.abs(grad).max() > p.clip
+                    clip.clip_by_value_(grad, p.clip)
+                self.stats.add(norm, clipped)
+            else:
+                norms = clip.clip_by_norm_(grad, p.max_norm, p.per_sample, finite_only=keep)
+                largest = norms.max()
+                self.stats.add(largest, largest > p.max_norm)
 
 
 class ClipStats:
@@ -107,24 +119,40 @@ class ClipStats:
         if self.every and self.calls % self.every == 0:
             self.fault_log.note(self.summary())
 
+    def _read(self, *groups):
+        """The values of each group (a list of 0-d arrays), in one host read."""
+        values = [v for group in groups for v in group]
+        if not values:
+            return [numpy.zeros(0) for _ in groups]
+        xp = array_module(values[0])
+        host = to_numpy(xp.stack([xp.asarray(v, dtype=xp.float64) for v in values]))
+        out, start = [], 0
+        for group in groups:
+            out.append(host[start:start + len(group)])
+            start += len(group)
+        return out
+
     def clipped_total(self):
-        self._clipped_read += sum(bool(f) for f in self._unread_flags)
+        self._clipped_read += int(numpy.count_nonzero(self._read(self._unread_flags)[0]))
         self._unread_flags = []
         return self._clipped_read
 
     def norm_stats(self):
         """(min, median, max) of the norms seen over the last ``history`` calls."""
-        values = numpy.array([float(n) for n in self.norms])
+        values = self._read(list(self.norms))[0]
         return float(values.min()), float(numpy.median(values)), float(values.max())
 
     def statistics(self):
-        """The :class:`reporting.ClipStatistics` of the calls so far."""
-        low, mid, high = self.norm_stats()
+        """The :class:`reporting.ClipStatistics` of the calls so far (one host read)."""
+        norms, flags, unread = self._read(list(self.norms), list(self.flags), self._unread_flags)
+        self._clipped_read += int(numpy.count_nonzero(unread))
+        self._unread_flags = []
         return reporting.ClipStatistics(
             subject=self.fault_log.subject, calls=self.calls,
-            recent_clipped=sum(bool(f) for f in self.flags), window=len(self.flags),
-            total_clipped=self.clipped_total(), norm_window=len(self.norms), norm_min=low,
-            norm_median=mid, norm_max=high)
+            recent_clipped=int(numpy.count_nonzero(flags)), window=len(self.flags),
+            total_clipped=self._clipped_read, norm_window=len(self.norms),
+            norm_min=float(norms.min()), norm_median=float(numpy.median(norms)),
+            norm_max=float(norms.max()))
 
     def summary(self):
         return self.statistics().text()

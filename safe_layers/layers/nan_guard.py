@@ -46,34 +46,40 @@ class NaNGuard(caffe.Layer):
                 top[i].reshape(*bottom[i].shape)
 
     def forward(self, bottom, top):
-        self.forward_calls += 1
-        arrays = []
-        for i, same in enumerate(self.in_place):
-            out = backend.data(top[i])
-            if not same:
-                out[...] = backend.data(bottom[i])
-            arrays.append(out)
-        if self.params.check in ("forward", "both"):
-            self._guard(arrays, "forward data", self.forward_calls, self.forward_action)
+        with self.fault_log.running("forward"):
+            self.forward_calls += 1
+            arrays = []
+            for i, same in enumerate(self.in_place):
+                out = backend.data(top[i])
+                if not same:
+                    out[...] = backend.data(bottom[i])
+                arrays.append(out)
+            if self.params.check in ("forward", "both"):
+                self._guard(arrays, "forward data", self.forward_calls, self.forward_action)
 
     def backward(self, top, propagate_down, bottom):
-        self.backward_calls += 1
-        arrays = []
-        for i, same in enumerate(self.in_place):
-            if not propagate_down[i]:
-                arrays.append(None)
-                continue
-            grad = backend.diff(bottom[i])
-            if not same:
-                grad[...] = backend.diff(top[i])
-            arrays.append(grad)
-        if self.params.check in ("backward", "both"):
-            self._guard(arrays, "backward diff", self.backward_calls, self.backward_action)
+        with self.fault_log.running("backward"):
+            self.backward_calls += 1
+            arrays = []
+            for i, same in enumerate(self.in_place):
+                if not propagate_down[i]:
+                    arrays.append(None)
+                    continue
+                grad = backend.diff(bottom[i])
+                if not same:
+                    grad[...] = backend.diff(top[i])
+                arrays.append(grad)
+            if self.params.check in ("backward", "both"):
+                self._guard(arrays, "backward diff", self.backward_calls, self.backward_action)
 
     def _guard(self, arrays, pass_, call, action):
         p = self.params
         for index, array in enumerate(arrays):
             if array is None:
+                continue
+            # The flight recorder needs the blobs as they arrived: such a guard checks at once.
+            if backend.deferred_checks(array) and not p.dump_dir:
+                self._defer(array, pass_, call, action, index)
                 continue
             report = self.fault_log.check(array, pass_, call, action, index, p.max_abs)
             if report is None:
@@ -86,3 +92,15 @@ class NaNGuard(caffe.Layer):
                 finite.clamp_(array, p.nan_value, self.bound, p.max_abs)
             elif taken == "zero":
                 array.fill(0)
+
+    def _defer(self, array, pass_, call, action, index):
+        """The deferred check: statistics into the board's row, then the repair the action
+        asks for, applied on the device only where the row is flagged. The report (and an
+        abort, or an escalation to abort) comes when the board is read; a repair has been
+        made by then, an abort has not stopped anything before it."""
+        p = self.params
+        row = self.fault_log.defer(array, pass_, call, action, index, p.max_abs)
+        if action == "clamp":
+            finite.clamp_flagged_(array, row, p.nan_value, self.bound, p.max_abs)
+        elif action == "zero":
+            finite.zero_flagged_(array, row)

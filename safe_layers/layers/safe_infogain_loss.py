@@ -14,6 +14,7 @@ NaNGuard does. A Python layer has no default loss weight: write ``loss_weight: 1
     }
 """
 
+import contextlib
 import os
 
 import caffe
@@ -21,7 +22,7 @@ import numpy
 
 from safe_layers import backend, params, reporting, schemas
 from safe_layers.kernels import finite, infogain
-from safe_layers.kernels.xp import array_module
+from safe_layers.kernels.xp import array_module, host_scalar, to_numpy
 
 SCHEMA = schemas.SAFE_INFOGAIN_LOSS
 
@@ -78,8 +79,8 @@ class SafeInfogainLoss(caffe.Layer):
         self._saved = None
 
     def _prepare_matrix(self, h):
-        h = infogain.check_infogain_matrix(h, self.num_classes)
-        return infogain.normalize_rows(h) if self.params.normalize_h == "rows" else h
+        return infogain.check_infogain_matrix(h, self.num_classes,
+                                              rows=self.params.normalize_h == "rows")
 
     def reshape(self, bottom, top):
         shape = tuple(bottom[0].shape)
@@ -101,23 +102,41 @@ class SafeInfogainLoss(caffe.Layer):
             top[1].reshape(*shape)
 
     def forward(self, bottom, top):
+        with self.fault_log.running("forward"):
+            self._forward(bottom, top)
+
+    def _forward(self, bottom, top):
         p = self.params
         self.forward_calls += 1
         x = backend.data(bottom[0])
         xp = array_module(x)
         if self.forward_calls == 1:
             self._check_loss_weight(top)
-        report = self.fault_log.check(x, "forward data", self.forward_calls, p.action)
-        taken = None
-        if report is not None:
-            taken = self.fault_log.handle(report)
-            if taken == "clamp":
-                # On a copy: the bottom belongs to the layer below (and to Caffe's backward).
-                x = finite.clamp_(x.copy(), 0.0, schemas.CLAMP_BOUND)
+        deferred = backend.deferred_checks(x)
+        logits_row = report = taken = None
+        if deferred:
+            # Checked when the board is read; the repair, on a copy, only where flagged.
+            logits_row = self.fault_log.defer(x, "forward data", self.forward_calls, p.action)
+            if p.action == "clamp":
+                x = finite.clamp_flagged_(x.copy(), logits_row, 0.0, schemas.CLAMP_BOUND)
+        else:
+            report = self.fault_log.check(x, "forward data", self.forward_calls, p.action)
+            if report is not None:
+                taken = self.fault_log.handle(report)
+                if taken == "clamp":
+                    # On a copy: the bottom belongs to the layer below (and to Caffe's backward).
+                    x = finite.clamp_(x.copy(), 0.0, schemas.CLAMP_BOUND)
         scores = x.reshape(self.outer, self.num_classes, self.inner)
         labels = backend.data(bottom[1]).reshape(self.outer, self.inner)
         try:
-            y, valid = infogain.label_positions(labels, self.num_classes, p.ignore_label)
+            y, valid, bad = infogain.checked_labels(labels, self.num_classes, p.ignore_label)
+            facts = infogain.bad_label_facts(labels, bad)
+            if deferred:
+                self.fault_log.board.add(_BadLabels(self), self.fault_log, "forward",
+                                         labels)[:3] = facts
+            else:
+                # Raised before anything is computed with them (Caffe reads out of bounds).
+                self._raise_bad_labels(to_numpy(facts))
             h = (self._prepare_matrix(backend.data(bottom[2])) if self.file_matrix is None
                  else self._device_matrix(xp))
         except ValueError as exc:
@@ -127,27 +146,38 @@ class SafeInfogainLoss(caffe.Layer):
             weights = infogain.batch_frequency_weights(y, valid, self.num_classes)
         else:
             weights = valid.astype(xp.float64)
-        if p.input == "logits":
-            prob, log_prob = infogain.log_softmax(scores, axis=1)
-        else:
-            prob, log_prob = scores, infogain.probability_log(scores)
-        norm = infogain.normalizer(p.normalization, self.outer, self.inner, int(valid.sum()))
+        # Deferred, faulty logits reach the math (their report comes when the board is read).
+        with numpy.errstate(invalid="ignore") if deferred else contextlib.nullcontext():
+            if p.input == "logits":
+                prob, log_prob = infogain.log_softmax(scores, axis=1)
+            else:
+                prob, log_prob = scores, infogain.probability_log(scores)
+        norm = infogain.normalizer(p.normalization, self.outer, self.inner, valid.sum())
         value = infogain.infogain_loss(log_prob, y, weights, h) / norm
         loss = backend.data(top[0])
         with numpy.errstate(over="ignore"):  # a loss float32 cannot hold is reported below
             loss[...] = value
-        if report is None or taken == "clamp":  # else the logits' report has said why
+        if deferred:
+            self._defer_loss_check(loss, value, logits_row)
+        elif report is None or taken == "clamp":  # else the logits' report has said why
             self._check_loss(loss, value)
         if len(top) == 2:
             backend.data(top[1])[...] = prob.reshape(x.shape)
         self._saved = (prob, y, weights, h, norm)
+
+    def _raise_bad_labels(self, facts):
+        p = self.params
+        error = infogain.bad_label_error(facts, (self.outer, self.inner), self.num_classes,
+                                         p.ignore_label)
+        if error is not None:
+            raise error
 
     def _check_loss_weight(self, top):
         # Net::Init writes each top's loss_weight into its diff before the first forward; a
         # Python layer has no default weight, so 0 means the net ignores this loss.
         if reporting.phase_name(self.phase) != "TRAIN":
             return
-        if float(backend.diff(top[0]).reshape(-1)[0]) == 0:
+        if host_scalar(backend.diff(top[0]).reshape(-1)[0]) == 0:
             self.fault_log.warn(
                 "top[0] has loss weight 0 (no loss_weight in the prototxt, or loss_weight: 0): the "
                 "net does not add this loss and never calls its backward, so nothing learns from it; "
@@ -161,12 +191,32 @@ class SafeInfogainLoss(caffe.Layer):
                                       blob="top")
         if report is None:
             return
-        value = float(value)
+        value = host_scalar(value)
         if numpy.isfinite(value):
             report.detail = "the loss %.7g overflows float32" % value
         if self.fault_log.handle(report) == "clamp":
             # The largest float32: a loss clamped to anything plausible would hide the fault.
             finite.clamp_(loss, 0.0, params.FLOAT32_MAX)
+
+    def _defer_loss_check(self, loss, value, logits_row):
+        """:meth:`_check_loss`, deferred: the loss's row carries the float64 loss (for the
+        overflow detail) and whether the logits were at fault (then their report has
+        said why, unless they were clamped)."""
+        p = self.params
+        xp = array_module(loss)
+        explained = None if p.action == "clamp" else (lambda r: r[finite.EXTRA + 1] != 0)
+        row = self.fault_log.defer(loss, "forward data", self.forward_calls, p.action, blob="top",
+                                   detail=self._loss_detail, skip=explained)
+        row[finite.EXTRA] = xp.asarray(value, dtype=xp.float64)
+        row[finite.EXTRA + 1] = logits_row[:finite.FIRST].sum()
+        if p.action == "clamp":
+            finite.clamp_flagged_(loss, row, 0.0, params.FLOAT32_MAX)
+
+    @staticmethod
+    def _loss_detail(row):
+        if finite.row_faulty(row) and numpy.isfinite(row[finite.EXTRA]):
+            return "the loss %.7g overflows float32" % row[finite.EXTRA]
+        return None
 
     def _device_matrix(self, xp):
         if xp is not numpy and isinstance(self.file_matrix, numpy.ndarray):
@@ -177,6 +227,10 @@ class SafeInfogainLoss(caffe.Layer):
         # Labels and H get no gradient (Caffe's layer aborts if asked for one).
         if not propagate_down[0]:
             return
+        with self.fault_log.running("backward"):
+            self._backward(top, bottom)
+
+    def _backward(self, top, bottom):
         prob, y, weights, h, norm = self._saved
         scale = backend.diff(top[0]).reshape(-1)[0] / norm  # the loss weight, from Caffe
         if self.params.input == "logits":
@@ -185,3 +239,18 @@ class SafeInfogainLoss(caffe.Layer):
             grad = infogain.infogain_grad_probabilities(prob, y, weights, h, scale)
         diff = backend.diff(bottom[0])
         diff[...] = grad.reshape(diff.shape)
+
+
+class _BadLabels:
+    """The deferred label check's entry: its row holds :func:`infogain.bad_label_facts`;
+    read, it raises the error the check at once raises (Caffe would read out of bounds;
+    here the bad labels were read as class 0 until then, and nothing has been updated)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def resolve(self, row):
+        try:
+            self.layer._raise_bad_labels(row[:3])
+        except ValueError as exc:
+            raise ValueError(self.layer.fault_log.error(str(exc))) from None

@@ -23,8 +23,8 @@ import caffe
 import numpy
 
 from safe_layers import backend, reporting, schemas
-from safe_layers.kernels import batch_norm
-from safe_layers.kernels.xp import array_module
+from safe_layers.kernels import batch_norm, finite
+from safe_layers.kernels.xp import array_module, host_scalar
 
 SCHEMA = schemas.STABLE_BATCH_NORM
 
@@ -71,14 +71,21 @@ class StableBatchNorm(caffe.Layer):
             top[0].reshape(*bottom[0].shape)
 
     def forward(self, bottom, top):
+        with self.fault_log.running("forward"):
+            x = backend.data(bottom[0])
+            if backend.deferred_checks(x):
+                self._forward_deferred(x, top)
+            else:
+                self._forward(x, top)
+
+    def _forward(self, x, top):
         p = self.params
         self.forward_calls += 1
-        x = backend.data(bottom[0])
         xp = array_module(x)
         # The channel sums are the first pass of the moments and the fast finiteness check.
         sums = batch_norm.channel_sums(x)
         report = self.fault_log.check(x, "forward data", self.forward_calls, p.action,
-                                      fast=bool(xp.isfinite(sums).all()))
+                                      fast=host_scalar(xp.isfinite(sums).all()))
         if report is not None:
             self.fault_log.handle(report)  # raises for action: abort
         stats = [backend.data(self.blobs[i]) for i in range(3)]
@@ -105,9 +112,52 @@ class StableBatchNorm(caffe.Layer):
                     *stats, mean, var, x.size // x.shape[1], p.moving_average_fraction)
                 if overflow is not None:
                     self._report_overflow(x, overflow)
-        elif report is None and not bool(xp.isfinite(var).all()):
+        elif report is None and not host_scalar(xp.isfinite(var).all()):
             mean, var, inv_std, offset = batch_norm.normalize_batch_wide(x, p.eps, centered, out)
         self._saved = (centered, offset, inv_std)
+
+    def _forward_deferred(self, x, top):
+        """:meth:`_forward` without a host decision (``safe_layers.deferred``): the check
+        of x goes into a board row with the statistics of x as it arrived (the top may be
+        x); squares are summed with float64 products, so no float64 retry is needed; the
+        running statistics are updated on the device where the batch is finite and float32
+        holds them, the facts of an overflow going into the row for the report. Under
+        use_global_stats one read decides between the stored statistics and the batch's
+        own (it changes what runs)."""
+        p = self.params
+        self.forward_calls += 1
+        xp = array_module(x)
+        row = self.fault_log.defer(x, "forward data", self.forward_calls, p.action,
+                                   detail=self._overflow_detail)
+        row[finite.EXTRA] = 0  # no overflow, unless the update below says so
+        sums = batch_norm.channel_sums(x)
+        stats = [backend.data(self.blobs[i]) for i in range(3)]
+        stored = None if not self.use_global_stats else batch_norm.running_stats(*stats)
+        out = backend.data(top[0])
+        if stored is not None:
+            inv_std = batch_norm.normalize_global(x, *stored, p.eps, out)
+            self._saved = (None, None, inv_std)
+            return
+        if self.use_global_stats:
+            self._bad_stored_stats(stats)
+        centered = self.work.get("centered", x)
+        with numpy.errstate(invalid="ignore", over="ignore"):  # a faulty x: reported when read
+            mean, var, inv_std, offset = batch_norm.normalize_batch(x, p.eps, centered, out, sums,
+                                                                    wide_squares=True)
+        if not self.use_global_stats:
+            clean = row[finite.NAN] + row[finite.POSINF] + row[finite.NEGINF] == 0
+            row[finite.EXTRA:finite.EXTRA + 4] = batch_norm.update_running_stats_where(
+                *stats, mean, var, x.size // x.shape[1], p.moving_average_fraction, clean)
+        self._saved = (centered, offset, inv_std)
+
+    @staticmethod
+    def _overflow_detail(row):
+        if not row[finite.EXTRA]:
+            return None
+        name = batch_norm.OVERFLOW_NAMES[int(row[finite.EXTRA + 1])]
+        return ("the running %s would overflow float32 (channel %d: %s); this batch is kept out "
+                "of the running statistics" % (name, int(row[finite.EXTRA + 2]),
+                                              "%.7g" % row[finite.EXTRA + 3]))
 
     def _report_overflow(self, x, overflow):
         """A finite batch whose statistics update float32 cannot hold: the update was skipped;
@@ -121,7 +171,7 @@ class StableBatchNorm(caffe.Layer):
 
     def _bad_stored_stats(self, stats):
         p = self.params
-        s = float(stats[2].reshape(-1)[0])
+        s = host_scalar(stats[2].reshape(-1)[0])
         why = ("scale factor %r%s" % (s, "" if s != 0 and numpy.isfinite(s) else
                                       ": untrained, or a renamed layer that received no weights"))
         if p.on_bad_stats == "error":
@@ -151,6 +201,10 @@ class StableBatchNorm(caffe.Layer):
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
+        with self.fault_log.running("backward"):
+            self._backward(top, bottom)
+
+    def _backward(self, top, bottom):
         centered, offset, inv_std = self._saved
         dy, dx = backend.diff(top[0]), backend.diff(bottom[0])  # the same memory in place
         if centered is not None:  # normalized with the batch's own statistics
