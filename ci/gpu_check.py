@@ -19,7 +19,8 @@ Steps, each with its own time limit, all run even when one fails:
    the host reads of each).
 
 ``GPU_CHECK_STEPS`` (comma-separated names from above) runs only those steps, for a
-machine that gives one command less time than all of them take.
+machine that gives one command less time than all of them take (their limits add up to
+12 minutes); the report then covers those steps only.
 
 Writes OUTDIR/gpu-report.json and OUTDIR/BENCHMARKS-gpu.md; exit 0 only if every step
 passed and at least one GPU test ran.
