@@ -572,6 +572,33 @@ def test_rows_left_unread_at_exit_are_read_and_reported(tmp_path):
         result.stderr
 
 
+@pytest.mark.parametrize("policy", ["immediate", "deferred"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_batch_norm_squares_beyond_float32_in_place_or_not(make_net, checks, capfd, policy, in_place):
+    """Each way the same: y exact, the running statistics kept out (float32 cannot hold
+    the variance), the report's statistics those of x (in place, y has taken x's memory)."""
+    checks(policy)
+    top = "x" if in_place else "y"
+    net = make_net("""name: "bn" force_backward: true
+layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 4 dim: 1 dim: 2 dim: 2 } } }
+layer { name: "bn" type: "Python" bottom: "x" top: "%s" param { lr_mult: 0 } param { lr_mult: 0 }
+  param { lr_mult: 0 } python_param { module: "safe_layers" layer: "StableBatchNorm" param_str: "{name: bn}" } }
+""" % top)
+    x = np.zeros((4, 1, 2, 2), np.float32)
+    x[0], x[1] = 3e19, -3e19
+    net.blobs["x"].data[...] = x
+    capfd.readouterr()
+    net.forward()
+    y = (x - x.mean()) / np.sqrt(x.astype(np.float64).var() + 1e-5)
+    np.testing.assert_allclose(net.blobs[top].data, y, rtol=1e-6)
+    assert [float(net.params["bn"][i].data[0]) for i in range(3)] == [0.0, 0.0, 0.0]
+    report = reporting.fault_logs("bn", net=net)[0].last
+    f32 = np.float32
+    assert (report.finite_min, report.finite_max, report.finite_mean_abs) == \
+        (float(f32(-3e19)), float(f32(3e19)), float(f32(f32(3e19) / 2)))
+    assert "the running variance would overflow float32 (channel 0: 4.8e+38)" in report.detail
+
+
 # ---- kernels: the row, on NumPy (the CuPy twins: tests/test_gpu_deferred.py) ----------------
 
 def test_fault_stats_row_on_numpy_matches_the_exact_counts():

@@ -104,41 +104,65 @@ def _negligible(v):
     return array_module(v) is numpy and float(numpy.abs(v).max()) < TOLERANCE
 
 
-def normalize_batch(x, eps, centered, out, sums=None, wide_squares=False):
-    """Normalize ``x`` (N, C, ...) with its own per-channel statistics: y = (x - mean) /
-    sqrt(var + eps) into ``out`` (may be x). ``sums``: :func:`channel_sums` of x if the
-    caller has them. Writes x - mean + offset into ``centered`` (a float32 buffer shaped like
-    x, kept for :func:`backward_batch_stats`). Returns (mean, var, inv_std, offset), float64
-    per channel; offset is 0 except where offset * inv_std is below TOLERANCE (then y carries
-    it too, and a pass over the blob is saved).
+def batch_statistics(x, eps, centered, sums=None):
+    """The moments of :func:`normalize_batch`, before anything is written over ``x`` (an
+    in-place layer decides on them first): (mean, var, inv_std, offset), float64 per
+    channel, with x - mean + offset written into ``centered``.
 
-    Shifted two-pass moments (module docstring): four or five passes, all float32. With
-    ``wide_squares`` the squares are summed with float64 products
-    (:func:`channel_sum_squares_wide`), so that a finite batch never needs
-    :func:`normalize_batch_wide` (a decision only the host could make).
+    Shifted two-pass moments (module docstring), float32 passes. The squares of x - mean
+    are summed with float32 products unless one of them overflows (|x - mean| beyond
+    ~1.8e19): then again with float64 products (:func:`channel_sum_squares_wide`), so the
+    variance of a finite batch is always finite. NumPy decides that on the host; a device
+    array always takes the float64 products (deciding would be a host read).
     """
     xp = array_module(x)
-    x3, d3, y3 = as_channels(x), as_channels(centered), as_channels(out)
+    x3, d3 = as_channels(x), as_channels(centered)
     count = x3.shape[0] * x3.shape[2]
     sums = channel_sum(x3) if sums is None else sums
     shift = (sums / count).astype(x.dtype)
     xp.subtract(x3, shift[None, :, None], out=d3)  # d = x - k, exact where k ~ x
     delta = channel_sum(d3) / count  # mean = k + delta
-    with numpy.errstate(over="ignore"):  # |d| > 1.8e19: Inf, caught by the caller (wide path)
-        squares = channel_sum_squares_wide(d3) if wide_squares else channel_dot(d3, d3)
+    with numpy.errstate(over="ignore", invalid="ignore"):  # a non-finite x: the caller reports it
+        if xp is numpy:
+            squares = channel_dot(d3, d3)
+            if not numpy.isfinite(squares).all():
+                squares = channel_sum_squares_wide(d3)
+        else:
+            squares = channel_sum_squares_wide(d3)
         var = xp.maximum(squares / count - delta * delta, 0.0)
     inv_std = 1.0 / xp.sqrt(var + eps)
     offset = delta
     if not _negligible(delta * inv_std):
         d3 -= _per_channel(delta, x.dtype)
         offset = xp.zeros_like(delta)
-    xp.multiply(d3, _per_channel(inv_std, x.dtype), out=y3)
     return shift.astype(xp.float64) + delta, var, inv_std, offset
 
 
+def write_normalized(centered, inv_std, out):
+    """y = centered * inv_std per channel, into ``out`` (the second half of
+    :func:`normalize_batch`)."""
+    xp = array_module(centered)
+    xp.multiply(as_channels(centered), _per_channel(inv_std, centered.dtype), out=as_channels(out))
+    return out
+
+
+def normalize_batch(x, eps, centered, out, sums=None):
+    """Normalize ``x`` (N, C, ...) with its own per-channel statistics: y = (x - mean) /
+    sqrt(var + eps) into ``out`` (may be x). ``sums``: :func:`channel_sums` of x if the
+    caller has them. Writes x - mean + offset into ``centered`` (a float32 buffer shaped like
+    x, kept for :func:`backward_batch_stats`). Returns (mean, var, inv_std, offset), float64
+    per channel; offset is 0 except where offset * inv_std is below TOLERANCE (then y carries
+    it too, and a pass over the blob is saved). :func:`batch_statistics`, then
+    :func:`write_normalized`: four or five passes.
+    """
+    moments = batch_statistics(x, eps, centered, sums)
+    write_normalized(centered, moments[2], out)
+    return moments
+
+
 def normalize_batch_wide(x, eps, centered, out):
-    """:func:`normalize_batch` computed in float64 arrays: for the rare batch whose float32
-    squares overflow (|x - mean| beyond ~1.8e19), where the float32 path's variance is Inf."""
+    """:func:`normalize_batch` computed in float64 arrays (a reference: its float64 squares
+    make normalize_batch exact for such batches too)."""
     xp = array_module(x)
     x64 = as_channels(x).astype(xp.float64)
     mean = x64.mean(axis=(0, 2))

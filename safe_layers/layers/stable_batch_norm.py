@@ -100,33 +100,26 @@ class StableBatchNorm(caffe.Layer):
         # x - mean is kept for backward: in place (and with a Scale after it) the top is
         # overwritten before backward runs.
         centered = self.work.get("centered", x)
-        out = backend.data(top[0])
-        mean, var, inv_std, offset = batch_norm.normalize_batch(x, p.eps, centered, out, sums)
+        # The statistics are decided on, and an overflow reported, before y is written:
+        # in place, y takes x's memory.
+        mean, var, inv_std, offset = batch_norm.batch_statistics(x, p.eps, centered, sums)
         if not self.use_global_stats and report is None:
             overflow = batch_norm.update_running_stats(*stats, mean, var, x.size // x.shape[1],
                                                        p.moving_average_fraction)
             if overflow is not None:
-                # Float32 squares may have overflowed too: the wide path says what is true.
-                mean, var, inv_std, offset = batch_norm.normalize_batch_wide(x, p.eps, centered, out)
-                overflow = batch_norm.update_running_stats(
-                    *stats, mean, var, x.size // x.shape[1], p.moving_average_fraction)
-                if overflow is not None:
-                    self._report_overflow(x, overflow)
-        elif report is None and not host_scalar(xp.isfinite(var).all()):
-            mean, var, inv_std, offset = batch_norm.normalize_batch_wide(x, p.eps, centered, out)
+                self._report_overflow(x, overflow)
+        batch_norm.write_normalized(centered, inv_std, backend.data(top[0]))
         self._saved = (centered, offset, inv_std)
 
     def _forward_deferred(self, x, top):
         """:meth:`_forward` without a host decision (``safe_layers.deferred``): the check
         of x goes into a board row with the statistics of x as it arrived (the top may be
-        x); squares are summed with float64 products, so no float64 retry is needed; the
-        running statistics are updated on the device where the batch is finite and float32
-        holds them, the facts of an overflow going into the row for the report. Under
+        x); the running statistics are updated on the device where the batch is finite and
+        float32 holds them, the facts of an overflow going into the row for the report. Under
         use_global_stats one read decides between the stored statistics and the batch's
         own (it changes what runs)."""
         p = self.params
         self.forward_calls += 1
-        xp = array_module(x)
         row = self.fault_log.defer(x, "forward data", self.forward_calls, p.action,
                                    detail=self._overflow_detail)
         row[finite.EXTRA] = 0  # no overflow, unless the update below says so
@@ -142,8 +135,7 @@ class StableBatchNorm(caffe.Layer):
             self._bad_stored_stats(stats)
         centered = self.work.get("centered", x)
         with numpy.errstate(invalid="ignore", over="ignore"):  # a faulty x: reported when read
-            mean, var, inv_std, offset = batch_norm.normalize_batch(x, p.eps, centered, out, sums,
-                                                                    wide_squares=True)
+            mean, var, inv_std, offset = batch_norm.normalize_batch(x, p.eps, centered, out, sums)
         if not self.use_global_stats:
             clean = row[finite.NAN] + row[finite.POSINF] + row[finite.NEGINF] == 0
             row[finite.EXTRA:finite.EXTRA + 4] = batch_norm.update_running_stats_where(
