@@ -35,6 +35,7 @@ for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+from guarded import guard_every_layer  # noqa: E402  (the tests' helper: one definition)
 
 NETS = {
     # name: (published net, published solver or None, batch, iterations per round)
@@ -44,32 +45,6 @@ NETS = {
 }
 
 VARIANTS = ("plain", "watch", "watch_solver_only", "nan_guards", "debug_info")
-
-
-def guard_every_layer(net_text):
-    """The net with an in-place NaNGuard (action warn, both passes) after every layer's
-    every top, data and loss layers excepted."""
-    from google.protobuf import text_format
-    from caffe.proto import caffe_pb2
-    net = caffe_pb2.NetParameter()
-    text_format.Parse(net_text, net)
-    layers = []
-    for layer in net.layer:
-        layers.append(layer)
-        if layer.type in ("DummyData", "Input", "Data") or "Loss" in layer.type or \
-                layer.type == "Accuracy":
-            continue
-        for top in layer.top:
-            guard = caffe_pb2.LayerParameter(name="%s_%s_guard" % (layer.name, top), type="Python",
-                                             bottom=[top], top=[top])
-            guard.include.extend(layer.include)
-            guard.python_param.module = "safe_layers"
-            guard.python_param.layer = "NaNGuard"
-            guard.python_param.param_str = "{name: %s_guard, follows: %s}" % (top, layer.name)
-            layers.append(guard)
-    del net.layer[:]
-    net.layer.extend(layers)
-    return text_format.MessageToString(net), sum(1 for l in layers if l.type == "Python")
 
 
 def write_solver(folder, tag, net_path, solver_fields, debug_info):

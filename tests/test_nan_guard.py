@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -152,7 +153,9 @@ def test_abort_under_caffe_train_exits_nonzero_with_the_report(caffe_train):
             "iteration 0 (call 1), bottom[0] shape 4x3: nan=12 +inf=0 -inf=0; first bad at [0, 0] = nan"
             in result.stderr)
     assert "FaultAbort" in result.stderr  # the Python traceback, thanks to WITH_PYTHON_LAYER
-    assert "Iteration 0, loss" not in result.stderr  # it stopped before the first update
+    # It stopped before the first update: Caffe's display line "Iteration 0 (... iter/s ...),
+    # loss = " and ApplyUpdate's "Iteration 0, lr = " never came.
+    assert not re.search(r"Iteration 0 \(.*\), loss = |Iteration 0, lr = ", result.stderr)
 
 
 def test_final_summary_is_printed_at_exit_of_caffe_train(caffe_train):
