@@ -209,8 +209,7 @@ class FaultReport(_Fields):
             raise TypeError("FaultReport needs %s%s" % (", ".join(sorted(missing)) or "no more fields",
                                                          "; unknown: " + ", ".join(sorted(unknown))
                                                          if unknown else ""))
-        for key in self.FIELDS:
-            setattr(self, key, values[key])
+        super().__init__(**values)
 
     @property
     def subject(self):
