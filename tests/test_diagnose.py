@@ -330,6 +330,42 @@ def test_pooling_geometry_from_the_first_iteration(caffe_train, tmp_path):
     assert "safe-layers lint" in found["SL804"]["fix"]
 
 
+ACCURACY = """
+layer { name: "accuracy" type: "Accuracy" bottom: "fc" bottom: "label" top: "accuracy"
+  include { phase: TEST } }
+"""
+
+
+@pytest.mark.parametrize("pool", ["AVE kernel_size: 3 stride: 5", "AVE kernel_size: 3 stride: 3 pad: 1"])
+def test_accuracy_beside_a_nan_test_loss(caffe_train, tmp_path, pool):
+    """Caffe's Accuracy scores a net whose every score is NaN 1.0 (AccuracyLayer counts
+    `score >= score[label]`, false for NaN): the pooling net of cause 5 shows it at every test.
+    The test pass of iteration 0 runs before training's iteration 0, on the same weights:
+    that is not a test-only fault (no SL809)."""
+    text = (Path(__file__).parent.parent / "examples/pooling_nan/train.prototxt").read_text()
+    text = re.sub(r'layer \{\n  name: "pool1_guard".*?\n\}\n', "", text, flags=re.S)
+    text = text.replace("AVE kernel_size: 3 stride: 5", pool) + ACCURACY
+    log, result = train_log(caffe_train, tmp_path, "accuracy.log", text, max_iter=4, display=1,
+                            test_iter=1, test_interval=2)
+    assert result.returncode == 0
+    status, doc = diagnose_json(log)
+    found = rules(doc)
+    tests = re.findall(r"Test net output #0: accuracy = (\S+)\n.*Test net output #1: loss = (\S+)",
+                       log.read_text())
+    assert len(tests) == 3  # iterations 0, 2, 4
+    if "stride: 5" in pool:
+        assert tests == [("1", "-nan")] * 3
+        assert status == 1 and set(found) == {"SL807", "SL813"}
+        accuracy = found["SL813"]
+        assert accuracy["output"] == "accuracy" and accuracy["passes"] == 3
+        assert accuracy["iteration"] == 0 and "at iteration 4 (accuracy = 1)" in accuracy["message"]
+        assert "scores 1.0" in accuracy["message"]
+        assert_evidence_is_the_log(doc, log)
+    else:
+        assert all(loss != "-nan" and loss != "nan" for _, loss in tests)
+        assert status == 0 and found == {}
+
+
 # ---------------------------------------------------------------------------------------
 # Two losses, one of which explodes.
 
@@ -474,9 +510,19 @@ def test_nan_in_the_test_set_only(lenet_runs):
     status, doc = diagnose_json(log)
     assert status == 1
     found = rules(doc)
-    assert set(found) == {"SL809"}
+    assert set(found) == {"SL809", "SL813"}
     assert found["SL809"]["output"] in ("accuracy", "loss") and found["SL809"]["iteration"] == 0
     assert doc["first_nonfinite"] is None
+    # One NaN sample among 200 makes every test loss NaN, and Caffe's Accuracy counts that
+    # sample as right: each of the 4 test passes (iterations 0, 5, 10, 15) printed an accuracy
+    # beside a NaN loss.
+    accuracy = found["SL813"]
+    assert accuracy["severity"] == "warning" and accuracy["output"] == "accuracy"
+    assert accuracy["iteration"] == 0 and accuracy["passes"] == 4
+    quoted = [item["text"] for item in accuracy["evidence"]]
+    assert len(quoted) == 4 and "accuracy = " in quoted[0] and "loss = -nan" in quoted[1]
+    assert "at iteration 15" in accuracy["message"]
+    assert_evidence_is_the_log(doc, log)
 
 
 def test_guarded_lenet_names_the_guard_and_the_data_layer(caffe, tmp_path):

@@ -25,6 +25,8 @@ six causes of the seed (``shared/docs/seed-causes.md``):
   SL811 the learning rate reached 0: nothing learns from there on
   SL812 the run finished without a single training iteration (``max_iter`` 0 or unset:
         `caffe train` stops at once, and its final test reports an untrained net)
+  SL813 a test accuracy printed beside a non-finite test loss: Caffe's Accuracy layer counts
+        a sample whose true-class score is NaN as correct, so a dead net scores 1.0
 
 Exit 0 when nothing went wrong, 1 when a cause was found, 2 when the file is not a
 readable Caffe log.
@@ -226,6 +228,8 @@ class Diagnosis:
         self.test_iteration = None
         self.test_bad = None          # Point: first non-finite test output
         self.test_bad_name = None
+        self.test_block = None        # the open test pass: {"losses": [...], "accuracies": [...]}
+        self.false_accuracy = None    # {"first": (acc, loss), "last": (acc, loss), "passes": n}
         self.first_bad = None         # (Point, what) the first non-finite training value
         # debug_info
         self.in_test = False
@@ -287,11 +291,14 @@ class Diagnosis:
         self.nets[event.phase] = event
 
     def _on_testing(self, event):
+        self._close_test()
+        self.test_block = {"losses": [], "accuracies": []}
         self.test_iteration = event.iteration
         self.in_test = True
         self.test_outputs_seen = False
 
     def _on_loss(self, event):
+        self._close_test()
         self._close_block(event.iteration)
         self.in_test = False
         if self.first_iteration is None:
@@ -305,6 +312,12 @@ class Diagnosis:
     def _on_output(self, event):
         if event.phase == "TEST":
             self.test_outputs_seen = True
+            if self.test_block is not None:
+                point = Point(self.test_iteration, event.value, event.line, event.text)
+                if event.weight is not None and event.weight != 0:
+                    self.test_block["losses"].append((event.name, point))
+                elif self._is_accuracy(event.name):
+                    self.test_block["accuracies"].append((event.name, point))
             if not finite(event.value) and self.test_bad is None:
                 self.test_bad = Point(self.test_iteration, event.value, event.line, event.text)
                 self.test_bad_name = event.name
@@ -334,6 +347,29 @@ class Diagnosis:
                 self.lr_first_zero = point
         else:
             self.lr_last_positive = point
+
+    def _is_accuracy(self, output):
+        """An Accuracy layer's top in the logged TEST net; without that net, the name."""
+        net = self.nets.get("TEST")
+        if net is not None and any(l.type == "Accuracy" for l in net.layers):
+            return any(l.type == "Accuracy" and output in l.tops for l in net.layers)
+        return "acc" in output.lower()
+
+    def _close_test(self):
+        """A test pass whose loss is non-finite: any accuracy beside it is not an accuracy
+        (AccuracyLayer::Forward_cpu counts `score >= score[label]`; every comparison with a
+        NaN is false, so a NaN-scored sample has no better prediction: counted correct)."""
+        block, self.test_block = self.test_block, None
+        if not block or not block["accuracies"]:
+            return
+        bad = [(name, p) for name, p in block["losses"] if not finite(p.value)]
+        if not bad:
+            return
+        pair = (block["accuracies"][0], bad[0])
+        if self.false_accuracy is None:
+            self.false_accuracy = {"first": pair, "passes": 0}
+        self.false_accuracy["last"] = pair
+        self.false_accuracy["passes"] += 1
 
     def _debug_phase_is_test(self):
         if self.in_test and self.test_outputs_seen:
@@ -530,6 +566,9 @@ class Diagnosis:
         idle = self._no_training_finding()
         if idle:
             out.append(idle)
+        accuracy = self._false_accuracy_finding()
+        if accuracy:
+            out.append(accuracy)
         return out
 
     def _finding(self, rule, severity, point, message, fix, evidence, layer=None, **data):
@@ -897,8 +936,14 @@ class Diagnosis:
     def _test_findings(self):
         if self.test_bad is None:
             return []
-        if self.first_bad is not None and self.first_bad[0].line < self.test_bad.line:
-            return []  # training died first; the test outputs only follow it
+        if self.first_bad is not None:
+            trained = self.first_bad[0]
+            if trained.line < self.test_bad.line:
+                return []  # training died first; the test outputs only follow it
+            if trained.iteration is not None and trained.iteration <= self.test_bad.iteration:
+                # The test pass of iteration N runs before training iteration N, on the same
+                # weights: both went non-finite there, and the training finding says why.
+                return []
         batchnorm = [l.name for l in self.nets.get("TEST").layers if l.type == "BatchNorm"] \
             if self.nets.get("TEST") is not None else []
         why = (": BatchNorm layers (%s) at untrained statistics output x/sqrt(eps) in the test pass "
@@ -969,6 +1014,26 @@ class Diagnosis:
         return self._finding("SL812", "error", point, message,
                              "set max_iter in the solver (the number of iterations to train)",
                              [declared, point], cause="no training")
+
+    def _false_accuracy_finding(self):
+        self._close_test()  # the final test pass, when the log ends with it
+        seen = self.false_accuracy
+        if seen is None:
+            return None
+        (accuracy_name, accuracy), (loss_name, loss) = seen["first"]
+        (_, last), (_, last_loss) = seen["last"]
+        message = ("test output '%s' = %s at iteration %s beside the test loss '%s' = %s overstates: "
+                   "Caffe's Accuracy layer counts every sample whose true-class score is NaN as correct "
+                   "(no score compares >= a NaN), so a net whose every score is NaN scores 1.0"
+                   % (accuracy_name, fmt(accuracy.value), accuracy.iteration, loss_name, fmt(loss.value)))
+        if seen["passes"] > 1:
+            message += "; %d test passes read so, the last at iteration %s (%s = %s)" % (
+                seen["passes"], last.iteration, accuracy_name, fmt(last.value))
+        fix = ("judge the run by its test loss; keep NaN out of the test net's scores (a NaNGuard "
+               "with action: abort before the Accuracy layer, or `safe-layers train`)")
+        evidence = [accuracy, loss] + ([last, last_loss] if seen["passes"] > 1 else [])
+        return self._finding("SL813", "warning", accuracy, message, fix, evidence,
+                             output=accuracy_name, passes=seen["passes"])
 
 
 def report_fault(line):
