@@ -1,7 +1,7 @@
 # Two commands: `make demo` (set up everything, run the main job) and `make test`.
 VENV := .venv
 PY := $(VENV)/bin/python
-# CUDA=1: Caffe built with CUDA (opt-in, ~15 min once, then cached); the CPU suite runs
+# CUDA=1: Caffe built with CUDA (opt-in, ~30 min once on 2 cores, then cached); the CPU suite runs
 # against it in CPU mode: `make setup CUDA=1`, `make test CUDA=1`.
 CUDA ?= 0
 

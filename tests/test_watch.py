@@ -333,6 +333,29 @@ def test_no_checkpoint_of_a_state_worse_than_the_start(caffe, write_solver, tmp_
     assert outcome[1e9][0] == "stopped"
 
 
+def test_growth_warnings_of_abandoned_iterations_do_not_block_checkpoints(caffe, write_solver,
+                                                                          tmp_path):
+    """The regression of the tests at base_lr 0.1 warns of growth from iteration 5 and
+    overflows at 19; the rollback goes to checkpoint 0 with a hundredth of the rate. The
+    warnings belonged to the iterations the rollback abandoned: checkpoints are taken again
+    from iteration 5 of the replayed run (they were held back until the abandoned run's
+    last warning + checkpoint_every)."""
+    from conftest import DIVERGING_NET
+    path = write_solver(DIVERGING_NET.replace("LAYER", ""), base_lr=0.1, momentum=0.9,
+                        snapshot_prefix='"%s"' % (tmp_path / "ck"))
+    w = watch(str(path), on_nonfinite="skip", rollback_after=2, checkpoint_every=5, lr_factor=0.01,
+              warn_growth=10, log_first=0)
+    w.solver.step(40)
+    kinds = [(e.kind, e.iteration) for e in w.events if e.kind in ("checkpoint", "rollback")]
+    rollback = kinds.index(("rollback", 0))
+    growth = [f.iteration for f in w.faults if f.kind == "growth"]
+    assert growth and max(growth) > 10  # warnings up to the overflow, past checkpoint 10
+    assert kinds[:rollback] == [("checkpoint", 0)]
+    assert kinds[rollback + 1:rollback + 3] == [("checkpoint", 5), ("checkpoint", 10)]
+    assert w.solver.iter == 40 and all_finite(w.solver.net)
+    w.close()
+
+
 def test_a_checkpoint_that_fails_again_rolls_back_one_further(lenet_solver, tmp_path):
     """Batches 7-10 are poisoned: the rollback to checkpoint 5 meets poison again before
     checkpoint 10 is taken, so the next rollback goes to checkpoint 0 (bit-exact), and the

@@ -704,6 +704,7 @@ class Watch:
         self._grad_norms.clear()
         self._weight_norms.clear()
         self._recent_losses.clear()
+        self._last_growth = -10 ** 9  # a warning of the abandoned iterations, not of these
         message = "restored %s (iteration %d) after %s at iteration %d" % (
             latest[1], latest[0], cause.kind, cause.iteration)
         if further_back:

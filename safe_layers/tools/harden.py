@@ -8,7 +8,7 @@ Levels (what each inserted NaNGuard does; outputs and gradients on finite input 
 of the original net at every level, bit for bit at ``observe``):
 
   observe  guards warn (one report line naming guard, layer, iteration, first bad element)
-  repair   guards clamp in forward (NaN -> 0, +-Inf -> +-FLT_MAX) and zero a non-finite
+  repair   guards clamp in forward (NaN -> 0, +-Inf -> +-1000, NaNGuard's bound) and zero a non-finite
            gradient in backward; a GradientClip (L2 norm, --max-norm) below each loss
   strict   guards abort with the report at the first non-finite value
 
