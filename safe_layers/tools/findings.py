@@ -13,6 +13,7 @@ raised anywhere below a subcommand's ``run`` and turned into exit 2 by the CLI).
 
 import json
 import math
+import os
 import sys
 
 SEVERITIES = ("error", "warning", "info")
@@ -81,6 +82,32 @@ def jsonable(value):
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value
+
+
+def check_output_path(path, what):
+    """Raise :class:`InputError` unless ``path`` can be written as a new or replaced file:
+    its folder exists and is a folder, and the path itself is not a folder. Called on the
+    command line's output paths before any work, so a typo in ``-o`` / ``--plot`` costs
+    nothing and no "wrote ..." is printed for a file that never came to be."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError("cannot write %s %s: it is a folder" % (what, path))
+    if not os.path.isdir(folder):
+        raise InputError("cannot write %s %s: folder %s does not exist" % (what, path, folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError("cannot write %s %s: folder %s is not writable" % (what, path, folder))
+    return path
+
+
+def save_png(figure, path):
+    """Write a matplotlib figure as PNG whatever ``path``'s suffix says (a name ending in
+    .prototxt would make matplotlib refuse the format); an error writing it is an
+    :class:`InputError` naming the path."""
+    try:
+        figure.savefig(path, format="png", dpi=100)
+    except OSError as exc:
+        raise InputError("could not write the plot %s: %s" % (path, exc.strerror or exc))
 
 
 def select(findings, select_rules=None, ignore_rules=None):
