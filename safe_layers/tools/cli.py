@@ -43,10 +43,16 @@ def main(argv=None):
     except InputError as exc:
         sys.stderr.write("safe-layers %s: error: %s\n" % (args.command, exc))
         return EXIT_INPUT
-    except BrokenPipeError:
-        # `safe-layers ... | head`: stop quietly, as Unix tools do.
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        return 1
+    except OSError as exc:
+        # A file the command had to read or write and could not, that no check before
+        # caught (a full disk, a permission): what and where, exit 2, no traceback.
+        if isinstance(exc, BrokenPipeError):
+            # `safe-layers ... | head`: stop quietly, as Unix tools do.
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            return 1
+        where = " %s" % exc.filename if getattr(exc, "filename", None) else ""
+        sys.stderr.write("safe-layers %s: error:%s: %s\n" % (args.command, where, exc.strerror or exc))
+        return EXIT_INPUT
 
 
 def entry_point():

@@ -123,9 +123,17 @@ def select(findings, select_rules=None, ignore_rules=None):
     return chosen
 
 
-def rule_list(text):
-    """``--select SL1,SL203`` -> ['SL1', 'SL203']."""
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
+def rule_list(text, known=None, option="--select"):
+    """``--select SL1,SL203`` -> ['SL1', 'SL203']. With ``known`` (the subcommand's rule
+    ids), an entry that is the prefix of none of them is an :class:`InputError` (a typo in
+    ``--select`` would otherwise select nothing and report a clean run)."""
+    rules = [part.strip() for part in (text or "").split(",") if part.strip()]
+    if known is not None:
+        unknown = [r for r in rules if not any(k.startswith(r) for k in known)]
+        if unknown:
+            raise InputError("%s %s: no such rule (this command's rules: %s)"
+                             % (option, ", ".join(unknown), ", ".join(sorted(known))))
+    return rules
 
 
 def exit_status(findings):
