@@ -98,6 +98,50 @@ def test_nan_sample_named_at_the_data_layer_and_skip_is_bit_exact(lenet_solver, 
     assert all_finite(solver.net)
 
 
+DATA_GUARD = """
+layer {
+  name: "data_guard" type: "Python" bottom: "data" top: "data"
+  python_param { module: "safe_layers" layer: "NaNGuard"
+                 param_str: "{name: data_guard, follows: mnist, action: ACTION}" }
+}
+"""
+
+
+@pytest.mark.parametrize("action", ["clamp", "warn"])
+def test_stop_leaves_a_repair_in_place_to_the_guard(caffe, write_solver, batches, action):
+    """A net hardened to repair (a NaNGuard clamping in place after its data layer) under
+    the default on_nonfinite 'stop': the watch reports the data layer as the producer and
+    that the guard repaired it, and training goes on with finite weights. A guard that only
+    warns repairs nothing: the watch stops at the layer that uses the blob next, before
+    any backward or update."""
+    arrays = batches(8, [(3, 5)])
+    net = published_net(LENET, data="array", batch=BATCH, arrays=arrays, phase_only="TRAIN")
+    at = net.index('layer {\n  name: "conv1"')
+    net = net[:at] + DATA_GUARD.replace("ACTION", action).lstrip() + net[at:]
+    values = published_solver_fields("lenet_solver.prototxt")
+    path = write_solver(net, **values)
+    solver = caffe.get_solver(str(path))
+    w = watch(solver, solver_file=path, log_first=0)
+    solver.step(3)
+    before = weights(solver.net)
+    if action == "clamp":
+        solver.step(2)
+        [producer] = [f for f in w.faults if f.kind == "producer"]
+        assert (producer.layer, producer.iteration, producer.action) == ("mnist", 3, "report")
+        assert producer.note == "repaired in place by Python data_guard"
+        assert parse_line(producer.line())["note"] == producer.note
+        assert solver.iter == 5 and all_finite(solver.net)
+    else:
+        with pytest.raises(NonFiniteError) as caught:
+            solver.step(1)
+        stop = caught.value.report
+        assert (stop.kind, stop.layer, stop.iteration, stop.action) == ("producer", "mnist", 3, "stop")
+        assert stop.fault.samples == [5] and stop.note == ""
+        assert solver.iter == 3
+        assert_bit_equal(weights(solver.net), before)
+    w.close()
+
+
 def test_zeroing_diffs_is_no_skip_and_apply_update_advances_iter(lenet_solver):
     """Why skip raises before the update: the other doors stock pycaffe offers move the
     weights (momentum, weight decay) or iter."""

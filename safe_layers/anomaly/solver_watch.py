@@ -321,6 +321,9 @@ class Watch:
             self.checkpoints = None
             self.boards = []
         self.guard_reports = []  # what the last read of the boards found, in execution order
+        # A TRAIN producer under on_nonfinite 'stop', held until the next layer that uses its
+        # blob: an in-place layer there (a NaNGuard in clamp / zero mode) may repair it.
+        self._held = None
 
     def _read_boards(self):
         """Read the training net's deferred checks (one host read per board that has any):
@@ -340,15 +343,25 @@ class Watch:
             if not self.closed:
                 context.activate(self)
 
+        def before_forward(i):
+            if not self.closed:
+                context.activate(self)
+                if i == 0 and self._held is not None and self._held[0] is probe:
+                    self._stop_held()  # a new pass of a lone net: nothing settled it
+
         def after_forward(i):
             if not self.closed:
                 probe.after_forward(i)
+                if self._held is not None and self._held[0] is probe:
+                    self._settle(i, "forward")
 
         def after_backward(i):
             if not self.closed:
                 probe.after_backward(i)
+                if self._held is not None and self._held[0] is probe:
+                    self._settle(i, "backward")
 
-        net.before_forward(before)
+        net.before_forward(before_forward)
         net.after_forward(after_forward)
         if backward:
             net.before_backward(before)
@@ -381,6 +394,7 @@ class Watch:
     def _on_gradients_ready(self):
         if self.closed:
             return
+        self._stop_held()
         self.guard_reports = self._read_boards()
         iteration = self.iteration()
         probe = self.probes[0]
@@ -572,10 +586,55 @@ class Watch:
     def _on_producer(self, fault):
         train = fault.phase != "TEST"
         stop = train and self.options.on_nonfinite == "stop"
+        if stop and fault.role != "param" and self._held is None:
+            probe = next(p for p in self.probes if p.phase == fault.phase)
+            i, k = fault.layer_index, fault.blob_index
+            blob = probe.tops[i][k] if fault.role == "top" else probe.bottoms[i][k]
+            ends = i == probe.last if fault.pass_ == "forward" else i == 0
+            if not ends:
+                self._held = (probe, fault, blob)
+                return
         fault.action = "stop" if stop else "report"
         if stop:
             self._stop(fault)
         self._fault(fault, "E" if train else "W")
+
+    def _settle(self, i, pass_):
+        """After layer ``i`` ran: decide the held producer. Repaired when ``i`` works in
+        place on its blob and left it finite (a NaNGuard in repair mode: the value the
+        rest of the net sees is finite, so stopping would throw away a run the user
+        hardened to go on); otherwise the first layer to use the blob stops the run, as
+        the producer itself would have (no backward, no update has used it yet)."""
+        probe, fault, blob = self._held
+        if fault.pass_ != pass_ or i == fault.layer_index:
+            return
+        if pass_ == "forward":
+            in_place = blob in probe.tops[i] and blob in probe.bottoms[i]
+            repaired = in_place and blob not in probe.bad_data
+            used = blob in probe.bottoms[i] or i == probe.last
+        else:
+            in_place = blob in probe.bottoms[i] and blob in probe.tops[i]
+            repaired = in_place and blob not in probe.bad_diff
+            used = blob in probe.tops[i] or i == 0
+        if not (repaired or used):
+            return
+        self._held = None
+        if repaired:
+            fault.action = "report"
+            fault.note = ((fault.note + "; ") if fault.note else "") + "repaired in place by %s %s" % (
+                probe.types[i], probe.names[i])
+            self._fault(fault, "W")
+            return
+        fault.action = "stop"
+        self._stop(fault)
+
+    def _stop_held(self):
+        """A held producer no later layer settled (its blob's readers did not run)."""
+        if self._held is not None:
+            fault = self._held[1]
+            self._held = None
+            fault.action = "stop"
+            self._stop(fault)
 
     def _fault(self, fault, severity):
         self.faults.append(fault)
