@@ -195,6 +195,47 @@ def test_bad_input_exits_2_and_says_why(lenet, tmp_path):
     assert run.returncode == 2 and "one device only" in run.stderr
 
 
+def test_outputs_and_sources_that_cannot_work_exit_2_before_training(lenet, tmp_path):
+    """Each is found before the training process starts: no traceback, no "events ..."
+    line claiming a file that was never written."""
+    cases = [
+        (("--events", tmp_path / "nowhere" / "e.jsonl"), "cannot write the event log",
+         "folder %s does not exist" % (tmp_path / "nowhere")),
+        (("--plot", tmp_path), "cannot write the plot", "it is a folder"),
+    ]
+    for extra, what, why in cases:
+        run = safe_layers_train("-solver", lenet(), *extra, cwd=tmp_path)
+        assert run.returncode == 2, run.stderr[-2000:]
+        assert what in run.stderr and why in run.stderr and "Traceback" not in run.stderr
+        assert "Starting Optimization" not in run.stderr and "safe-layers train: events" not in run.stderr
+    # Snapshots (here: the watch's rollback checkpoints) under a prefix whose folder is missing.
+    solver = lenet(snapshot_prefix='"%s"' % (tmp_path / "gone" / "snap"))
+    run = safe_layers_train("-solver", solver, "--events", tmp_path / "e.jsonl", "--plot",
+                            tmp_path / "p.png", "--rollback-after", "2", cwd=tmp_path)
+    assert run.returncode == 2 and "cannot write snapshots (snapshot_prefix" in run.stderr
+    # A Data layer whose LMDB is not there: named, with its line, instead of Caffe's
+    # `mdb_status == 0 (2 vs. 0) No such file or directory`.
+    net = tmp_path / "lmdb_net.prototxt"
+    net.write_text((TESTS / "data" / LENET).read_text())
+    run = safe_layers_train("-solver", lenet(net='"%s"' % net), "--no-lint", cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "SL930 error data layer 'mnist' (Data): source 'examples/mnist/mnist_train_lmdb' does " \
+           "not exist" in run.stderr
+    assert "lmdb_net.prototxt:" in run.stderr and "Starting Optimization" not in run.stderr
+
+
+def test_an_event_log_that_cannot_be_written_never_stops_training(lenet, tmp_path):
+    run = safe_layers_train("-solver", lenet(max_iter=10), "--events", "/dev/full", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.count("cannot write the event log /dev/full (No space left on device)") == 1
+    assert "Optimization Done." in run.stderr
+    assert "safe-layers train: events /dev/full" not in run.stderr
+    # The solver block Caffe printed shows this tool's display/test fields; the user's follow.
+    assert ("display, test_interval, test_initialization and snapshot above are safe-layers "
+            "train's; %s's own: display: 5, test_interval: 10, test_initialization: true, "
+            "snapshot: 0" % lenet(max_iter=10)) in run.stderr
+
+
 def test_weights_with_commas_and_sigint_stop(caffe_bin, lenet, tmp_path):
     solver = lenet(max_iter=2, snapshot_after_train="true")
     assert caffe_bin("train", "-solver", solver, cwd=tmp_path).returncode == 0

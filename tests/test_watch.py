@@ -400,6 +400,26 @@ def test_growth_warnings_of_abandoned_iterations_do_not_block_checkpoints(caffe,
     w.close()
 
 
+def test_a_rollback_to_the_only_checkpoint_says_it_is_the_same_again(caffe, write_solver, tmp_path):
+    """Without lr_factor the regression diverges again after its rollback to checkpoint 0,
+    and none was taken since (its loss was never back near the start): the second rollback
+    can only restore checkpoint 0 again, and says so (not "one further back")."""
+    from conftest import DIVERGING_NET
+    path = write_solver(DIVERGING_NET.replace("LAYER", ""), base_lr=0.1, momentum=0.9,
+                        snapshot_prefix='"%s"' % (tmp_path / "ck"))
+    w = watch(str(path), on_nonfinite="skip", rollback_after=2, checkpoint_every=5, max_rollbacks=2,
+              log_first=0)
+    with pytest.raises(NonFiniteError) as caught:
+        w.solver.step(100)
+    assert "2 rollbacks already (max_rollbacks)" in caught.value.report.message
+    rollbacks = [e for e in w.events if e.kind == "rollback"]
+    assert [e.details["to"] for e in rollbacks] == [0, 0]
+    assert "failed again" not in rollbacks[0].message
+    assert "no older one is kept: the same one again" in rollbacks[1].message
+    assert "further back" not in rollbacks[1].message
+    w.close()
+
+
 def test_a_checkpoint_that_fails_again_rolls_back_one_further(lenet_solver, tmp_path):
     """Batches 7-10 are poisoned: the rollback to checkpoint 5 meets poison again before
     checkpoint 10 is taken, so the next rollback goes to checkpoint 0 (bit-exact), and the

@@ -751,6 +751,7 @@ class Watch:
             self._stop(SolverFault("stopped", "TRAIN", cause.iteration, "%s; %s" % (cause.message, why),
                                    "stop", cause.params))
         further_back = self._rolled_to is not None and self.checkpoints.taken_since_rollback == 0
+        previous = self._rolled_to
         latest = self.checkpoints.target(self._rolled_to)
         self._rolled_to = latest[0]
         self.rollbacks += 1
@@ -766,8 +767,11 @@ class Watch:
         self._last_growth = -10 ** 9  # a warning of the abandoned iterations, not of these
         message = "restored %s (iteration %d) after %s at iteration %d" % (
             latest[1], latest[0], cause.kind, cause.iteration)
-        if further_back:
+        if further_back and latest[0] != previous:
             message += " (the previous rollback's checkpoint failed again: one further back)"
+        elif further_back:
+            message += (" (the previous rollback's checkpoint failed again, and no older one is "
+                        "kept: the same one again)")
         details = {"to": latest[0], "from": iteration, "state": latest[1], "seconds": seconds}
         if self.options.lr_factor:
             old = float(self.solver.param.base_lr)

@@ -64,14 +64,31 @@ class EventLog:
 
     def __init__(self, path):
         self.path = path
-        self.file = open(path, "w")
+        self.lost = 0       # records that could not be written
+        try:
+            self.file = open(path, "w")
+        except OSError as exc:
+            self.file = None
+            self._failed(exc)
 
     def write(self, record):
+        """Append one record; a failure to write (a full disk) is said once, on stderr, and
+        training goes on: the event log never kills a run."""
+        if self.file is None:
+            self.lost += 1
+            return
         try:
             self.file.write(json.dumps(jsonable(record), sort_keys=True) + "\n")
             self.file.flush()
         except (OSError, ValueError) as exc:
-            sys.stderr.write("safe-layers train: cannot write the event log %s: %s\n" % (self.path, exc))
+            self.lost += 1
+            if self.lost == 1:
+                self._failed(exc)
+
+    def _failed(self, exc):
+        sys.stderr.write("safe-layers train: cannot write the event log %s (%s): training goes on; "
+                         "the log lines on stderr are the record\n"
+                         % (self.path, getattr(exc, "strerror", None) or exc))
 
     def watch_listener(self, item):
         record = item.as_dict()
@@ -162,6 +179,13 @@ class Trainer:
                 caffe.set_mode_cpu()
             solver = caffe.get_solver(cfg["solver"])
             param = read_solver_param(cfg["solver"])
+            # Caffe printed the solver it was given; these fields of it are this tool's,
+            # which displays, tests and snapshots itself (no snapshot before the watch has
+            # checked the weights; a skipped iteration not tested twice).
+            self.log("safe_layers", "display, test_interval, test_initialization and snapshot above "
+                     "are safe-layers train's; %s's own: %s" % (cfg["solver_file"], ", ".join(
+                         "%s: %s" % (k, str(real[k]).lower() if isinstance(real[k], bool) else real[k])
+                         for k in ("display", "test_interval", "test_initialization", "snapshot"))))
             if cfg.get("snapshot"):
                 self.log("caffe.cpp:235", "Resuming from %s" % cfg["snapshot"])
                 solver.restore(cfg["snapshot"])

@@ -24,7 +24,8 @@ import subprocess
 import sys
 import tempfile
 
-from safe_layers.tools.findings import EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, InputError
+from safe_layers.tools.findings import (EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, InputError,
+                                        check_output_path, save_png)
 
 HELP = "train like `caffe train`, under a watch: skip, rollback, reports naming layer and iteration"
 
@@ -176,14 +177,35 @@ def prepare(args, workdir):
     plot = args.plot or prefix + "_train.png"
     inputs = {os.path.abspath(p) for p in [args.solver, args.snapshot] +
               args.weights.split(",") if p}
-    for out in (events, plot):
+    for out, what in ((events, "the event log"), (plot, "the plot")):
         if os.path.abspath(out) in inputs:
             raise InputError("%s is an input of this run; refusing to write over it" % out)
+        check_output_path(out, what)
+    if real["snapshot"] or param.snapshot_after_train or args.rollback_after:
+        # Caffe checks this only when `snapshot` is set, and then aborts; the final
+        # snapshot and the watch's checkpoints would fail at the end or at the first fault.
+        check_output_path(prefix + "_iter_0.solverstate",
+                          "snapshots (snapshot_prefix %r of %s)" % (prefix, args.solver))
+    _check_sources(args.solver)
     progress = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     return {"solver": solver_path, "solver_file": args.solver, "snapshot": args.snapshot or None,
             "gpu": gpu, "sigint_effect": args.sigint_effect, "sighup_effect": args.sighup_effect,
             "watch": _watch_options(args), "events": events, "plot": plot, "real": real,
             "progress": progress, "net_name": _net_name(param, args.solver)}
+
+
+def _check_sources(solver_path):
+    """A data layer whose source does not exist makes Caffe abort while it builds the net,
+    with `mdb_status == 0 (2 vs. 0) No such file or directory` and no path: name the layer
+    and the path here instead (InputError, exit 2)."""
+    from safe_layers.tools.scan import targets_from_prototxt
+    try:
+        _, notes = targets_from_prototxt(solver_path)
+    except InputError:
+        return  # no Data / HDF5Data layer with a source: nothing to check
+    missing = [f for f in notes if f.severity == "error"]
+    if missing:
+        raise InputError("\n".join(f.text() for f in missing))
 
 
 def _lint(args):
@@ -264,6 +286,8 @@ def _supervise(command):
 
 def _read_events(path):
     events = []
+    if not os.path.isfile(path):
+        return events  # never written, or a device (/dev/null; /dev/full reads endless zeros)
     try:
         with open(path) as f:
             for line in f:
@@ -294,7 +318,11 @@ def _finish(config, returncode, tail):
     out = sys.stderr
     if summary:
         out.write("safe-layers train: %s\n" % summary["line"])
-    out.write("safe-layers train: events %s%s\n" % (config["events"], "; plot %s" % plot if plot else ""))
+    written = ["events %s" % config["events"]] if events else []
+    if plot:
+        written.append("plot %s" % plot)
+    if written:
+        out.write("safe-layers train: %s\n" % "; ".join(written))
     if returncode == 0:
         return EXIT_CLEAN
     if returncode < 0:
@@ -371,8 +399,10 @@ def write_plot(events, path):
     loss_axis.legend(handles[0] + more[0], handles[1] + more[1], loc="upper right", fontsize=8)
     loss_axis.set_title("safe-layers train")
     figure.tight_layout()
-    figure.savefig(path)
-    pyplot.close(figure)
+    try:
+        save_png(figure, path)
+    finally:
+        pyplot.close(figure)
     return path
 
 
