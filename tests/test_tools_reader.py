@@ -128,4 +128,67 @@ def test_a_broken_solver_is_worded_as_a_solver(tmp_path, caffe):
     with pytest.raises(InputError) as caught:
         prototxt.read_prototxt(path)
     assert "base_lr" not in str(caught.value)
-    assert str(caught.value).endswith("solver.prototxt:6:19: Expected \"}\".")
+    assert str(caught.value).endswith("solver.prototxt:6:19: the file ends here, inside 'net_param "
+                                      "{ ...' (1 closing '}' missing): is it cut short? (protobuf: "
+                                      "Expected \"}\".)")
+
+
+DATA = __import__("pathlib").Path(__file__).parent / "data"
+
+
+@pytest.mark.parametrize("cut, expected", [
+    # LeNet as published, cut after line 70 ("    stride: 2" of pool1's pooling_param)
+    (("lines", 70), r"lenet.prototxt:70:13: the file ends here, inside 'layer \{ pooling_param \{ \.\.\.' "
+                    r"\(2 closing '\}' missing\): is it cut short\? \(protobuf: Expected \"\}\"\.\)$"),
+    # ... in the middle of a string literal (bias_filler's type: "constant")
+    (("bytes", 1500), r"lenet.prototxt:92:13: the file ends here, in the middle of a string \(no closing "
+                      r"quote\), inside 'layer \{ convolution_param \{ bias_filler \{ \.\.\.' \(3 closing"),
+    # ... after a field name and its colon
+    (("suffix", "layer {\n  name: \"x\"\n  type: \"ReLU\"\n  bottom:"),
+     r"lenet.prototxt:\d+:\d+: the file ends here, in the middle of field 'bottom' \(no value\), "
+     r"inside 'layer \{ \.\.\.' \(1 closing '\}' missing\)"),
+])
+def test_a_file_cut_short_is_said_to_end_there(tmp_path, caffe, cut, expected):
+    text = (DATA / "lenet_train_test.prototxt").read_text()
+    how, where = cut
+    text = ("".join(text.splitlines(True)[:where]) if how == "lines" else
+            text[:where] if how == "bytes" else text + where)
+    path = tmp_path / "lenet.prototxt"
+    path.write_text(text)
+    with pytest.raises(InputError, match=expected):
+        prototxt.read_prototxt(path)
+
+
+def test_a_bad_last_value_is_not_called_cut_short(tmp_path, caffe):
+    path = tmp_path / "solver.prototxt"
+    path.write_text('base_lr: 0.01\nmax_iter: abc\n')
+    with pytest.raises(InputError) as caught:
+        prototxt.read_prototxt(path)
+    assert str(caught.value) == "%s:2:11: 'max_iter: abc': Couldn't parse integer: abc" % path
+
+
+def test_a_net_where_a_solver_is_expected_says_so(tmp_path, caffe, capsys):
+    from safe_layers.tools import cli
+    net = DATA / "lenet_train_test.prototxt"
+    with pytest.raises(InputError) as caught:
+        prototxt.read_solver(net)
+    assert str(caught.value).startswith("%s is a net prototxt, not a solver: " % net)
+    assert "no field named" not in str(caught.value)
+    assert cli.main(["train", "-solver", str(net)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safe-layers train: error: %s is a net prototxt, not a solver" % net)
+    assert "Traceback" not in err
+    # A solver named where a net is expected: the solver's net: line is named.
+    solver = tmp_path / "solver.prototxt"
+    solver.write_text('base_lr: 0.01\nnet: "%s"\n' % (DATA / "lenet_solver.prototxt"))
+    with pytest.raises(InputError, match=r"solver.prototxt:2:1: net: .*lenet_solver.prototxt is a "
+                                         r"solver prototxt, not a net"):
+        prototxt.solver_nets(prototxt.read_prototxt(solver))
+    # A file broken in itself is still worded by protobuf, whatever kind was asked for.
+    broken = tmp_path / "broken.prototxt"
+    broken.write_text('layer { nmae: "a" }\n')
+    with pytest.raises(InputError, match=r'broken.prototxt:1:9: .*no field named "nmae"'):
+        prototxt.read_net(broken)
+    with pytest.raises(InputError, match=r'broken.prototxt:1:1: .*SolverParameter" has no field named '
+                                         r'"layer"'):
+        prototxt.read_solver(broken)

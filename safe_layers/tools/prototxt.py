@@ -290,7 +290,8 @@ def read_text(path):
 
 def parse_text(text, message_type, path):
     """``text`` parsed into a new ``caffe_pb2.<message_type>``; InputError with
-    ``path:line:col`` on the protobuf error."""
+    ``path:line:col`` on the protobuf error (worded as a file that ends too soon when the
+    error is at its end and a block, field or string is left open there)."""
     from google.protobuf import text_format
     message = getattr(caffe_pb2(), message_type)()
     try:
@@ -300,9 +301,56 @@ def parse_text(text, message_type, path):
         detail = str(exc)
         detail = re.sub(r"^\d+:\d+ : ", "", detail)
         if line is not None:
+            cut = _cut_short(text, line, col)
+            if cut:
+                detail = "the file ends here, %s: is it cut short? (protobuf: %s)" % (cut, detail)
             raise InputError("%s:%d:%d: %s" % (path, line, col, detail)) from None
         raise InputError("%s: %s" % (path, detail)) from None
     return message
+
+
+# Tokens of a text that may be cut anywhere (a string literal may lack its closing quote).
+_LOOSE_TOKEN = re.compile(r"""\s+|\#[^\n]*|"(?:[^"\\\n]|\\.)*"?|'(?:[^'\\\n]|\\.)*'?"""
+                          r"""|[A-Za-z0-9_.+\-]+|.""", re.S)
+
+
+def _cut_short(text, line, col):
+    """What the end of ``text`` leaves open, when protobuf's error at ``line``:``col`` is
+    at the last token or past it and something is left open there (a block, a list, a
+    field without its value, a string without its closing quote); else None. Protobuf
+    reports a file that ends too soon at its last token, in words about that token
+    ("Couldn't parse integer: ''", 'Expected "}".') that do not say the file ended."""
+    tokens = [(m.group(), m.start()) for m in _LOOSE_TOKEN.finditer(text)
+              if not m.group()[:1].isspace() and not m.group().startswith("#")]
+    if not tokens:
+        return None
+    lines = text.split("\n")
+    offset = sum(len(l) + 1 for l in lines[:line - 1]) + col - 1
+    if offset < tokens[-1][1]:
+        return None
+    open_blocks, name = [], None
+    previous = None
+    for token, _ in tokens:
+        if token in ("{", "<", "["):
+            open_blocks.append((name or "?") + (" [" if token == "[" else " {"))
+        elif token in ("}", ">", "]") and open_blocks:
+            open_blocks.pop()
+        elif (token[0].isalnum() or token[0] == "_") and previous != ":":
+            name = token
+        previous = token
+    last = tokens[-1][0]
+    parts = []
+    if last[0] in "\"'" and (len(last) == 1 or last[-1] != last[0]):
+        parts.append("in the middle of a string (no closing quote)")
+    elif last == ":" or ((last[0].isalnum() or last[0] == "_") and
+                         (len(tokens) < 2 or tokens[-2][0] != ":")):
+        parts.append("in the middle of field '%s' (no value)" % name)
+    if open_blocks:
+        closers = "".join("]" if b.endswith("[") else "}" for b in reversed(open_blocks))
+        parts.append("inside '%s ...' (%s)" % (
+            " ".join(open_blocks), "%d closing '%s' missing" % (len(closers), closers[0])
+            if len(set(closers)) == 1 else "'%s' missing" % closers))
+    return ", ".join(parts) or None
 
 
 def _kind_of(root):
@@ -338,9 +386,36 @@ def read_prototxt(path, kind=None):
         if errors:
             raise max(errors, key=_error_position)
         raise
+    detected = kind is None
     kind = kind or _kind_of(root)
-    message = parse_text(text, "NetParameter" if kind == "net" else "SolverParameter", path)
+    try:
+        message = parse_text(text, "NetParameter" if kind == "net" else "SolverParameter", path)
+    except InputError:
+        if not detected:
+            _refuse_other_kind(text, kind, path)
+        raise
     return Prototxt(path, text, kind, message, root)
+
+
+class WrongKind(InputError):
+    """A net given where a solver is expected, or a solver where a net is."""
+
+
+def _refuse_other_kind(text, kind, path):
+    """InputError when a text asked for as ``kind``, which does not parse as it, parses as
+    the other kind: a net where a solver is expected (``train -solver``, ``harden
+    --solver``), or a solver named by a solver's ``net:``. Protobuf alone would say 'has no
+    field named "name"', which does not tell what went wrong."""
+    try:
+        parse_text(text, "SolverParameter" if kind == "net" else "NetParameter", path)
+    except InputError:
+        return  # neither kind: the caller's error says what is wrong
+    if kind == "solver":
+        raise WrongKind("%s is a net prototxt, not a solver: where a solver is expected "
+                        "(train -solver, harden --solver) give the solver file, whose net: "
+                        "names this net" % path) from None
+    raise WrongKind("%s is a solver prototxt, not a net: a solver's net / train_net / test_net "
+                    "names a net prototxt (its layers), not another solver" % path) from None
 
 
 def _error_position(error):
@@ -406,6 +481,10 @@ def _referenced_net(name, solver, field):
         line, col = solver.where(node)
         raise InputError("%s:%d:%d: %s: %r does not exist (Caffe opens it relative to the working "
                          "directory, %s)" % (solver.path, line, col, field, name, os.getcwd()))
-    net = read_net(path)
+    try:
+        net = read_net(path)
+    except WrongKind as exc:
+        line, col = solver.where(solver.root.find(field))
+        raise InputError("%s:%d:%d: %s: %s" % (solver.path, line, col, field, exc)) from None
     net.reference_note = note
     return net
