@@ -359,6 +359,19 @@ def test_select_ignore_and_text_format(lint, tmp_path):
     assert text.splitlines()[-1].startswith("lint: 1 error, 0 warnings, 0 notes")
 
 
+@pytest.mark.parametrize("option, ids, bad", [
+    ("--select", "SL999", "SL999"), ("--select", "SL102,SL91", "SL91"), ("--ignore", "SL9", "SL9"),
+    ("--ignore", "sl1", "sl1"),
+])
+def test_select_or_ignore_of_no_rule_exits_2(lint, tmp_path, option, ids, bad):
+    """A typo in --select would select nothing and report a clean run: it is refused."""
+    path = solver_file(tmp_path, "solver.prototxt", base_lr=0.01, lr_policy='"poly"', power=0.9)
+    status, output = lint(option, ids, path)
+    assert status == 2 and "Traceback" not in output
+    assert "safe-layers lint: error: %s %s: no such rule (this command's rules: SL001, " % (option, bad) in output
+    assert "SL703" in output  # the ids come from the rule registry, the last rule included
+
+
 @pytest.mark.parametrize("text, expected", [
     ('layer { name: "a" type: "Input" \n', r"bad.prototxt:\d+:\d+: "),
     ('layer { name: "a" type: "Frobnicate" top: "x" }\n',

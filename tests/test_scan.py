@@ -461,6 +461,25 @@ def test_solver_prototxt_and_bad_prototxt(caffe, tmp_path, monkeypatch):
     assert status == 2 and "broken.prototxt" in err
 
 
+def test_select_or_ignore_of_no_rule_exits_2(caffe, tmp_path):
+    db = convert_mnist(tmp_path / "db", images(10), np.arange(10) % 5, "lmdb")
+    for option, ids in (("--select", "SL999"), ("--ignore", "SL90,SL1")):
+        status, out, err = scan(db, option, ids)
+        bad = ids.split(",")[-1]
+        assert status == 2 and out == "" and "Traceback" not in err
+        assert err.startswith("safe-layers scan: error: %s %s: no such rule (this command's rules: "
+                              "SL901, " % (option, bad))
+    status, doc, _ = scan_json(db, "--select", "SL91", "--num-classes", 6)
+    assert status == 0 and {f["rule"] for f in doc["findings"]} == {"SL910"}
+
+
+def test_every_rule_scan_reports_is_in_its_rule_list():
+    import re
+    from safe_layers.tools import scan as scan_module
+    source = open(scan_module.__file__).read()
+    assert set(re.findall(r'"(SL\d{3})"', source)) == set(scan_module.RULES)
+
+
 # ---------------------------------------------------------------------------------------
 # The reader API other tools use, and the progress bar.
 

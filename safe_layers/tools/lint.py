@@ -62,6 +62,9 @@ def run(args):
         raise InputError("no FILE given (a solver or net prototxt); see --help")
     if args.iterations is not None and args.iterations < 1:
         raise InputError("--iterations must be >= 1")
+    known = [r.id for r in list_rules()]
+    select = findings.rule_list(args.select, known=known, option="--select")
+    ignore = findings.rule_list(args.ignore, known=known, option="--ignore")
     try:
         overrides = netshapes.parse_input_shapes(args.input_shape)
     except ValueError as exc:
@@ -69,8 +72,7 @@ def run(args):
     linter = Linter(overrides, args.iterations, shapes=not args.no_shapes)
     for path in args.files:
         linter.lint_file(path)
-    found = findings.select(linter.findings(), findings.rule_list(args.select),
-                            findings.rule_list(args.ignore))
+    found = findings.select(linter.findings(), select, ignore)
     counts = {s: sum(1 for f in found if f.severity == s) for s in findings.SEVERITIES}
     summary = "lint: %d error%s, %d warning%s, %d note%s in %s" % (
         counts["error"], "" if counts["error"] == 1 else "s",

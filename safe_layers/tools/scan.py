@@ -39,6 +39,27 @@ from safe_layers.tools.findings import Finding, InputError
 
 HELP = "find the records of an LMDB/LevelDB/HDF5 dataset that would poison training"
 
+# Every rule scan reports (--select / --ignore accept these ids and their prefixes).
+RULES = {
+    "SL901": "non-finite float_data",
+    "SL902": "data/float_data size not channels x height x width",
+    "SL903": "a shape other than the first record's",
+    "SL904": "a label outside [0, K)",
+    "SL905": "an encoded image that does not decode",
+    "SL906": "a value that is not a Datum",
+    "SL910": "classes absent from the whole set",
+    "SL911": "classes likely absent from a batch at the batch size",
+    "SL912": "records stored in label order",
+    "SL920": "HDF5: a listed file that does not exist",
+    "SL921": "HDF5: a top with no dataset of its name",
+    "SL922": "HDF5: a dataset neither float nor integer",
+    "SL923": "HDF5: non-finite values",
+    "SL924": "HDF5: tops differing in dimension 0 (or a scalar dataset)",
+    "SL925": "HDF5: rows shaped unlike the first file's",
+    "SL926": "HDF5: a list that names no file",
+    "SL930": "a net's data layer whose source is missing or not scanned",
+}
+
 # Loss layers whose bottom[1] is a class label (bottom[0] has the classes on axis 1).
 CLASS_LOSSES = ("SoftmaxWithLoss", "InfogainLoss", "Accuracy", "MultinomialLogisticLoss",
                 "HingeLoss")
@@ -828,6 +849,8 @@ def run(args):
         raise InputError("--batch-size must be at least 1")
     if args.num_classes is not None and args.num_classes < 1:
         raise InputError("--num-classes must be at least 1")
+    select = findings_module.rule_list(args.select, known=RULES, option="--select")
+    ignore = findings_module.rule_list(args.ignore, known=RULES, option="--ignore")
     targets, notes = targets_for(args)
     _refuse_overwrite(args.plot, [args.source] + [t.path for t in targets])
     reports = []
@@ -846,8 +869,7 @@ def run(args):
     found = list(notes)
     for report in reports:
         found.extend(report.findings())
-    found = findings_module.select(found, findings_module.rule_list(args.select),
-                                   findings_module.rule_list(args.ignore))
+    found = findings_module.select(found, select, ignore)
     summary = []
     for report in reports:
         t = report.target
