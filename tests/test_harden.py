@@ -45,7 +45,8 @@ def buildable(caffe, tmp_path, text, name, shapes, batch):
         for field in ("data_param", "image_data_param", "hdf5_data_param"):
             if layer.HasField(field):
                 getattr(layer, field).batch_size = batch
-    overrides = netshapes.parse_input_shapes(shapes)
+    # An --input-shape's N is the batch of its layer (what is given wins over batch_size).
+    overrides = {top: (batch,) + shape[1:] for top, shape in netshapes.parse_input_shapes(shapes).items()}
     net, _ = netshapes.input_net(message, str(DATA / "x.prototxt"), overrides)
     path = tmp_path / name
     path.write_text(text_format.MessageToString(net))

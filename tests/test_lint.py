@@ -340,7 +340,108 @@ def test_data_layer_shape_from_the_command_line(lint, tmp_path):
     assert rules_of(doc) == ["SL002", "SL202"]
     status, doc = lint("--input-shape", "x=7,3,10,10", path)
     finding = only(doc, "SL201")
-    assert finding["bottom_shape"] == [2, 3, 10, 10]  # N from the layer's batch_size
+    assert finding["bottom_shape"] == [7, 3, 10, 10]  # what the user gives wins, N included
+
+
+# --- where a data top's shape comes from: --input-shape > the declaration > the source -------
+
+def shapes_of(text, tmp_path, *given, phase="TRAIN", name="net.prototxt"):
+    """Shapes real Caffe gives ``text``'s net with ``given`` --input-shape values."""
+    from safe_layers.tools import netshapes, prototxt
+    net = prototxt.read_net(write(tmp_path, name, text))
+    built = netshapes.infer(net.message, net.path, phase, netshapes.parse_input_shapes(given))
+    assert built.known, (built.unknown, built.failure)
+    return built
+
+
+def lmdb_of_10x10(tmp_path, caffe, name="train_lmdb"):
+    import lmdb
+    env = lmdb.open(str(tmp_path / name), map_size=1 << 24)
+    with env.begin(write=True) as txn:
+        for i in range(4):
+            datum = caffe.proto.caffe_pb2.Datum(channels=1, height=10, width=10, label=i,
+                                                data=bytes(range(100)))
+            txn.put(b"%08d" % i, datum.SerializeToString())
+    env.close()
+    return tmp_path / name
+
+
+def test_input_shape_beats_declaration_beats_first_record(tmp_path, caffe):
+    source = lmdb_of_10x10(tmp_path, caffe)
+    data = ('layer { name: "data" type: "Data" top: "x" top: "label" %s'
+            'data_param { source: "%s" backend: LMDB batch_size: 2 } }\n'
+            'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }\n')
+    plain, cropped = data % ("", source), data % ("transform_param { crop_size: 8 } ", source)
+    # The first record of the source: 1x10x10, N from batch_size.
+    built = shapes_of(plain, tmp_path)
+    assert built.top_shape("r") == (2, 1, 10, 10) and built.top_shape("data", 1) == (2,)
+    # The declaration (crop_size) over the record.
+    assert shapes_of(cropped, tmp_path).top_shape("r") == (2, 1, 8, 8)
+    # --input-shape over both, its N included; the label takes that N (tops share a batch).
+    for text in (plain, cropped):
+        built = shapes_of(text, tmp_path, "x=3,1,12,12")
+        assert built.top_shape("r") == (3, 1, 12, 12) and built.top_shape("data", 1) == (3,)
+        assert built.data_shapes["x"] == ((3, 1, 12, 12), "--input-shape")
+    # By the name of a one-top data layer, too; and over an Input layer's declared shape.
+    one_top = INPUT % (10, 10) + 'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }\n'
+    assert shapes_of(one_top, tmp_path).top_shape("r") == (2, 3, 10, 10)
+    assert shapes_of(one_top, tmp_path, "data=1,3,7,7").top_shape("r") == (1, 3, 7, 7)
+
+
+@pytest.mark.parametrize("given, conv1", [((), (1, 64, 112, 112)), (("data=2,3,448,448",), (2, 64, 224, 224))])
+def test_input_shape_over_the_legacy_net_input(tmp_path, caffe, given, conv1):
+    """ResNet-50 deploy declares its input at net level (input: + input_dim)."""
+    text = (DATA / "resnet50_deploy.prototxt").read_text()
+    assert "\ninput_dim: 224" in text
+    assert shapes_of(text, tmp_path, *given).top_shape("conv1") == conv1
+
+
+def test_input_shape_the_net_refuses_is_named_as_a_possible_cause(lint, tmp_path):
+    # ResNet-50 deploy at 32x32: res5 is 1x1, where pool5's 7x7 window does not fit.
+    status, doc = lint("--input-shape", "data=2,3,32,32", DATA / "resnet50_deploy.prototxt")
+    finding = only(doc, "SL001")
+    assert status == 1 and finding["layer"] == "pool5" and finding["input_shapes"] == {"data": [2, 3, 32, 32]}
+    assert finding["message"].endswith("; the net was built with the shape given by --input-shape "
+                                       "data=2,3,32,32, which may be the cause")
+    # A shape of 3 axes is a blob shape Caffe accepts; LeNet's conv1 then has no room for
+    # its 5x5 kernel, and the finding says where the shape came from.
+    shutil.copy(DATA / "lenet_train_test.prototxt", tmp_path)
+    status, doc = lint("--input-shape", "data=1,2,3", tmp_path / "lenet_train_test.prototxt")
+    finding = only(doc, "SL001")
+    assert status == 1 and finding["layer"] == "conv1"
+    assert "Check failed: shape[i] >= 0 (-1 vs. 0)" in finding["message"]
+    assert "--input-shape data=1,2,3, which may be the cause" in finding["message"]
+    assert finding["fix"].startswith("check --input-shape data=1,2,3 (N,C,H,W for an image net); "
+                                     "if it is right, fix layer 'conv1'")
+    # Without --input-shape the refusal is Caffe's alone.
+    status, doc = lint(write(tmp_path, "net.prototxt", pooling_net("MAX", 2, 2, 10, "pad: 2")))
+    assert "--input-shape" not in only(doc, "SL001")["message"] + only(doc, "SL001")["fix"]
+
+
+@pytest.mark.parametrize("value, ok", [("data=1,2,3", True), ("data=5", True), ("data=" + ",".join(["1"] * 32), True),
+                                       ("data=" + ",".join(["1"] * 33), False), ("data=1,0,3", False),
+                                       ("data=", False), ("=1,2", False), ("data=1,x", False)])
+def test_input_shape_values(value, ok):
+    from safe_layers.tools import netshapes
+    if ok:
+        assert netshapes.parse_input_shapes([value]) == {"data": tuple(map(int, value[5:].split(",")))}
+    else:
+        with pytest.raises(ValueError, match=r"expected NAME=N,C,H,W \(a blob shape: 1 to 32 positive"):
+            netshapes.parse_input_shapes([value])
+
+
+def test_input_shape_naming_no_data_top_exits_2(lint, tmp_path):
+    shutil.copy(DATA / "lenet_train_test.prototxt", tmp_path)
+    net = write(tmp_path, "net.prototxt", pooling_net())
+    status, output = lint("--input-shape", "foo=1,2,3,4", "--input-shape", "data=1,3,10,10",
+                          tmp_path / "lenet_train_test.prototxt", net)
+    assert status == 2 and "Traceback" not in output and output.count("\n") == 1
+    assert output == ("safe-layers lint: error: --input-shape foo: no data top or data layer of that "
+                      "name in the nets linted (data tops: %s: data, label; %s: x)\n"
+                      % (tmp_path / "lenet_train_test.prototxt", net))
+    # The name of a one-top data layer is a name --input-shape takes.
+    status, doc = lint("--input-shape", "data=2,3,10,10", net)
+    assert status == 1 and only(doc, "SL201")["bottom_shape"] == [2, 3, 10, 10]
 
 
 # --- select, ignore, formats, exit 2 ---------------------------------------------------------
@@ -385,6 +486,37 @@ def test_unreadable_input_exits_2_with_a_clear_message(lint, tmp_path, text, exp
     assert status == 2
     assert re.search(expected, output), output
     assert path.read_text() == textwrap.dedent(text)
+
+
+@pytest.mark.parametrize("order", ["good first", "bad first"])
+def test_an_unreadable_file_does_not_hide_the_others(tmp_path, caffe, monkeypatch, capsys, order):
+    monkeypatch.chdir(tmp_path)
+    good = write(tmp_path, "a.prototxt", pooling_net())
+    bad = write(tmp_path, "b.prototxt", 'layer { name: "a" type: "Input" \n')
+    solver = write(tmp_path, "s.prototxt", 'net: "gone.prototxt"\nbase_lr: 0.1\n')
+    files = [good.name, bad.name, solver.name]
+    files = files if order == "good first" else files[::-1]
+    for fmt in ("text", "json"):
+        assert cli.main(["lint", "--format", fmt] + files) == 2
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        assert sorted(err.splitlines()) == [
+            "safe-layers lint: error: b.prototxt:1:25: the file ends here, inside 'layer { ...' "
+            "(1 closing '}' missing): is it cut short? (protobuf: Expected \"}\".)",
+            "safe-layers lint: error: s.prototxt:1:1: net: 'gone.prototxt' does not exist (Caffe "
+            "opens it relative to the working directory, %s)" % tmp_path]
+        if fmt == "text":
+            lines = out.splitlines()
+            assert len(lines) == 2 and lines[0].startswith("a.prototxt:3:3: SL201 error")
+            assert lines[1] == ("lint: 1 error, 0 warnings, 0 notes in a.prototxt; 2 unreadable: %s"
+                                % ", ".join(f for f in files if f != "a.prototxt"))
+        else:
+            doc = json.loads(out)
+            assert rules_of(doc) == ["SL201"] and doc["checked"] == ["a.prototxt"]
+            unreadable = {u["file"]: (u["path"], u["line"], u["col"]) for u in doc["unreadable"]}
+            assert unreadable == {"b.prototxt": ("b.prototxt", 1, 25), "s.prototxt": ("s.prototxt", 1, 1)}
+            assert all(u["error"].startswith(u["path"] + ":") for u in doc["unreadable"])
+    assert bad.read_text() == 'layer { name: "a" type: "Input" \n'
 
 
 def test_missing_file_exits_2(lint, tmp_path):

@@ -11,11 +11,14 @@ rules see true blob shapes; where Caffe refuses the net, its own message is repo
 against the layer it names; where shapes cannot be known, the shape-free rules run and
 an SL002 note says why. `--list-rules` prints every rule id.
 
-Findings print as `path:line:col: SLnnn severity message — fix: ...`. Exit status: 0 no
-errors (warnings and notes only), 1 an error, 2 unreadable input or bad arguments.
+Findings print as `path:line:col: SLnnn severity message — fix: ...`. Every file given is
+linted; one that cannot be read is reported (path:line:col) beside the others' findings.
+Exit status: 0 no errors (warnings and notes only), 1 an error, 2 a file unreadable (after
+everything is printed) or bad arguments.
 """
 
-import os
+import re
+import sys
 
 from safe_layers.tools import findings, netshapes, prototxt
 from safe_layers.tools.findings import InputError
@@ -29,8 +32,9 @@ def add_arguments(parser):
     parser.add_argument("files", nargs="*", metavar="FILE.prototxt",
                         help="solver or net prototxts (a solver brings the nets it names)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
-                        help="shape of a data top (or of a one-top data layer) when the prototxt "
-                             "and its data source do not tell; repeat for several")
+                        help="shape of a data top (or of a one-top data layer, or a net input); "
+                             "it wins over what the prototxt and its data source say, N included; "
+                             "repeat for several")
     parser.add_argument("--iterations", type=int, metavar="N",
                         help="simulate the learning rate over N iterations (a pycaffe loop) "
                              "instead of the solver's max_iter")
@@ -70,16 +74,65 @@ def run(args):
     except ValueError as exc:
         raise InputError(str(exc)) from None
     linter = Linter(overrides, args.iterations, shapes=not args.no_shapes)
+    # Every file is read first, then every readable one is linted: one unreadable file
+    # (exit 2) must not hide the findings of the others.
+    loaded, unreadable = [], []
     for path in args.files:
-        linter.lint_file(path)
+        try:
+            loaded.append(linter.load(path))
+        except InputError as exc:
+            unreadable.append(_unreadable(path, exc))
+    _check_input_shape_names(overrides, [net for _, nets in loaded for _, net in nets], unreadable)
+    for document, nets in loaded:
+        linter.lint(document, nets)
     found = findings.select(linter.findings(), select, ignore)
     counts = {s: sum(1 for f in found if f.severity == s) for s in findings.SEVERITIES}
     summary = "lint: %d error%s, %d warning%s, %d note%s in %s" % (
         counts["error"], "" if counts["error"] == 1 else "s",
         counts["warning"], "" if counts["warning"] == 1 else "s",
-        counts["info"], "" if counts["info"] == 1 else "s", ", ".join(linter.checked))
-    return findings.emit(found, args.format, extra={"checked": linter.checked, "counts": counts},
-                         summary=summary)
+        counts["info"], "" if counts["info"] == 1 else "s", ", ".join(linter.checked) or "no file")
+    if unreadable:
+        summary += "; %d unreadable: %s" % (len(unreadable), ", ".join(u["path"] for u in unreadable))
+    for entry in unreadable:
+        sys.stderr.write("safe-layers lint: error: %s\n" % entry["error"])
+    sys.stderr.flush()
+    status = findings.emit(found, args.format, summary=summary,
+                           extra={"checked": linter.checked, "counts": counts,
+                                  "unreadable": unreadable})
+    return findings.EXIT_INPUT if unreadable else status
+
+
+def _unreadable(path, error):
+    """The JSON entry of a file lint could not read: the file given, where the error is
+    (``path``, ``line``, ``col``: a net a solver names may be the unreadable one; 0 when
+    the error names no position) and the error's text."""
+    match = re.match(r"(.*?):(\d+):(\d+): ", str(error))
+    where = {"file": str(path), "path": str(path), "line": 0, "col": 0}
+    if match:
+        where.update(path=match.group(1), line=int(match.group(2)), col=int(match.group(3)))
+    where["error"] = str(error)
+    return where
+
+
+def _check_input_shape_names(overrides, nets, unreadable):
+    """InputError (exit 2) for an --input-shape NAME that is no data top (nor one-top data
+    layer) of any net linted: it would be silently ignored."""
+    if not overrides or not nets:
+        return
+    named = set()
+    tops_of = []
+    for net in nets:
+        tops, names = netshapes.shapeable(net.message)
+        named |= names
+        tops_of.append("%s: %s" % (net.path, ", ".join(tops) or "none"))
+    stray = [name for name in overrides if name not in named]
+    if stray:
+        unread = ("; not checked against %s (unreadable)" % ", ".join(u["path"] for u in unreadable)
+                  if unreadable else "")
+        raise InputError("--input-shape %s: no data top or data layer of that name in the net%s "
+                         "linted (data tops: %s)%s"
+                         % (", ".join(stray), "s" if len(nets) > 1 else "", "; ".join(
+                             dict.fromkeys(tops_of)), unread))
 
 
 class Linter:
@@ -92,18 +145,29 @@ class Linter:
         self.report = Report()
         self.checked = []
 
-    def lint_file(self, path):
+    def load(self, path):
+        """(Prototxt, [(field, net Prototxt)]) of ``path`` (a solver with the nets it names,
+        or a net with field None); InputError where it or a net it names cannot be read."""
         doc = prototxt.read_prototxt(path)
+        nets = prototxt.solver_nets(doc) if doc.kind == "solver" else [(None, doc)]
+        for _, net in nets:
+            _check_types(net, net.layers())
+        return doc, nets
+
+    def lint(self, doc, nets):
         self.checked.append(doc.path)
         if doc.kind == "solver":
-            self.lint_solver(doc)
+            self.lint_solver(doc, nets)
         else:
             self.lint_net(doc, (("TRAIN", 0, ()), ("TEST", 0, ())))
 
-    def lint_solver(self, solver):
+    def lint_file(self, path):
+        """Load and lint one file (InputError when it cannot be read)."""
+        self.lint(*self.load(path))
+
+    def lint_solver(self, solver, nets):
         from safe_layers.tools.rules import solver as solver_rules
         solver_rules.check(solver, self.report, self.iterations)
-        nets = prototxt.solver_nets(solver)
         msg = solver.message
         train_state = (msg.train_state.level, tuple(msg.train_state.stage))
         test_state = ((msg.test_state[0].level, tuple(msg.test_state[0].stage))
@@ -132,7 +196,6 @@ class Linter:
                             "this net uses the V1 'layers' format: Caffe upgrades it when it builds "
                             "the net (SL001 would show a refusal), but the rules read only 'layer' entries",
                             "upgrade it: upgrade_net_proto_text OLD NEW")
-        _check_types(net, pairs)
         built_for = {}
         for phase_spec in phases:
             phase, level, stages = phase_spec
@@ -178,10 +241,21 @@ class Linter:
         if failure["kind"] == "python" and failure["message"].startswith("ParamError"):
             return None  # SL601 reports it, with the layer's own words
         location = " (%s)" % failure["location"] if failure["location"] else ""
-        ctx.add(node, CAFFE_REFUSES, "Caffe refuses the net at %s%s: %s"
-                % (where, location, failure["message"].strip()),
-                "fix %s as the message says" % where, layer=failure["layer"],
-                data={"caffe_message": failure["message"].strip(), "location": failure["location"]})
+        message = "Caffe refuses the net at %s%s: %s" % (where, location, failure["message"].strip())
+        fix = "fix %s as the message says" % where
+        data = {"caffe_message": failure["message"].strip(), "location": failure["location"]}
+        given = {top: shape for top, (shape, how) in built.data_shapes.items()
+                 if how == "--input-shape"}
+        if given:
+            # The net was built with shapes the user gave, not ones it declares: a wrong
+            # --input-shape makes Caffe refuse a correct net at the first layer it feeds.
+            shown = ", ".join("%s=%s" % (top, ",".join(map(str, shape))) for top, shape in given.items())
+            message += ("; the net was built with the shape%s given by --input-shape %s, which "
+                        "may be the cause" % ("s" if len(given) > 1 else "", shown))
+            fix = ("check --input-shape %s (N,C,H,W for an image net); if it is right, %s"
+                   % (shown, fix))
+            data["input_shapes"] = {top: list(shape) for top, shape in given.items()}
+        ctx.add(node, CAFFE_REFUSES, message, fix, layer=failure["layer"], data=data)
         return None
 
     def findings(self):

@@ -6,16 +6,18 @@ the tool's own: :func:`infer` writes a copy of the net in which every data layer
 reads back, for each layer, the shapes of its bottoms and tops; or Caffe's own message and
 the layer it was setting up when it refused the net.
 
-Where a data layer's shapes come from (first that answers):
+Where a data top's shape comes from (first that answers):
 
-1. ``--input-shape NAME=N,C,H,W`` (NAME a top blob, or a data layer with one top; N is
-   replaced by the layer's own ``batch_size`` where it declares one);
-2. the layer's own declaration (``Input``/``DummyData`` keep theirs; ``MemoryData``'s
-   batch/channels/height/width; ``crop_size``, ``new_height``/``new_width``, ``is_color``,
-   the mean file's or mean values' channel count);
+1. ``--input-shape NAME=N,C,H,W`` (NAME a data top, or a data layer with one top): what
+   the user says wins, its N included; the layer's other tops (labels) take that N too,
+   as all tops of a data layer share one batch size;
+2. the net's own declaration: the net-level ``input`` with ``input_shape`` /
+   ``input_dim``, ``Input``/``DummyData`` shapes, ``MemoryData``'s batch/channels/
+   height/width, ``batch_size``, ``crop_size``, ``new_height``/``new_width``,
+   ``is_color``, the mean file's or mean values' channel count;
 3. the first record of its source (LMDB/LevelDB ``Datum``, the datasets of the first HDF5
    file, the first image of an ``ImageData`` list), read with
-   :mod:`safe_layers.tools.datasets`.
+   :mod:`safe_layers.tools.datasets`, for what the declaration leaves open.
 
 When one data top stays unknown the net cannot be built with true shapes: :func:`infer`
 says which, and how to give it, and the caller falls back to shape-free rules.
@@ -79,8 +81,14 @@ class Shapes:
         return entry["tops"][index][1]
 
 
+# Caffe's kMaxBlobAxes: a blob has at most 32 axes.
+MAX_AXES = 32
+
+
 def parse_input_shapes(items):
-    """``["data=64,1,28,28", ...]`` -> {"data": (64, 1, 28, 28)}; ValueError when malformed."""
+    """``["data=64,1,28,28", ...]`` -> {"data": (64, 1, 28, 28)}; ValueError when malformed.
+    Any blob shape Caffe can hold is accepted (1 to 32 positive dimensions): Caffe's blobs
+    are N-d, and whether a layer takes the shape is Caffe's to say when it builds the net."""
     shapes = {}
     for item in items or ():
         name, sep, dims = item.partition("=")
@@ -88,11 +96,45 @@ def parse_input_shapes(items):
             shape = tuple(int(d) for d in dims.split(","))
         except ValueError:
             shape = ()
-        if not sep or not name.strip() or not shape or any(d <= 0 for d in shape):
-            raise ValueError("--input-shape %r: expected NAME=N,C,H,W (positive integers), e.g. "
-                             "data=64,3,224,224" % item)
+        if (not sep or not name.strip() or not shape or len(shape) > MAX_AXES
+                or any(d <= 0 for d in shape)):
+            raise ValueError("--input-shape %r: expected NAME=N,C,H,W (a blob shape: 1 to %d "
+                             "positive integers, N first), e.g. data=64,3,224,224"
+                             % (item, MAX_AXES))
         shapes[name.strip()] = shape
     return shapes
+
+
+def is_source(layer):
+    """Whether a layer's tops come from outside the net (data layers, Input, DummyData,
+    a Python layer without bottoms): the tops --input-shape can shape."""
+    return (layer.type in DATA_TYPES or layer.type in ("Input", "DummyData")
+            or (layer.type == "Python" and not layer.bottom))
+
+
+def shapeable(net_message):
+    """(tops, names): the net's data tops in file order (net-level ``input``s, the tops of
+    its source layers) and every name --input-shape accepts (those tops and the name of
+    each source layer with one top)."""
+    tops, names = list(net_message.input), set(net_message.input)
+    for layer in net_message.layer:
+        if is_source(layer):
+            tops.extend(t for t in layer.top if t not in tops)
+            names.update(layer.top)
+            if len(layer.top) == 1:
+                names.add(layer.name)
+    return tops, names
+
+
+def _given(layer, index, overrides):
+    """The --input-shape for the layer's top ``index`` (by top name, or by the layer's name
+    when it has one top), or None."""
+    top = layer.top[index]
+    if top in overrides:
+        return overrides[top]
+    if len(layer.top) == 1 and layer.name in overrides:
+        return overrides[layer.name]
+    return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -102,23 +144,21 @@ def data_layer_shapes(layer, overrides, net_path):
     """{top: (shape, how)} for a data layer; raises ShapeUnknown saying what is missing."""
     tops = list(layer.top)
     found = {}
-    batch = _batch_size(layer)
     for i, top in enumerate(tops):
-        shape = overrides.get(top)
-        if shape is None and i == 0 and len(tops) == 1:
-            shape = overrides.get(layer.name)
+        shape = _given(layer, i, overrides)
         if shape is not None:
-            if batch and len(shape) > 1:
-                # One --input-shape serves the TRAIN and TEST data layers alike: each keeps
-                # its own batch_size, so its labels and predictions still agree.
-                shape = (batch,) + tuple(shape[1:])
-            found[top] = (shape, "--input-shape")
+            found[top] = (tuple(shape), "--input-shape")
     if len(found) == len(tops):
         return found
     declared = _declared_shapes(layer, net_path)
+    # A given N is the batch of every top of the layer (the labels must match the data).
+    batch = next(iter(found.values()))[0][0] if found else None
     for top in tops:
         if top not in found and top in declared:
-            found[top] = declared[top]
+            shape, how = declared[top]
+            if batch is not None and shape:
+                shape, how = (batch,) + tuple(shape[1:]), how + ", N from --input-shape"
+            found[top] = (shape, how)
     missing = [t for t in tops if t not in found]
     if missing:
         raise ShapeUnknown("data layer '%s' (%s): shape of top %s unknown (%s); give it with "
@@ -128,11 +168,66 @@ def data_layer_shapes(layer, overrides, net_path):
     return found
 
 
-def _batch_size(layer):
-    param = {"Data": "data_param", "AnnotatedData": "data_param", "ImageData": "image_data_param",
-             "WindowData": "window_data_param", "MemoryData": "memory_data_param",
-             "HDF5Data": "hdf5_data_param"}.get(layer.type)
-    return getattr(layer, param).batch_size if param else 0
+def _dummy_shapes(layer):
+    """The shape DummyData declares for each top (``shape``, or the legacy num/channels/
+    height/width; one entry for all tops or one per top), None where it declares none."""
+    p = layer.dummy_data_param
+    shapes = []
+    for i in range(len(layer.top)):
+        if len(p.shape):
+            shapes.append(tuple(p.shape[i if len(p.shape) > 1 else 0].dim))
+        elif len(p.num):
+            def pick(values):
+                return values[i if len(values) > 1 else 0] if len(values) else 0
+            shapes.append((pick(p.num), pick(p.channels), pick(p.height), pick(p.width)))
+        else:
+            shapes.append(None)
+    return shapes
+
+
+def _declared_input_shapes(layer):
+    """The shape an Input layer declares for each top (None where it declares none)."""
+    p = layer.input_param
+    return [tuple(p.shape[i if len(p.shape) > 1 else 0].dim) if len(p.shape) else None
+            for i in range(len(layer.top))]
+
+
+def _as_input(layer, shapes, pb2):
+    """Make ``layer`` an Input layer of ``shapes`` (one per top), keeping its name, tops
+    and phase rules."""
+    replacement = pb2.LayerParameter()
+    replacement.name = layer.name
+    replacement.type = "Input"
+    replacement.top.extend(layer.top)
+    replacement.include.extend(layer.include)
+    replacement.exclude.extend(layer.exclude)
+    for shape in shapes:
+        replacement.input_param.shape.add().dim.extend(shape)
+    layer.CopyFrom(replacement)
+
+
+def _net_inputs(net, overrides, data_shapes):
+    """Apply --input-shape to the net-level ``input`` fields (``input_shape``, or the legacy
+    ``input_dim``, four per input), rewriting them as ``input_shape``."""
+    given = [overrides.get(name) for name in net.input]
+    if all(g is None for g in given):
+        return
+    shapes = []
+    for i, name in enumerate(net.input):
+        if given[i] is not None:
+            shapes.append(tuple(given[i]))
+            data_shapes[name] = (tuple(given[i]), "--input-shape")
+        elif len(net.input_shape) > i:
+            shapes.append(tuple(net.input_shape[i].dim))
+        elif len(net.input_dim) >= 4 * (i + 1):
+            shapes.append(tuple(net.input_dim[4 * i:4 * i + 4]))
+        else:
+            raise ShapeUnknown("net input '%s' declares no shape (input_shape / input_dim); give it "
+                               "with --input-shape %s=N,C,H,W" % (name, name))
+    del net.input_dim[:]
+    del net.input_shape[:]
+    for shape in shapes:
+        net.input_shape.add().dim.extend(shape)
 
 
 def _declared_shapes(layer, net_path):
@@ -286,30 +381,36 @@ def _hdf5_first_file_shapes(layer, net_path):
 
 def input_net(net_message, net_path, overrides):
     """A copy of ``net_message`` whose data layers are Input layers of known shapes, and
-    {top: (shape, how)}. Raises ShapeUnknown for the first data top it cannot shape."""
+    {top: (shape, how)} (data layers' tops, and the inputs --input-shape gave). Raises
+    ShapeUnknown for the first data top it cannot shape."""
     pb2 = prototxt.caffe_pb2()
     copy = pb2.NetParameter()
     copy.CopyFrom(net_message)
     data_shapes = {}
+    _net_inputs(copy, overrides, data_shapes)
     for layer in copy.layer:
-        is_data = layer.type in DATA_TYPES or (layer.type == "Python" and not layer.bottom)
-        if not is_data:
+        if not is_source(layer):
             continue
-        if layer.type == "Python" and not any(t in overrides for t in layer.top):
+        given = [_given(layer, i, overrides) for i in range(len(layer.top))]
+        if layer.type in ("Input", "DummyData"):
+            if all(g is None for g in given):
+                continue  # Caffe builds it as declared
+            declared = (_declared_input_shapes(layer) if layer.type == "Input"
+                        else _dummy_shapes(layer))
+            shapes = []
+            for top, shape, own in zip(layer.top, given, declared):
+                if shape is not None:
+                    data_shapes[top] = (tuple(shape), "--input-shape")
+                shapes.append(shape if shape is not None else own or ())
+            _as_input(layer, shapes, pb2)
+            continue
+        if layer.type == "Python" and all(g is None for g in given):
             raise ShapeUnknown("Python data layer '%s': its shapes come from Python code; give "
                                "them with --input-shape %s=N,C,H,W"
                                % (layer.name, layer.top[0] if layer.top else "NAME"))
         shapes = data_layer_shapes(layer, overrides, net_path)
         data_shapes.update(shapes)
-        replacement = pb2.LayerParameter()
-        replacement.name = layer.name
-        replacement.type = "Input"
-        replacement.top.extend(layer.top)
-        replacement.include.extend(layer.include)
-        replacement.exclude.extend(layer.exclude)
-        for top in layer.top:
-            replacement.input_param.shape.add().dim.extend(shapes[top][0])
-        layer.CopyFrom(replacement)
+        _as_input(layer, [shapes[top][0] for top in layer.top], pb2)
     return copy, data_shapes
 
 
