@@ -239,6 +239,53 @@ def test_not_a_database_exits_2(caffe, tmp_path):
     assert status == 2 and "not a database Caffe reads" in err
 
 
+def test_a_backend_that_does_not_fit_the_source_exits_2(caffe, tmp_path):
+    lmdb_dir = convert_mnist(tmp_path / "mnist_lmdb", images(10), np.arange(10) % 5, "lmdb")
+    leveldb_dir = convert_mnist(tmp_path / "mnist_leveldb", images(10), np.arange(10) % 5, "leveldb")
+    write_h5(tmp_path / "x.h5", data=np.ones((4, 2), np.float32), label=np.zeros(4))
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "odd.bin").write_bytes(os.urandom(5000))
+    hdf5 = "an HDF5 source (an .h5 file or a list of .h5 files)"
+    for source, backend, message in [
+            (lmdb_dir, "hdf5", "%s is an LMDB, not %s: give --backend lmdb, or leave --backend out "
+                               "(auto)" % (lmdb_dir, hdf5)),
+            (lmdb_dir, "leveldb", "%s is an LMDB, not a LevelDB directory: give --backend lmdb" % lmdb_dir),
+            (leveldb_dir, "lmdb", "%s is a LevelDB directory, not an LMDB: give --backend leveldb" % leveldb_dir),
+            (tmp_path / "x.h5", "leveldb", "%s is %s, not a LevelDB directory" % (tmp_path / "x.h5", hdf5)),
+            (tmp_path / "empty_dir", "hdf5", "%s is a directory: --backend hdf5 reads %s"
+                                             % (tmp_path / "empty_dir", hdf5)),
+            (tmp_path / "odd.bin", "leveldb", "%s is a file: --backend leveldb reads a LevelDB directory"
+                                              % (tmp_path / "odd.bin"))]:
+        status, out, err = scan(source, "--backend", backend)
+        assert status == 2 and out == "" and "Traceback" not in err, (source, backend, err)
+        assert err.startswith("safe-layers scan: error: " + message), err
+    # The backend that fits is read.
+    status, doc, _ = scan_json(lmdb_dir, "--backend", "lmdb")
+    assert status == 0 and doc["sources"][0]["records"] == 10
+
+
+def test_a_plot_path_that_cannot_be_written_exits_2_before_scanning(caffe, tmp_path, monkeypatch):
+    db = convert_mnist(tmp_path / "db", images(10), np.arange(10) % 5, "lmdb")
+    scanned = []
+    real_records = datasets.LMDBDatabase.records
+    monkeypatch.setattr(datasets.LMDBDatabase, "records",
+                        lambda self, *a, **k: scanned.append(1) or real_records(self, *a, **k))
+    for plot, message in [(tmp_path / "nowhere" / "x.png",
+                           "cannot write the plot %s: folder %s does not exist"
+                           % (tmp_path / "nowhere" / "x.png", tmp_path / "nowhere")),
+                          (tmp_path, "cannot write the plot %s: it is a folder" % tmp_path),
+                          (db / "labels.png", "--plot %s would write into the scanned source"
+                                              % (db / "labels.png"))]:
+        status, out, err = scan(db, "--plot", plot)
+        assert status == 2 and out == "" and "Traceback" not in err
+        assert err.startswith("safe-layers scan: error: " + message), err
+    assert scanned == [] and not (tmp_path / "nowhere").exists()
+    # Whatever its name, the plot is a PNG (the name does not choose the format).
+    status, out, _ = scan(db, "--plot", tmp_path / "labels.prototxt")
+    assert status == 0 and scanned == [1]
+    assert (tmp_path / "labels.prototxt").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("backend", ["lmdb", "leveldb"])
 def test_scan_never_writes_into_its_source(caffe, tmp_path, backend):
     if backend == "lmdb":

@@ -249,7 +249,7 @@ def targets_for(args):
     if args.backend == "auto" and _is_prototxt(source):
         targets, notes = targets_from_prototxt(source)
     else:
-        backend = args.backend if args.backend != "auto" else _detect(source)
+        backend = _detect(source) if args.backend == "auto" else _check_backend(source, args.backend)
         targets, notes = [Target(source, backend)], []
     for target in targets:
         if args.num_classes is not None:
@@ -266,6 +266,26 @@ def targets_for(args):
 def _detect(path):
     from safe_layers.tools import datasets
     return datasets.detect_backend(path)
+
+
+def _check_backend(path, backend):
+    """``backend`` when ``path`` can be that kind of source; InputError saying what the
+    path is otherwise (an HDF5 source is a file, a LevelDB a directory; what is on disk
+    and recognised as another kind is not read as this one)."""
+    try:
+        found = _detect(path)
+    except InputError:
+        found = None  # not recognised (damaged?): the reader says what is wrong
+    what = {"lmdb": "an LMDB", "leveldb": "a LevelDB directory",
+            "hdf5": "an HDF5 source (an .h5 file or a list of .h5 files)"}
+    if found is not None and found != backend:
+        raise InputError("%s is %s, not %s: give --backend %s, or leave --backend out (auto)"
+                         % (path, what[found], what[backend], found))
+    if backend == "hdf5" and os.path.isdir(path):
+        raise InputError("%s is a directory: --backend hdf5 reads %s" % (path, what["hdf5"]))
+    if backend == "leveldb" and not os.path.isdir(path):
+        raise InputError("%s is a file: --backend leveldb reads %s" % (path, what["leveldb"]))
+    return backend
 
 
 # ---------------------------------------------------------------------------------------
@@ -826,8 +846,10 @@ def write_plot(reports, path):
         curve_ax.legend(fontsize=7)
         curve_ax.set_title("the rarest classes", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        findings_module.save_png(fig, path)
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -851,6 +873,8 @@ def run(args):
         raise InputError("--num-classes must be at least 1")
     select = findings_module.rule_list(args.select, known=RULES, option="--select")
     ignore = findings_module.rule_list(args.ignore, known=RULES, option="--ignore")
+    if args.plot:
+        findings_module.check_output_path(args.plot, "the plot")
     targets, notes = targets_for(args)
     _refuse_overwrite(args.plot, [args.source] + [t.path for t in targets])
     reports = []
