@@ -3,7 +3,13 @@ the original's caffemodel and gives the original's outputs and gradients on fini
 (bit for bit at observe); only hardening shows in the diff; hardening twice changes nothing."""
 
 import difflib
+import itertools
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -22,6 +28,7 @@ PUBLISHED = {
     "cifar10_full_sigmoid_train_test_bn.prototxt": (["data=1,3,32,32"], 4),
     "resnet50_train_val.prototxt": ([], 1),
 }
+LEVELS = ("observe", "repair", "strict")
 
 
 @pytest.fixture
@@ -115,6 +122,8 @@ def test_published_net_hardened_keeps_outputs_and_gradients(harden, caffe, tmp_p
     assert status == 0, err
     original_text, hardened_text = source.read_text(), (tmp_path / "hard.prototxt").read_text()
     assert hardened_text != original_text and only_insertions(original_text, hardened_text)
+    if "}\nlayer" not in original_text:  # blocks apart by a blank line (ResNet): inserted ones too
+        assert "}\nlayer" not in hardened_text
     assert "level %s" % level in err and "wrote hard.prototxt" in err
     # Hardening a hardened net changes nothing.
     status, _, err = harden("hard.prototxt", "-o", "again.prototxt", "--level", level)
@@ -370,3 +379,145 @@ def test_refusals_exit_2_and_leave_the_input(harden, tmp_path, args, message):
     assert status == 2 and message in err, err
     assert (tmp_path / "net.prototxt").read_text() == net
     assert not (tmp_path / "x").exists()
+
+
+def test_empty_file_and_a_guard_matching_nothing_exit_2(harden, tmp_path):
+    (tmp_path / "empty.prototxt").write_text("# nothing yet\n")
+    status, _, err = harden("empty.prototxt", "-o", "x.prototxt")
+    assert status == 2 and err == "safe-layers harden: error: no layers in empty.prototxt: nothing to harden\n"
+    status, _, err = harden(DATA / "lenet_train_test.prototxt", "-o", "x.prototxt",
+                            "--guard", "Convolution", "--guard", "nomatch*", "--no-default-guards")
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert "--guard 'nomatch*' matches no layer of" in err
+    # What exists, shortened: every type, the first names.
+    assert "types: Accuracy, Convolution, Data, InnerProduct, Pooling, ReLU, SoftmaxWithLoss;" in err
+    assert "names: mnist, conv1, pool1, conv2, pool2, ip1, relu1, ip2, ... (10 in all)" in err
+    assert not (tmp_path / "x.prototxt").exists()
+
+
+def test_nothing_to_change_says_why(harden, tmp_path):
+    source = DATA / "lenet_train_test.prototxt"
+    harden(source, "-o", "h.prototxt", "--level", "strict")
+    status, _, err = harden("h.prototxt", "-o", "again.prototxt", "--level", "strict")
+    assert status == 0 and "nothing to change (already hardened at level strict)" in err
+    status, _, err = harden(source, "-o", "none.prototxt", "--no-default-guards")
+    assert status == 0 and "nothing to change (--no-default-guards and no --guard: no guard asked for)" in err
+    assert "already hardened" not in err
+
+
+# --- the output file -------------------------------------------------------------------------
+
+def no_temporary_files(folder):
+    return [p.name for p in folder.rglob("*") if ".tmp" in p.name] == []
+
+
+@pytest.mark.parametrize("output, message", [
+    ("missing/x.prototxt", "cannot write the hardened net missing/x.prototxt: folder {tmp}/missing does not exist"),
+    ("adir", "cannot write the hardened net adir: it is a folder"),
+])
+def test_output_path_is_checked_before_any_work(harden, tmp_path, output, message):
+    (tmp_path / "adir").mkdir()
+    status, out, err = harden(DATA / "lenet_train_test.prototxt", "-o", output)
+    # One line naming the path; no summary, no "wrote", no traceback; nothing left behind.
+    assert status == 2 and err == "safe-layers harden: error: %s\n" % message.format(tmp=tmp_path), err
+    assert out == "" and list((tmp_path / "adir").iterdir()) == [] and no_temporary_files(tmp_path)
+
+
+def test_a_failed_write_leaves_no_file_and_says_so(caffe, tmp_path):
+    """The real CLI with a file size limit of 1000 bytes (the hardened LeNet is larger): the
+    write fails after the checks, as on a full disk."""
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+
+    command = [os.path.join(os.path.dirname(sys.executable), "safe-layers"), "harden",
+               str(DATA / "lenet_train_test.prototxt"), "-o", "out.prototxt"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, preexec_fn=limit)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == "safe-layers harden: error: could not write the hardened net out.prototxt: File too large\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+# --- incremental hardening: observe first, repair later -----------------------------------
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_rehardening_at_another_level_equals_hardening_the_original_there(harden, tmp_path, name):
+    """For every pair of levels A -> B: harden at A, then harden that at B, gives the bytes
+    hardening the original at B gives (A == B: nothing changes). The same with options given
+    only to the second run (a swap, --guard, --solver, --max-norm) or to both."""
+    source = DATA / name
+    (tmp_path / "solver.prototxt").write_text('net: "x"\nbase_lr: 0.01\nmax_iter: 10\niter_size: 2\n')
+    options = ["--swap", "batchnorm", "--guard", "Convolution", "--solver", "solver.prototxt",
+               "--max-norm", "50"]
+
+    def hardened(path, level, *more):
+        status, _, err = harden(path, "-o", "out.prototxt", "--level", level, *more)
+        assert status == 0, err
+        return (tmp_path / "out.prototxt").read_text(), err
+
+    for first_options, second_options in (([], []), ([], options), (options, options)):
+        direct = {}
+        for level in LEVELS:
+            direct[level] = hardened(source, level, *second_options)[0]
+            (tmp_path / ("%s.prototxt" % level)).write_text(hardened(source, level, *first_options)[0])
+        for a, b in itertools.product(LEVELS, LEVELS):
+            again, err = hardened("%s.prototxt" % a, b, *second_options)
+            assert again == direct[b], (a, b, first_options, second_options)
+            if a == b and first_options == second_options:
+                assert "nothing to change (already hardened at level %s)" % b in err
+
+
+def test_level_change_summary_and_edits(harden, tmp_path):
+    source = DATA / "lenet_train_test.prototxt"
+    harden(source, "-o", "observe.prototxt")
+    status, _, err = harden("observe.prototxt", "-o", "repair.prototxt", "--level", "repair")
+    assert status == 0
+    lines = err.splitlines()
+    assert lines[0] == ("harden observe.prototxt: level repair: 0 NaNGuard and 1 GradientClip inserted, "
+                        "5 NaNGuard warn -> clamp/zero, no swap")
+    assert "  ~ NaNGuard mnist_guard, mnist_guard_2, conv1_guard, conv2_guard, ip2_guard: warn -> clamp/zero" in lines
+    assert "  + GradientClip ip2_clip after ip2 on ip2: L2 norm <= 1000 below the loss" in lines
+    assert lines[-1] == "wrote repair.prototxt"
+    before, after = (tmp_path / "observe.prototxt").read_text(), (tmp_path / "repair.prototxt").read_text()
+    # Only each guard's param_str changed (its action keys); the clip's lines are the one insertion.
+    relevelled = before.replace("action: warn}", "action: clamp, backward_action: zero}")
+    assert relevelled.count("action: clamp") == 5
+    ops = difflib.SequenceMatcher(None, relevelled.splitlines(True), after.splitlines(True)).get_opcodes()
+    assert [tag for tag, *_ in ops if tag != "equal"] == ["insert"]
+    inserted = [after.splitlines()[j1:j2] for tag, i1, i2, j1, j2 in ops if tag == "insert"][0]
+    assert len(inserted) == 11 and '  name: "ip2_clip"' in inserted  # one layer block of 11 lines
+    status, _, err = harden("repair.prototxt", "-o", "back.prototxt", "--level", "observe")
+    assert "5 NaNGuard clamp/zero -> warn, 1 GradientClip removed" in err.splitlines()[0]
+    assert "  - GradientClip ip2_clip after ip2 removed: level observe has no clip" in err
+    assert (tmp_path / "back.prototxt").read_text() == before
+    # --max-norm given resets harden's clips; not given, they keep their bound.
+    harden(source, "-o", "r50.prototxt", "--level", "repair", "--max-norm", "50")
+    status, _, err = harden("r50.prototxt", "-o", "same.prototxt", "--level", "repair")
+    assert "already hardened" in err and "max_norm: 50}" in (tmp_path / "same.prototxt").read_text()
+    status, _, err = harden("r50.prototxt", "-o", "r10.prototxt", "--level", "repair", "--max-norm", "10")
+    assert "1 GradientClip max_norm 50 -> 10" in err and "max_norm: 10}" in (tmp_path / "r10.prototxt").read_text()
+
+
+def test_guards_written_by_hand_are_left_alone_and_named(harden, tmp_path):
+    hand = ('    python_param { module: "safe_layers" layer: "NaNGuard"\n'
+            '                   param_str: "{name: %s, follows: %s, action: warn%s}" } }\n')
+    text = textwrap.dedent("""\
+        layer { name: "data" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+        layer { name: "label" type: "Input" top: "y" input_param { shape { dim: 2 } } }
+        layer { name: "fc" type: "InnerProduct" bottom: "x" top: "fc" inner_product_param { num_output: 3 } }
+        layer { name: "my_guard" type: "Python" bottom: "fc" top: "fc"
+        """) + hand % ("my_guard", "fc", ", max_abs: 100") + textwrap.dedent("""\
+        layer { name: "exp" type: "Exp" bottom: "fc" top: "e" }
+        layer { name: "exp_guard" type: "Python" bottom: "e" top: "e"
+        """) + hand % ("exp_guard", "exp", ", bound: 5") + \
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "e" bottom: "y" top: "loss" }\n'
+    (tmp_path / "net.prototxt").write_text(text)
+    status, _, err = harden("net.prototxt", "-o", "hard.prototxt", "--level", "strict")
+    assert status == 0, err
+    hardened = (tmp_path / "hard.prototxt").read_text()
+    # The hand-written guards are untouched, and no second guard joins them on their blobs.
+    assert hardened.count("action: warn") == 2 and "fc_guard" not in hardened
+    assert hardened.count("action: abort") == 2  # data_guard and label_guard
+    assert ("  = left as written (not in the form harden writes, so not harden's to move to level "
+            "strict): NaNGuard my_guard, NaNGuard exp_guard") in err.splitlines()
+    # A guard harden wrote and the user then edited is the user's too: exp_guard above is one.

@@ -30,27 +30,38 @@ Default placement, and why each spot:
     an explosion starts, and the last place to name the loss that produced it.
 
 ``--guard TYPE,...`` or ``--guard NAME-GLOB`` adds a guard after each matching layer
-(``--no-default-guards`` keeps only those). ``--swap batchnorm`` makes each BatchNorm a
+(``--no-default-guards`` keeps only those; an entry that matches no layer is an error).
+``--swap batchnorm`` makes each BatchNorm a
 StableBatchNorm (same name, so caffemodels load both ways; the three
 ``param { lr_mult: 0 }``; eps / moving_average_fraction / use_global_stats moved into its
 param_str); ``--swap infogain`` makes each InfogainLoss a SafeInfogainLoss (source, axis,
 ignore_label, normalization and the loss weight carried over; a Softmax in front is kept
 and read with ``input: probabilities``).
 
+Incremental hardening: on a net harden already hardened, the guards and clips it wrote
+(recognised by their param_str, exactly as harden writes it) are moved to the requested
+level: each guard's param_str is rewritten (nothing else in its block), GradientClips are
+added (repair) or removed (observe, strict), and ``--solver`` / ``--max-norm``, when given,
+update their iter_size / bound. The result is the file hardening the original at that
+level gives, byte for byte. Guards and clips written by hand are left as they are, and
+the summary names them.
+
 Every inserted layer gets a name, ``follows`` and, with ``--solver``, the solver's
 ``iter_size``. Every other byte of the file is kept (comments, formatting): the diff shows
-only the hardening. Hardening a hardened net changes nothing. The input is never written:
-``-o`` is required (``-o -`` for stdout); ``--dry-run`` prints the unified diff instead. A
+only the hardening. Hardening a hardened net at its level changes nothing. The input is
+never written: ``-o`` is required (``-o -`` for stdout) and checked before any work; the
+file appears complete or not at all. ``--dry-run`` prints the unified diff instead. A
 summary of what changed goes to stderr.
 """
 
 import difflib
 import fnmatch
 import os
+import re
 import sys
 
 from safe_layers.tools import prototxt
-from safe_layers.tools.findings import InputError
+from safe_layers.tools.findings import InputError, check_output_path
 from safe_layers.tools.netshapes import DATA_TYPES
 from safe_layers.tools.rules import layers_in_state, loss_weights, pooling
 
@@ -65,6 +76,22 @@ GUARD_PARAMS = {
     "repair": "action: clamp, backward_action: zero",
     "strict": "action: abort",
 }
+# How the summary names a level's guard actions: "5 NaNGuard warn -> clamp/zero".
+LEVEL_WORDS = {"observe": "warn", "repair": "clamp/zero", "strict": "abort"}
+DEFAULT_MAX_NORM = 1000.0
+
+# The param_str harden writes, and nothing else: a guard or clip whose param_str is not
+# exactly one of these (a key added, a value edited by hand) is the user's, left alone.
+_OWN_PARAM_STR = {
+    "NaNGuard": re.compile(r"\{name: (?P<name>[^,{}]+), follows: (?P<follows>[^,{}]+), "
+                           r"(?P<action>action: \w+(?:, backward_action: \w+)?)"
+                           r"(?:, iter_size: (?P<iter_size>\d+))?\}\Z"),
+    "GradientClip": re.compile(r"\{name: (?P<name>[^,{}]+), follows: (?P<follows>[^,{}]+), "
+                               r"mode: norm, max_norm: (?P<max_norm>[^,{}]+)"
+                               r"(?:, iter_size: (?P<iter_size>\d+))?\}\Z"),
+}
+_LEVEL_OF_ACTION = {action: level for level, action in GUARD_PARAMS.items()}
+_SUFFIX = {"NaNGuard": "guard", "GradientClip": "clip"}
 
 
 def add_arguments(parser):
@@ -73,18 +100,22 @@ def add_arguments(parser):
                         help="where the hardened net goes ('-' for stdout); required unless --dry-run")
     parser.add_argument("--level", choices=LEVELS, default="observe",
                         help="observe: guards warn (default); repair: clamp forward, zero backward, "
-                             "GradientClip below each loss; strict: abort with the report")
+                             "GradientClip below each loss; strict: abort with the report. On a net "
+                             "harden hardened before, its guards and clips move to this level")
     parser.add_argument("--guard", action="append", default=[], metavar="TYPE,...|NAME-GLOB",
                         help="also guard after each layer of these types (Convolution,InnerProduct) "
-                             "or whose name matches the glob ('res5*'); repeatable")
+                             "or whose name matches the glob ('res5*'); repeatable; an entry that "
+                             "matches no layer is an error")
     parser.add_argument("--no-default-guards", action="store_true",
                         help="only the --guard spots, not the default placement")
     parser.add_argument("--swap", default="", metavar="batchnorm,infogain",
                         help="replace BatchNorm by StableBatchNorm and/or InfogainLoss by SafeInfogainLoss")
     parser.add_argument("--solver", metavar="SOLVER.prototxt",
-                        help="the solver that trains this net: its iter_size goes into every inserted layer")
-    parser.add_argument("--max-norm", type=float, default=1000.0, metavar="X",
-                        help="repair: the L2 bound of the GradientClip below each loss (default 1000)")
+                        help="the solver that trains this net: its iter_size goes into every inserted "
+                             "layer (and into the guards and clips harden inserted before)")
+    parser.add_argument("--max-norm", type=float, default=None, metavar="X",
+                        help="repair: the L2 bound of the GradientClip below each loss (default %g; "
+                             "given, it also resets the clips harden inserted before)" % DEFAULT_MAX_NORM)
     parser.add_argument("--dry-run", action="store_true",
                         help="print the unified diff to stdout; write nothing")
 
@@ -97,11 +128,14 @@ def run(args):
     unknown = [s for s in swaps if s not in SWAPS]
     if unknown:
         raise InputError("--swap %s: allowed: %s" % (",".join(unknown), ", ".join(SWAPS)))
-    if args.max_norm <= 0:
+    if args.max_norm is not None and not args.max_norm > 0:
         raise InputError("--max-norm must be > 0")
-    if args.output and args.output != "-" and os.path.exists(args.output) and \
-            os.path.samefile(args.output, args.input):
-        raise InputError("-o %s is the input file: harden never overwrites its input" % args.output)
+    writes = not args.dry_run and args.output != "-"
+    if writes:
+        check_output_path(args.output, "the hardened net")
+        if os.path.exists(args.output) and os.path.exists(args.input) and \
+                os.path.samefile(args.output, args.input):
+            raise InputError("-o %s is the input file: harden never overwrites its input" % args.output)
     iter_size = None
     if args.solver:
         iter_size = prototxt.read_solver(args.solver).message.iter_size or 1
@@ -111,21 +145,108 @@ def run(args):
     hardener = Hardener(net, level=args.level, guards=args.guard, default_guards=not args.no_default_guards,
                         swaps=swaps, iter_size=iter_size, max_norm=args.max_norm)
     text = hardener.harden()
-    for line in hardener.summary(args.output if not args.dry_run else None):
-        sys.stderr.write(line + "\n")
     if args.dry_run:
         sys.stdout.writelines(difflib.unified_diff(
             net.text.splitlines(True), text.splitlines(True), fromfile=net.path,
             tofile=args.output if args.output and args.output != "-" else net.path + " (hardened)"))
-        return 0
-    if args.output == "-":
+        tail = "dry run: nothing written"
+    elif args.output == "-":
         sys.stdout.write(text)
+        sys.stdout.flush()
+        tail = "wrote stdout"
     else:
-        tmp = args.output + ".tmp%d" % os.getpid()
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, args.output)
+        write_file(args.output, text)
+        tail = "wrote %s" % args.output
+    # The summary comes once the file is in place: "wrote" is true when it is printed, and a
+    # closed stderr (`2>&1 | head`) cannot stop the file from being written.
+    for line in hardener.summary() + [tail]:
+        sys.stderr.write(line + "\n")
     return 0
+
+
+def write_file(path, text):
+    """Write ``text`` to ``path`` whole or not at all: into a temporary file beside it,
+    then renamed over it; the temporary file is removed on any failure. An OSError
+    becomes an InputError naming ``path``."""
+    tmp = "%s.tmp%d" % (path, os.getpid())
+    try:
+        # newline="": the text's own line ends, byte for byte.
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise InputError("could not write the hardened net %s: %s"
+                             % (path, exc.strerror or exc)) from None
+        raise
+
+
+def param_str(pairs, iter_size=None):
+    """``{key: value, ...}`` as harden writes it (``iter_size`` last, when known)."""
+    parts = ["%s: %s" % kv for kv in pairs]
+    if iter_size is not None:
+        parts.append("iter_size: %d" % iter_size)
+    return "{%s}" % ", ".join(parts)
+
+
+def guard_param_str(name, follows, level, iter_size=None):
+    pairs = [("name", name), ("follows", follows)] + \
+        [tuple(p.split(": ")) for p in GUARD_PARAMS[level].split(", ")]
+    return param_str(pairs, iter_size)
+
+
+def clip_param_str(name, follows, max_norm, iter_size=None):
+    return param_str([("name", name), ("follows", follows), ("mode", "norm"),
+                      ("max_norm", "%g" % max_norm)], iter_size)
+
+
+def is_safe_guard(layer):
+    """A NaNGuard or GradientClip of safe_layers, whoever wrote it."""
+    return layer.type == "Python" and layer.python_param.module.split(".")[0] == "safe_layers" \
+        and layer.python_param.layer in ("NaNGuard", "GradientClip")
+
+
+class Own:
+    """A guard or clip harden wrote: its param_str is exactly one harden writes, naming the
+    layer itself and the layer it follows (``<follows>_guard``, ``<follows>_clip_2``, ...)."""
+
+    def __init__(self, kind, name, follows, level=None, max_norm=None, iter_size=None):
+        self.kind, self.name, self.follows = kind, name, follows
+        self.level, self.max_norm, self.iter_size = level, max_norm, iter_size
+
+    @classmethod
+    def of(cls, layer):
+        """The Own for ``layer``, or None when harden did not write it."""
+        if not is_safe_guard(layer) or layer.python_param.module != "safe_layers" \
+                or list(layer.bottom) != list(layer.top) or not layer.bottom:
+            return None
+        kind, text = layer.python_param.layer, layer.python_param.param_str
+        match = _OWN_PARAM_STR[kind].match(text)
+        if match is None or match.group("name") != layer.name or not re.match(
+                re.escape(match.group("follows")) + r"_%s(_\d+)?\Z" % _SUFFIX[kind], layer.name):
+            return None
+        iter_size = int(match.group("iter_size")) if match.group("iter_size") else None
+        if kind == "NaNGuard":
+            level = _LEVEL_OF_ACTION.get(match.group("action"))
+            if level is None:
+                return None
+            own = cls(kind, layer.name, match.group("follows"), level=level, iter_size=iter_size)
+        else:
+            try:
+                max_norm = float(match.group("max_norm"))
+            except ValueError:
+                return None
+            own = cls(kind, layer.name, match.group("follows"), max_norm=max_norm, iter_size=iter_size)
+        return own if own.param_str() == text else None
+
+    def param_str(self):
+        if self.kind == "NaNGuard":
+            return guard_param_str(self.name, self.follows, self.level, self.iter_size)
+        return clip_param_str(self.name, self.follows, self.max_norm, self.iter_size)
 
 
 class Spot:
@@ -143,26 +264,57 @@ class Spot:
             self.reasons.append(reason)
 
 
+def shortened(items, most=8):
+    """'a, b, c' or 'a, b, ... (12 in all)'."""
+    items = list(items)
+    if len(items) <= most:
+        return ", ".join(items)
+    return "%s, ... (%d in all)" % (", ".join(items[:most]), len(items))
+
+
 class Hardener:
     """Plans and applies the edits to one net's text."""
 
     def __init__(self, net, level="observe", guards=(), default_guards=True, swaps=(), iter_size=None,
-                 max_norm=1000.0):
+                 max_norm=None):
         if level not in LEVELS:
             raise ValueError("level %r; allowed: %s" % (level, ", ".join(LEVELS)))
-        self.net, self.level, self.iter_size, self.max_norm = net, level, iter_size, max_norm
-        self.guard_specs = [g for spec in guards for g in spec.split(",") if g.strip()]
+        self.net, self.level, self.iter_size = net, level, iter_size
+        # None: new clips get the default bound, harden's existing clips keep theirs.
+        self.max_norm = max_norm
+        self.guard_specs = [g.strip() for spec in guards for g in spec.split(",") if g.strip()]
         self.default_guards, self.swaps = default_guards, list(swaps)
         pairs = net.layers()
         if any(node.name == "layers" for _, node in pairs):
             raise InputError("%s uses the V1 'layers' format; upgrade it first "
                              "(upgrade_net_proto_text OLD NEW), then harden" % net.path)
+        if not pairs:
+            raise InputError("no layers in %s: nothing to harden" % net.path)
         self.pairs = pairs
         self.names = {layer.name for layer, _ in pairs}
+        self._check_guard_specs()
         self.edits = []  # (start, end, text)
         self.log = []
         self.inserted = {"NaNGuard": 0, "GradientClip": 0}
         self.swapped = {}
+        self.changed = []  # (kind, name, what): harden's own layers updated in place
+        self.removed = []  # (kind, name, follows)
+        self.by_hand = []  # (kind, name): safe_layers guards and clips harden did not write
+        self.spots = 0  # the guard and clip spots asked for (inserted or already there)
+
+    def _check_guard_specs(self):
+        candidates = [layer for layer, _ in self.pairs if not is_safe_guard(layer)]
+        for spec in self.guard_specs:
+            if not any(self._matches(layer, spec) for layer in candidates):
+                types = sorted({layer.type for layer in candidates})
+                names = list(dict.fromkeys(layer.name for layer in candidates))
+                raise InputError("--guard '%s' matches no layer of %s: no layer has that type and "
+                                 "no layer name matches it (types: %s; names: %s)"
+                                 % (spec, self.net.path, shortened(types, 12), shortened(names)))
+
+    @staticmethod
+    def _matches(layer, spec):
+        return layer.type == spec or fnmatch.fnmatchcase(layer.name, spec)
 
     # ---- planning ------------------------------------------------------------------------
 
@@ -184,8 +336,8 @@ class Hardener:
                 continue
             position = order.index(before)
             for i in reversed(order[:position]):
-                # Our own guards and clips are transparent: the writer is the layer they follow.
-                if blob in self.pairs[i][0].top and not self._is_ours(self.pairs[i][0]):
+                # Guards and clips are transparent: the writer is the layer they follow.
+                if blob in self.pairs[i][0].top and not is_safe_guard(self.pairs[i][0]):
                     if i not in found:
                         found.append(i)
                     break
@@ -202,7 +354,7 @@ class Hardener:
             return spots[index]
 
         for i, (layer, _) in enumerate(self.pairs):
-            if self._is_ours(layer):
+            if is_safe_guard(layer):
                 continue
             if self.default_guards:
                 if layer.type in INPUT_TYPES or (layer.type == "Python" and not layer.bottom):
@@ -222,25 +374,25 @@ class Hardener:
                         if self.level == "repair":
                             spot.clip_blob = layer.bottom[0]
             for spec in self.guard_specs:
-                if layer.type == spec or fnmatch.fnmatchcase(layer.name, spec):
-                    if layer.top:
-                        want(i, list(layer.top), "--guard %s" % spec)
+                if self._matches(layer, spec) and layer.top:
+                    want(i, list(layer.top), "--guard %s" % spec)
         return [spots[i] for i in sorted(spots)]
 
-    @staticmethod
-    def _is_ours(layer):
-        return layer.type == "Python" and layer.python_param.module.split(".")[0] == "safe_layers" \
-            and layer.python_param.layer in ("NaNGuard", "GradientClip")
+    def _run_after(self, index):
+        """The guards and clips that sit right after layer ``index`` (-1: at the start of
+        the layer list), in order: (layer, node) pairs."""
+        run = []
+        for layer, node in self.pairs[index + 1:]:
+            if not is_safe_guard(layer):
+                break
+            run.append((layer, node))
+        return run
 
     def _existing(self, index, blob, kind):
         """Whether a safe_layers ``kind`` layer on ``blob`` already sits right after layer
-        ``index`` (among the guards/clips that follow it): hardening twice changes nothing."""
-        for layer, _ in self.pairs[index + 1:]:
-            if not self._is_ours(layer):
-                return False
-            if layer.python_param.layer == kind and blob in layer.bottom:
-                return True
-        return False
+        ``index`` (among the guards/clips that follow it): hardening twice adds nothing."""
+        return any(layer.python_param.layer == kind and blob in layer.bottom
+                   for layer, _ in self._run_after(index))
 
     # ---- text ----------------------------------------------------------------------------
 
@@ -263,10 +415,7 @@ class Hardener:
         return name
 
     def _param_str(self, pairs):
-        parts = ["%s: %s" % kv for kv in pairs]
-        if self.iter_size is not None:
-            parts.append("iter_size: %d" % self.iter_size)
-        return "{%s}" % ", ".join(parts)
+        return param_str(pairs, self.iter_size)
 
     def _block(self, name, blobs, rules, kind, param_str, ind):
         lines = ["layer {", '%sname: "%s"' % (ind, name), '%stype: "Python"' % ind]
@@ -286,45 +435,97 @@ class Hardener:
                 out.append("%s { %s }" % (field, text_format.MessageToString(rule_message, as_one_line=True)))
         return out
 
-    def _insert_after(self, node, block):
-        """An edit that puts ``block`` on the lines after ``node``'s block."""
+    def _insert_after(self, node, blocks):
+        """An edit that puts ``blocks`` on the lines after ``node``.
+
+        Where the file separates its blocks by a blank line, each inserted block is
+        preceded by one: inserting blocks one run at a time gives the text inserting them
+        at once gives (a guard now, its clip on a later run), and :meth:`_removal` undoes
+        exactly one block's insertion."""
         text = self.net.text
         newline = text.find("\n", node.end)
         rest = text[node.end:newline if newline >= 0 else len(text)]
-        if newline < 0:
-            return (len(text), len(text), ("" if text.endswith("\n") else "\n") + block)
-        if rest.strip() and not rest.strip().startswith("#"):
-            return (node.end, node.end, "\n" + block)
+        if rest.strip() and not rest.strip().startswith("#"):  # more fields on its line
+            return (node.end, node.end, "\n" + "".join(blocks))
+        if newline < 0:  # the last line, without a line end
+            return (len(text), len(text), "\n" + "".join(blocks))
         position = newline + 1
-        blank_after = text[position:position + 1] == "\n"
-        return (position, position, ("\n" + block) if blank_after else block)
+        separator = "\n" if text[position:position + 1] == "\n" else ""
+        return (position, position, "".join(separator + block for block in blocks))
+
+    def _removal(self, node):
+        """The edit that removes a block :meth:`_insert_after` inserted: its lines, and
+        the blank line before it where one is after it too."""
+        text = self.net.text
+        start, end = self._line_span(node)
+        if (start, end) == (node.start, node.end):  # not alone on its lines: the block itself
+            return (start, end, "")
+        if text[end:end + 1] == "\n" and start >= 1 and text[start - 1] == "\n" and \
+                (start == 1 or text[start - 2] == "\n"):
+            start -= 1
+        return (start, end, "")
 
     def _plan_guards(self):
         ind = self._indent()
         for spot in self._plan_spots():
+            self.spots += 1
             layer, node = self.pairs[spot.index]
             blobs = [b for b in spot.blobs if not self._existing(spot.index, b, "NaNGuard")]
             blocks = []
             rules = self._rules_text(layer)
             if blobs:
                 name = self._unique("%s_guard" % layer.name)
-                params = [("name", name), ("follows", layer.name)] + \
-                    [tuple(p.split(": ")) for p in GUARD_PARAMS[self.level].split(", ")]
-                blocks.append(self._block(name, blobs, rules, "NaNGuard", self._param_str(params), ind))
+                blocks.append(self._block(name, blobs, rules, "NaNGuard",
+                                          guard_param_str(name, layer.name, self.level, self.iter_size), ind))
                 self.inserted["NaNGuard"] += 1
                 self.log.append("  + NaNGuard %s after %s on %s: %s"
                                 % (name, layer.name, ", ".join(blobs), "; ".join(spot.reasons)))
             clip = spot.clip_blob
             if clip and not self._existing(spot.index, clip, "GradientClip"):
                 name = self._unique("%s_clip" % layer.name)
-                params = [("name", name), ("follows", layer.name), ("mode", "norm"),
-                          ("max_norm", "%g" % self.max_norm)]
-                blocks.append(self._block(name, [clip], rules, "GradientClip", self._param_str(params), ind))
+                max_norm = self.max_norm if self.max_norm is not None else DEFAULT_MAX_NORM
+                blocks.append(self._block(name, [clip], rules, "GradientClip",
+                                          clip_param_str(name, layer.name, max_norm, self.iter_size), ind))
                 self.inserted["GradientClip"] += 1
                 self.log.append("  + GradientClip %s after %s on %s: L2 norm <= %g below the loss"
-                                % (name, layer.name, clip, self.max_norm))
+                                % (name, layer.name, clip, max_norm))
             if blocks:
-                self.edits.append(self._insert_after(node, "".join(blocks)))
+                # After the guards and clips already there: a later run appends where an
+                # earlier one stopped, in the order one run would have written.
+                run = self._run_after(spot.index)
+                anchor = run[-1][1] if run else node
+                self.edits.append(self._insert_after(anchor, blocks))
+
+    def _plan_own(self):
+        """Harden's own guards and clips, moved to this run's level (and iter_size /
+        max_norm, when given); the others' names for the summary."""
+        for layer, node in self.pairs:
+            if not is_safe_guard(layer):
+                continue
+            own = Own.of(layer)
+            kind = layer.python_param.layer
+            if own is None:
+                self.by_hand.append((kind, layer.name))
+                continue
+            if kind == "GradientClip" and self.level != "repair":
+                self.edits.append(self._removal(node))
+                self.removed.append((kind, layer.name, own.follows))
+                continue
+            what = []
+            if kind == "NaNGuard" and own.level != self.level:
+                what.append("%s -> %s" % (LEVEL_WORDS[own.level], LEVEL_WORDS[self.level]))
+                own.level = self.level
+            if kind == "GradientClip" and self.max_norm is not None and own.max_norm != self.max_norm:
+                what.append("max_norm %g -> %g" % (own.max_norm, self.max_norm))
+                own.max_norm = self.max_norm
+            if self.iter_size is not None and own.iter_size != self.iter_size:
+                what.append("iter_size %s -> %d" % (own.iter_size or "unset", self.iter_size))
+                own.iter_size = self.iter_size
+            if what:
+                literal = node.find("python_param.param_str")
+                # Only the string changes: the literal's bytes, nothing around them.
+                self.edits.append((literal.value_start, literal.value_end, '"%s"' % own.param_str()))
+                self.changed.append((kind, layer.name, ", ".join(what)))
 
     # ---- swaps ---------------------------------------------------------------------------
 
@@ -449,6 +650,7 @@ class Hardener:
 
     def harden(self):
         """The hardened text (the input text itself when nothing is to change)."""
+        self._plan_own()
         self._plan_swaps()
         self._plan_guards()
         text = self.net.text
@@ -462,12 +664,31 @@ class Hardener:
             prototxt.parse_text(text, "NetParameter", self.net.path + " (hardened)")
         return text
 
-    def summary(self, output):
-        head = ("harden %s: level %s: %d NaNGuard and %d GradientClip inserted, %s"
-                % (self.net.path, self.level, self.inserted["NaNGuard"], self.inserted["GradientClip"],
-                   ", ".join("%d %s swapped" % (n, k) for k, n in sorted(self.swapped.items()))
-                   or "no swap"))
+    def summary(self):
+        """The lines for stderr: what was inserted, moved, removed, swapped and left alone."""
+        parts = ["%d NaNGuard and %d GradientClip inserted" % (self.inserted["NaNGuard"],
+                                                              self.inserted["GradientClip"])]
+        groups = {}
+        for kind, name, what in self.changed:
+            groups.setdefault((kind, what), []).append(name)
+        lines = []
+        for (kind, what), names in groups.items():
+            parts.append("%d %s %s" % (len(names), kind, what))
+            lines.append("  ~ %s %s: %s" % (kind, shortened(names), what))
+        if self.removed:
+            parts.append("%d GradientClip removed" % len(self.removed))
+            lines += ["  - %s %s after %s removed: level %s has no clip" % (kind, name, follows, self.level)
+                      for kind, name, follows in self.removed]
+        parts.append(", ".join("%d %s swapped" % (n, k) for k, n in sorted(self.swapped.items())) or "no swap")
+        head = "harden %s: level %s: %s" % (self.net.path, self.level, ", ".join(parts))
         if not self.edits:
-            head += "; nothing to change (already hardened)"
-        tail = ("wrote %s" % ("stdout" if output == "-" else output)) if output else "dry run: nothing written"
-        return [head] + self.log + [tail]
+            if self.spots:
+                head += "; nothing to change (already hardened at level %s)" % self.level
+            elif not self.default_guards and not self.guard_specs:
+                head += "; nothing to change (--no-default-guards and no --guard: no guard asked for)"
+            else:
+                head += "; nothing to change (no spot of the default placement in this net)"
+        if self.by_hand:
+            lines.append("  = left as written (not in the form harden writes, so not harden's to move "
+                         "to level %s): %s" % (self.level, shortened(["%s %s" % kn for kn in self.by_hand], 6)))
+        return [head] + self.log + lines
