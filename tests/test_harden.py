@@ -440,7 +440,7 @@ def test_a_failed_write_leaves_no_file_and_says_so(caffe, tmp_path):
 
 # --- incremental hardening: observe first, repair later -----------------------------------
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("name", sorted(PUBLISHED) + ["resnet50_deploy.prototxt"])
 def test_rehardening_at_another_level_equals_hardening_the_original_there(harden, tmp_path, name):
     """For every pair of levels A -> B: harden at A, then harden that at B, gives the bytes
     hardening the original at B gives (A == B: nothing changes). The same with options given
@@ -521,3 +521,50 @@ def test_guards_written_by_hand_are_left_alone_and_named(harden, tmp_path):
     assert ("  = left as written (not in the form harden writes, so not harden's to move to level "
             "strict): NaNGuard my_guard, NaNGuard exp_guard") in err.splitlines()
     # A guard harden wrote and the user then edited is the user's too: exp_guard above is one.
+
+
+# --- net-level inputs (published deploy nets) ------------------------------------------------
+
+def he_weights(net, seed=0):
+    rng = np.random.RandomState(seed)
+    for blobs in net.params.values():
+        blob = blobs[0]
+        if blob.data.ndim >= 2:
+            blob.data[...] = rng.normal(0, np.sqrt(2.0 / np.prod(blob.data.shape[1:])), blob.data.shape)
+
+
+def test_legacy_net_inputs_are_guarded(harden, caffe, tmp_path):
+    """resnet50_deploy declares `input: "data"` + four `input_dim`: its data gets a guard
+    like an Input layer's tops, before the first layer."""
+    source = DATA / "resnet50_deploy.prototxt"
+    status, _, err = harden(source, "-o", "observe.prototxt")
+    assert status == 0 and ("  + NaNGuard input_guard before the first layer on data: the net's inputs "
+                            "(input + input_dim; Caffe builds them as Input layer 'input')") in err.splitlines()
+    original_text, text = source.read_text(), (tmp_path / "observe.prototxt").read_text()
+    assert only_insertions(original_text, text)
+    first = text_format.Parse(text, caffe.proto.caffe_pb2.NetParameter()).layer[0]
+    assert (first.name, list(first.bottom), list(first.top)) == ("input_guard", ["data"], ["data"])
+    assert first.python_param.param_str == "{name: input_guard, follows: input, action: warn}"
+    harden(source, "-o", "strict.prototxt", "--level", "strict")
+
+    original = caffe.Net(str(source), caffe.TEST)
+    he_weights(original)
+    randomize_statistics(original)
+    weights = str(tmp_path / "resnet50.caffemodel")
+    original.save(weights)
+    image = np.random.RandomState(2).uniform(-1, 1, original.blobs["data"].data.shape)
+    outputs = {}
+    for name in ("original", "observe"):
+        net = original if name == "original" else caffe.Net(str(tmp_path / "observe.prototxt"), caffe.TEST,
+                                                            weights=weights)
+        net.blobs["data"].data[...] = image
+        net.forward()
+        outputs[name] = {blob: net.blobs[blob].data.copy() for blob in original.blobs}
+    assert np.isfinite(outputs["original"]["prob"]).all()
+    for blob, value in outputs["original"].items():
+        assert np.array_equal(value, outputs["observe"][blob]), blob  # bit for bit
+    strict = caffe.Net(str(tmp_path / "strict.prototxt"), caffe.TEST, weights=weights)
+    strict.blobs["data"].data[...] = image
+    strict.blobs["data"].data[0, 1, 100, 7] = np.nan
+    with pytest.raises(FloatingPointError, match="input_guard"):
+        strict.forward()

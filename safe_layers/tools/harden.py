@@ -31,7 +31,10 @@ Default placement, and why each spot:
 
 ``--guard TYPE,...`` or ``--guard NAME-GLOB`` adds a guard after each matching layer
 (``--no-default-guards`` keeps only those; an entry that matches no layer is an error).
-``--swap batchnorm`` makes each BatchNorm a
+Net-level inputs (``input:`` with ``input_dim`` / ``input_shape``, as in published deploy
+nets) are guarded like an Input layer's tops: Caffe turns them into an Input layer named
+``input`` when it loads the net, so the guard is ``input_guard`` (``follows: input``),
+placed before the first layer. ``--swap batchnorm`` makes each BatchNorm a
 StableBatchNorm (same name, so caffemodels load both ways; the three
 ``param { lr_mult: 0 }``; eps / moving_average_fraction / use_global_stats moved into its
 param_str); ``--swap infogain`` makes each InfogainLoss a SafeInfogainLoss (source, axis,
@@ -79,6 +82,9 @@ GUARD_PARAMS = {
 # How the summary names a level's guard actions: "5 NaNGuard warn -> clamp/zero".
 LEVEL_WORDS = {"observe": "warn", "repair": "clamp/zero", "strict": "abort"}
 DEFAULT_MAX_NORM = 1000.0
+# Caffe's UpgradeNetInput turns net-level `input:` + `input_dim`/`input_shape` into an
+# Input layer of this name when it loads the net: the name Caffe's log and reports use.
+LEGACY_INPUT_LAYER = "input"
 
 # The param_str harden writes, and nothing else: a guard or clip whose param_str is not
 # exactly one of these (a key added, a value edited by hand) is the user's, left alone.
@@ -465,8 +471,42 @@ class Hardener:
             start -= 1
         return (start, end, "")
 
+    def _insert_inputs(self, ind):
+        """The guard on net-level inputs (``input:`` + ``input_dim`` / ``input_shape``),
+        before the first layer. Caffe builds them as an Input layer named ``input`` (only
+        when a shape is declared: a bare ``input:`` is dropped, and its name is no blob)."""
+        message = self.net.message
+        if not self.default_guards or not len(message.input) or \
+                not (len(message.input_shape) or len(message.input_dim)):
+            return
+        self.spots += 1
+        blobs = [b for b in message.input if not self._existing(-1, b, "NaNGuard")]
+        if not blobs:
+            return
+        name = self._unique("%s_guard" % LEGACY_INPUT_LAYER)
+        block = self._block(name, blobs, [], "NaNGuard",
+                            guard_param_str(name, LEGACY_INPUT_LAYER, self.level, self.iter_size), ind)
+        fields = [n for n in self.net.root.children if n.name in ("input", "input_dim", "input_shape")]
+        last = max(fields, key=lambda n: n.end)
+        first_layer = self.pairs[0][1]
+        if last.end < first_layer.start:
+            self.edits.append(self._insert_after(last, [block]))
+        else:  # inputs declared after the layers: the guard still goes first
+            text = self.net.text
+            line_start = text.rfind("\n", 0, first_layer.start) + 1
+            if text[line_start:first_layer.start].strip():
+                self.edits.append((first_layer.start, first_layer.start, block))
+            else:
+                self.edits.append((line_start, line_start, block))
+        self.inserted["NaNGuard"] += 1
+        self.log.append("  + NaNGuard %s before the first layer on %s: the net's inputs (input + %s; "
+                        "Caffe builds them as Input layer '%s')"
+                        % (name, ", ".join(blobs), "input_shape" if len(message.input_shape) else "input_dim",
+                           LEGACY_INPUT_LAYER))
+
     def _plan_guards(self):
         ind = self._indent()
+        self._insert_inputs(ind)
         for spot in self._plan_spots():
             self.spots += 1
             layer, node = self.pairs[spot.index]
