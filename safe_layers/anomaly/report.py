@@ -234,6 +234,39 @@ def _float(text):
     return None if text == "none" else float(text)
 
 
+# The messages of Watch._rollback and Watch._bad_iteration (solver_watch.py writes them
+# into an Event; the line carries only the text).
+_ROLLBACK_MESSAGE = re.compile(
+    r"restored (?P<state>.+) \(iteration (?P<to>-?\d+)\) after (?P<cause>\w+) at iteration "
+    r"(?P<at>-?\d+)(?P<further> \(the previous rollback's checkpoint failed again: one further "
+    r"back\))?(?:; base_lr (?P<base_lr_from>\S+) -> (?P<base_lr_to>\S+))?; (?P<rollbacks>\d+) "
+    r"rollbacks in all$")
+_SKIP_MESSAGE = re.compile(r"; (?P<skipped>\d+) skipped in all$")
+
+
+def event_details(fields):
+    """What the message of a parsed 'rollback' or 'skip' event line (``parse_line``'s dict)
+    says, as numbers: rollback: to (the checkpoint's iteration), at (the iteration of the
+    fault that caused it), cause (its kind), further_back, base_lr_from / base_lr_to (None
+    without lr_factor), rollbacks (in all, this one included), state; skip: skipped (in
+    all). {} for any other line, or a message this version does not know."""
+    kind = fields.get("kind") if fields else None
+    if kind == "rollback":
+        match = _ROLLBACK_MESSAGE.match(fields["message"])
+        if match is None:
+            return {}
+        g = match.groupdict()
+        return {"to": int(g["to"]), "at": int(g["at"]), "cause": g["cause"], "state": g["state"],
+                "further_back": bool(g["further"]),
+                "base_lr_from": _float(g["base_lr_from"]) if g["base_lr_from"] else None,
+                "base_lr_to": _float(g["base_lr_to"]) if g["base_lr_to"] else None,
+                "rollbacks": int(g["rollbacks"])}
+    if kind == "skip":
+        match = _SKIP_MESSAGE.search(fields["message"])
+        return {"skipped": int(match.group("skipped"))} if match else {}
+    return {}
+
+
 def parse_line(line):
     """The dict a WATCH line carries (``kind`` first: 'producer', a SolverFault kind or
     an Event kind), or None for any other line. Numbers come back as numbers; producer
