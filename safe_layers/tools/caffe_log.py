@@ -38,7 +38,8 @@ Every event has ``kind`` and ``line`` (1-based). Kinds and fields:
 - ``done``: (``Optimization Done.``)
 - ``report``: report (a line of our layers or of a watch, as
   ``safe_layers.reporting.parse_line`` reads it: the parser lives beside the writer, so
-  none of our formats is repeated here), severity
+  none of our formats is repeated here), severity; also a tool's own line that quotes a
+  watch line after its name (``safe-layers train: WATCH summary: ...``)
 - ``unreadable_report``: error (a line of ours its parser raised on: skipped, counted)
 - ``incomplete``: text (the last line, without its newline)
 
@@ -89,6 +90,10 @@ _CRASH = re.compile(r"(terminate called|\*\*\* Aborted at|\*\*\* (SIG[A-Z]+) |do
                     r"Aborted \(core dumped\))")
 _PROTO_LINE = re.compile(r"\s*(?:[A-Za-z_]\w*\s*\{|\}|[A-Za-z_]\w*:.*)?\s*$")
 _FIELD = re.compile(r"\s*([A-Za-z_][\w]*)\s*:\s*(.*?)\s*$")
+
+# A line a tool prints about the watch, without glog's prefix: "safe-layers train: WATCH
+# summary: ..." (the watch's own text after "<program>: ").
+_TOOL_WATCH = ": WATCH "
 
 _BLOCK_SOLVER = "Initializing solver from parameters:"
 _BLOCK_NET = "Initializing net from parameters:"
@@ -381,6 +386,12 @@ class LogReader:
             yield block.event()
 
     def _parse(self, message, number, severity, source):
+        if severity == "F":
+            return Event("fatal", number, message=message.strip(), source=source)
+        # Ours next: a report's text may hold "Iteration " or "loss = " of its own.
+        if source == "safe_layers" or (severity is None and ("safe_layers] " in message
+                                                             or _TOOL_WATCH in message)):
+            return self._report(message, number, severity)
         # Cheap substring tests first: most lines of a debug_info log are [Forward] /
         # [Backward], and most lines of any log match nothing.
         if "[Forward]" in message:
@@ -425,17 +436,6 @@ class LogReader:
                 return Event("output", number, phase=m.group(1).upper(), index=int(m.group(2)),
                              name=m.group(3), value=float(m.group(4)), weight=weight,
                              weighted=weighted)
-            return None
-        if severity == "F":
-            return Event("fatal", number, message=message.strip(), source=source)
-        if source == "safe_layers" or (severity is None and "safe_layers] " in message):
-            if self.report_parser is not None:
-                try:
-                    report = self.report_parser(message)
-                except Exception as exc:  # noqa: BLE001 - a line is never fatal to the reader
-                    return Event("unreadable_report", number, error="%s: %s" % (type(exc).__name__, exc))
-                if report is not None:
-                    return Event("report", number, report=report, severity=severity)
             return None
         if message.startswith(_BLOCK_SOLVER):
             return Event("block", number, block="solver")
@@ -482,6 +482,23 @@ class LogReader:
             if m:
                 return Event("python_error", number, message=message.strip(), error=m.group(1))
         return None
+
+    def _report(self, message, number, severity):
+        if self.report_parser is None:
+            return None
+        if severity is None and "safe_layers] " not in message:
+            # `safe-layers train: WATCH summary: ...`, a tool's own line quoting the watch;
+            # or `...NonFiniteError: WATCH ...`, the exception a stopping watch raises,
+            # whose text is the report it printed.
+            message = message[message.index(_TOOL_WATCH) + 2:]
+            self._traceback = False
+        try:
+            report = self.report_parser(message)
+        except Exception as exc:  # noqa: BLE001 - a line is never fatal to the reader
+            return Event("unreadable_report", number, error="%s: %s" % (type(exc).__name__, exc))
+        if report is None:
+            return None
+        return Event("report", number, report=report, severity=severity)
 
 
 def read_log(source, report_parser=None):
