@@ -612,6 +612,36 @@ def test_text_output_and_plot(debug_log, tmp_path):
     assert status == 2 and "would overwrite the log" in err
 
 
+def test_bad_plot_paths_and_rule_ids_exit_2_before_reading_the_log(debug_log, tmp_path):
+    """Checked before the log is read: a missing folder, a folder; a plot named .prototxt
+    is still a PNG; a --select / --ignore id that no rule has is a typo, not a filter."""
+    for path, what in ((tmp_path / "missing" / "x.png", "does not exist"), (tmp_path, "it is a folder")):
+        status, out, err = run_diagnose(debug_log, "--plot", path)
+        assert status == 2 and out == "" and what in err and "Traceback" not in err
+    status, _, err = run_diagnose(tmp_path / "no.log", "--plot", tmp_path / "missing" / "x.png")
+    assert status == 2 and "plot" in err            # the plot path, before the log
+    odd = tmp_path / "plot.prototxt"
+    assert run_diagnose(debug_log, "--plot", odd)[0] == 1
+    assert odd.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for option in ("--select", "--ignore"):
+        status, out, err = run_diagnose(debug_log, option, "SL803,SL999")
+        assert status == 2 and out == "" and "%s SL999: no such rule" % option in err
+    assert run_diagnose(debug_log, "--select", "SL81")[0] == 0      # a prefix of rules is fine
+
+
+def test_the_rule_list_is_one():
+    """diagnose.RULES holds every rule a finding can have; the module docstring and the
+    README's table name the same ones."""
+    rule_ids = set(diagnose_module.RULES)
+    source = Path(diagnose_module.__file__).read_text()
+    assert set(re.findall(r'"(SL8\d\d)"', source.split("KNOWN_RULE_IDS")[1])) <= rule_ids
+    assert set(re.findall(r"^  (SL8\d\d) ", diagnose_module.__doc__, re.M)) == rule_ids
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## After a run: `safe-layers diagnose`")[1].split("\nExit 0 when")[0]
+    assert set(re.findall(r"^\| (SL8\d\d)", section, re.M)) | set(
+        re.findall(r"^\| SL8\d\d / (SL8\d\d)", section, re.M)) == rule_ids
+
+
 def test_plot_heatmap_only_with_debug_info(lenet_runs, tmp_path):
     from PIL import Image
     sizes = {}

@@ -55,6 +55,25 @@ GRADIENT_WINDOW = 8       # debug_info iterations kept per gradient before the f
 SERIES_POINTS = 2048      # points kept per plotted curve, whatever the log's length
 HEATMAP_COLUMNS = 400     # debug_info iterations kept for the heatmap
 
+# Every rule of this command: id -> what it is about. --select / --ignore are checked
+# against these ids; the module docstring and README's table list the same.
+RULES = {
+    "SL801": "bad learning-rate policy",
+    "SL802": "exploding gradients",
+    "SL803": "faulty input or loss layer",
+    "SL804": "debug_info: the first non-finite layer",
+    "SL805": "debug_info: the gradient that grew fastest",
+    "SL806": "a report of our layers or of a watch",
+    "SL807": "non-finite from the first iteration",
+    "SL808": "the run aborted",
+    "SL809": "a test net non-finite while training stayed finite",
+    "SL810": "gradient clipping",
+    "SL811": "the learning rate reached 0",
+    "SL812": "no training iteration",
+    "SL813": "an accuracy beside a non-finite test loss",
+}
+KNOWN_RULE_IDS = tuple(RULES)
+
 DATA_LAYERS = ("Data", "HDF5Data", "ImageData", "WindowData", "MemoryData", "DummyData", "Input")
 
 
@@ -572,6 +591,8 @@ class Diagnosis:
         return out
 
     def _finding(self, rule, severity, point, message, fix, evidence, layer=None, **data):
+        if rule not in RULES:
+            raise ValueError("rule %s is not in diagnose.RULES" % rule)
         evidence = [p for p in evidence if p is not None and p.line is not None]
         seen, unique = set(), []
         for p in sorted(evidence, key=lambda p: p.line):
@@ -1216,8 +1237,10 @@ def write_plot(diagnosis, path):
         fig.colorbar(image, ax=ax, fraction=0.03)
     loss_ax.set_title(os.path.basename(d.path), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        findings_module.save_png(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _plot_curves(ax, curves, label):
@@ -1249,11 +1272,14 @@ def _plot_curves(ax, curves, label):
 # ---------------------------------------------------------------------------------------
 
 def run(args):
-    if args.plot and os.path.realpath(args.plot) == os.path.realpath(args.log):
-        raise InputError("--plot %s would overwrite the log" % args.plot)
+    selected = findings_module.rule_list(args.select, known=KNOWN_RULE_IDS, option="--select")
+    ignored = findings_module.rule_list(args.ignore, known=KNOWN_RULE_IDS, option="--ignore")
+    if args.plot:
+        if os.path.realpath(args.plot) == os.path.realpath(args.log):
+            raise InputError("--plot %s would overwrite the log" % args.plot)
+        findings_module.check_output_path(args.plot, "the plot")
     diagnosis = diagnose(args.log)
-    found = findings_module.select(diagnosis.findings(), findings_module.rule_list(args.select),
-                                   findings_module.rule_list(args.ignore))
+    found = findings_module.select(diagnosis.findings(), selected, ignored)
     summary = summary_lines(diagnosis, found)
     if args.plot:
         write_plot(diagnosis, args.plot)
