@@ -594,6 +594,115 @@ def test_safe_layers_train_log(caffe, write_solver, tmp_path):
     assert_evidence_is_the_log(doc, log)
 
 
+# ---------------------------------------------------------------------------------------
+# What a watch did: skips, rollbacks (segments), and who stopped the run.
+
+def safe_layers_train(solver, *options, cwd):
+    """`safe-layers train` with its watch options; (log with stderr and stdout, returncode)."""
+    result = subprocess.run([sys.executable, "-m", "safe_layers.tools.cli", "train", "-solver",
+                             str(solver), "--no-lint", "--progress", "never", *options], cwd=cwd,
+                            env=dict(os.environ, GLOG_minloglevel="0"), capture_output=True,
+                            text=True, timeout=600)
+    log = Path(cwd) / ("%s.log" % Path(solver).stem)
+    log.write_text(result.stderr + result.stdout)
+    return log, result.returncode
+
+
+def watch_events(path, kind):
+    return [e for e in map(json.loads, Path(path).read_text().splitlines())
+            if e.get("event") == "watch" and e.get("kind") == kind]
+
+
+def diverging_solver(write_solver, tmp_path, prefix):
+    """The regression net of conftest at base_lr 0.1: its loss grows ~9-fold per iteration
+    and overflows to inf at iteration 19."""
+    return write_solver(DIVERGING_NET.replace("LAYER", ""), base_lr=0.1, momentum=0.9, max_iter=60,
+                        display=1, snapshot_prefix='"%s"' % (tmp_path / prefix))
+
+
+def test_skips_and_rollbacks_of_a_run_that_finished(caffe, write_solver, tmp_path, monkeypatch):
+    """Skip, then roll back to iteration 0 with base_lr / 100, and train on to the end: the
+    cause is read from the iterations before the first fault (the replayed ones after the
+    rollback are a new segment, finite and falling), and SL814 says what the watch did."""
+    solver = diverging_solver(write_solver, tmp_path, "sk")
+    log, returncode = safe_layers_train(solver, "--on-nonfinite", "skip", "--rollback-after", "2",
+                                        "--checkpoint-every", "5", "--lr-factor", "0.01", cwd=tmp_path)
+    assert returncode == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    lines = text.splitlines()
+    rollback_lines = [n for n, l in enumerate(lines, 1) if "WATCH rollback" in l]
+    assert rollback_lines and "Optimization Done." in text
+    status, doc = diagnose_json(log)
+    assert status == 1
+    found = rules(doc)
+    cause = found["SL802"]
+    assert cause["iteration"] == 19 and cause["rise"] > 1e10
+    assert all(item["line"] < rollback_lines[0] for item in cause["evidence"])
+    assert "stopped" not in cause["message"]
+    assert "until a report caught it at iteration 19" in cause["message"]
+    assert doc["first_nonfinite"]["value"] == "inf"
+    assert doc["first_nonfinite"]["words"] == "EuclideanLoss 'loss' forward top 'loss' data = inf"
+    watched = found["SL814"]
+    skips = watch_events(tmp_path / "sk_events.jsonl", "skip")
+    rollbacks = watch_events(tmp_path / "sk_events.jsonl", "rollback")
+    assert watched["severity"] == "warning" and watched["ended"] == "finished"
+    assert watched["skipped"] == len(skips) > 0 and watched["rollbacks"] == len(rollbacks)
+    # (the log prints 6 digits of the float32 base_lr the event log holds in full)
+    assert [(r["at"], r["to"], r["base_lr_from"], r["base_lr_to"]) for r in watched["rolled_back"]] == [
+        (r["from"], r["to"], pytest.approx(r["base_lr_from"], rel=1e-6),
+         pytest.approx(r["base_lr_to"], rel=1e-6)) for r in rollbacks]
+    assert "from iteration 19 (non-finite loss) to the checkpoint of iteration 0, base_lr 0.1 -> 0.001" \
+        in watched["message"]
+    assert "the run then finished at iteration 60" in watched["message"]
+    assert doc["segments"] == 2 and doc["ended"] == "finished"
+    assert_evidence_is_the_log(doc, log)
+    status, out, _ = run_diagnose(log)
+    assert "in 2 segments (1 rollback)" in out and out.rstrip().endswith("the run finished (Optimization Done.)")
+    # The plot's label names the value the report printed, inf (not a placeholder nan).
+    import matplotlib.axes
+    labels = []
+    annotate = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **k: labels.append(text) or annotate(self, text, *a, **k))
+    assert run_diagnose(log, "--plot", tmp_path / "sk.png")[0] == 1
+    assert labels == ["first non-finite: EuclideanLoss 'loss' forward top 'loss' data = inf\n"
+                      "iteration 19 (line %d)" % doc["first_nonfinite"]["line"]]
+
+
+def test_the_watch_stopped_the_run(caffe, write_solver, tmp_path):
+    """on_nonfinite stop (the default): the run ends at the watch's report, which
+    `safe-layers train` prints again as its last line; and a watch that rolled back as
+    often as max_rollbacks allows stops too."""
+    log, returncode = safe_layers_train(diverging_solver(write_solver, tmp_path, "st"), cwd=tmp_path)
+    assert returncode == 1
+    lines = log.read_text().splitlines()
+    status, doc = diagnose_json(log)
+    found = rules(doc)
+    assert status == 1 and found["SL802"]["iteration"] == 19
+    watched = found["SL814"]
+    assert watched["severity"] == "error" and watched["ended"] == "stopped"
+    assert watched["stopped_at"] == 19 and watched["skipped"] == 0 and watched["rollbacks"] == 0
+    assert "the watch stopped the run at iteration 19: non-finite top 'loss' data" in watched["message"]
+    stop_line = watched["line"]
+    assert "action=stop" in lines[stop_line - 1] and stop_line < len(lines) - 3  # the watch's, not the echo
+    assert doc["report_lines"] == 1          # the echo is the same report
+    _, out, _ = run_diagnose(log)
+    assert out.rstrip().endswith("the watch stopped the run at iteration 19 (line %d)" % stop_line)
+    assert "Optimization Done." not in out
+    assert_evidence_is_the_log(doc, log)
+
+    log, returncode = safe_layers_train(diverging_solver(write_solver, tmp_path, "mr"), "--on-nonfinite",
+                                        "skip", "--rollback-after", "1", "--checkpoint-every", "5",
+                                        "--max-rollbacks", "1", cwd=tmp_path)
+    assert returncode == 1
+    status, doc = diagnose_json(log)
+    watched = rules(doc)["SL814"]
+    assert watched["ended"] == "stopped" and watched["rollbacks"] == 1 and watched["severity"] == "error"
+    assert watched["message"].endswith("1 rollbacks already (max_rollbacks)")
+    assert "rolling back did not get past the fault" in watched["fix"]
+    assert all(item["line"] < watched["rolled_back"][0]["line"] for item in rules(doc)["SL802"]["evidence"])
+
+
 def test_text_output_and_plot(debug_log, tmp_path):
     status, out, _ = run_diagnose(debug_log, "--plot", tmp_path / "run.png")
     assert status == 1

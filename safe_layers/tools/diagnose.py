@@ -27,6 +27,13 @@ six causes of the seed (``shared/docs/seed-causes.md``):
         `caffe train` stops at once, and its final test reports an untrained net)
   SL813 a test accuracy printed beside a non-finite test loss: Caffe's Accuracy layer counts
         a sample whose true-class score is NaN as correct, so a dead net scores 1.0
+  SL814 what a watch did (``safe-layers train``, ``safe_layers.watch``): the iterations it
+        skipped, its rollbacks (from which iteration to which checkpoint, base_lr before
+        and after), and how the run ended (finished, stopped by the watch, cut off)
+
+A rollback sends the run back to a checkpoint: the iterations after it are a new segment
+of the run. The cause (SL802/SL803/SL807 and their evidence) is read from the segment the
+first failure happened in; the iterations a rollback replays are left out of it.
 
 Exit 0 when nothing went wrong, 1 when a cause was found, 2 when the file is not a
 readable Caffe log.
@@ -71,8 +78,12 @@ RULES = {
     "SL811": "the learning rate reached 0",
     "SL812": "no training iteration",
     "SL813": "an accuracy beside a non-finite test loss",
+    "SL814": "what the watch did",
 }
 KNOWN_RULE_IDS = tuple(RULES)
+
+ROLLBACKS_SHOWN = 6       # rollbacks named one by one in SL814 (all are counted)
+SKIPS_SHOWN = 10          # skipped iterations named in SL814
 
 DATA_LAYERS = ("Data", "HDF5Data", "ImageData", "WindowData", "MemoryData", "DummyData", "Input")
 
@@ -134,22 +145,37 @@ class Point:
 
 class Track:
     """One quantity over iterations: its first value, its smallest and last finite value
-    before it first went non-finite, and that first non-finite value."""
+    before it first went non-finite, and that first non-finite value.
+
+    :meth:`freeze` ends the history at a rollback: the iterations replayed after it are
+    another segment of the run, computed with other weights (and often another base_lr),
+    and tell nothing of how the first failure came about."""
 
     def __init__(self, name, weight=None):
         self.name = name
         self.weight = weight
+        self.series = Series()
+        self.reset()
+
+    def reset(self):
+        """Forget the history (not the plotted series): a new segment of the run starts."""
         self.first = None
         self.minimum = None
         self.last = None
         self.peak_after_min = None   # largest finite value after the minimum
         self.bad = None
         self.recovered = None        # the first finite value after ``bad``
-        self.series = Series()
+        self.frozen = False
+
+    def freeze(self):
+        """Take no more values into the history (the plotted series goes on)."""
+        self.frozen = True
 
     def add(self, point):
         if point.iteration is not None:
             self.series.add(point.iteration, point.value)
+        if self.frozen:
+            return
         if self.bad is not None:
             if self.recovered is None and finite(point.value):
                 self.recovered = point
@@ -235,6 +261,7 @@ class Diagnosis:
         self.policy = None            # Event 'policy'
         self.nets = {}                # phase -> Event 'net' (the latest of each)
         self.iteration = None         # the latest 'Iteration N' of training
+        self.last_finite_loss = None  # Point: the log's last (self.loss stops at the first failure)
         self.first_iteration = None
         self.loss = Track("loss")
         self.lr = Track("lr")
@@ -286,6 +313,21 @@ class Diagnosis:
         self.done = False
         self.incomplete = None
         self.lines = 0
+        # what a watch did (its WATCH lines, read by safe_layers.anomaly.report's parsers)
+        self.first_bad_label = None    # the first non-finite value in words, when a report found it
+        self.first_bad_action = None   # ... and what that report's writer did about it
+        self.frozen = False            # the histories ended at a rollback (Track.freeze)
+        self.segments = 1              # a rollback starts a new segment of the run
+        self.skip_lines = 0
+        self.skipped_in_all = 0        # the largest count a skip line gave
+        self.skip_iterations = []      # the iterations skipped (a retried one once), the first few
+        self.first_skip = None         # Point
+        self.last_skip = None
+        self.rollbacks = []            # [(Point, details)]: the first ROLLBACKS_SHOWN
+        self.rollback_lines = 0
+        self.last_rollback = None      # (Point, details)
+        self.watch_stop = None         # (Point, fields, message): the watch stopped the run
+        self.watch_summary = None      # (Point, fields): its summary line
 
     # ---- reading ----------------------------------------------------------------------
 
@@ -299,6 +341,16 @@ class Diagnosis:
         if self.first_bad is None:
             self.first_bad = (point, what)
             self._freeze_gradients()
+
+    def _note_report_bad(self, event, iteration, value, label, action):
+        """The first failure, found by a report line (a layer's or a watch's)."""
+        if self.first_bad is not None:
+            return
+        self._note_bad(Point(iteration, value, event.line, event.text), "report")
+        self.first_bad_label, self.first_bad_action = label, action
+
+    def _tracks(self):
+        return [self.loss] + list(self.outputs.values())
 
     def _on_solver(self, event):
         self.solver = event
@@ -325,7 +377,9 @@ class Diagnosis:
         self.iteration = event.iteration
         point = Point(event.iteration, event.value, event.line, event.text)
         self.loss.add(point)
-        if not finite(event.value):
+        if finite(event.value):
+            self.last_finite_loss = point
+        else:
             self._note_bad(point, "loss")
 
     def _on_output(self, event):
@@ -346,6 +400,8 @@ class Diagnosis:
             if len(self.outputs) >= 64:
                 return
             track = self.outputs[event.name] = Track(event.name, event.weight)
+            if self.frozen:
+                track.freeze()
         point = Point(self.iteration, event.value, event.line, event.text)
         track.add(point)
         if not finite(event.value) and (event.weight is None or event.weight != 0):
@@ -480,6 +536,9 @@ class Diagnosis:
 
     def _on_report(self, event):
         """A line of our layers or of a watch (parsed by safe_layers.reporting.parse_line)."""
+        fields = event.report.watch if getattr(event.report, "kind", None) == "watch" else None
+        if fields is not None and self._on_watch(event, fields):
+            return
         fault = report_fault(event.report)
         if fault is None:
             return
@@ -490,7 +549,66 @@ class Diagnosis:
             self.first_report = (event, fault)
         if self.first_train_report is None and fault["phase"] != "TEST":
             self.first_train_report = (event, fault)
-            self._note_bad(Point(fault["iteration"], float("nan"), event.line, event.text), "report")
+            label = "%s '%s' %s" % (fault["layer_type"] or "layer", fault["layer"], fault["what"])
+            self._note_report_bad(event, fault["iteration"], fault_value(fault), label, fault["action"])
+
+    def _on_watch(self, event, fields):
+        """A watch's line (``fields``: what safe_layers.anomaly.report.parse_line read).
+        True when it is taken here; False for a producer line (read as a report)."""
+        kind = fields.get("kind")
+        message = event.report.message
+        if fields.get("action") == "stop":
+            if self.watch_stop is None:
+                self.watch_stop = (Point(fields.get("iteration"), None, event.line, event.text),
+                                   fields, message)
+            elif self.watch_stop[2] == message:
+                return True  # the same report again: `safe-layers train` ends by repeating it
+        if kind == "skip":
+            point = Point(fields["iteration"], None, event.line, event.text)
+            self.skip_lines += 1
+            self.skipped_in_all = max(self.skipped_in_all,
+                                      watch_event_details(fields).get("skipped", 0))
+            if fields["iteration"] not in self.skip_iterations[-1:]:
+                # A skipped iteration is retried with the next batch: repeats are one entry.
+                self.skip_iterations.append(fields["iteration"])
+                del self.skip_iterations[SKIPS_SHOWN + 1:]
+            self.first_skip = self.first_skip or point
+            self.last_skip = point
+            return True
+        if kind == "rollback":
+            self._on_rollback(Point(fields["iteration"], None, event.line, event.text),
+                              watch_event_details(fields))
+            return True
+        if kind == "summary":
+            self.watch_summary = (Point(None, None, event.line, event.text), fields)
+            return True
+        if kind in ("loss", "gradients", "weights", "stopped") and fields.get("phase") != "TEST":
+            # The solver-level checks: a failure even where no layer's line came first
+            # (a watch without check_layers).
+            self._note_report_bad(event, fields["iteration"], None,
+                                  "watch %s: %s" % (kind, fields["message"].split("; ")[0]),
+                                  fields["action"])
+            return True
+        return kind != "producer"
+
+    def _on_rollback(self, point, details):
+        """A rollback: the solver is back at a checkpoint and the iterations that follow
+        are a new segment. The cause belongs to the segment of the first failure: with
+        one found, the histories are closed; without (a log that starts mid-run), the
+        new segment starts them over."""
+        self.rollback_lines += 1
+        if len(self.rollbacks) < ROLLBACKS_SHOWN:
+            self.rollbacks.append((point, details))
+        self.last_rollback = (point, details)
+        self.segments += 1
+        if self.first_bad is not None:
+            self.frozen = True
+            for track in self._tracks():
+                track.freeze()
+        else:
+            for track in self._tracks():
+                track.reset()
+            self.gradients = {}
 
     def _on_unreadable_report(self, event):
         self.unreadable_reports += 1
@@ -577,6 +695,9 @@ class Diagnosis:
         out.extend(self._debug_findings(cause))
         out.extend(self._report_findings())
         out.extend(self._abort_findings(bool(out)))
+        watched = self._watch_finding()
+        if watched:
+            out.append(watched)
         out.extend(self._test_findings())
         out.extend(self._clip_findings())
         zero = self._lr_zero_finding()
@@ -589,6 +710,13 @@ class Diagnosis:
         if accuracy:
             out.append(accuracy)
         return out
+
+    def first_bad_words(self):
+        """The first non-finite value in words: 'loss = nan', or what the report that
+        found it names ("EuclideanLoss 'loss' forward top 'loss' data = inf")."""
+        point, what = self.first_bad
+        label = self.first_bad_label or what
+        return label if point.value is None else "%s = %s" % (label, fmt(point.value))
 
     def _finding(self, rule, severity, point, message, fix, evidence, layer=None, **data):
         if rule not in RULES:
@@ -676,9 +804,15 @@ class Diagnosis:
         name = "" if culprit is self.loss or not several else " '%s'" % culprit.name
         if exploding:
             base_lr = self.solver_field("base_lr")
-            then = ("then became %s at iteration %s" % (fmt(bad_point.value), bad_point.iteration)
-                    if not caught else "until a report stopped it at iteration %s (line %d)"
-                    % (bad_point.iteration, bad_point.line))
+            if not caught:
+                then = "then became %s at iteration %s" % (fmt(bad_point.value), bad_point.iteration)
+            elif self.first_bad_action in ("stop", "abort"):
+                then = "until a report stopped it at iteration %s (line %d)" % (
+                    bad_point.iteration, bad_point.line)
+            else:
+                then = "until a report caught it at iteration %s (line %d%s)" % (
+                    bad_point.iteration, bad_point.line, ", action=%s" % self.first_bad_action
+                    if self.first_bad_action not in (None, "report") else "")
             message = ("exploding gradients: the loss%s rose from %s (iteration %s) to %s (iteration "
                        "%s), %.1f orders of magnitude, %s"
                        % (name, fmt(low.value), low.iteration, fmt(high.value), high.iteration,
@@ -785,9 +919,9 @@ class Diagnosis:
         return "; ".join(parts), data
 
     def _from_start_finding(self, point):
-        message = ("non-finite from the first iteration: %s is %s at iteration %s, with no finite "
+        message = ("non-finite from the first iteration: %s at iteration %s, with no finite "
                    "loss before it: the net computes NaN/Inf on its first batch"
-                   % (self.first_bad[1], fmt(point.value), point.iteration))
+                   % (self.first_bad_words(), point.iteration))
         fix = ("run `safe-layers lint` on the net (pooling windows outside the input, BatchNorm at "
                "zero statistics, bad fillers); %s" % self._input_advice(point.iteration)[0])
         return self._finding("SL807", "error", point, message, fix, [point],
@@ -1015,6 +1149,112 @@ class Diagnosis:
                              "check %s" % field if field else "check the solver's lr fields",
                              [self.lr_last_positive, point, self._solver_point("lr_policy")])
 
+    # ---- what a watch did ------------------------------------------------------------------
+
+    def skipped(self):
+        """Iterations the watch skipped: its summary's count, else the most its skip lines
+        tell (past ``log_first`` it prints only every ``log_every``-th skip)."""
+        if self.watch_summary is not None:
+            return self.watch_summary[1]["skipped"]
+        return max(self.skip_lines, self.skipped_in_all)
+
+    def rollback_count(self):
+        if self.watch_summary is not None:
+            return self.watch_summary[1]["rollbacks"]
+        last = self.last_rollback[1].get("rollbacks", 0) if self.last_rollback else 0
+        return max(self.rollback_lines, last)
+
+    def ending(self):
+        """How the run ended: 'stopped' (by the watch), 'finished', 'aborted' (a Caffe
+        CHECK, a crash, a Python exception) or 'cut off' (the log just ends)."""
+        if self.done:
+            return "finished"
+        if self.watch_stop is not None:
+            return "stopped"
+        if self.fatal is not None or self.crash is not None or self.python_error is not None:
+            return "aborted"
+        return "cut off"
+
+    def _stop_words(self):
+        _, fields, _ = self.watch_stop
+        if fields["kind"] == "producer":
+            return "non-finite %s '%s' %s, produced by %s '%s' in %s" % (
+                fields["role"], fields["blob"], fields["what"], fields["layer_type"], fields["layer"],
+                fields["pass"])
+        parts = fields["message"].split("; ")
+        if fields["kind"] == "stopped" and len(parts) > 1:
+            return "%s; %s" % (parts[0], parts[-1])   # the fault, and the limit it hit
+        return parts[0]
+
+    def _watch_finding(self):
+        """SL814: the skips, the rollbacks and the end of a watched run."""
+        skipped, rollbacks, ending = self.skipped(), self.rollback_count(), self.ending()
+        stopped = self.watch_stop is not None and ending == "stopped"
+        if not (skipped or rollbacks or stopped):
+            return None
+        acts = []
+        if skipped:
+            its = self.skip_iterations
+            shown = ", ".join(str(i) for i in its[:SKIPS_SHOWN])
+            more = ", ..." if len(its) > SKIPS_SHOWN or skipped > self.skip_lines else ""
+            acts.append("skipped %d iteration%s (at %s %s%s)" % (
+                skipped, "" if skipped == 1 else "s", "iteration" if len(its) == 1 and not more
+                else "iterations", shown, more))
+        rolled = []
+        for point, details in self.rollbacks:
+            text = "from iteration %s (non-finite %s) to the checkpoint of iteration %s" % (
+                details.get("at", "?"), details.get("cause", "?"), point.iteration)
+            if details.get("base_lr_to") is not None:
+                text += ", base_lr %s -> %s" % (fmt(details["base_lr_from"]), fmt(details["base_lr_to"]))
+            rolled.append(text)
+        if rollbacks:
+            more = "; ..." if rollbacks > len(rolled) else ""
+            acts.append("rolled back %s: %s%s" % ("once" if rollbacks == 1 else "%d times" % rollbacks,
+                                                 "; ".join(rolled), more))
+        evidence = [self.first_skip, self.last_skip] + [p for p, _ in self.rollbacks]
+        if self.last_rollback is not None:
+            evidence.append(self.last_rollback[0])
+        if self.watch_summary is not None:
+            evidence.append(self.watch_summary[0])
+        lr_left = self.last_rollback[1].get("base_lr_to") if self.last_rollback else None
+        if stopped:
+            point = self.watch_stop[0]
+            evidence.append(point)
+            how = "stopped the run at iteration %s: %s" % (point.iteration, self._stop_words())
+            if acts:
+                message = "the watch %s, then %s" % (" and ".join(acts), how)
+                fix = ("%s did not get past the fault: fix the cause above"
+                       % " and ".join(w for w, n in (("skipping", skipped), ("rolling back", rollbacks)) if n))
+            else:
+                message = "the watch %s (its first fault: on_nonfinite stop)" % how
+                fix = ("fix the cause above; to train past a bad iteration instead: `safe-layers "
+                       "train --on-nonfinite skip` (a bad batch), with `--rollback-after K "
+                       "--lr-factor F` for a run that diverges")
+            severity = "error"
+        else:
+            # The first thing the watch did (a log cut at the start may hold its summary only).
+            point = next(p for p in (self.first_skip, self.rollbacks[0][0] if self.rollbacks else None,
+                                     self.watch_summary[0] if self.watch_summary else None) if p)
+            if ending == "finished":
+                end = "the run then finished at iteration %s (Optimization Done.)" % self.iteration
+                evidence.append(Point(None, None, self.done.line, self.done.text))
+                fix = ("the weights come from a run that %s: fix the cause above" %
+                       ("was rolled back" if rollbacks else "skipped iterations"))
+                if lr_left is not None:
+                    fix += "; the rollbacks left base_lr at %s, a value to start from" % fmt(lr_left)
+            elif ending == "aborted":
+                end = "then the run aborted (SL808)"
+                fix = "see SL808 and the cause above"
+            else:
+                end = ("the log ends at iteration %s without 'Optimization Done.' (cut off, or still "
+                       "running)" % self.iteration)
+                fix = "fix the cause above"
+            message = "the watch %s; %s" % (" and ".join(acts), end)
+            severity = "warning"
+        data = {"skipped": skipped, "rollbacks": rollbacks, "ended": ending,
+                "rolled_back": [dict(details, line=p.line, to=p.iteration) for p, details in self.rollbacks],
+                "stopped_at": self.watch_stop[0].iteration if stopped else None}
+        return self._finding("SL814", severity, point, message, fix, evidence, **data)
 
     def _no_training_finding(self):
         """`caffe train` with max_iter 0 (unset: its proto default) runs Step(0): no
@@ -1057,6 +1297,25 @@ class Diagnosis:
                              output=accuracy_name, passes=seen["passes"])
 
 
+def fault_value(fault):
+    """The first bad value of a fault (a :func:`report_fault` dict): the one its report
+    printed when that is non-finite, else the worst kind its counts hold (nan, +inf,
+    -inf), else the out-of-range value."""
+    value = fault.get("first_value")
+    if value is not None and not finite(value):
+        return value
+    for key, kind in (("nan", float("nan")), ("posinf", float("inf")), ("neginf", float("-inf"))):
+        if fault.get(key):
+            return kind
+    return value
+
+
+def watch_event_details(fields):
+    """What a watch's skip / rollback line says, read by the parser beside its writer."""
+    from safe_layers.anomaly import report
+    return report.event_details(fields)
+
+
 def report_fault(line):
     """The fault a parsed report line tells (a dict: source 'layer' or 'watch', layer,
     layer_type, follows, phase, iteration, what, nan, posinf, neginf, first_index, action,
@@ -1071,7 +1330,8 @@ def report_fault(line):
                 "follows": report.follows, "phase": report.phase, "iteration": report.iteration,
                 "what": report.pass_, "nan": report.nan, "posinf": report.posinf,
                 "neginf": report.neginf, "first_index": report.first_index,
-                "action": report.action, "note": report.detail or ""}
+                "first_value": report.first_value, "action": report.action,
+                "note": report.detail or ""}
     if kind == "watch":
         fields = line.watch or {}
         if fields.get("kind") != "producer":
@@ -1080,8 +1340,8 @@ def report_fault(line):
                 "follows": None, "phase": fields["phase"], "iteration": fields["iteration"],
                 "what": "%s %s '%s' %s" % (fields["pass"], fields["role"], fields["blob"], fields["what"]),
                 "nan": fields["nan"], "posinf": fields["posinf"], "neginf": fields["neginf"],
-                "first_index": fields["first_index"], "action": fields["action"],
-                "note": fields["note"]}
+                "first_index": fields["first_index"], "first_value": fields["first_value"],
+                "action": fields["action"], "note": fields["note"]}
     return None
 
 
@@ -1134,7 +1394,10 @@ def summary_lines(diagnosis, found):
     run = "log: %d lines" % d.lines
     if d.first_iteration is not None:
         run += ", iterations %s-%s" % (d.first_iteration, d.iteration)
-    last = d.loss.last
+    if d.segments > 1:
+        run += " in %d segments (%d rollback%s)" % (d.segments, d.segments - 1,
+                                                   "" if d.segments == 2 else "s")
+    last = d.last_finite_loss
     if last is not None:
         run += ", last finite loss %s at iteration %s" % (fmt(last.value), last.iteration)
     if d.debug_blocks:
@@ -1144,9 +1407,13 @@ def summary_lines(diagnosis, found):
     out.append(run)
     if d.first_bad is None and not any(f.severity == "error" for f in found):
         out.append("no non-finite value in the training log")
-    if d.done:
+    ending = d.ending()
+    if ending == "finished":
         out.append("the run finished (Optimization Done.)")
-    elif d.fatal is None and d.crash is None and d.python_error is None:
+    elif ending == "stopped":
+        point = d.watch_stop[0]
+        out.append("the watch stopped the run at iteration %s (line %d)" % (point.iteration, point.line))
+    elif ending == "cut off":
         out.append("the log ends without 'Optimization Done.': the run is still going or was cut off "
                    "(or it ran through pycaffe's solver.step(), which never writes it)")
     if d.unreadable_reports:
@@ -1164,9 +1431,10 @@ def json_extra(diagnosis):
     first = None
     if d.first_bad is not None:
         point, what = d.first_bad
-        first = dict(point.as_dict(), what=what)
+        first = dict(point.as_dict(), what=what, words=d.first_bad_words())
     return {"log": d.path, "lines": d.lines, "first_iteration": d.first_iteration,
-            "last_iteration": d.iteration, "finished": bool(d.done),
+            "last_iteration": d.iteration, "finished": bool(d.done), "ended": d.ending(),
+            "segments": d.segments, "skipped": d.skipped(), "rollbacks": d.rollback_count(),
             "incomplete_last_line": d.incomplete.line if d.incomplete is not None else None,
             "first_nonfinite": first, "lr_policy": d.lr_policy(),
             "solver": d.solver.fields if d.solver is not None else None,
@@ -1197,14 +1465,17 @@ def write_plot(diagnosis, path):
     _plot_curves(loss_ax, curves, "loss")
     _plot_curves(lr_ax, [("lr", d.lr_series.points)], "learning rate")
     if d.first_bad is not None and d.first_bad[0].iteration is not None:
-        point, what = d.first_bad
+        point = d.first_bad[0]
         for ax in (loss_ax, lr_ax):
             ax.axvline(point.iteration, color="red", linestyle="--", linewidth=1)
-        loss_ax.annotate("first non-finite: %s = %s\niteration %s (line %d)"
-                         % (what, fmt(point.value), point.iteration, point.line),
+        # The label on the side of the line with more room.
+        low, high = loss_ax.get_xlim()
+        right = point.iteration < (low + high) / 2
+        loss_ax.annotate("first non-finite: %s\niteration %s (line %d)"
+                         % (d.first_bad_words(), point.iteration, point.line),
                          xy=(point.iteration, 0.97), xycoords=("data", "axes fraction"),
-                         xytext=(-8, 0), textcoords="offset points",
-                         ha="right", va="top", color="red", fontsize=8)
+                         xytext=(8 if right else -8, 0), textcoords="offset points",
+                         ha="left" if right else "right", va="top", color="red", fontsize=8)
     lr_ax.set_xlabel("iteration")
     if heat:
         ax = axes[2][0]
@@ -1235,12 +1506,26 @@ def write_plot(diagnosis, path):
         ax.set_title("log10 mean |diff| per layer (backward, forward order top to bottom; red: non-finite)",
                      fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.03)
-    loss_ax.set_title(os.path.basename(d.path), fontsize=10)
+    title = os.path.basename(d.path)
+    if d.segments > 1:
+        title += " (%d rollback%s: the iterations before %s faded)" % (
+            d.segments - 1, "" if d.segments == 2 else "s", "it" if d.segments == 2 else "them")
+    loss_ax.set_title(title, fontsize=10)
     fig.tight_layout()
     try:
         findings_module.save_png(fig, path)
     finally:
         plt.close(fig)
+
+
+def segments(points):
+    """``points`` cut where the iteration goes back (a rollback): a list of runs."""
+    runs, start = [], 0
+    for i in range(1, len(points) + 1):
+        if i == len(points) or points[i][0] < points[i - 1][0]:
+            runs.append(points[start:i])
+            start = i
+    return runs
 
 
 def _plot_curves(ax, curves, label):
@@ -1254,7 +1539,14 @@ def _plot_curves(ax, curves, label):
         plotted = True
         if min(ys) <= 0:
             positive_only = False
-        ax.plot(xs, ys, label=name, linewidth=1)
+        runs = segments(points)
+        color = None
+        for n, run in enumerate(runs):
+            last = n == len(runs) - 1
+            good = [(x, y) for x, y in run if math.isfinite(y)]
+            lines = ax.plot([x for x, _ in good], [y for _, y in good], linewidth=1, color=color,
+                            alpha=1.0 if last else 0.35, label=name if last else None)
+            color = lines[0].get_color()
         bad = [(x, y) for x, y in points if not math.isfinite(y)]
         if bad:
             ax.plot([bad[0][0]], [ys[-1] if ys else 1], "rx", markersize=9)
@@ -1263,7 +1555,7 @@ def _plot_curves(ax, curves, label):
             ax.set_yscale("log")
         else:
             ax.set_yscale("symlog", linthresh=1e-3)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="best")
     else:
         ax.text(0.5, 0.5, "no finite %s in the log" % label, transform=ax.transAxes, ha="center")
     ax.set_ylabel(label)
