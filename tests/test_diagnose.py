@@ -691,14 +691,18 @@ def test_the_watch_stopped_the_run(caffe, write_solver, tmp_path):
     assert "Optimization Done." not in out
     assert_evidence_is_the_log(doc, log)
 
+    # No checkpoint after iteration 0 (the loss only grows: checkpoint_loss_ratio), so the
+    # second rollback goes to that one again; the third fault stops.
     log, returncode = safe_layers_train(diverging_solver(write_solver, tmp_path, "mr"), "--on-nonfinite",
                                         "skip", "--rollback-after", "1", "--checkpoint-every", "5",
-                                        "--max-rollbacks", "1", cwd=tmp_path)
+                                        "--max-rollbacks", "2", cwd=tmp_path)
     assert returncode == 1
     status, doc = diagnose_json(log)
     watched = rules(doc)["SL814"]
-    assert watched["ended"] == "stopped" and watched["rollbacks"] == 1 and watched["severity"] == "error"
-    assert watched["message"].endswith("1 rollbacks already (max_rollbacks)")
+    assert watched["ended"] == "stopped" and watched["rollbacks"] == 2 and watched["severity"] == "error"
+    assert [(r["to"], r["same_again"], r["at"] > 10) for r in watched["rolled_back"]] == [
+        (0, False, True), (0, True, True)]
+    assert watched["message"].endswith("2 rollbacks already (max_rollbacks)")
     assert "rolling back did not get past the fault" in watched["fix"]
     assert all(item["line"] < watched["rolled_back"][0]["line"] for item in rules(doc)["SL802"]["evidence"])
 

@@ -238,8 +238,9 @@ def _float(text):
 # into an Event; the line carries only the text).
 _ROLLBACK_MESSAGE = re.compile(
     r"restored (?P<state>.+) \(iteration (?P<to>-?\d+)\) after (?P<cause>\w+) at iteration "
-    r"(?P<at>-?\d+)(?P<further> \(the previous rollback's checkpoint failed again: one further "
-    r"back\))?(?:; base_lr (?P<base_lr_from>\S+) -> (?P<base_lr_to>\S+))?; (?P<rollbacks>\d+) "
+    r"(?P<at>-?\d+)(?: \(the previous rollback's checkpoint failed again(?:(?P<further>: one "
+    r"further back)|(?P<same>, and no older one is kept: the same one again))\))?"
+    r"(?:; base_lr (?P<base_lr_from>\S+) -> (?P<base_lr_to>\S+))?; (?P<rollbacks>\d+) "
     r"rollbacks in all$")
 _SKIP_MESSAGE = re.compile(r"; (?P<skipped>\d+) skipped in all$")
 
@@ -247,7 +248,8 @@ _SKIP_MESSAGE = re.compile(r"; (?P<skipped>\d+) skipped in all$")
 def event_details(fields):
     """What the message of a parsed 'rollback' or 'skip' event line (``parse_line``'s dict)
     says, as numbers: rollback: to (the checkpoint's iteration), at (the iteration of the
-    fault that caused it), cause (its kind), further_back, base_lr_from / base_lr_to (None
+    fault that caused it), cause (its kind), further_back (the previous rollback's checkpoint
+    failed again: one older), same_again (... and none older is kept), base_lr_from / base_lr_to (None
     without lr_factor), rollbacks (in all, this one included), state; skip: skipped (in
     all). {} for any other line, or a message this version does not know."""
     kind = fields.get("kind") if fields else None
@@ -257,7 +259,7 @@ def event_details(fields):
             return {}
         g = match.groupdict()
         return {"to": int(g["to"]), "at": int(g["at"]), "cause": g["cause"], "state": g["state"],
-                "further_back": bool(g["further"]),
+                "further_back": bool(g["further"]), "same_again": bool(g["same"]),
                 "base_lr_from": _float(g["base_lr_from"]) if g["base_lr_from"] else None,
                 "base_lr_to": _float(g["base_lr_to"]) if g["base_lr_to"] else None,
                 "rollbacks": int(g["rollbacks"])}

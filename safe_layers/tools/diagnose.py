@@ -1204,6 +1204,10 @@ class Diagnosis:
         for point, details in self.rollbacks:
             text = "from iteration %s (non-finite %s) to the checkpoint of iteration %s" % (
                 details.get("at", "?"), details.get("cause", "?"), point.iteration)
+            if details.get("further_back"):
+                text += " (one further back: the previous one failed again)"
+            elif details.get("same_again"):
+                text += " (the same one again: none older was kept)"
             if details.get("base_lr_to") is not None:
                 text += ", base_lr %s -> %s" % (fmt(details["base_lr_from"]), fmt(details["base_lr_to"]))
             rolled.append(text)
