@@ -234,8 +234,30 @@ def _float(text):
     return None if text == "none" else float(text)
 
 
-# The messages of Watch._rollback and Watch._bad_iteration (solver_watch.py writes them
-# into an Event; the line carries only the text).
+def rollback_message(state, to, cause, at, further_back=False, same_again=False,
+                     base_lr=None, rollbacks=1):
+    """The message of a 'rollback' Event (read back by :func:`event_details`): the state
+    restored and its iteration, the fault kind and iteration that caused it, whether the
+    previous rollback's checkpoint failed again (``further_back``: one older restored;
+    ``same_again``: none older kept), ``base_lr`` (from, to) when lr_factor changed it, and
+    the rollbacks in all."""
+    message = "restored %s (iteration %d) after %s at iteration %d" % (state, to, cause, at)
+    if further_back:
+        message += " (the previous rollback's checkpoint failed again: one further back)"
+    elif same_again:
+        message += (" (the previous rollback's checkpoint failed again, and no older one is "
+                    "kept: the same one again)")
+    if base_lr is not None:
+        message += "; base_lr %s -> %s" % (_num(base_lr[0]), _num(base_lr[1]))
+    return message + "; %d rollbacks in all" % rollbacks
+
+
+def skip_message(skipped):
+    """The message of a 'skip' Event (read back by :func:`event_details`)."""
+    return "weights, momentum and iter left as they were; %d skipped in all" % skipped
+
+
+# The messages rollback_message and skip_message write (the line carries only the text).
 _ROLLBACK_MESSAGE = re.compile(
     r"restored (?P<state>.+) \(iteration (?P<to>-?\d+)\) after (?P<cause>\w+) at iteration "
     r"(?P<at>-?\d+)(?: \(the previous rollback's checkpoint failed again(?:(?P<further>: one "

@@ -487,8 +487,7 @@ class Watch:
             fault = SolverFault(kind, "TRAIN", iteration, message, "skip", bad_params, details)
             self._fault(fault, "W")
             self.skipped.append(iteration)
-            self._log_event(Event("skip", iteration, "weights, momentum and iter left as they "
-                                  "were; %d skipped in all" % len(self.skipped),
+            self._log_event(Event("skip", iteration, report.skip_message(len(self.skipped)),
                                   {"loss": self.loss, "params": bad_params}))
             raise _Skip()
         self._fault(SolverFault(kind, "TRAIN", iteration, message + "; Caffe applies this update",
@@ -765,24 +764,22 @@ class Watch:
         self._weight_norms.clear()
         self._recent_losses.clear()
         self._last_growth = -10 ** 9  # a warning of the abandoned iterations, not of these
-        message = "restored %s (iteration %d) after %s at iteration %d" % (
-            latest[1], latest[0], cause.kind, cause.iteration)
-        if further_back and latest[0] != previous:
-            message += " (the previous rollback's checkpoint failed again: one further back)"
-        elif further_back:
-            message += (" (the previous rollback's checkpoint failed again, and no older one is "
-                        "kept: the same one again)")
         details = {"to": latest[0], "from": iteration, "state": latest[1], "seconds": seconds}
+        base_lr = None
         if self.options.lr_factor:
             old = float(self.solver.param.base_lr)
             self.solver.param.base_lr = old * self.options.lr_factor
             new = float(self.solver.param.base_lr)
             if self.param is not None:
                 self.param.base_lr = new
-            message += "; base_lr %s -> %s" % (_num(old), _num(new))
+            base_lr = (old, new)
             details.update(base_lr_from=old, base_lr_to=new)
-        self._log_event(Event("rollback", latest[0], message + "; %d rollbacks in all"
-                              % self.rollbacks, details))
+        message = report.rollback_message(
+            latest[1], latest[0], cause.kind, cause.iteration,
+            further_back=further_back and latest[0] != previous,
+            same_again=further_back and latest[0] == previous, base_lr=base_lr,
+            rollbacks=self.rollbacks)
+        self._log_event(Event("rollback", latest[0], message, details))
 
     def close(self):
         """Stop watching: the hooks stay registered (pycaffe cannot remove them) but do
