@@ -16,6 +16,7 @@ No caffe import: ``param`` is anything with SolverParameter's field names and
 """
 
 import math
+import re
 
 import numpy
 
@@ -237,6 +238,21 @@ def describe(param, iteration, lr):
     _, why = explain(param, iteration, lr)
     return 'lr_policy "%s" (%s) gives lr = %s at iteration %d: %s' % (
         param.lr_policy, fields_text(param), "%g" % lr, iteration, why)
+
+
+_DESCRIBED = re.compile(r'lr_policy "(?P<policy>[^"]*)" \((?P<fields>.*?)\) gives lr = (?P<lr>\S+) at '
+                        r'iteration (?P<iteration>-?\d+): (?P<why>.*)$')
+
+
+def parse_described(text):
+    """What :func:`describe` wrote, read back from a message (a watch's 'lr' line):
+    {policy, fields (text), lr (float), iteration, why}, or None for another text."""
+    match = _DESCRIBED.search(text)
+    if match is None:
+        return None
+    g = match.groupdict()
+    return {"policy": g["policy"], "fields": g["fields"], "lr": float(g["lr"]),
+            "iteration": int(g["iteration"]), "why": g["why"]}
 
 
 class LogFields:

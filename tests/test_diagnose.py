@@ -123,6 +123,41 @@ def test_poly_without_max_iter_through_pycaffe(caffe, write_solver, tmp_path):
     assert_evidence_is_the_log(doc, log)
 
 
+WATCHED_POLY_SCRIPT = """
+import sys, caffe, safe_layers
+caffe.set_mode_cpu()
+solver = caffe.SGDSolver(sys.argv[1])
+safe_layers.watch(solver, solver_file=sys.argv[1])
+solver.step(3)
+"""
+
+
+def test_poly_without_max_iter_stopped_by_a_watch(caffe, write_solver, tmp_path):
+    """Under a watch the rate is checked before Caffe logs it: the run stops at iteration 0
+    with the watch's 'lr' line and no "lr = nan" of Caffe's. diagnose still names the
+    policy and the field (SL801), from that line, and says the watch stopped the run."""
+    solver = write_solver(DIVERGING_NET.replace("LAYER", ""), base_lr=0.01, lr_policy='"poly"',
+                          power=0.9, display=1, max_iter=0)
+    env = dict(os.environ, GLOG_minloglevel="0")
+    result = subprocess.run([sys.executable, "-c", WATCHED_POLY_SCRIPT, str(solver)], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "NonFiniteError" in result.stderr, result.stderr[-2000:]
+    assert not re.search(r"Iteration 0, lr = ", result.stderr)
+    log = tmp_path / "watched.log"
+    log.write_text(result.stderr)
+    status, doc = diagnose_json(log)
+    assert status == 1
+    found = rules(doc)
+    assert set(found) == {"SL801", "SL814"}
+    finding = found["SL801"]
+    assert finding["policy"] == "poly" and finding["field"] == "max_iter"
+    assert finding["iteration"] == 0 and finding["lr"] == "nan"
+    quoted = [item["text"] for item in finding["evidence"]]
+    assert any("WATCH lr in TRAIN, iteration 0" in q for q in quoted)
+    assert "stopped the run at iteration 0" in found["SL814"]["message"]
+    assert_evidence_is_the_log(doc, log)
+
+
 def test_exp_gamma_above_one(caffe_train, tmp_path):
     log, _ = train_log(caffe_train, tmp_path, "exp.log",
                        DIVERGING_NET.replace("LAYER", "").replace("std: 10", "std: 0.01"),

@@ -57,6 +57,14 @@ def test_explanations_name_the_policy_and_the_fields(caffe, write_solver):
     assert "gamma is 0" in lr_policy.describe(param, 3, 0.0)
     param.base_lr = -1
     assert "base_lr is negative" in lr_policy.describe(param, 3, -1.0)
+    # What describe writes, parse_described reads back (diagnose reads a watch's lr line so).
+    for lr in (float("nan"), float("-inf"), -1.0):
+        back = lr_policy.parse_described("WATCH lr in TRAIN, iteration 3: "
+                                         + lr_policy.describe(param, 3, lr) + "; action=stop")
+        assert back["policy"] == "exp" and back["iteration"] == 3
+        assert numpy.array_equal(back["lr"], lr, equal_nan=True)
+        assert back["why"].startswith("base_lr is negative")
+    assert lr_policy.parse_described("lr = 0.01") is None
     assert "stepsize > 0" in lr_policy.fatal_problem(_with(param, lr_policy="step", stepsize=0))
     assert "gamma >= 0" in lr_policy.fatal_problem(_with(param, lr_policy="inv", gamma=-1))
     assert lr_policy.fatal_problem(_with(param, lr_policy="fixed")) is None

@@ -582,6 +582,20 @@ class Diagnosis:
         if kind == "summary":
             self.watch_summary = (Point(None, None, event.line, event.text), fields)
             return True
+        if kind == "lr":
+            # The watch checks the rate before Caffe logs it: a bad policy stops the run at
+            # iteration 0 with no "lr = nan" line of Caffe's; its message (written by
+            # lr_policy.describe) is read back by lr_policy.parse_described.
+            described = lr_policy.parse_described(fields.get("message", ""))
+            if described is not None:
+                point = Point(described["iteration"], described["lr"], event.line, event.text)
+                if not finite(point.value):
+                    if self.lr_first_bad is None:
+                        self.lr_first_bad = point
+                        self._note_bad(point, "lr")
+                elif point.value < 0 and self.lr_first_negative is None:
+                    self.lr_first_negative = point
+            return True
         if kind in ("loss", "gradients", "weights", "stopped") and fields.get("phase") != "TEST":
             # The solver-level checks: a failure even where no layer's line came first
             # (a watch without check_layers).
