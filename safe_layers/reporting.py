@@ -938,7 +938,7 @@ class LiveLayers:
 LIVE = LiveLayers()
 
 
-def _layers_of(net):
+def layers_of(net):
     """The Python layer objects of a caffe.Net, or of every net of a caffe.Solver."""
     nets = [net]
     if hasattr(net, "test_nets") and hasattr(net, "net"):
@@ -957,7 +957,7 @@ def fault_logs(layer=None, phase=None, net=None):
     """
     logs = [log for _, log in LIVE.entries()]
     if net is not None:
-        mine = {id(l.fault_log) for l in _layers_of(net)}
+        mine = {id(l.fault_log) for l in layers_of(net)}
         logs = [log for log in logs if id(log) in mine]
     return [log for log in logs
             if (layer is None or log.layer == layer) and (phase is None or log.phase == phase)]

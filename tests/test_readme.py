@@ -73,3 +73,37 @@ def test_snippet_layers_run_forward_and_backward_on_real_input(make_net, snippet
         diff = net.blobs[b].diff
         assert np.isfinite(diff).all() and np.abs(diff).max() > 0, b  # a gradient came back
     assert not list(tmp_path.glob("nan_dumps/*"))  # finite input: no fault, no flight record
+
+
+def test_the_infogain_snippet_is_a_drop_in_for_the_layer_it_replaces(make_net, caffe, tmp_path,
+                                                                      monkeypatch):
+    """The snippet beside the stock InfogainLoss its comment quotes, same weights, input and
+    H (rows not summing to 1, as real H matrices often are): the same loss and gradient."""
+    text = (ROOT / "prototxt_snippets" / "safe_infogain_loss.prototxt").read_text()
+    stock = "\n".join(line[4:] if line.startswith("#   ") or line.startswith("#           ") else ""
+                      for line in text.split("# Same inputs")[0].splitlines()).strip()
+    stock = re.sub(r"^\s+", "", stock, flags=re.M)
+    assert 'type: "InfogainLoss"' in stock
+    ours = re.sub(r"#[^\n]*", "", text)
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(1)
+    h = (rng.random((5, 5)) * 3).astype(np.float32)
+    (tmp_path / "infogain_H.binaryproto").write_bytes(
+        caffe.io.array_to_blobproto(h.reshape(1, 1, 5, 5)).SerializeToString())
+    head = """name: "infogain"
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 } } }
+layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 2 } } }
+layer { name: "fc8" type: "InnerProduct" bottom: "x" top: "fc8"
+  inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 1 } } }
+"""
+    nets = [make_net(head + stock), make_net(head + ours)]
+    x, label = rng.standard_normal((2, 3)), np.array([1, 3])
+    for net in nets:
+        net.params["fc8"][0].data[...] = nets[0].params["fc8"][0].data
+        net.params["fc8"][1].data[...] = 0
+        net.blobs["x"].data[...] = x
+        net.blobs["label"].data[...] = label
+        net.forward()
+        net.backward()
+    np.testing.assert_allclose(nets[1].blobs["loss"].data, nets[0].blobs["loss"].data, rtol=1e-6)
+    np.testing.assert_allclose(nets[1].blobs["fc8"].diff, nets[0].blobs["fc8"].diff, rtol=1e-5, atol=1e-7)

@@ -594,3 +594,53 @@ def test_rollback_and_skip_messages_read_back(further_back, same_again, base_lr)
                        "base_lr_to": base_lr[1] if base_lr else None, "rollbacks": 2}
     skip = report.Event("skip", 7, report.skip_message(3)).line()
     assert report.event_details(parse_line(skip)) == {"skipped": 3}
+
+
+GUARDED_INPUT = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 4 } } }
+GUARD
+layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc"
+  inner_product_param { num_output: 2 weight_filler { type: "constant" value: 0 } } }
+"""
+GUARD = """layer { name: "data_guard" type: "Python" bottom: "data" top: "data"
+  python_param { module: "safe_layers" layer: "NaNGuard" param_str: "{name: data_guard}" } }"""
+
+
+@pytest.mark.parametrize("guarded, phase, expected", [
+    (True, None, "TEST"), (False, None, "NET"), (False, "TEST", "TEST")])
+def test_a_lone_net_is_reported_in_its_own_phase_and_large_finite_blobs_are_no_fault(
+        make_net, guarded, phase, expected):
+    """A lone net's reports name its phase (that of our layers in it, pycaffe exposing no
+    net's own), and its faults act (stop) whatever that phase. A blob of 1e38s is finite:
+    the fast check's sums overflow on it, and the exact check clears it."""
+    net = make_net(GUARDED_INPUT.replace("GUARD", GUARD if guarded else ""), phase="TEST")
+    w = watch(net, phase=phase, log_first=0)
+    net.blobs["data"].data[...] = 1e38
+    net.forward()
+    assert w.faults == []
+    net.blobs["data"].data[1, 2] = np.nan
+    with pytest.raises(NonFiniteError) as caught:
+        net.forward()
+    stop = caught.value.report
+    assert (stop.layer, stop.phase, stop.action, stop.fault.samples) == ("data", expected, "stop", [1])
+    assert " in %s, call 2:" % expected in stop.line()
+    w.close()
+
+
+def test_rollback_with_a_snapshot_folder_that_does_not_exist_fails_when_attached(
+        caffe, write_solver, tmp_path, monkeypatch):
+    """The published cifar10_quick solver's prefix is "examples/cifar10/cifar10_quick",
+    relative to Caffe's root: from anywhere else its folder is missing, and Caffe's first
+    snapshot would abort the process. The watch refuses at once, saying why."""
+    from conftest import DIVERGING_NET
+    monkeypatch.chdir(tmp_path)
+    path = write_solver(DIVERGING_NET.replace("LAYER", ""),
+                        snapshot_prefix='"examples/cifar10/cifar10_quick"')
+    with pytest.raises(ValueError, match=r"folder %s does not exist" % re.escape(
+            str(tmp_path / "examples" / "cifar10"))):
+        watch(str(path), on_nonfinite="skip", rollback_after=2)
+    (tmp_path / "examples" / "cifar10").mkdir(parents=True)
+    w = watch(str(path), on_nonfinite="skip", rollback_after=2, checkpoint_every=5)
+    w.solver.step(6)
+    assert [e.iteration for e in w.events if e.kind == "checkpoint"] == [0, 5]
+    w.close()

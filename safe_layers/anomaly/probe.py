@@ -30,8 +30,13 @@ def accessors():
 
 
 def blob_ok(array):
-    """The fast check (one reduction): every element finite."""
-    return finite.all_finite(array)
+    """Every element finite: the fast check (one reduction), and when it fails an exact
+    one, since the fast check's sums overflow on finite data near float32's limit (a blob
+    of 1e38s is finite; blaming it would name the wrong producer and stop a healthy run)."""
+    if finite.all_finite(array):
+        return True
+    xp = array_module(array)
+    return bool(host_scalar(xp.isfinite(array).all()))
 
 
 def blob_fault(array):

@@ -265,6 +265,18 @@ class Watch:
             problem = lr_policy.fatal_problem(solver_param)
             if problem:
                 raise ValueError("watch: " + problem)
+        if o.rollback_after:
+            # Caffe's snapshot CHECK-fails (the process aborts) on a folder it cannot write:
+            # the first checkpoint would take the run with it.
+            prefix = solver_param.snapshot_prefix
+            folder = os.path.dirname(os.path.abspath(prefix))
+            if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+                raise ValueError(
+                    "watch: rollback_after needs checkpoints under the solver's snapshot_prefix %r, "
+                    "and folder %s %s (relative prefixes are read from the working directory, %s, "
+                    "as Caffe does): create it, or set snapshot_prefix"
+                    % (prefix, folder, "is not writable" if os.path.isdir(folder) else "does not exist",
+                       os.getcwd()))
         self.solver = solver
         self.param = solver_param
         self.stream = stream
@@ -583,7 +595,9 @@ class Watch:
 
     # -- reports ---------------------------------------------------------------------
     def _on_producer(self, fault):
-        train = fault.phase != "TEST"
+        # The watched net's own faults act (a solver's training net, or a lone net in
+        # whatever phase); a solver's test nets are reported only.
+        train = fault.phase == self.probes[0].phase
         stop = train and self.options.on_nonfinite == "stop"
         if stop and fault.role != "param" and self._held is None:
             probe = next(p for p in self.probes if p.phase == fault.phase)
@@ -844,14 +858,16 @@ def resolve_snapshot_prefix(param, solver_path):
     return param
 
 
-def watch(target, solver_file=None, stream=None, **options):
+def watch(target, solver_file=None, stream=None, phase=None, **options):
     """Attach a watch to ``target``: a pycaffe solver, a ``caffe.Net``, or the path of a
     solver prototxt (the solver is then built with ``caffe.get_solver``; read it back
     as ``watch.solver``). ``solver_file`` (the solver's prototxt) lets the watch name
     the lr_policy fields behind a bad rate and find its snapshots for rollback.
     ``options``: see OPTIONS (on_nonfinite, rollback_after, checkpoint_every, lr_factor,
     max_rollbacks, max_skips, warn_growth, growth_window, clip_gradients, record_dir,
-    check_layers, check_test_nets, log_first, log_every). Returns the :class:`Watch`.
+    check_layers, check_test_nets, log_first, log_every). ``phase`` ('TRAIN' / 'TEST'):
+    what a lone net's reports say it is; by default the phase our layers in it were built
+    in (pycaffe does not expose a net's own), else 'NET'. Returns the :class:`Watch`.
     """
     param = None
     if isinstance(target, (str, os.PathLike)):
@@ -867,6 +883,9 @@ def watch(target, solver_file=None, stream=None, **options):
     if hasattr(target, "add_callback"):
         return Watch(solver=target, solver_param=param, stream=stream, **options)
     if hasattr(target, "after_forward"):
-        return Watch(net=target, stream=stream, **options)
+        if phase is None:
+            phases = {layer.fault_log.phase for layer in reporting.layers_of(target)}
+            phase = phases.pop() if len(phases) == 1 else "NET"
+        return Watch(net=target, stream=stream, phase=phase, **options)
     raise TypeError("watch: expected a caffe solver, a caffe.Net or a solver prototxt path, got %r"
                     % (target,))
