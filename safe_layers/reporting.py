@@ -1073,6 +1073,10 @@ def write_flight_record(directory, stem, arrays, report, max_bytes):
 def _temporary(directory, temporaries):
     fd, path = tempfile.mkstemp(dir=directory, prefix=".safe_layers-", suffix=".tmp")
     os.close(fd)
+    # mkstemp makes it 0600; a record is for the team reading the run: the usual umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
     temporaries.append(path)
     return path
 

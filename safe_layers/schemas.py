@@ -29,6 +29,9 @@ def _check_nan_guard(p):
     if p.action == "zero" and p.check != "backward":
         return ("key 'action' has value 'zero', which only a backward pass can do; "
                 "use action: warn|clamp|abort with backward_action: zero")
+    if p.backward_action is not None and p.check == "forward":
+        return ("key 'backward_action' has no effect with check: forward (no backward check); "
+                "drop it, or use check: both")
     if p.bound is not None and p.max_abs is not None and p.bound > p.max_abs:
         return "key 'bound' (%g) must not exceed 'max_abs' (%g)" % (p.bound, p.max_abs)
     if p.max_abs is not None and abs(p.nan_value) > p.max_abs:
@@ -65,8 +68,11 @@ def _check_gradient_clip(p):
     if p.mode == "value":
         if p.clip is None:
             return "mode 'value' needs key 'clip' (the bound on each element)"
-        if p.max_norm is not None or p.per_sample:
-            return "keys 'max_norm' and 'per_sample' belong to mode 'norm', not 'value'"
+        given = [k for k, v in (("max_norm", p.max_norm is not None), ("per_sample", p.per_sample)) if v]
+        if given:
+            return "key%s %s belong%s to mode 'norm', not 'value'" % (
+                "s" if len(given) > 1 else "", " and ".join("'%s'" % k for k in given),
+                "" if len(given) > 1 else "s")
     else:
         if p.max_norm is None:
             return "mode 'norm' needs key 'max_norm' (the bound on the L2 norm)"

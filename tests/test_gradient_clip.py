@@ -163,7 +163,9 @@ def test_clipping_statistics_are_logged(make_net, xt, capfd):
 @pytest.mark.parametrize("param_str, message", [
     ("{mode: value}", "mode 'value' needs key 'clip'"),
     ("{mode: norm}", "mode 'norm' needs key 'max_norm'"),
-    ("{mode: value, clip: 1, per_sample: true}", "keys 'max_norm' and 'per_sample' belong to mode 'norm'"),
+    ("{mode: value, clip: 1, per_sample: true}", "key 'per_sample' belongs to mode 'norm', not 'value'"),
+    ("{mode: value, clip: 1, max_norm: 2, per_sample: true}",
+     "keys 'max_norm' and 'per_sample' belong to mode 'norm'"),
     ("{max_norm: 0}", "key 'max_norm' has value 0; allowed: a number > 0 and <= 3.4028235e\\+38"),
     ("{max_norm: 1, nonfinite: drop}", "key 'nonfinite' has value 'drop'; allowed: one of zero, error, keep"),
 ])

@@ -27,6 +27,8 @@ layer {{ name: "g" type: "Python" bottom: "x" top: "x"
      "NaNGuard param_str: key 'log_every' has value True; allowed: an integer >= 1"),
     ("{name: g2, action: zero}",
      "NaNGuard 'g2' param_str: key 'action' has value 'zero', which only a backward pass can do"),
+    ("{check: forward, backward_action: zero}",
+     "NaNGuard param_str: key 'backward_action' has no effect with check: forward"),
     ("{max_abs: 10, bound: 100}",
      "NaNGuard param_str: key 'bound' (100) must not exceed 'max_abs' (10)"),
     ("[1, 2]",

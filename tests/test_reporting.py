@@ -163,6 +163,22 @@ def test_write_flight_record_respects_its_size_cap(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["cap.json", "cap.npz"]  # no temporary left
 
 
+def test_flight_records_are_readable_as_the_umask_says(tmp_path):
+    """Records are for the team reading the run: the process umask decides, not mkstemp's
+    private 0600."""
+    import os
+    old = os.umask(0o022)
+    try:
+        paths = reporting.write_flight_record(str(tmp_path), "perm", {"a": np.ones(2)}, small_report(), 100)
+        os.umask(0o077)
+        private = reporting.write_flight_record(str(tmp_path), "private", {"a": np.ones(2)},
+                                                small_report(), 100)
+    finally:
+        os.umask(old)
+    assert [os.stat(p).st_mode & 0o777 for p in paths] == [0o644, 0o644]
+    assert [os.stat(p).st_mode & 0o777 for p in private] == [0o600, 0o600]
+
+
 def test_write_flight_record_never_overwrites(tmp_path):
     first = reporting.write_flight_record(str(tmp_path), "same", {"a": np.ones(2)}, small_report(), 100)
     second = reporting.write_flight_record(str(tmp_path), "same", {"a": np.zeros(2)}, small_report(), 100)

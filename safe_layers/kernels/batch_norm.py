@@ -120,9 +120,9 @@ def batch_statistics(x, eps, centered, sums=None):
     count = x3.shape[0] * x3.shape[2]
     sums = channel_sum(x3) if sums is None else sums
     shift = (sums / count).astype(x.dtype)
-    xp.subtract(x3, shift[None, :, None], out=d3)  # d = x - k, exact where k ~ x
-    delta = channel_sum(d3) / count  # mean = k + delta
     with numpy.errstate(over="ignore", invalid="ignore"):  # a non-finite x: the caller reports it
+        xp.subtract(x3, shift[None, :, None], out=d3)  # d = x - k, exact where k ~ x (inf - inf: NaN)
+        delta = channel_sum(d3) / count  # mean = k + delta
         if xp is numpy:
             squares = channel_dot(d3, d3)
             if not numpy.isfinite(squares).all():
