@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from safe_layers import reporting
 from safe_layers.tools import cli, netshapes
 
 DATA = Path(__file__).parent / "data"
@@ -568,3 +569,42 @@ def test_legacy_net_inputs_are_guarded(harden, caffe, tmp_path):
     strict.blobs["data"].data[0, 1, 100, 7] = np.nan
     with pytest.raises(FloatingPointError, match="input_guard"):
         strict.forward()
+
+
+ODD_NAMES = r'''name: "odd"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "conv, 1" type: "Convolution" bottom: "data" top: "c: 1"
+  convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "2" type: "Pooling" bottom: "c: 1" top: "p\"q"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "it's" type: "InnerProduct" bottom: "p\"q" top: "fc"
+  inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "true" type: "Softmax" bottom: "fc" top: "prob" }
+'''
+
+
+def test_layer_names_yaml_or_prototxt_would_misread(harden, caffe, tmp_path):
+    """Caffe allows any string as a layer or blob name: a comma or colon (YAML flow
+    syntax), a name YAML reads as a number or a bool, a quote. The guards harden writes
+    name them exactly (quoted where needed), load in Caffe, and a second run leaves them."""
+    (tmp_path / "odd.prototxt").write_text(ODD_NAMES)
+    status, _, err = harden("odd.prototxt", "-o", "hard.prototxt", "--level", "strict",
+                            "--guard", "Convolution,Pooling,InnerProduct,Softmax")
+    assert status == 0, err
+    text = (tmp_path / "hard.prototxt").read_text()
+    assert "param_str: \"{name: 'conv, 1_guard', follows: 'conv, 1', action: abort}\"" in text
+    assert "{name: '2_guard', follows: '2', action: abort}" in text
+    net = caffe.Net(str(tmp_path / "hard.prototxt"), caffe.TEST)
+    guards = {log.layer: log for log in reporting.fault_logs(net=net)}
+    assert {"conv, 1_guard", "2_guard", "it's_guard", "true_guard", "data_guard"} <= set(guards)
+    net.blobs["data"].data[...] = 1
+    net.forward()
+    net.blobs["data"].data[0, 0, 0, 0] = np.nan
+    with pytest.raises(FloatingPointError, match="NaNGuard data_guard"):
+        net.forward()
+    status, _, err = harden("hard.prototxt", "-o", "again.prototxt", "--level", "strict",
+                            "--guard", "Convolution,Pooling,InnerProduct,Softmax")
+    assert status == 0 and (tmp_path / "again.prototxt").read_text() == text, err
+    status, _, err = harden("hard.prototxt", "-o", "repair.prototxt", "--level", "repair",
+                            "--guard", "Convolution,Pooling,InnerProduct,Softmax")
+    assert status == 0 and "5 NaNGuard abort -> clamp/zero" in err, err

@@ -86,13 +86,15 @@ DEFAULT_MAX_NORM = 1000.0
 # Input layer of this name when it loads the net: the name Caffe's log and reports use.
 LEGACY_INPUT_LAYER = "input"
 
+_SCALAR = r"'(?:[^']|'')*'|[^,{}']+"  # what yaml_text writes
+
 # The param_str harden writes, and nothing else: a guard or clip whose param_str is not
 # exactly one of these (a key added, a value edited by hand) is the user's, left alone.
 _OWN_PARAM_STR = {
-    "NaNGuard": re.compile(r"\{name: (?P<name>[^,{}]+), follows: (?P<follows>[^,{}]+), "
+    "NaNGuard": re.compile(r"\{name: (?P<name>%s), follows: (?P<follows>%s), " % (_SCALAR, _SCALAR) +
                            r"(?P<action>action: \w+(?:, backward_action: \w+)?)"
                            r"(?:, iter_size: (?P<iter_size>\d+))?\}\Z"),
-    "GradientClip": re.compile(r"\{name: (?P<name>[^,{}]+), follows: (?P<follows>[^,{}]+), "
+    "GradientClip": re.compile(r"\{name: (?P<name>%s), follows: (?P<follows>%s), " % (_SCALAR, _SCALAR) +
                                r"mode: norm, max_norm: (?P<max_norm>[^,{}]+)"
                                r"(?:, iter_size: (?P<iter_size>\d+))?\}\Z"),
 }
@@ -191,9 +193,38 @@ def write_file(path, text):
         raise
 
 
+# Values harden copies from the net (names, paths): plain in the YAML flow mapping when
+# YAML reads them back as that very string, else single-quoted.
+_TEXT_KEYS = ("name", "follows", "source")
+_PLAIN = re.compile(r"[A-Za-z_][A-Za-z0-9_./\-]*\Z")
+_YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
+
+
+def yaml_text(value):
+    """``value`` as a YAML scalar that reads back as this string: plain when safe
+    (``conv1``, ``inception_3a/1x1``), else single-quoted (``'fc, 1'``, ``'2'``)."""
+    value = str(value)
+    if _PLAIN.match(value) and value.lower() not in _YAML_WORDS:
+        return value
+    return "'%s'" % value.replace("'", "''")
+
+
+def yaml_text_back(scalar):
+    """The string :func:`yaml_text` wrote."""
+    if len(scalar) >= 2 and scalar[0] == scalar[-1] == "'":
+        return scalar[1:-1].replace("''", "'")
+    return scalar
+
+
+def prototxt_string(text):
+    """``text`` as a double-quoted prototxt string literal (Caffe's text_format reads
+    back exactly ``text``)."""
+    return '"%s"' % str(text).replace("\\", "\\\\").replace('"', '\\"')
+
+
 def param_str(pairs, iter_size=None):
     """``{key: value, ...}`` as harden writes it (``iter_size`` last, when known)."""
-    parts = ["%s: %s" % kv for kv in pairs]
+    parts = ["%s: %s" % (k, yaml_text(v) if k in _TEXT_KEYS else v) for k, v in pairs]
     if iter_size is not None:
         parts.append("iter_size: %d" % iter_size)
     return "{%s}" % ", ".join(parts)
@@ -232,21 +263,24 @@ class Own:
             return None
         kind, text = layer.python_param.layer, layer.python_param.param_str
         match = _OWN_PARAM_STR[kind].match(text)
-        if match is None or match.group("name") != layer.name or not re.match(
-                re.escape(match.group("follows")) + r"_%s(_\d+)?\Z" % _SUFFIX[kind], layer.name):
+        if match is None:
+            return None
+        name, follows = yaml_text_back(match.group("name")), yaml_text_back(match.group("follows"))
+        if name != layer.name or not re.match(re.escape(follows) + r"_%s(_\d+)?\Z" % _SUFFIX[kind],
+                                              layer.name):
             return None
         iter_size = int(match.group("iter_size")) if match.group("iter_size") else None
         if kind == "NaNGuard":
             level = _LEVEL_OF_ACTION.get(match.group("action"))
             if level is None:
                 return None
-            own = cls(kind, layer.name, match.group("follows"), level=level, iter_size=iter_size)
+            own = cls(kind, layer.name, follows, level=level, iter_size=iter_size)
         else:
             try:
                 max_norm = float(match.group("max_norm"))
             except ValueError:
                 return None
-            own = cls(kind, layer.name, match.group("follows"), max_norm=max_norm, iter_size=iter_size)
+            own = cls(kind, layer.name, follows, max_norm=max_norm, iter_size=iter_size)
         return own if own.param_str() == text else None
 
     def param_str(self):
@@ -424,13 +458,13 @@ class Hardener:
         return param_str(pairs, self.iter_size)
 
     def _block(self, name, blobs, rules, kind, param_str, ind):
-        lines = ["layer {", '%sname: "%s"' % (ind, name), '%stype: "Python"' % ind]
-        lines += ['%sbottom: "%s"' % (ind, b) for b in blobs]
-        lines += ['%stop: "%s"' % (ind, b) for b in blobs]
+        lines = ["layer {", '%sname: %s' % (ind, prototxt_string(name)), '%stype: "Python"' % ind]
+        lines += ['%sbottom: %s' % (ind, prototxt_string(b)) for b in blobs]
+        lines += ['%stop: %s' % (ind, prototxt_string(b)) for b in blobs]
         lines += ["%s%s" % (ind, r) for r in rules]
         lines += ["%spython_param {" % ind, '%s%smodule: "safe_layers"' % (ind, ind),
                   '%s%slayer: "%s"' % (ind, ind, kind),
-                  '%s%sparam_str: "%s"' % (ind, ind, param_str), "%s}" % ind, "}"]
+                  '%s%sparam_str: %s' % (ind, ind, prototxt_string(param_str)), "%s}" % ind, "}"]
         return "\n".join(lines) + "\n"
 
     def _rules_text(self, layer):
@@ -564,7 +598,7 @@ class Hardener:
             if what:
                 literal = node.find("python_param.param_str")
                 # Only the string changes: the literal's bytes, nothing around them.
-                self.edits.append((literal.value_start, literal.value_end, '"%s"' % own.param_str()))
+                self.edits.append((literal.value_start, literal.value_end, prototxt_string(own.param_str())))
                 self.changed.append((kind, layer.name, ", ".join(what)))
 
     # ---- swaps ---------------------------------------------------------------------------
@@ -598,7 +632,7 @@ class Hardener:
 
     def _python_param_lines(self, kind, param_str, ind):
         return ["python_param {", '%smodule: "safe_layers"' % ind, '%slayer: "%s"' % (ind, kind),
-                '%sparam_str: "%s"' % (ind, param_str), "}"]
+                '%sparam_str: %s' % (ind, prototxt_string(param_str)), "}"]
 
     def _producer_name(self, index, blob):
         writers = self._last_writers(index, blob)
