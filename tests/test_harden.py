@@ -608,3 +608,19 @@ def test_layer_names_yaml_or_prototxt_would_misread(harden, caffe, tmp_path):
     status, _, err = harden("hard.prototxt", "-o", "repair.prototxt", "--level", "repair",
                             "--guard", "Convolution,Pooling,InnerProduct,Softmax")
     assert status == 0 and "5 NaNGuard abort -> clamp/zero" in err, err
+
+
+def test_a_file_with_windows_line_ends_keeps_them(harden, tmp_path):
+    """Byte-preserving means the inserted lines end like the file's own: the CRLF file's
+    hardened output is the LF file's with every line end CRLF, and relevelling it matches
+    hardening the original at that level."""
+    text = (DATA / "lenet_train_test.prototxt").read_text()
+    (tmp_path / "lf.prototxt").write_text(text)
+    (tmp_path / "crlf.prototxt").write_bytes(text.replace("\n", "\r\n").encode())
+    for name in ("lf", "crlf"):
+        assert harden("%s.prototxt" % name, "-o", "%s_repair.prototxt" % name, "--level", "repair")[0] == 0
+    lf, crlf = ((tmp_path / ("%s_repair.prototxt" % n)).read_bytes() for n in ("lf", "crlf"))
+    assert crlf.count(b"\n") == crlf.count(b"\r\n") and crlf.replace(b"\r\n", b"\n") == lf
+    assert harden("crlf_repair.prototxt", "-o", "back.prototxt", "--level", "observe")[0] == 0
+    assert harden("crlf.prototxt", "-o", "direct.prototxt", "--level", "observe")[0] == 0
+    assert (tmp_path / "back.prototxt").read_bytes() == (tmp_path / "direct.prototxt").read_bytes()

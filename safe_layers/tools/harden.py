@@ -728,10 +728,14 @@ class Hardener:
         self._plan_swaps()
         self._plan_guards()
         text = self.net.text
+        # A file with Windows line ends gets them in what is inserted too.
+        crlf = text.count("\r\n") * 2 > text.count("\n")
         # Apply from the end so earlier offsets stay valid; at one offset, in plan order.
         order = sorted(range(len(self.edits)), key=lambda k: (self.edits[k][0], k), reverse=True)
         for k in order:
             start, end, new = self.edits[k]
+            if crlf:
+                new = new.replace("\r\n", "\n").replace("\n", "\r\n")
             text = text[:start] + new + text[end:]
         if self.edits:
             # Never hand out a file Caffe cannot read.
