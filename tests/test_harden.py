@@ -624,3 +624,16 @@ def test_a_file_with_windows_line_ends_keeps_them(harden, tmp_path):
     assert harden("crlf_repair.prototxt", "-o", "back.prototxt", "--level", "observe")[0] == 0
     assert harden("crlf.prototxt", "-o", "direct.prototxt", "--level", "observe")[0] == 0
     assert (tmp_path / "back.prototxt").read_bytes() == (tmp_path / "direct.prototxt").read_bytes()
+
+
+@pytest.mark.parametrize("net", ["cifar10_full_sigmoid_train_test_bn.prototxt", "resnet50_train_val.prototxt"])
+def test_swap_first_then_harden_gives_the_file_of_both_at_once(harden, tmp_path, net):
+    """Incremental hardening: swapping BatchNorm alone, then adding guards later, ends with
+    the same file as doing both in one run (the StableBatchNorms are guarded as the
+    BatchNorms they replace would be)."""
+    source = DATA / net
+    assert harden(source, "-o", "swapped.prototxt", "--swap", "batchnorm", "--no-default-guards")[0] == 0
+    for level in ("observe", "repair"):
+        assert harden(source, "-o", "once.prototxt", "--swap", "batchnorm", "--level", level)[0] == 0
+        assert harden("swapped.prototxt", "-o", "later.prototxt", "--level", level)[0] == 0
+        assert (tmp_path / "later.prototxt").read_text() == (tmp_path / "once.prototxt").read_text()

@@ -408,6 +408,11 @@ class Hardener:
                              "last windows can lie outside the input (AVE: 0/0)" % layer.name)
                 if layer.type in PRODUCER_TYPES and layer.top:
                     want(i, [layer.top[0]], "a %s output" % layer.type)
+                elif (layer.type == "Python" and layer.python_param.layer == "StableBatchNorm"
+                      and layer.top):
+                    # Where a --swap of the same run guards it: a net swapped first and
+                    # hardened later gets the same file.
+                    want(i, [layer.top[0]], "a BatchNorm output (StableBatchNorm)")
                 if any(loss_weights(layer)) and layer.bottom:
                     for w in self._last_writers(i, layer.bottom[0]):
                         spot = want(w, [layer.bottom[0]], "below loss '%s'" % layer.name)
