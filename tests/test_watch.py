@@ -107,7 +107,7 @@ layer {
 """
 
 
-@pytest.mark.parametrize("action", ["clamp", "warn"])
+@pytest.mark.parametrize("action", ["clamp", "warn", "abort"])
 def test_stop_leaves_a_repair_in_place_to_the_guard(caffe, write_solver, batches, action):
     """A net hardened to repair (a NaNGuard clamping in place after its data layer) under
     the default on_nonfinite 'stop': the watch reports the data layer as the producer and
@@ -131,6 +131,16 @@ def test_stop_leaves_a_repair_in_place_to_the_guard(caffe, write_solver, batches
         assert producer.note == "repaired in place by Python data_guard"
         assert parse_line(producer.line())["note"] == producer.note
         assert solver.iter == 5 and all_finite(solver.net)
+    elif action == "abort":
+        # The strict guard stops the pass itself (its own report); the watch's producer is
+        # still reported, once, and the next clean iteration is not stopped by it.
+        with pytest.raises(FloatingPointError, match="NaNGuard data_guard"):
+            solver.step(1)
+        solver.step(1)
+        [producer] = [f for f in w.faults if f.kind == "producer"]
+        assert (producer.layer, producer.iteration, producer.action) == ("mnist", 3, "report")
+        assert "the pass ended (an exception) before the next layer ran" in producer.note
+        assert solver.iter == 4 and all_finite(solver.net)
     else:
         with pytest.raises(NonFiniteError) as caught:
             solver.step(1)

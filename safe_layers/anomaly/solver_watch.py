@@ -351,32 +351,31 @@ class Watch:
 
     # -- hooks -----------------------------------------------------------------------
     def _hook(self, net, probe, backward):
-        def before(i):
-            if not self.closed:
-                context.activate(self)
-
-        def before_forward(i):
-            if not self.closed:
-                context.activate(self)
-                if i == 0 and self._held is not None and self._held[0] is probe:
-                    self._stop_held()  # a new pass of a lone net: nothing settled it
+        def before(pass_):
+            def hook(i):
+                if not self.closed:
+                    context.activate(self)
+                    if self._held is not None:
+                        self._before_held(probe, i, pass_)
+            return hook
 
         def after_forward(i):
             if not self.closed:
+                if self._held is not None:
+                    self._after_held(probe, i, "forward")
                 probe.after_forward(i)
-                if self._held is not None and self._held[0] is probe:
-                    self._settle(i, "forward")
 
         def after_backward(i):
             if not self.closed:
+                if self._held is not None:
+                    self._after_held(probe, i, "backward")
                 probe.after_backward(i)
-                if self._held is not None and self._held[0] is probe:
-                    self._settle(i, "backward")
 
+        before_forward, before_backward = before("forward"), before("backward")
         net.before_forward(before_forward)
         net.after_forward(after_forward)
         if backward:
-            net.before_backward(before)
+            net.before_backward(before_backward)
             net.after_backward(after_backward)
 
     def iteration(self):
@@ -386,6 +385,7 @@ class Watch:
     def _on_start(self):
         if self.closed:
             return
+        self._drop_held()
         context.activate(self)
         self._read_boards()  # left by a net.forward() of the caller's between steps
         iteration = self.iteration()
@@ -599,12 +599,14 @@ class Watch:
         # whatever phase); a solver's test nets are reported only.
         train = fault.phase == self.probes[0].phase
         stop = train and self.options.on_nonfinite == "stop"
-        if stop and fault.role != "param" and self._held is None:
-            probe = next(p for p in self.probes if p.phase == fault.phase)
+        self._stop_held()  # never two at once; the first producer is the one to stop on
+        if stop and fault.role != "param" and self.solver is not None:
+            # Under a solver a pass always runs to its end (Solver::Step), so the layer
+            # after the producer is sure to come and settle the hold.
+            probe = self.probes[0]
             i, k = fault.layer_index, fault.blob_index
             blob = probe.tops[i][k] if fault.role == "top" else probe.bottoms[i][k]
-            ends = i == probe.last if fault.pass_ == "forward" else i == 0
-            if not ends:
+            if not (i == probe.last if fault.pass_ == "forward" else i == 0):
                 self._held = (probe, fault, blob)
                 return
         fault.action = "stop" if stop else "report"
@@ -612,27 +614,31 @@ class Watch:
             self._stop(fault)
         self._fault(fault, "E" if train else "W")
 
-    def _settle(self, i, pass_):
-        """After layer ``i`` ran: decide the held producer. Repaired when ``i`` works in
-        place on its blob and left it finite (a NaNGuard in repair mode: the value the
-        rest of the net sees is finite, so stopping would throw away a run the user
-        hardened to go on); otherwise the first layer to use the blob stops the run, as
-        the producer itself would have (no backward, no update has used it yet)."""
-        probe, fault, blob = self._held
-        if fault.pass_ != pass_ or i == fault.layer_index:
+    @staticmethod
+    def _in_place_on(probe, i, blob):
+        return blob in probe.tops[i] and blob in probe.bottoms[i]
+
+    def _before_held(self, probe, i, pass_):
+        """Before layer ``i`` of a pass: the held producer's blob goes on to it unrepaired
+        unless ``i`` works on that blob in place (it may repair it): stop here, before
+        layer ``i`` runs."""
+        held_probe, fault, blob = self._held
+        if held_probe is not probe or fault.pass_ != pass_ or i == fault.layer_index:
+            self._stop_held()  # another pass began: whatever held it, it was not repaired
             return
-        if pass_ == "forward":
-            in_place = blob in probe.tops[i] and blob in probe.bottoms[i]
-            repaired = in_place and blob not in probe.bad_data
-            used = blob in probe.bottoms[i] or i == probe.last
-        else:
-            in_place = blob in probe.bottoms[i] and blob in probe.tops[i]
-            repaired = in_place and blob not in probe.bad_diff
-            used = blob in probe.tops[i] or i == 0
-        if not (repaired or used):
+        if not self._in_place_on(probe, i, blob):
+            self._stop_held()
+
+    def _after_held(self, probe, i, pass_):
+        """After the in-place layer ``i`` that followed the held producer: its blob finite
+        now (a NaNGuard in repair mode: what the rest of the net sees is finite, so the
+        run the user hardened goes on) or not (stop, before any later layer runs)."""
+        held_probe, fault, blob = self._held
+        if held_probe is not probe or fault.pass_ != pass_ or i == fault.layer_index:
             return
         self._held = None
-        if repaired:
+        array = probe.data(probe.blobs[blob]) if pass_ == "forward" else probe.diff(probe.blobs[blob])
+        if self._in_place_on(probe, i, blob) and blob_ok(array):
             fault.action = "report"
             fault.note = ((fault.note + "; ") if fault.note else "") + "repaired in place by %s %s" % (
                 probe.types[i], probe.names[i])
@@ -641,8 +647,19 @@ class Watch:
         fault.action = "stop"
         self._stop(fault)
 
+    def _drop_held(self):
+        """A hold left by a pass that an exception cut short (a strict guard's abort right
+        after the producer): reported, never raised later on a clean pass."""
+        if self._held is not None:
+            fault = self._held[1]
+            self._held = None
+            fault.action = "report"
+            fault.note = ((fault.note + "; ") if fault.note else "") + \
+                "the pass ended (an exception) before the next layer ran"
+            self._fault(fault, "W")
+
     def _stop_held(self):
-        """A held producer no later layer settled (its blob's readers did not run)."""
+        """Stop on the held producer, if any (nothing repaired it)."""
         if self._held is not None:
             fault = self._held[1]
             self._held = None
@@ -801,6 +818,7 @@ class Watch:
         checkpoint files are deleted."""
         if self.closed:
             return
+        self._drop_held()
         self.closed = True
         context.deactivate(self)
         for board in self.boards:
