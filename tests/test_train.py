@@ -224,6 +224,38 @@ def test_outputs_and_sources_that_cannot_work_exit_2_before_training(lenet, tmp_
     assert "lmdb_net.prototxt:" in run.stderr and "Starting Optimization" not in run.stderr
 
 
+STAGED = """name: "staged"
+layer { name: "small" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 2 dim: 3 } shape { dim: 2 } }
+  include { phase: TRAIN not_stage: "big" } }
+layer { name: "big" type: "Data" top: "data" top: "label" include { phase: TRAIN stage: "big" }
+  data_param { source: "big_lmdb" batch_size: 2 backend: LMDB } }
+layer { name: "held_out" type: "Data" top: "data" top: "label" include { phase: TEST }
+  data_param { source: "test_lmdb" batch_size: 2 backend: LMDB } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 2 } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+def test_only_the_sources_of_layers_caffe_builds_must_exist(tmp_path):
+    """A Data layer of a stage this run does not use, or of a test net the solver never
+    builds (no test_iter), is not built by Caffe: its missing source stops nothing.
+    With -stage big, the same missing source is named."""
+    (tmp_path / "net.prototxt").write_text(STAGED)
+    (tmp_path / "solver.prototxt").write_text(
+        'net: "net.prototxt"\nbase_lr: 0.01\nlr_policy: "fixed"\nmax_iter: 2\nsolver_mode: CPU\n'
+        'snapshot_prefix: "snap"\nsnapshot_after_train: false\n')
+    run = safe_layers_train("-solver", "solver.prototxt", "--no-lint", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    run = safe_layers_train("-solver", "solver.prototxt", "--no-lint", "-stage", "big", cwd=tmp_path)
+    assert run.returncode == 2 and "data layer 'big' (Data): source 'big_lmdb' does not exist" in run.stderr
+    assert "held_out" not in run.stderr
+    with open(tmp_path / "solver.prototxt", "a") as f:
+        f.write("test_iter: 1\ntest_interval: 1\n")
+    run = safe_layers_train("-solver", "solver.prototxt", "--no-lint", cwd=tmp_path)
+    assert run.returncode == 2 and "data layer 'held_out' (Data): source 'test_lmdb'" in run.stderr
+
+
 def test_an_event_log_that_cannot_be_written_never_stops_training(lenet, tmp_path):
     run = safe_layers_train("-solver", lenet(max_iter=10), "--events", "/dev/full", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]

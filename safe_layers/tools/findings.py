@@ -95,6 +95,8 @@ def check_output_path(path, what):
         raise InputError("cannot write %s %s: it is a folder" % (what, path))
     if not os.path.isdir(folder):
         raise InputError("cannot write %s %s: folder %s does not exist" % (what, path, folder))
+    if os.path.exists(path) and os.access(path, os.W_OK):
+        return path  # an existing file (or /dev/null) that can be written in place
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError("cannot write %s %s: folder %s is not writable" % (what, path, folder))
     return path

@@ -186,7 +186,7 @@ def prepare(args, workdir):
         # snapshot and the watch's checkpoints would fail at the end or at the first fault.
         check_output_path(prefix + "_iter_0.solverstate",
                           "snapshots (snapshot_prefix %r of %s)" % (prefix, args.solver))
-    _check_sources(args.solver)
+    _check_sources(args.solver, param)
     progress = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     return {"solver": solver_path, "solver_file": args.solver, "snapshot": args.snapshot or None,
             "gpu": gpu, "sigint_effect": args.sigint_effect, "sighup_effect": args.sighup_effect,
@@ -194,16 +194,43 @@ def prepare(args, workdir):
             "progress": progress, "net_name": _net_name(param, args.solver)}
 
 
-def _check_sources(solver_path):
+def _check_sources(solver_path, param):
     """A data layer whose source does not exist makes Caffe abort while it builds the net,
     with `mdb_status == 0 (2 vs. 0) No such file or directory` and no path: name the layer
-    and the path here instead (InputError, exit 2)."""
+    and the path here instead (InputError, exit 2). Only layers Caffe will build count:
+    those of the states this run uses (``param``: the solver as prepared, with -level and
+    -stage; a test net only where there is a test_iter for it)."""
+    from safe_layers.tools import prototxt
+    from safe_layers.tools.rules import layers_in_state
     from safe_layers.tools.scan import targets_from_prototxt
     try:
         _, notes = targets_from_prototxt(solver_path)
     except InputError:
         return  # no Data / HDF5Data layer with a source: nothing to check
     missing = [f for f in notes if f.severity == "error"]
+    if not missing:
+        return
+    pb2 = prototxt.caffe_pb2()
+    train = (pb2.TRAIN, param.train_state.level, tuple(param.train_state.stage))
+    tests = []
+    for k in range(len(param.test_iter)):
+        state = param.test_state[k] if k < len(param.test_state) else pb2.NetState()
+        tests.append((pb2.TEST, state.level, tuple(state.stage)))
+    built = set()
+    nets = prototxt.solver_nets(prototxt.read_prototxt(solver_path))
+    test_nets = [n for field, n in nets if field.startswith("test_net")]
+    for field, net in nets:
+        if field.startswith("test_net"):
+            k = test_nets.index(net)
+            states = tests[k:k + 1]
+        elif test_nets:
+            states = [train]  # the test nets are named on their own
+        else:
+            states = [train] + tests  # `net`: the training net and every test net
+        for phase, level, stages in states:
+            built.update((net.path, layer.name)
+                         for layer, _ in layers_in_state(net.layers(), phase, level, stages))
+    missing = [f for f in missing if (f.path, f.layer) in built]
     if missing:
         raise InputError("\n".join(f.text() for f in missing))
 
