@@ -386,6 +386,14 @@ def test_input_shape_beats_declaration_beats_first_record(tmp_path, caffe):
     one_top = INPUT % (10, 10) + 'layer { name: "r" type: "ReLU" bottom: "x" top: "y" }\n'
     assert shapes_of(one_top, tmp_path).top_shape("r") == (2, 3, 10, 10)
     assert shapes_of(one_top, tmp_path, "data=1,3,7,7").top_shape("r") == (1, 3, 7, 7)
+    # A DummyData layer's label takes the N given for its data, as a Data layer's does.
+    dummy = ('layer { name: "d" type: "DummyData" top: "x" top: "label" dummy_data_param { '
+             'shape { dim: 64 dim: 1 dim: 4 dim: 4 } shape { dim: 64 } } }\n'
+             'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "ip" '
+             'inner_product_param { num_output: 2 } }\n'
+             'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+    built = shapes_of(dummy, tmp_path, "x=8,1,4,4")
+    assert built.top_shape("ip") == (8, 2) and built.top_shape("d", 1) == (8,)
 
 
 @pytest.mark.parametrize("given, conv1", [((), (1, 64, 112, 112)), (("data=2,3,448,448",), (2, 64, 224, 224))])

@@ -397,10 +397,14 @@ def input_net(net_message, net_path, overrides):
                 continue  # Caffe builds it as declared
             declared = (_declared_input_shapes(layer) if layer.type == "Input"
                         else _dummy_shapes(layer))
+            # The batch given for one top is every top's (labels included), as for Data.
+            batch = next((g[0] for g in given if g), None)
             shapes = []
             for top, shape, own in zip(layer.top, given, declared):
                 if shape is not None:
                     data_shapes[top] = (tuple(shape), "--input-shape")
+                elif own and batch is not None:
+                    own = (batch,) + tuple(own[1:])
                 shapes.append(shape if shape is not None else own or ())
             _as_input(layer, shapes, pb2)
             continue
