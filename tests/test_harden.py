@@ -610,11 +610,14 @@ def test_layer_names_yaml_or_prototxt_would_misread(harden, caffe, tmp_path):
     assert status == 0 and "5 NaNGuard abort -> clamp/zero" in err, err
 
 
-def test_a_file_with_windows_line_ends_keeps_them(harden, tmp_path):
+@pytest.mark.parametrize("blank_lines", [False, True])
+def test_a_file_with_windows_line_ends_keeps_them(harden, tmp_path, blank_lines):
     """Byte-preserving means the inserted lines end like the file's own: the CRLF file's
-    hardened output is the LF file's with every line end CRLF, and relevelling it matches
-    hardening the original at that level."""
+    hardened output is the LF file's with every line end CRLF (blank lines between blocks
+    kept as in the LF file), and relevelling it matches hardening the original."""
     text = (DATA / "lenet_train_test.prototxt").read_text()
+    if blank_lines:
+        text = text.replace("}\nlayer {", "}\n\nlayer {")
     (tmp_path / "lf.prototxt").write_text(text)
     (tmp_path / "crlf.prototxt").write_bytes(text.replace("\n", "\r\n").encode())
     for name in ("lf", "crlf"):
@@ -637,3 +640,14 @@ def test_swap_first_then_harden_gives_the_file_of_both_at_once(harden, tmp_path,
         assert harden(source, "-o", "once.prototxt", "--swap", "batchnorm", "--level", level)[0] == 0
         assert harden("swapped.prototxt", "-o", "later.prototxt", "--level", level)[0] == 0
         assert (tmp_path / "later.prototxt").read_text() == (tmp_path / "once.prototxt").read_text()
+
+
+def test_a_max_norm_is_written_as_given_and_rehardening_with_it_changes_nothing(harden, tmp_path):
+    source = DATA / "lenet_train_test.prototxt"
+    status, _, err = harden(source, "-o", "m1.prototxt", "--level", "repair", "--max-norm", "1234567")
+    assert status == 0 and "L2 norm <= 1234567.0 below the loss" in err
+    assert "max_norm: 1234567.0}" in (tmp_path / "m1.prototxt").read_text()
+    status, _, err = harden("m1.prototxt", "-o", "m2.prototxt", "--level", "repair", "--max-norm", "1234567")
+    assert status == 0 and "nothing to change" in err and "->" not in err, err
+    status, _, err = harden(source, "-o", "m3.prototxt", "--level", "repair", "--max-norm", "50")
+    assert "max_norm: 50}" in (tmp_path / "m3.prototxt").read_text()

@@ -222,6 +222,25 @@ def prototxt_string(text):
     return '"%s"' % str(text).replace("\\", "\\\\").replace('"', '\\"')
 
 
+def _line_end_at(text, position):
+    """The length of the line end (LF or CRLF) at ``position``, 0 if none: an empty line
+    starts there."""
+    if text.startswith("\r\n", position):
+        return 2
+    return 1 if text.startswith("\n", position) else 0
+
+
+def _blank_line_before(text, start):
+    """The length of the empty line (its line end) just before ``start``, a line start;
+    0 when the line before is not empty."""
+    for end in ("\r\n", "\n"):
+        before = start - len(end)
+        if before >= 0 and text.startswith(end, before) and (
+                before == 0 or text[before - 1] == "\n"):
+            return len(end)
+    return 0
+
+
 def param_str(pairs, iter_size=None):
     """``{key: value, ...}`` as harden writes it (``iter_size`` last, when known)."""
     parts = ["%s: %s" % (k, yaml_text(v) if k in _TEXT_KEYS else v) for k, v in pairs]
@@ -236,9 +255,16 @@ def guard_param_str(name, follows, level, iter_size=None):
     return param_str(pairs, iter_size)
 
 
+def number_text(value):
+    """``value`` as short as reads back exactly: ``1000``, ``0.5``, ``1234567.0`` (never
+    ``%g``'s ``1.23457e+06``, which would change the bound the user gave)."""
+    short = "%g" % value
+    return short if float(short) == value else repr(float(value))
+
+
 def clip_param_str(name, follows, max_norm, iter_size=None):
     return param_str([("name", name), ("follows", follows), ("mode", "norm"),
-                      ("max_norm", "%g" % max_norm)], iter_size)
+                      ("max_norm", number_text(max_norm))], iter_size)
 
 
 def is_safe_guard(layer):
@@ -495,7 +521,7 @@ class Hardener:
         if newline < 0:  # the last line, without a line end
             return (len(text), len(text), "\n" + "".join(blocks))
         position = newline + 1
-        separator = "\n" if text[position:position + 1] == "\n" else ""
+        separator = "\n" if _line_end_at(text, position) else ""
         return (position, position, "".join(separator + block for block in blocks))
 
     def _removal(self, node):
@@ -505,9 +531,9 @@ class Hardener:
         start, end = self._line_span(node)
         if (start, end) == (node.start, node.end):  # not alone on its lines: the block itself
             return (start, end, "")
-        if text[end:end + 1] == "\n" and start >= 1 and text[start - 1] == "\n" and \
-                (start == 1 or text[start - 2] == "\n"):
-            start -= 1
+        blank = _blank_line_before(text, start)
+        if _line_end_at(text, end) and blank:
+            start -= blank
         return (start, end, "")
 
     def _insert_inputs(self, ind):
@@ -566,8 +592,8 @@ class Hardener:
                 blocks.append(self._block(name, [clip], rules, "GradientClip",
                                           clip_param_str(name, layer.name, max_norm, self.iter_size), ind))
                 self.inserted["GradientClip"] += 1
-                self.log.append("  + GradientClip %s after %s on %s: L2 norm <= %g below the loss"
-                                % (name, layer.name, clip, max_norm))
+                self.log.append("  + GradientClip %s after %s on %s: L2 norm <= %s below the loss"
+                                % (name, layer.name, clip, number_text(max_norm)))
             if blocks:
                 # After the guards and clips already there: a later run appends where an
                 # earlier one stopped, in the order one run would have written.
@@ -595,7 +621,7 @@ class Hardener:
                 what.append("%s -> %s" % (LEVEL_WORDS[own.level], LEVEL_WORDS[self.level]))
                 own.level = self.level
             if kind == "GradientClip" and self.max_norm is not None and own.max_norm != self.max_norm:
-                what.append("max_norm %g -> %g" % (own.max_norm, self.max_norm))
+                what.append("max_norm %s -> %s" % (number_text(own.max_norm), number_text(self.max_norm)))
                 own.max_norm = self.max_norm
             if self.iter_size is not None and own.iter_size != self.iter_size:
                 what.append("iter_size %s -> %d" % (own.iter_size or "unset", self.iter_size))
