@@ -635,6 +635,8 @@ def test_a_lone_net_is_reported_in_its_own_phase_and_large_finite_blobs_are_no_f
     assert (stop.layer, stop.phase, stop.action, stop.fault.samples) == ("data", expected, "stop", [1])
     assert " in %s, call 2:" % expected in stop.line()
     w.close()
+    with pytest.raises(ValueError, match="phase 'test'; allowed: 'TRAIN', 'TEST'"):
+        watch(net, phase="test")
 
 
 def test_rollback_with_a_snapshot_folder_that_does_not_exist_fails_when_attached(

@@ -900,6 +900,8 @@ def watch(target, solver_file=None, stream=None, phase=None, **options):
         param = read_solver_param(os.fspath(solver_file))
     if hasattr(target, "add_callback"):
         return Watch(solver=target, solver_param=param, stream=stream, **options)
+    if phase not in (None, "TRAIN", "TEST"):
+        raise ValueError("watch: phase %r; allowed: 'TRAIN', 'TEST' (a lone net's)" % (phase,))
     if hasattr(target, "after_forward"):
         if phase is None:
             phases = {layer.fault_log.phase for layer in reporting.layers_of(target)}
