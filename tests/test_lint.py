@@ -583,14 +583,7 @@ POOL_AFTER = ('layer { name: "pool" type: "Pooling" bottom: "x" top: "p" '
 
 
 def test_shape_from_the_first_lmdb_record_and_caffe_agrees(lint, tmp_path, caffe, make_net):
-    import lmdb
-    env = lmdb.open(str(tmp_path / "train_lmdb"), map_size=1 << 24)
-    with env.begin(write=True) as txn:
-        for i in range(4):
-            datum = caffe.proto.caffe_pb2.Datum(channels=1, height=10, width=10, label=i,
-                                                data=bytes(range(100)))
-            txn.put(b"%08d" % i, datum.SerializeToString())
-    env.close()
+    lmdb_of_10x10(tmp_path, caffe)
     text = ('layer { name: "data" type: "Data" top: "x" top: "label" '
             'data_param { source: "%s" backend: LMDB batch_size: 2 } }\n' % (tmp_path / "train_lmdb")) + POOL_AFTER
     status, doc = lint(write(tmp_path, "net.prototxt", text))
