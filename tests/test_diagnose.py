@@ -347,6 +347,71 @@ def test_nan_in_the_input_lenet(lenet_runs, debug_info, monkeypatch):
     assert sources["examples/mnist/mnist_test_lmdb"]["labels"]["batch_size"] == 100
 
 
+def _set_fields(solver, **fields):
+    """The solver file with these fields replaced or added."""
+    lines = [l for l in solver.read_text().splitlines() if l.split(":")[0] not in fields]
+    solver.write_text("\n".join(lines + ["%s: %s" % kv for kv in fields.items()]) + "\n")
+
+
+def test_records_of_a_resumed_run_and_of_a_sparse_display(tmp_path):
+    """Caffe keeps no data cursor: a run resumed at iteration 5 reads record 0 again
+    there, so the poisoned record 913 (iteration 14 from the start) comes at iteration 19.
+    With display 5 the first bad iteration is not in the log: the records of every
+    iteration since the last finite loss are named."""
+    binary = Path(sys.executable).parent / "caffe"
+    work = tmp_path / "resume"
+    work.mkdir()
+    solver = lenet_work(work, debug_info=False)
+    _set_fields(solver, max_iter=5, snapshot=5, snapshot_prefix='"snap"')
+    _, returncode = run_logged([str(binary), "train", "-solver", str(solver)], work)
+    assert returncode == 0 and (work / "snap_iter_5.solverstate").exists()
+    _set_fields(solver, max_iter=22, snapshot=0)
+    log, _ = run_logged([str(binary), "train", "-solver", str(solver), "-snapshot",
+                         "snap_iter_5.solverstate"], work)
+    assert "Resuming from snap_iter_5.solverstate" in log.read_text()
+    status, doc = diagnose_json(log)
+    cause = rules(doc)["SL803"]
+    assert cause["iteration"] == 5 + POISONED_POSITION // 64
+    assert cause["record_positions"] == [896, 959]  # record 913: (19 - 5) * 64 + 17
+    assert "counted from iteration 5, where the run resumed" in cause["fix"]
+
+    work = tmp_path / "display"
+    work.mkdir()
+    solver = lenet_work(work, debug_info=False)
+    _set_fields(solver, display=5)
+    log, _ = run_logged([str(binary), "train", "-solver", str(solver)], work)
+    status, doc = diagnose_json(log)
+    cause = rules(doc)["SL803"]
+    assert cause["iteration"] == 15  # the first bad loss logged: iteration 14's is not shown
+    assert "it went non-finite in iterations 11-15" in cause["message"]
+    start, end = cause["record_positions"]
+    assert (start, end) == (11 * 64, 16 * 64 - 1) and start <= POISONED_POSITION <= end
+    assert_evidence_is_the_log(doc, log)
+
+
+def test_runs_appended_to_one_log_are_told_apart(lenet_runs, caffe_train, tmp_path):
+    """`caffe train ... 2>> train.log` twice: the verdict is about the last run, with its
+    own solver settings and records, and says the file holds two."""
+    poisoned = lenet_runs[False][0].read_text()
+    diverging, _ = train_log(caffe_train, tmp_path, "diverging.log", DIVERGING_NET.replace("LAYER", ""),
+                             base_lr=0.1, max_iter=40, display=1)
+    both = tmp_path / "both.log"
+    both.write_text(poisoned + diverging.read_text())
+    status, doc = diagnose_json(both)
+    found = rules(doc)
+    assert set(found) == {"SL802"} and "lower base_lr (0.1)" in found["SL802"]["fix"]
+    second = len(poisoned.splitlines()) + 1
+    assert doc["runs"][-1] > second - 5 and len(doc["runs"]) == 2
+    assert all(item["line"] > second for item in found["SL802"]["evidence"])
+    both.write_text(diverging.read_text() + poisoned)
+    status, doc = diagnose_json(both)
+    found = rules(doc)
+    assert found["SL803"]["iteration"] == POISONED_POSITION // 64
+    assert "lower base_lr" not in json.dumps(found) and "training went on" not in found["SL803"]["message"]
+    status, out, _ = run_diagnose(both)
+    assert "holding 2 runs" in out
+
+
 # ---------------------------------------------------------------------------------------
 # Cause 5: a pooling window outside its input (the project's own example net).
 

@@ -80,6 +80,7 @@ _NORMS = re.compile(r"\s*\[Backward\] All net params \(data, diff\): L1 norm = \
 _UPDATE = re.compile(r"\s*\[Update\] Layer (\S+), param (?:blob )?(\S+?)(?: \(owned by layer \S+, "
                      r"param \S+\))?(?: data: (%s);)? diff: (%s)\s*$" % (_NUMBER, _NUMBER), re.I)
 _MULTISTEP = re.compile(r"MultiStep Status: Iteration (\d+), step = (\d+)")
+_SNAPSHOT_ITER = re.compile(r"_iter_(\d+)\.solverstate(?:\.h5)?$")
 _POLICY = re.compile(r"Learning Rate Policy: (\S*)")
 _EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*): (.*)$")
 _PYTHON_ERROR = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.*)$")
@@ -464,6 +465,12 @@ class LogReader:
             return Event("policy", number, policy=m.group(1)) if m else None
         if message.startswith("Optimization Done"):
             return Event("done", number)
+        if message.startswith("Resuming from "):
+            # caffe.cpp (and safe-layers train): `Resuming from X.solverstate`; Caffe names
+            # its snapshots <prefix>_iter_N, the only place the log says where it resumed.
+            path = message[len("Resuming from "):].strip()
+            m = _SNAPSHOT_ITER.search(path)
+            return Event("resume", number, path=path, iteration=int(m.group(1)) if m else None)
         if severity is None:
             m = _CRASH.match(message)
             if m:

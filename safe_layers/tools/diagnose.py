@@ -258,6 +258,9 @@ class Diagnosis:
         self.path = path
         self._handlers = {}
         self.solver = None            # Event 'solver'
+        self.run_start = 1            # the line this run starts at (several runs in one file)
+        self.earlier_runs = []        # the first lines of the runs before it in the file
+        self.resumed = None           # Event 'resume': `Resuming from X.solverstate`
         self.policy = None            # Event 'policy'
         self.nets = {}                # phase -> Event 'net' (the latest of each)
         self.iteration = None         # the latest 'Iteration N' of training
@@ -354,6 +357,9 @@ class Diagnosis:
 
     def _on_solver(self, event):
         self.solver = event
+
+    def _on_resume(self, event):
+        self.resumed = event
 
     def _on_policy(self, event):
         self.policy = event
@@ -863,17 +869,21 @@ class Diagnosis:
         else:
             trend = "stayed near %s" % fmt(first.value)
         last = culprit.last
+        gap = (bad_point.iteration is not None and last.iteration is not None
+               and bad_point.iteration - last.iteration > 1)
         message = ("faulty input or loss layer: the loss%s %s, then became %s at iteration %s without "
-                   "growing first (last finite %s at iteration %s)"
+                   "growing first (last finite %s at iteration %s%s)"
                    % (name, trend, fmt(bad_point.value), bad_point.iteration, fmt(last.value),
-                      last.iteration))
+                      last.iteration, "; the log shows every %dth iteration: it went non-finite in "
+                      "iterations %d-%d" % (bad_point.iteration - last.iteration, last.iteration + 1,
+                                            bad_point.iteration) if gap else ""))
         recovered = culprit.recovered
         if recovered is not None:
             message += ("; training went on: the loss is finite again from iteration %s (%s)"
                         % (recovered.iteration, "a watch skipped the bad iteration"
                            if self.first_train_report and self.first_train_report[1]["source"] == "watch"
                            else "the bad batch did not reach the weights"))
-        fix, data = self._input_advice(bad_point.iteration)
+        fix, data = self._input_advice(bad_point.iteration, since=last.iteration)
         evidence = [first, low, last, bad_point, recovered]
         return self._finding("SL803", "error", bad_point, message, fix, evidence,
                              cause="faulty input or loss layer", **data)
@@ -901,7 +911,10 @@ class Diagnosis:
                                  cause="exploding gradients", rise=rise)
         return None
 
-    def _input_advice(self, iteration):
+    def _input_advice(self, iteration, since=None):
+        """The fix for a faulty input: the sources to scan, and the records read by
+        ``iteration`` (with ``since``, the last finite loss logged before it, by every
+        iteration after that one: with display > 1 the first bad one is not logged)."""
         data_layers = self.data_layers()
         sources = []
         for layer in data_layers:
@@ -918,12 +931,23 @@ class Diagnosis:
             layer, _ = sources[0]
             batch = layer.params.get("data_param.batch_size") or layer.params.get("hdf5_data_param.batch_size")
             iter_size = int(self.solver_field("iter_size") or 1)
-            if batch and iteration is not None and layer.type == "Data":
-                batch = int(batch)
-                start = iteration * iter_size * batch
-                parts.append("iteration %d read records %d-%d of '%s' in key order (modulo its size)"
-                             % (iteration, start, start + iter_size * batch - 1, layer.name))
-                data["record_positions"] = [start, start + iter_size * batch - 1]
+            # A resumed run's data layer starts again at record 0 (Caffe saves no cursor).
+            origin = 0 if self.resumed is None else self.resumed.iteration
+            if batch and iteration is not None and layer.type == "Data" and origin is None:
+                parts.append("the run resumed from %s, whose iteration the log does not say: "
+                             "Caffe's data layer starts again at record 0 there, so count the "
+                             "records from the resumed iteration" % self.resumed.path)
+            elif batch and iteration is not None and layer.type == "Data":
+                batch, per = int(batch), iter_size * int(batch)
+                first = since + 1 if since is not None and iteration - since > 1 else iteration
+                start, end = (first - origin) * per, (iteration - origin + 1) * per - 1
+                which = ("iteration %d" % iteration if first == iteration
+                         else "iterations %d-%d" % (first, iteration))
+                resumed = (" (counted from iteration %d, where the run resumed: Caffe's data layer "
+                           "starts again at record 0)" % origin if origin else "")
+                parts.append("%s read records %d-%d of '%s' in key order (modulo its size)%s"
+                             % (which, start, end, layer.name, resumed))
+                data["record_positions"] = [start, end]
         else:
             parts.append("scan the training data (`safe-layers scan SOURCE`)")
         guard_after = "data layer '%s'" % data_layers[0].name if data_layers else "the data layer"
@@ -1383,10 +1407,18 @@ def diagnose(path):
     except OSError as exc:
         raise InputError("%s: cannot read: %s" % (path, exc.strerror or exc)) from None
     diagnosis = Diagnosis(path)
+    earlier_runs = []  # first lines of the runs before the one diagnosed
     reader = LogReader(handle, report_parser())
     with handle:
         try:
             for event in reader:
+                if event.kind == "solver" and diagnosis.iteration is not None:
+                    # A second "Initializing solver" after training lines: another run
+                    # appended to the same file (people do `caffe train ... 2>> train.log`).
+                    # Each run's cause, settings and records are its own: the last is read.
+                    earlier_runs.append(diagnosis.run_start)
+                    diagnosis = Diagnosis(path)
+                    diagnosis.run_start = event.line
                 diagnosis.feed(event)
         except OSError as exc:
             raise InputError("%s: read error after line %d: %s" % (path, reader.lines, exc)) from None
@@ -1397,6 +1429,7 @@ def diagnose(path):
         raise InputError("%s: not a Caffe log: none of its %d lines is a glog line or a line Caffe's "
                          "solver writes" % (path, max(reader.lines, 1)))
     diagnosis.reader = reader
+    diagnosis.earlier_runs = earlier_runs
     return diagnosis
 
 
@@ -1410,6 +1443,11 @@ def summary_lines(diagnosis, found):
             for item in evidence:
                 out.append("  %s:%d: %s" % (d.path, item["line"], (item["text"] or "").strip()))
     run = "log: %d lines" % d.lines
+    if d.earlier_runs:
+        run = "log: %d lines holding %d runs (each from an \"Initializing solver\" line: %s); " \
+              "this is about the last, from line %d" % (
+                  d.lines, len(d.earlier_runs) + 1, ", ".join(str(n) for n in d.earlier_runs + [d.run_start]),
+                  d.run_start)
     if d.first_iteration is not None:
         run += ", iterations %s-%s" % (d.first_iteration, d.iteration)
     if d.segments > 1:
@@ -1450,7 +1488,8 @@ def json_extra(diagnosis):
     if d.first_bad is not None:
         point, what = d.first_bad
         first = dict(point.as_dict(), what=what, words=d.first_bad_words())
-    return {"log": d.path, "lines": d.lines, "first_iteration": d.first_iteration,
+    return {"log": d.path, "lines": d.lines, "runs": [n for n in d.earlier_runs] + [d.run_start],
+            "first_iteration": d.first_iteration,
             "last_iteration": d.iteration, "finished": bool(d.done), "ended": d.ending(),
             "segments": d.segments, "skipped": d.skipped(), "rollbacks": d.rollback_count(),
             "incomplete_last_line": d.incomplete.line if d.incomplete is not None else None,
