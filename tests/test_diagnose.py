@@ -167,6 +167,22 @@ def test_exp_gamma_above_one(caffe_train, tmp_path):
     assert status == 1 and found["SL801"]["policy"] == "exp" and found["SL801"]["field"] == "gamma"
 
 
+def test_a_policy_caffe_aborts_on_names_the_field(caffe_train, tmp_path):
+    """`inv` with a negative gamma: SGDSolver::GetLearningRate CHECK-fails at the first
+    update. The abort names the policy and the field, with the solver line as evidence."""
+    log, result = train_log(caffe_train, tmp_path, "inv.log", DIVERGING_NET.replace("LAYER", ""),
+                            base_lr=0.01, lr_policy='"inv"', gamma=-0.5, power=0.75, max_iter=8,
+                            display=1)
+    assert result.returncode != 0 and "param_.gamma() >= 0" in result.stderr
+    status, doc = diagnose_json(log)
+    aborted = rules(doc)["SL808"]
+    assert status == 1 and aborted["cause"] == "bad learning-rate policy"
+    assert (aborted["policy"], aborted["field"]) == ("inv", "gamma")
+    assert 'lr_policy "inv"): fix gamma in the solver' in aborted["fix"]
+    assert any(item["text"].strip() == "gamma: -0.5" for item in aborted["evidence"])
+    assert_evidence_is_the_log(doc, log)
+
+
 def test_max_iter_zero_trains_nothing(caffe_train, tmp_path):
     """`caffe train` with max_iter 0 (the proto default when it is left out) runs Step(0):
     a final loss and test of the untrained net, "Optimization Done.", exit 0."""

@@ -42,6 +42,7 @@ readable Caffe log.
 import collections
 import math
 import os
+import re
 import sys
 
 from safe_layers import lr_policy
@@ -1085,15 +1086,35 @@ class Diagnosis:
         return [self._finding("SL806", "error", point, message, fix, [point], layer=watched,
                               reports=self.reports, report=fault)]
 
+    def _fatal_fix(self, event):
+        """The fix for a Caffe CHECK / LOG(FATAL) whose place says what it is about."""
+        source, message = event.source or "", event.message
+        if source.startswith("sgd_solver.cpp") or "learning rate policy" in message:
+            # SGDSolver::GetLearningRate checks the fields each policy reads.
+            field = re.search(r"param_\.(\w+)\(\)", message)
+            field = field.group(1) if field else None
+            policy = self.lr_policy()
+            return ("bad learning-rate policy%s: %s; `safe-layers lint SOLVER` checks every policy's "
+                    "fields before training" % (
+                        " (lr_policy \"%s\")" % policy if policy else "",
+                        "fix %s in the solver" % field if field else "fix the solver's lr fields"),
+                    {"cause": "bad learning-rate policy", "field": field, "policy": policy})
+        if source.startswith("data_transformer.cpp"):
+            return ("a record's shape differs from what the data layer expects (another record's, "
+                    "crop_size or the mean's): `safe-layers scan SOURCE` names the records whose "
+                    "shape differs", {"cause": "faulty input"})
+        return "Caffe's own message names the check that failed", {}
+
     def _abort_findings(self, explained):
         out = []
         if self.fatal is not None:
             event = self.fatal
             point = Point(self.iteration, None, event.line, event.text)
+            fix, data = self._fatal_fix(event)
+            evidence = [point] + ([self._solver_point(data["field"])] if data.get("field") else [])
             out.append(self._finding("SL808", "error", point,
                                      "the run aborted at %s: %s" % (event.source or "?", event.message),
-                                     "Caffe's own message names the check that failed", [point],
-                                     source=event.source))
+                                     fix, evidence, source=event.source, **data))
         if self.python_error is not None:
             event = self.python_error
             point = Point(self.iteration, None, event.line, event.text)
