@@ -71,6 +71,24 @@ def test_convert_tool_database_clean_and_with_bad_labels(caffe, tmp_path, backen
     assert status == 1
     assert faults(doc) == {("SL904", "00000007"), ("SL904", "00000031")}
     assert {f["position"] for f in doc["findings"] if f["rule"] == "SL904"} == {7, 31}
+    # Out-of-range labels are not classes: the histogram holds the ten real ones.
+    assert set(doc["sources"][0]["labels"]["histogram"]) == {str(c) for c in range(10)}
+
+    # A negative label is no class index whatever K is: found without --num-classes.
+    bad_labels[[7, 31]] = [-1, 3]
+    negative = convert_mnist(tmp_path / "negative", images(60), bad_labels, backend)
+    status, doc, _ = scan_json(negative)
+    assert status == 1 and faults(doc) == {("SL904", "00000007")}
+    assert "label -1 is negative" in doc["findings"][0]["message"]
+    assert "-1" not in doc["sources"][0]["labels"]["histogram"]
+
+
+def test_an_empty_database_is_an_error(caffe, tmp_path):
+    import lmdb
+    lmdb.open(str(tmp_path / "empty_lmdb"), map_size=1 << 20).close()
+    status, doc, _ = scan_json(tmp_path / "empty_lmdb")
+    assert status == 1 and [f["rule"] for f in doc["findings"]] == ["SL907"]
+    assert doc["sources"][0]["records"] == 0
 
 
 POISON = {

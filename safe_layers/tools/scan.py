@@ -7,9 +7,10 @@
 LMDB / LevelDB of Datums (as the ``Data`` layer reads them, in key order):
   SL901 non-finite float_data; SL902 data/float_data size not channels x height x width
   (or no values at all); SL903 a shape that differs from the first record's (Caffe shapes
-  the batch from the first record); SL904 a label outside [0, --num-classes); SL905 an
-  encoded image that does not decode (checked with Pillow when installed, else counted
-  and reported unchecked); SL906 a value that is not a Datum.
+  the batch from the first record); SL904 a label outside [0, --num-classes), or negative
+  (kept out of the label statistics); SL905 an encoded image that does not decode
+  (checked with Pillow when installed, else counted and reported unchecked); SL906 a value
+  that is not a Datum; SL907 a database with no record.
 HDF5 (as ``HDF5Data`` reads it: the source list, one dataset per top, converted to
 float32):
   SL920 a listed file that does not exist; SL921 a top with no dataset of that name;
@@ -47,6 +48,7 @@ RULES = {
     "SL904": "a label outside [0, K)",
     "SL905": "an encoded image that does not decode",
     "SL906": "a value that is not a Datum",
+    "SL907": "a database with no record",
     "SL910": "classes absent from the whole set",
     "SL911": "classes likely absent from a batch at the batch size",
     "SL912": "records stored in label order",
@@ -472,6 +474,17 @@ def _progress(iterable, total, description):
 # ---------------------------------------------------------------------------------------
 # LMDB / LevelDB of Datums.
 
+def _label_problem(label, target):
+    """Why ``label`` is no class index of the net (None when it is one): negative (no
+    class, whatever K), or at or past K where K is known."""
+    if target.num_classes is not None and not 0 <= label < target.num_classes:
+        return "label %d is outside [0, %d) (classes from %s)" % (label, target.num_classes,
+                                                                 target.classes_from)
+    if label < 0:
+        return "label %d is negative: no class index (the loss reads it as one)" % label
+    return None
+
+
 def scan_database(report, limit):
     """Check every record (the first ``limit``) of an LMDB/LevelDB into ``report``."""
     import numpy
@@ -552,14 +565,18 @@ def scan_database(report, limit):
             label = int(datum.label)
             if label == target.ignore_label:
                 continue
-            if target.num_classes is not None and not 0 <= label < target.num_classes:
-                found("SL904", "label %d is outside [0, %d) (classes from %s)"
-                      % (label, target.num_classes, target.classes_from),
-                      "relabel this record, or set the loss's ignore_label to it if it means "
-                      "'no label'", label=label)
+            problem = _label_problem(label, target)
+            if problem:
+                found("SL904", problem, "relabel this record, or set the loss's ignore_label to it "
+                      "if it means 'no label'", label=label)
+                continue  # not a class: kept out of the label statistics
             report.labels.add(label)
         if limit is not None and report.records >= limit and (db.count is None or db.count > limit):
             report.truncated_at = limit
+    if report.records == 0:
+        report.rules.add(Finding(path, 0, 0, "SL907", "error", "the database holds no record: "
+                                 "Caffe's Data layer waits for data or fails on it",
+                                 "fill it, or point the data layer's source at the set meant"))
     if report.encoded_unchecked:
         report.extra.append(Finding(path, 0, 0, "SL905", "info",
                                     "%d encoded records not decoded: no image library (Pillow) is "
@@ -697,13 +714,14 @@ def _scan_hdf5_values(h5, top, file_path, report, rows_left, kind, is_label, tar
                     label = int(value)
                     if label == target.ignore_label:
                         continue
-                    if target.num_classes is not None and not 0 <= label < target.num_classes:
+                    problem = _label_problem(label, target)
+                    if problem:
                         report.rules.add(Finding(
                             file_path, 0, 0, "SL904", "error",
-                            "dataset '%s' row %d: label %d is outside [0, %d) (classes from %s)"
-                            % (top, start + offset, label, target.num_classes, target.classes_from),
+                            "dataset '%s' row %d: %s" % (top, start + offset, problem),
                             "relabel the row, or set the loss's ignore_label to it",
                             data={"top": top, "row": start + offset, "label": label}))
+                        continue
                     report.labels.add(label)
     if bad_rows:
         shown = bad_rows[:20]
