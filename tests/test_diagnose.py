@@ -589,6 +589,24 @@ def test_truncated_logs(debug_log, tmp_path):
     assert run_diagnose(block)[0] == 0
 
 
+def test_gzipped_and_piped_logs(debug_log, tmp_path):
+    """A rotated `train.log.gz` is read as it streams, and `-` reads standard input; a
+    gzip stream cut short exits 2 saying so."""
+    import gzip
+    expected = verdict(diagnose_json(debug_log)[1])
+    packed = tmp_path / "train.log.gz"
+    packed.write_bytes(gzip.compress(debug_log.read_bytes()))
+    assert verdict(diagnose_json(packed)[1]) == expected
+    piped = subprocess.run([sys.executable, "-m", "safe_layers.tools.cli", "diagnose", "-", "--format",
+                            "json"], stdin=open(debug_log, "rb"), capture_output=True, text=True,
+                           timeout=300)
+    assert piped.returncode == 1 and verdict(json.loads(piped.stdout)) == expected
+    cut = tmp_path / "cut.log.gz"
+    cut.write_bytes(packed.read_bytes()[:len(packed.read_bytes()) // 2])
+    status, out, err = run_diagnose(cut)
+    assert status == 2 and "the gzip stream is cut short or corrupt" in err
+
+
 def test_garbage(debug_log, tmp_path):
     rng = random.Random(3)
     junk = tmp_path / "random.bin"

@@ -198,6 +198,12 @@ def test_encoded_records(caffe, tmp_path, monkeypatch):
     assert status == 1
     assert faults(doc) == {("SL903", "00000004"), ("SL905", "00000009")}
     assert doc["sources"][0]["shape"] == [3, 6, 5] and doc["sources"][0]["encoded"] == 12
+    broken = next(f for f in doc["findings"] if f["rule"] == "SL905")
+    assert "encoded image does not decode" in broken["message"] and " at 0x" not in broken["message"]
+    with pytest.raises(datasets.DatumError) as caught:  # bytes no image library knows
+        datasets.decode_image(caffe.proto.caffe_pb2.Datum(encoded=True, data=b"not an image"))
+    assert str(caught.value) == ("encoded image does not decode (UnidentifiedImageError: "
+                                 "cannot identify image file)")
     # Without an image library the records are counted and reported unchecked.
     monkeypatch.setattr(datasets, "image_library", lambda: None)
     status, doc, _ = scan_json(db)

@@ -29,6 +29,7 @@ and where (the CLI exits 2 on it).
 """
 
 import os
+import re
 import shutil
 import tempfile
 
@@ -382,7 +383,9 @@ def decode_image(datum):
                 image = image.convert("RGB")
             array = numpy.asarray(image)
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-        raise DatumError("encoded image does not decode (%s: %s)" % (type(exc).__name__, exc)) from None
+        # PIL names the in-memory file it read (<_io.BytesIO object at 0x...>): noise here.
+        text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(exc))
+        raise DatumError("encoded image does not decode (%s: %s)" % (type(exc).__name__, text)) from None
     if array.ndim == 2:
         return array[numpy.newaxis]
     return array.transpose(2, 0, 1)

@@ -44,6 +44,7 @@ import math
 import os
 import re
 import sys
+import zlib
 
 from safe_layers import lr_policy
 from safe_layers.tools import findings as findings_module
@@ -90,7 +91,8 @@ DATA_LAYERS = ("Data", "HDF5Data", "ImageData", "WindowData", "MemoryData", "Dum
 
 
 def add_arguments(parser):
-    parser.add_argument("log", help="a Caffe training log (caffe train, pycaffe, safe-layers train)")
+    parser.add_argument("log", help="a Caffe training log (caffe train, pycaffe, safe-layers train; "
+                        "gzipped too; - for standard input)")
     parser.add_argument("--plot", metavar="PNG",
                         help="write loss and lr over iterations (log scale, first non-finite point "
                              "marked) and, with debug_info, a per-layer heatmap of mean |diff|")
@@ -1419,14 +1421,20 @@ def report_parser():
 
 def diagnose(path):
     """A :class:`Diagnosis` of the log at ``path`` (InputError when unreadable)."""
-    if os.path.isdir(path):
-        raise InputError("%s: is a directory, not a log" % path)
-    try:
-        handle = open(path, "rb")
-    except FileNotFoundError:
-        raise InputError("%s: no such file" % path) from None
-    except OSError as exc:
-        raise InputError("%s: cannot read: %s" % (path, exc.strerror or exc)) from None
+    if path == "-":
+        handle = os.fdopen(os.dup(sys.stdin.fileno()), "rb")  # `... | safe-layers diagnose -`
+    else:
+        if os.path.isdir(path):
+            raise InputError("%s: is a directory, not a log" % path)
+        try:
+            handle = open(path, "rb")
+        except FileNotFoundError:
+            raise InputError("%s: no such file" % path) from None
+        except OSError as exc:
+            raise InputError("%s: cannot read: %s" % (path, exc.strerror or exc)) from None
+    if handle.peek(2)[:2] == b"\x1f\x8b" if hasattr(handle, "peek") else False:
+        import gzip
+        handle = gzip.GzipFile(fileobj=handle)  # a rotated train.log.gz, read as it streams
     diagnosis = Diagnosis(path)
     earlier_runs = []  # first lines of the runs before the one diagnosed
     reader = LogReader(handle, report_parser())
@@ -1441,8 +1449,12 @@ def diagnose(path):
                     diagnosis = Diagnosis(path)
                     diagnosis.run_start = event.line
                 diagnosis.feed(event)
-        except OSError as exc:
+        except OSError as exc:  # gzip.BadGzipFile is one
             raise InputError("%s: read error after line %d: %s" % (path, reader.lines, exc)) from None
+        except (EOFError, zlib.error) as exc:
+            raise InputError("%s: the gzip stream is cut short or corrupt after line %d (%s); "
+                             "`zcat` what is there into a file and diagnose that"
+                             % (path, reader.lines, exc)) from None
     diagnosis.finish(reader.lines)
     if reader.lines == 0 and diagnosis.incomplete is None:
         raise InputError("%s: empty log" % path)
