@@ -178,6 +178,7 @@ class _Block:
         self.path = []
         self.fields = {}
         self.field_lines = {}
+        self.field_texts = {}   # the field's line as the log has it (evidence quotes it)
         self.name = None
         self.phase = None
         self.layers = []
@@ -211,6 +212,7 @@ class _Block:
             if self.depth == 0 and key not in self.fields:
                 self.fields[key] = value
                 self.field_lines[key] = line
+                self.field_texts[key] = stripped
             return
         if self.depth == 0:
             if key == "name":
@@ -240,7 +242,7 @@ class _Block:
     def event(self):
         if self.kind == "solver":
             return Event("solver", self.line, fields=self.fields, field_lines=self.field_lines,
-                         end_line=self.end_line)
+                         field_texts=self.field_texts, end_line=self.end_line)
         return Event("net", self.line, name=self.name, phase=self.phase or "TRAIN",
                      layers=self.layers, end_line=self.end_line)
 

@@ -760,7 +760,8 @@ class Diagnosis:
         line = self.solver_line(field)
         if line is None:
             return None
-        return Point(None, None, line, "%s: %s" % (field, self.solver.fields[field]))
+        text = getattr(self.solver, "field_texts", {}).get(field)
+        return Point(None, None, line, text or "%s: %s" % (field, self.solver.fields[field]))
 
     def _lr_policy_finding(self):
         bad = self.lr_first_bad or self.lr_first_negative
