@@ -7,7 +7,7 @@
 LMDB / LevelDB of Datums (as the ``Data`` layer reads them, in key order):
   SL901 non-finite float_data; SL902 data/float_data size not channels x height x width
   (or no values at all); SL903 a shape that differs from the first record's (Caffe shapes
-  the batch from the first record); SL904 a label outside [0, --num-classes), or negative
+  each batch from its first record); SL904 a label outside [0, --num-classes), or negative
   (kept out of the label statistics); SL905 an encoded image that does not decode
   (checked with Pillow when installed, else counted and reported unchecked); SL906 a value
   that is not a Datum; SL907 a database with no record.
@@ -557,7 +557,9 @@ def scan_database(report, limit):
                     report.shape = tuple(int(d) for d in shape)
                 elif tuple(shape) != report.shape:
                     found("SL903", "shape %s differs from the first record's %s (Caffe shapes "
-                                   "every batch from the first record)"
+                                   "each batch from its first record: a record of another shape "
+                                   "in that batch fails a CHECK, and the net was set up for the "
+                                   "first record's)"
                           % ("x".join(map(str, shape)), "x".join(map(str, report.shape))),
                           "resize this record to %s or rebuild the set at one size"
                           % "x".join(map(str, report.shape)),
