@@ -21,6 +21,8 @@ python_patches=(python3.10-file.patch python3.10-pep-620.patch fix-enum.patch py
 
 die() { printf 'build_boost_python: error: %s\n' "$*" >&2; exit 1; }
 log() { printf 'build_boost_python: %s\n' "$*" >&2; }
+# shellcheck source=caffe_build/private_apt.sh
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/private_apt.sh"
 
 installed=$(dpkg-query -W -f='${Version}' libboost-python1.74-dev 2>/dev/null || true)
 [[ $installed == "$boost_version" ]] \
@@ -41,12 +43,7 @@ mkdir -p "$cache_root"
 work=$(mktemp -d "$cache_root/boost-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 log "building Boost.Python for Python ${py_nodot:0:1}.${py_nodot:1} into $prefix"
-mkdir -p "$work/apt/lists/partial" "$work/apt/archives/partial"
-echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror bookworm main" >"$work/apt/sources.list"
-apt_private=(-o "Dir::Etc::sourcelist=$work/apt/sources.list" -o Dir::Etc::sourceparts=/nonexistent
-             -o "Dir::State::Lists=$work/apt/lists" -o "Dir::Cache::archives=$work/apt/archives"
-             -o APT::Sandbox::User=root)
-apt-get "${apt_private[@]}" -qq update >&2 || die "cannot read the bookworm source index from $mirror"
+private_apt_sources "$work" bookworm "$mirror" || die "cannot read the bookworm source index from $mirror"
 (cd "$work" && apt-get "${apt_private[@]}" -qq source --download-only "boost1.74=$boost_version" >&2) \
   || die "cannot download source package boost1.74=$boost_version from $mirror"
 # Only Boost.Python's own tree: the rest of Boost is the system's (same version).

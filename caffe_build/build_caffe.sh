@@ -32,6 +32,8 @@ cache_root=${SAFE_LAYERS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/safe_layers}
 jobs=${JOBS:-$(nproc)}
 
 die() { printf 'build_caffe: error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=caffe_build/private_apt.sh
+source "$here/private_apt.sh"
 log() { printf 'build_caffe: %s\n' "$*" >&2; }
 
 # ---- build dependencies (apt) ------------------------------------------------
@@ -188,12 +190,7 @@ else
   trap 'rm -rf "$work"' EXIT
   log "building Caffe $caffe_version into $prefix (about 3-5 minutes; log: $work/build.log)"
 fi
-mkdir -p "$work/apt/lists/partial" "$work/apt/archives/partial"
-echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror bullseye main" >"$work/apt/sources.list"
-apt_private=(-o "Dir::Etc::sourcelist=$work/apt/sources.list" -o Dir::Etc::sourceparts=/nonexistent
-             -o "Dir::State::Lists=$work/apt/lists" -o "Dir::Cache::archives=$work/apt/archives"
-             -o APT::Sandbox::User=root)
-apt-get "${apt_private[@]}" -qq update >&2 \
+private_apt_sources "$work" bullseye "$mirror" \
   || die "cannot read the bullseye source index from $mirror (set SAFE_LAYERS_DEBIAN_MIRROR to a reachable Debian mirror)"
 (cd "$work" && apt-get "${apt_private[@]}" -qq source --download-only "caffe=$caffe_version" >&2) \
   || die "cannot download source package caffe=$caffe_version from $mirror"
