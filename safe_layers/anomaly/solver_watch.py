@@ -636,35 +636,34 @@ class Watch:
         held_probe, fault, blob = self._held
         if held_probe is not probe or fault.pass_ != pass_ or i == fault.layer_index:
             return
-        self._held = None
         array = probe.data(probe.blobs[blob]) if pass_ == "forward" else probe.diff(probe.blobs[blob])
         if self._in_place_on(probe, i, blob) and blob_ok(array):
-            fault.action = "report"
-            fault.note = ((fault.note + "; ") if fault.note else "") + "repaired in place by %s %s" % (
-                probe.types[i], probe.names[i])
-            self._fault(fault, "W")
-            return
-        fault.action = "stop"
-        self._stop(fault)
+            self._release_held("report", "repaired in place by %s %s" % (probe.types[i], probe.names[i]))
+        else:
+            self._stop_held()
 
     def _drop_held(self):
         """A hold left by a pass that an exception cut short (a strict guard's abort right
         after the producer): reported, never raised later on a clean pass."""
-        if self._held is not None:
-            fault = self._held[1]
-            self._held = None
-            fault.action = "report"
-            fault.note = ((fault.note + "; ") if fault.note else "") + \
-                "the pass ended (an exception) before the next layer ran"
-            self._fault(fault, "W")
+        self._release_held("report", "the pass ended (an exception) before the next layer ran")
 
     def _stop_held(self):
         """Stop on the held producer, if any (nothing repaired it)."""
-        if self._held is not None:
-            fault = self._held[1]
-            self._held = None
-            fault.action = "stop"
+        self._release_held("stop")
+
+    def _release_held(self, action, note=None):
+        """Let go of the held producer, if any: ``stop`` raises with it, ``report`` logs it
+        with ``note`` added to its own."""
+        if self._held is None:
+            return
+        fault = self._held[1]
+        self._held = None
+        fault.action = action
+        if note:
+            fault.note = "%s; %s" % (fault.note, note) if fault.note else note
+        if action == "stop":
             self._stop(fault)
+        self._fault(fault, "W")
 
     def _fault(self, fault, severity):
         self.faults.append(fault)
