@@ -419,14 +419,18 @@ class Diagnosis:
     def _on_lr(self, event):
         point = Point(event.iteration, event.value, event.line, event.text)
         self.lr_series.add(event.iteration, event.value)
-        if not finite(event.value):
+        self._note_rate(point)
+
+    def _note_rate(self, point):
+        """A learning rate the log gives (Caffe's `lr = R` line, or a watch's lr check)."""
+        if not finite(point.value):
             if self.lr_first_bad is None:
                 self.lr_first_bad = point
                 self._note_bad(point, "lr")
-        elif event.value < 0:
+        elif point.value < 0:
             if self.lr_first_negative is None:
                 self.lr_first_negative = point
-        elif event.value == 0:
+        elif point.value == 0:
             if self.lr_first_zero is None and self.lr_last_positive is not None:
                 self.lr_first_zero = point
         else:
@@ -596,14 +600,8 @@ class Diagnosis:
             # iteration 0 with no "lr = nan" line of Caffe's; its message (written by
             # lr_policy.describe) is read back by lr_policy.parse_described.
             described = lr_policy.parse_described(fields.get("message", ""))
-            if described is not None:
-                point = Point(described["iteration"], described["lr"], event.line, event.text)
-                if not finite(point.value):
-                    if self.lr_first_bad is None:
-                        self.lr_first_bad = point
-                        self._note_bad(point, "lr")
-                elif point.value < 0 and self.lr_first_negative is None:
-                    self.lr_first_negative = point
+            if described is not None and (not finite(described["lr"]) or described["lr"] < 0):
+                self._note_rate(Point(described["iteration"], described["lr"], event.line, event.text))
             return True
         if kind in ("loss", "gradients", "weights", "stopped") and fields.get("phase") != "TEST":
             # The solver-level checks: a failure even where no layer's line came first
