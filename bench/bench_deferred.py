@@ -56,7 +56,8 @@ def out(line):
 def bare_guards():
     """The guards without the deferred machinery: no board bookkeeping, no read counting,
     every check at once (what a guard did before deferred checks existed)."""
-    from safe_layers import backend, reporting
+    from safe_layers.core import backend
+    from safe_layers import reporting
     from safe_layers.kernels import xp
     saved = reporting.FaultLog.running, xp.HOST_READS.add, backend.deferred_checks
     reporting.FaultLog.running = lambda self, kind: contextlib.nullcontext()
@@ -73,7 +74,8 @@ def machinery_per_call(number=200000):
     policy lookup, the board's context around the call, the read counter."""
     import timeit
     import numpy
-    from safe_layers import backend, reporting
+    from safe_layers.core import backend
+    from safe_layers import reporting
     from safe_layers.kernels import xp
     log = reporting.FaultLog("NaNGuard", "bench")
     array = numpy.zeros(4, numpy.float32)
@@ -111,7 +113,7 @@ def build(gpu, batch, folder):
 
 
 def bench_resnet50(gpu, batch, rounds):
-    from safe_layers import backend
+    from safe_layers.core import backend
     from safe_layers.kernels import xp
     sync = lambda: None  # noqa: E731
     clock = time.process_time
@@ -189,7 +191,7 @@ def main():
     parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args()
     if args.gpu:
-        from safe_layers import backend
+        from safe_layers.core import backend
         count, reason = backend.gpu_devices()
         if not count:
             sys.exit("bench: no GPU figures: %s" % reason)

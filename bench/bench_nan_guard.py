@@ -212,7 +212,7 @@ layer { name: "g" type: "Python" bottom: "x" top: "x"
 def bench_zero_copy(megabytes=(64, 256), rounds=10):
     """A NaNGuard on a big blob: device arrays vs pycaffe's host arrays (device->host->device)."""
     import caffe
-    from safe_layers import backend
+    from safe_layers.core import backend
     for mb in megabytes:
         times = {}
         for label in ("zero-copy", "host round trip"):
@@ -356,7 +356,7 @@ def main():
         bench_host_check()
         bench_lenet()
     if args.gpu or args.gpu_only:
-        from safe_layers import backend
+        from safe_layers.core import backend
         count, reason = backend.gpu_devices()
         if not count:
             sys.exit("bench: no GPU figures: %s" % reason)

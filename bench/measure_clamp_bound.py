@@ -38,7 +38,7 @@ from caffe.proto import caffe_pb2  # noqa: E402
 
 from published import published_net, published_solver_fields  # noqa: E402
 from safe_layers import reporting  # noqa: E402
-from safe_layers.schemas import CLAMP_BOUND as DEFAULT_BOUND, ESCALATE_AFTER  # noqa: E402
+from safe_layers.core.schemas import CLAMP_BOUND as DEFAULT_BOUND, ESCALATE_AFTER  # noqa: E402
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 CANDIDATES = [FLOAT32_MAX, 1e30, 1e20, 1e15, 1e10, 1e6, 1e4, 1e3, 1e2]

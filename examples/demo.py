@@ -108,7 +108,7 @@ def scenario_dir(out, name, spec):
 def losses_of(log):
     """[(iteration, loss)] and the last test accuracy of a training log, read with the
     same parser `safe-layers diagnose` uses."""
-    from safe_layers.tools.caffe_log import read_log
+    from safe_layers.readers.caffe_log import read_log
     curve, accuracy = [], None
     for event in read_log(str(log)):
         if event.kind == "loss":

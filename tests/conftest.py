@@ -39,7 +39,7 @@ def _import_caffe():
         if IN_CI:
             pytest.fail("CI=true: " + message, pytrace=False)
         pytest.skip(message)
-    from safe_layers import backend
+    from safe_layers.core import backend
     if TEST_MODE == "gpu":
         backend.set_mode_gpu(0)
     else:

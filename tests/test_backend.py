@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import conftest
-from safe_layers import backend, host
+from safe_layers.core import backend, caffe_process
 
 NET = """
 name: "backend"
@@ -105,7 +105,7 @@ def test_gpu_mode_without_a_device_never_touches_a_device_pointer(tmp_path):
     script.write_text(textwrap.dedent("""
         import os, sys, warnings
         import caffe
-        from safe_layers import backend
+        from safe_layers.core import backend
         if hasattr(caffe._caffe.Blob, "_gpu_data_ptr") and backend.gpu_devices()[0] > 0:
             sys.exit(77)
         caffe.set_mode_cpu()
@@ -169,7 +169,7 @@ def test_mode_under_the_caffe_binary_follows_its_command_line_and_solver(
     solver.write_text(SOLVER + ("solver_mode: %s\n" % solver_mode if solver_mode else ""))
     _fresh_mode(monkeypatch)
     backend._solver_mode.cache_clear()
-    monkeypatch.setattr(host, "caffe_cli_argv", lambda: tuple(a.format(solver=solver) for a in argv))
+    monkeypatch.setattr(caffe_process, "caffe_cli_argv", lambda: tuple(a.format(solver=solver) for a in argv))
     assert backend.mode() == expected
 
 
@@ -178,7 +178,7 @@ def test_an_unreadable_solver_on_the_caffe_command_line_fails_loudly(caffe, tmp_
     solver.write_text(SOLVER + "solver_mode: TPU\n")
     _fresh_mode(monkeypatch)
     backend._solver_mode.cache_clear()
-    monkeypatch.setattr(host, "caffe_cli_argv", lambda: ("caffe", "train", "-solver", str(solver)))
+    monkeypatch.setattr(caffe_process, "caffe_cli_argv", lambda: ("caffe", "train", "-solver", str(solver)))
     with pytest.raises(RuntimeError, match="cannot read solver_mode from %s, the solver caffe's -solver "
                        "names .*set SAFE_LAYERS_MODE=cpu or gpu" % solver):
         backend.mode()
@@ -262,7 +262,7 @@ def test_caffe_reshape_to_a_bigger_batch_after_our_layers_ran(tmp_path):
     (tmp_path / "net.prototxt").write_text(GUARDED)
     (tmp_path / "run.py").write_text(textwrap.dedent("""
         import cupy, caffe
-        from safe_layers import backend
+        from safe_layers.core import backend
         backend.set_mode_gpu(0)
         net = caffe.Net("net.prototxt", caffe.TRAIN)
         pool = cupy.get_default_memory_pool()

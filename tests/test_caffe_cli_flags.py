@@ -1,11 +1,11 @@
 """The `caffe train -gpu N` flag, as the layers see it from inside the `caffe` binary.
 
 A CPU_ONLY Caffe stops at `-gpu` before any layer is built, so the command lines are given
-to the detection directly (the one place the layers read them: host.caffe_cli_argv)."""
+to the detection directly (the one place the layers read them: caffe_process.caffe_cli_argv)."""
 
 import pytest
 
-from safe_layers import backend, host
+from safe_layers.core import backend, caffe_process
 
 
 @pytest.mark.parametrize("argv, mode", [
@@ -26,10 +26,10 @@ def test_caffe_train_gpu_flag_selects_gpu_mode(monkeypatch, tmp_path, argv, mode
     backend._solver_mode.cache_clear()
     monkeypatch.delenv("SAFE_LAYERS_MODE", raising=False)
     monkeypatch.setattr(backend, "_explicit_mode", None)
-    monkeypatch.setattr(host, "caffe_cli_argv", lambda: argv)
+    monkeypatch.setattr(caffe_process, "caffe_cli_argv", lambda: argv)
     assert backend.mode() == mode
 
 
 def test_the_command_line_is_read_from_the_process():
     # Inside pytest this process is not the caffe binary.
-    assert host.caffe_cli_argv() is None
+    assert caffe_process.caffe_cli_argv() is None

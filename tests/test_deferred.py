@@ -1,4 +1,4 @@
-"""Deferred checks (safe_layers.deferred): a net's fault flags stay where its arrays are and
+"""Deferred checks (safe_layers.core.deferred): a net's fault flags stay where its arrays are and
 are read on the host once per pass (once per iteration under a watch), not once per layer.
 
 A GPU is not needed to prove it: the same code runs over NumPy arrays when the checks are
@@ -18,7 +18,8 @@ import pytest
 
 from guarded import guard_every_layer
 from published import published_net
-from safe_layers import backend, deferred, reporting
+from safe_layers.core import backend, deferred
+from safe_layers import reporting
 from safe_layers.kernels import batch_norm, clip, finite, xp
 
 TESTS = Path(__file__).resolve().parent
@@ -550,7 +551,7 @@ def test_rows_left_unread_at_exit_are_read_and_reported(tmp_path):
         import os, sys
         os.environ["GLOG_minloglevel"] = "2"
         import caffe
-        from safe_layers import backend
+        from safe_layers.core import backend
         backend.set_checks("deferred")
         net = caffe.Net(sys.argv[1], caffe.TRAIN)
         net.blobs["x"].data[...] = 1.0

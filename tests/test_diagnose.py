@@ -19,7 +19,8 @@ import pytest
 
 from caffe_data import convert_mnist, datum, write_lmdb
 from conftest import DIVERGING_NET
-from safe_layers.tools import cli, diagnose as diagnose_module
+from safe_layers.tools import cli
+from safe_layers.tools.diagnose import command as diagnose_module
 
 DATA = Path(__file__).parent / "data"
 
@@ -903,7 +904,7 @@ def test_plot_heatmap_only_with_debug_info(lenet_runs, tmp_path):
 # ---------------------------------------------------------------------------------------
 # The parser, line by line (formats of caffe-internals.md §4-5).
 
-from safe_layers.tools.caffe_log import LogReader  # noqa: E402
+from safe_layers.readers.caffe_log import LogReader  # noqa: E402
 
 LINES = textwrap.dedent("""\
     I1125 03:18:18.830953  5236 solver.cpp:239] Iteration 120 (12.5 iter/s, 0.8s/10 iters), loss = -nan
@@ -969,7 +970,7 @@ def test_parser_reads_every_format(tmp_path):
 
 def test_memory_stays_bounded():
     """Whatever the number of iterations, what a Diagnosis keeps is bounded."""
-    from safe_layers.tools.caffe_log import Event
+    from safe_layers.readers.caffe_log import Event
     d = diagnose_module.Diagnosis("synthetic.log")
     line = 0
     for iteration in range(30000):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import _cupy_device
-from safe_layers import deferred
+from safe_layers.core import deferred
 from safe_layers.kernels import batch_norm, finite
 
 pytestmark = pytest.mark.gpu

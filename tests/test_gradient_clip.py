@@ -9,7 +9,7 @@ import pytest
 
 from conftest import DIVERGING_NET, numeric_gradient
 from safe_layers import reporting
-from safe_layers.params import ParamError
+from safe_layers.core.params import ParamError
 
 
 def clip_net(param_str, shape=(4, 5), in_place=True):

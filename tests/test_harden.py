@@ -18,7 +18,8 @@ import pytest
 from google.protobuf import text_format
 
 from safe_layers import reporting
-from safe_layers.tools import cli, netshapes
+from safe_layers.tools import cli
+from safe_layers.readers import netshapes
 
 DATA = Path(__file__).parent / "data"
 

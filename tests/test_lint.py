@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from safe_layers import lr_policy
+from safe_layers.core import lr_policy
 from safe_layers.tools import cli
-from safe_layers.tools.rules import RULES
+from safe_layers.tools.lint.rules import RULES
 
 DATA = Path(__file__).parent / "data"
 
@@ -347,7 +347,7 @@ def test_data_layer_shape_from_the_command_line(lint, tmp_path):
 
 def shapes_of(text, tmp_path, *given, phase="TRAIN", name="net.prototxt"):
     """Shapes real Caffe gives ``text``'s net with ``given`` --input-shape values."""
-    from safe_layers.tools import netshapes, prototxt
+    from safe_layers.readers import netshapes, prototxt
     net = prototxt.read_net(write(tmp_path, name, text))
     built = netshapes.infer(net.message, net.path, phase, netshapes.parse_input_shapes(given))
     assert built.known, (built.unknown, built.failure)
@@ -430,7 +430,7 @@ def test_input_shape_the_net_refuses_is_named_as_a_possible_cause(lint, tmp_path
                                        ("data=" + ",".join(["1"] * 33), False), ("data=1,0,3", False),
                                        ("data=", False), ("=1,2", False), ("data=1,x", False)])
 def test_input_shape_values(value, ok):
-    from safe_layers.tools import netshapes
+    from safe_layers.readers import netshapes
     if ok:
         assert netshapes.parse_input_shapes([value]) == {"data": tuple(map(int, value[5:].split(",")))}
     else:
@@ -609,7 +609,7 @@ def test_shape_from_the_first_hdf5_file(lint, tmp_path, make_net):
 
 
 def test_readme_rule_table_is_the_rule_list():
-    from safe_layers.tools.lint import list_rules
+    from safe_layers.tools.lint.command import list_rules
     text = (Path(__file__).parent.parent / "README.md").read_text()
     table = text.split("<!-- lint rules:")[1].split("<!-- end lint rules -->")[0]
     rows = [line for line in table.splitlines() if line.startswith("| SL")]

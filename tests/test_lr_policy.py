@@ -1,11 +1,12 @@
-"""safe_layers.lr_policy (lint, the watch and diagnose share it) against the real SGDSolver's rate."""
+"""safe_layers.core.lr_policy (lint, the watch and diagnose share it) against the real SGDSolver's rate."""
 
 import numpy
 import pytest
 
-from safe_layers import lr_policy
-from safe_layers.anomaly import parse_line, read_solver_param, report
-from safe_layers.anomaly.report import Event, SolverFault
+from safe_layers.core import lr_policy
+from safe_layers.anomaly import parse_line, read_solver_param
+from safe_layers.reporting import watch_lines
+from safe_layers.reporting.watch_lines import Event, SolverFault
 
 TINY_NET = """
 name: "tiny"
@@ -86,11 +87,11 @@ def test_solver_and_event_lines_parse_back():
     event = Event("rollback", 100, "restored x_iter_100.solverstate")
     assert parse_line(event.line())["kind"] == "rollback"
     assert parse_line("I1125 03:18:18.830953  5236 solver.cpp:239] Iteration 5, loss = 1") is None
-    assert parse_line(report.repeat_line(105, "lr", fault)) == dict(
+    assert parse_line(watch_lines.repeat_line(105, "lr", fault)) == dict(
         parse_line(fault.line()), repeated=105)
-    assert parse_line(report.record_line("/r/iter3.json")) == {"kind": "record",
+    assert parse_line(watch_lines.record_line("/r/iter3.json")) == {"kind": "record",
                                                                "path": "/r/iter3.json"}
-    assert parse_line(report.summary_line(3, {"producer": 2, "loss": 1}, 1, 0, 2, 0)) == {
+    assert parse_line(watch_lines.summary_line(3, {"producer": 2, "loss": 1}, 1, 0, 2, 0)) == {
         "kind": "summary", "faults": 3, "counts": {"producer": 2, "loss": 1}, "skipped": 1,
         "rollbacks": 0, "checkpoints": 2, "clips": 0}
 

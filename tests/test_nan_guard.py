@@ -9,7 +9,7 @@ import pytest
 
 from conftest import DIVERGING_NET
 from safe_layers import reporting
-from safe_layers.params import ParamError
+from safe_layers.core.params import ParamError
 
 
 def guard(bottom, param_str, top=None, name=None):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from safe_layers.params import Field, ParamError, Schema
+from safe_layers.core.params import Field, ParamError, Schema
 
 GUARDED = """
 name: "p"
@@ -85,7 +85,7 @@ def test_a_key_given_twice_fails_under_the_caffe_binary_too(caffe_bin, tmp_path)
 
 
 def _numeric_fields():
-    from safe_layers.schemas import SCHEMAS
+    from safe_layers.core.schemas import SCHEMAS
     return [(schema, field) for schema in SCHEMAS.values() for field in schema.fields.values()
             if field.kind in (int, float)]
 
@@ -93,7 +93,7 @@ def _numeric_fields():
 @pytest.mark.parametrize("schema, field", _numeric_fields(),
                          ids=lambda x: getattr(x, "layer_type", None) or getattr(x, "name", None))
 def test_every_numeric_key_has_finite_float32_bounds(schema, field):
-    from safe_layers.params import FLOAT32_MAX
+    from safe_layers.core.params import FLOAT32_MAX
     assert field.low is not None and field.high is not None
     assert -FLOAT32_MAX <= field.low <= field.high <= FLOAT32_MAX
     for bad in (".inf", "-.inf", ".nan", "1e39", "-1e39", str(10 ** 40)):
@@ -108,7 +108,7 @@ def test_every_numeric_key_has_finite_float32_bounds(schema, field):
                                                 "(float32 rounds it to 0); allowed: a number > 0 and"),
 ])
 def test_numbers_out_of_reach_name_the_key(param_str, expected):
-    from safe_layers.schemas import GRADIENT_CLIP
+    from safe_layers.core.schemas import GRADIENT_CLIP
     with pytest.raises(ParamError) as info:
         GRADIENT_CLIP.parse(param_str)
     assert str(info.value).startswith(expected), str(info.value)

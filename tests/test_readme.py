@@ -20,7 +20,7 @@ def _table(name):
 def test_param_tables_match_the_schemas(module):
     import importlib
     schema = importlib.import_module("safe_layers.layers." + module).SCHEMA
-    from safe_layers import schemas
+    from safe_layers.core import schemas
     assert schema is schemas.SCHEMAS[schema.layer_type]
     assert _table(module) == schema.describe()
 

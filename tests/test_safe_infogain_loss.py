@@ -13,7 +13,7 @@ import pytest
 
 from conftest import numeric_gradient
 from safe_layers import reporting
-from safe_layers.params import ParamError
+from safe_layers.core.params import ParamError
 
 
 def _dims(shape):

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from caffe_data import (convert_mnist, datum, tree_fingerprint, write_leveldb, write_lmdb)
-from safe_layers.tools import cli, datasets
-from safe_layers.tools.findings import InputError
+from safe_layers.tools import cli
+from safe_layers.readers import datasets
+from safe_layers.core.errors import InputError
 
 
 def scan(*argv):
@@ -546,7 +547,7 @@ def test_select_or_ignore_of_no_rule_exits_2(caffe, tmp_path):
 
 def test_every_rule_scan_reports_is_in_its_rule_list():
     import re
-    from safe_layers.tools import scan as scan_module
+    from safe_layers.tools.scan import command as scan_module
     source = open(scan_module.__file__).read()
     assert set(re.findall(r'"(SL\d{3})"', source)) == set(scan_module.RULES)
 

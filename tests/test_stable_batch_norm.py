@@ -8,7 +8,7 @@ import pytest
 
 from conftest import numeric_gradient, solver_text
 from safe_layers import reporting
-from safe_layers.params import ParamError
+from safe_layers.core.params import ParamError
 
 STATS_FROZEN = "param { lr_mult: 0 } param { lr_mult: 0 } param { lr_mult: 0 } "
 

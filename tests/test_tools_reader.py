@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from safe_layers.tools import findings, prototxt
-from safe_layers.tools.findings import Finding, InputError
+from safe_layers.tools import findings
+from safe_layers.readers import prototxt
+from safe_layers.core.errors import InputError
+from safe_layers.tools.findings import Finding
 
 NET = '''name: "tiny"  # a comment with { braces }
 layer {
@@ -111,7 +113,7 @@ def test_finding_text_and_json_shapes():
 
 
 def test_schemas_import_without_caffe():
-    code = ("import sys, safe_layers.schemas as s, safe_layers.tools.findings, safe_layers.tools.prototxt;"
+    code = ("import sys, safe_layers.core.schemas as s, safe_layers.tools.findings, safe_layers.readers.prototxt;"
             "assert 'caffe' not in sys.modules, 'caffe imported';"
             "print(sorted(s.SCHEMAS))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

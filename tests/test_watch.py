@@ -593,17 +593,17 @@ def test_test_nets_are_checked_and_reported_only(caffe, write_solver):
 def test_rollback_and_skip_messages_read_back(further_back, same_again, base_lr):
     """The watch's rollback and skip messages are written and read in one module
     (anomaly.report): what a tool reads back from a log line is what was written."""
-    from safe_layers.anomaly import report
-    message = report.rollback_message("/tmp/ck_iter_5.solverstate", 5, "loss", 19, further_back,
+    from safe_layers.reporting import watch_lines
+    message = watch_lines.rollback_message("/tmp/ck_iter_5.solverstate", 5, "loss", 19, further_back,
                                       same_again, base_lr, rollbacks=2)
-    line = report.Event("rollback", 5, message).line()
-    details = report.event_details(parse_line(line))
+    line = watch_lines.Event("rollback", 5, message).line()
+    details = watch_lines.event_details(parse_line(line))
     assert details == {"to": 5, "at": 19, "cause": "loss", "state": "/tmp/ck_iter_5.solverstate",
                        "further_back": further_back, "same_again": same_again,
                        "base_lr_from": base_lr[0] if base_lr else None,
                        "base_lr_to": base_lr[1] if base_lr else None, "rollbacks": 2}
-    skip = report.Event("skip", 7, report.skip_message(3)).line()
-    assert report.event_details(parse_line(skip)) == {"skipped": 3}
+    skip = watch_lines.Event("skip", 7, watch_lines.skip_message(3)).line()
+    assert watch_lines.event_details(parse_line(skip)) == {"skipped": 3}
 
 
 GUARDED_INPUT = """

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from safe_layers import context, host, reporting
+from safe_layers.core import solver_iteration, caffe_process
+from safe_layers import reporting
 
 TESTS = Path(__file__).resolve().parent
 
@@ -29,24 +30,24 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
 
 def test_cli_flag_reads_every_gflags_spelling():
     argv = ("caffe", "train", "-solver", "s.prototxt", "--snapshot=a.solverstate", "-gpu=0")
-    assert host.cli_flag(argv, "solver") == "s.prototxt"
-    assert host.cli_flag(argv, "snapshot") == "a.solverstate"
-    assert host.cli_flag(argv, "gpu") == "0"
-    assert host.cli_flag(argv, "weights") is None
-    assert host.cli_flag(("caffe", "train", "--snapshot", "b"), "snapshot") == "b"
+    assert caffe_process.cli_flag(argv, "solver") == "s.prototxt"
+    assert caffe_process.cli_flag(argv, "snapshot") == "a.solverstate"
+    assert caffe_process.cli_flag(argv, "gpu") == "0"
+    assert caffe_process.cli_flag(argv, "weights") is None
+    assert caffe_process.cli_flag(("caffe", "train", "--snapshot", "b"), "snapshot") == "b"
 
 
 def test_solverstate_iteration_rejects_other_files(tmp_path):
     bad = tmp_path / "x.solverstate"
     bad.write_bytes(b"\x12\x03abc")  # field 2 (learned_net) only: no iteration
     with pytest.raises(ValueError, match="no iteration"):
-        host.solverstate_iteration(str(bad))
+        caffe_process.solverstate_iteration(str(bad))
     h5 = tmp_path / "lenet_iter_300.solverstate.h5"
     h5.write_bytes(b"not hdf5")
     try:
         import h5py  # noqa: F401
     except ImportError:  # the file name is the fallback
-        assert host.solverstate_iteration(str(h5)) == 300
+        assert caffe_process.solverstate_iteration(str(h5)) == 300
 
 
 def test_active_watch_iteration_wins_over_the_call_count():
@@ -56,12 +57,12 @@ def test_active_watch_iteration_wins_over_the_call_count():
 
     source = Source()
     assert reporting.iteration(0, call=3) == 2
-    context.activate(source)
+    solver_iteration.activate(source)
     try:
         assert reporting.iteration(0, call=3) == 41
         assert reporting.iteration(1, call=3) is None  # TEST has no iteration
     finally:
-        context.deactivate(source)
+        solver_iteration.deactivate(source)
     assert reporting.iteration(0, call=3) == 2
 
 
@@ -75,7 +76,7 @@ def test_caffe_binary_resume_reports_the_true_iteration(caffe_bin, write_solver,
     run = caffe_bin("train", "-solver", first, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     state = tmp_path / "snap_iter_20.solverstate"
-    assert host.solverstate_iteration(str(state)) == 20
+    assert caffe_process.solverstate_iteration(str(state)) == 20
 
     # Resumed at 20, the 18th forward call of this process is iteration 37.
     second = write_solver(POISONED_NET.replace("CALLS", "[18]"), max_iter=40,

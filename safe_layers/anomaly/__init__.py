@@ -6,7 +6,7 @@ their parser, :mod:`.record` for replayable records.
 """
 
 from safe_layers.anomaly.record import read_record, replay
-from safe_layers.anomaly.report import Event, ProducerFault, SolverFault, parse_line
+from safe_layers.reporting.watch_lines import Event, ProducerFault, SolverFault, parse_line
 from safe_layers.anomaly.solver_watch import (OPTIONS, NonFiniteError, Watch, WatchOptions,
                                               read_solver_param, watch)
 

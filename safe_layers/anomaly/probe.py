@@ -13,8 +13,8 @@ import operator
 
 import numpy
 
-from safe_layers import backend
-from safe_layers.anomaly.report import BlobFault, ProducerFault
+from safe_layers.core import backend
+from safe_layers.reporting.watch_lines import BlobFault, ProducerFault
 from safe_layers.kernels import finite
 from safe_layers.kernels.xp import array_module, host_scalar, to_numpy
 

@@ -11,7 +11,7 @@ import os
 
 import numpy
 
-from safe_layers.tools.findings import jsonable
+from safe_layers.core.float_text import jsonable
 
 
 def write_record(directory, iteration, report, inputs, net=None, weights=True):

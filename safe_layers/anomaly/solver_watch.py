@@ -30,14 +30,15 @@ import time
 
 import numpy
 
-from safe_layers import context, lr_policy, reporting
+from safe_layers.core import solver_iteration, lr_policy
+from safe_layers import reporting
 from safe_layers.anomaly import record as records
 from safe_layers.anomaly.probe import NetProbe, accessors, blob_fault, blob_ok
-from safe_layers.anomaly import report
-from safe_layers.anomaly.report import Event, SolverFault
+from safe_layers.reporting import watch_lines
+from safe_layers.reporting.watch_lines import Event, SolverFault
 from safe_layers.kernels import clip as clip_kernels
 from safe_layers.kernels.xp import host_scalar
-from safe_layers.params import Field
+from safe_layers.core.params import Field
 
 ON_NONFINITE = ("stop", "skip", "warn")
 
@@ -318,7 +319,7 @@ class Watch:
                     self._hook(test_net, probe, backward=False)
             solver.add_callback(self._on_start, self._on_gradients_ready)
             # The deferred checks of the training net's layers are read here, once per
-            # iteration (safe_layers.deferred), not at the ends of its passes.
+            # iteration (safe_layers.core.deferred), not at the ends of its passes.
             self.boards = _boards(self.net)
             for board in self.boards:
                 board.reader = self
@@ -354,7 +355,7 @@ class Watch:
         def before(pass_):
             def hook(i):
                 if not self.closed:
-                    context.activate(self)
+                    solver_iteration.activate(self)
                     if self._held is not None:
                         self._before_held(probe, i, pass_)
             return hook
@@ -386,7 +387,7 @@ class Watch:
         if self.closed:
             return
         self._drop_held()
-        context.activate(self)
+        solver_iteration.activate(self)
         self._read_boards()  # left by a net.forward() of the caller's between steps
         iteration = self.iteration()
         if self._pending_update:
@@ -499,7 +500,7 @@ class Watch:
             fault = SolverFault(kind, "TRAIN", iteration, message, "skip", bad_params, details)
             self._fault(fault, "W")
             self.skipped.append(iteration)
-            self._log_event(Event("skip", iteration, report.skip_message(len(self.skipped)),
+            self._log_event(Event("skip", iteration, watch_lines.skip_message(len(self.skipped)),
                                   {"loss": self.loss, "params": bad_params}))
             raise _Skip()
         self._fault(SolverFault(kind, "TRAIN", iteration, message + "; Caffe applies this update",
@@ -674,7 +675,7 @@ class Watch:
         if count <= o.log_first or severity == "E" and fault.action == "stop":
             self._write(severity, fault.line())
         elif (count - o.log_first) % o.log_every == 0:
-            self._write(severity, report.repeat_line(count, key, fault))
+            self._write(severity, watch_lines.repeat_line(count, key, fault))
         if self.listener:
             self.listener(fault)
         if not self._recorded and self.options.record_dir and fault.kind != "growth":
@@ -707,10 +708,10 @@ class Watch:
             path = records.write_record(self.options.record_dir, self.iteration(), fault,
                                         self.probes[0].input_arrays(), self.net)
         except Exception as exc:  # noqa: BLE001 - a record never kills a run
-            self._write("W", report.record_failed_line(self.options.record_dir, exc))
+            self._write("W", watch_lines.record_failed_line(self.options.record_dir, exc))
             return
         self.record_path = path
-        self._write("I", report.record_line(path))
+        self._write("I", watch_lines.record_line(path))
 
     def _write(self, severity, text):
         stream = self.stream or sys.stderr
@@ -744,7 +745,7 @@ class Watch:
                 if until_rollback:
                     return
             finally:
-                context.deactivate(self)
+                solver_iteration.deactivate(self)
 
     def solve(self, resume_file=None):
         """``solver.solve()`` under the watch (Caffe's Solve: Step to max_iter, then its
@@ -768,7 +769,7 @@ class Watch:
                 first = False
                 self._rollback(request.fault)
             finally:
-                context.deactivate(self)
+                solver_iteration.deactivate(self)
 
     def _rollback(self, cause):
         iteration = int(self.solver.iter)
@@ -804,7 +805,7 @@ class Watch:
                 self.param.base_lr = new
             base_lr = (old, new)
             details.update(base_lr_from=old, base_lr_to=new)
-        message = report.rollback_message(
+        message = watch_lines.rollback_message(
             latest[1], latest[0], cause.kind, cause.iteration,
             further_back=further_back and latest[0] != previous,
             same_again=further_back and latest[0] == previous, base_lr=base_lr,
@@ -819,7 +820,7 @@ class Watch:
             return
         self._drop_held()
         self.closed = True
-        context.deactivate(self)
+        solver_iteration.deactivate(self)
         for board in self.boards:
             board.reader = None
         if self.solver is not None:
@@ -832,7 +833,7 @@ class Watch:
     def summary(self):
         """One line: what the watch saw and did."""
         kinds = ("producer", "lr", "loss", "gradients", "weights", "growth", "stopped")
-        return report.summary_line(len(self.faults), {k: v for k, v in self.counts.items()
+        return watch_lines.summary_line(len(self.faults), {k: v for k, v in self.counts.items()
                                                       if k in kinds and v},
                                    len(self.skipped), self.rollbacks,
                                    self.checkpoints.count if self.checkpoints else 0,
@@ -840,7 +841,7 @@ class Watch:
 
 
 def _boards(net):
-    """The deferred-check boards (safe_layers.deferred) of the layers of ``net``."""
+    """The deferred-check boards (safe_layers.core.deferred) of the layers of ``net``."""
     boards = []
     for layer in net.layers:
         board = getattr(getattr(layer, "fault_log", None), "board", None)
@@ -858,7 +859,7 @@ def _num(value):
 def read_solver_param(path):
     """The SolverParameter of ``path`` as Caffe builds it (``snapshot_prefix`` defaulted
     and resolved the way ``ReadSolverParamsFromTextFileOrDie`` does)."""
-    from safe_layers.tools.prototxt import read_solver
+    from safe_layers.readers.prototxt import read_solver
     param = read_solver(path).message
     resolve_snapshot_prefix(param, path)
     return param

@@ -1,6 +1,6 @@
 """Finiteness checks and repairs: pure functions over NumPy or CuPy arrays.
 
-Two ways to check an array, for the two ways a layer can ask (``safe_layers.deferred``):
+Two ways to check an array, for the two ways a layer can ask (``safe_layers.core.deferred``):
 
 * at once: :func:`all_finite` is a one-pass reduction answered on the host (one host
   read); only when it fails does :func:`fault_stats` say exactly what is wrong;

@@ -18,7 +18,8 @@ import contextlib
 import caffe
 import numpy
 
-from safe_layers import backend, reporting, schemas
+from safe_layers.core import backend, schemas
+from safe_layers import reporting
 from safe_layers.kernels import clip, finite
 from safe_layers.kernels.xp import array_module, to_numpy
 

@@ -9,7 +9,8 @@
 
 import caffe
 
-from safe_layers import backend, reporting, schemas
+from safe_layers.core import backend, schemas
+from safe_layers import reporting
 from safe_layers.kernels import finite
 
 

@@ -20,7 +20,8 @@ import os
 import caffe
 import numpy
 
-from safe_layers import backend, params, reporting, schemas
+from safe_layers.core import backend, params, schemas
+from safe_layers import reporting
 from safe_layers.kernels import finite, infogain
 from safe_layers.kernels.xp import array_module, host_scalar, to_numpy
 

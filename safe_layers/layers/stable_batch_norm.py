@@ -22,7 +22,8 @@ cannot, so declare three ``param { lr_mult: 0 }`` (otherwise weight decay shrink
 import caffe
 import numpy
 
-from safe_layers import backend, reporting, schemas
+from safe_layers.core import backend, schemas
+from safe_layers import reporting
 from safe_layers.kernels import batch_norm, finite
 from safe_layers.kernels.xp import array_module, host_scalar
 
@@ -112,7 +113,7 @@ class StableBatchNorm(caffe.Layer):
         self._saved = (centered, offset, inv_std)
 
     def _forward_deferred(self, x, top):
-        """:meth:`_forward` without a host decision (``safe_layers.deferred``): the check
+        """:meth:`_forward` without a host decision (``safe_layers.core.deferred``): the check
         of x goes into a board row with the statistics of x as it arrived (the top may be
         x); the running statistics are updated on the device where the batch is finite and
         float32 holds them, the facts of an overflow going into the row for the report. Under

@@ -12,9 +12,11 @@ import importlib
 import signal
 import sys
 
-from safe_layers.tools.findings import EXIT_INPUT, InputError
+from safe_layers.core.errors import InputError
+from safe_layers.tools.findings import EXIT_INPUT
 
-# Subcommand -> module under safe_layers.tools; each defines HELP, add_arguments, run.
+# Subcommand -> the module of its command (safe_layers.tools.NAME.command); each defines
+# HELP, add_arguments and run, and its docstring is the subcommand's --help.
 SUBCOMMANDS = ("diagnose", "lint", "harden", "scan", "train")
 
 
@@ -27,7 +29,7 @@ def build_parser():
     parser.add_argument("--version", action="version", version="safe-layers " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:
-        module = importlib.import_module("safe_layers.tools." + name)
+        module = importlib.import_module("safe_layers.tools.%s.command" % name)
         sub = commands.add_parser(name, help=module.HELP, description=module.__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)

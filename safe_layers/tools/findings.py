@@ -12,19 +12,15 @@ raised anywhere below a subcommand's ``run`` and turned into exit 2 by the CLI).
 """
 
 import json
-import math
 import os
 import sys
+
+from safe_layers.core.errors import InputError
+from safe_layers.core.float_text import jsonable
 
 SEVERITIES = ("error", "warning", "info")
 
 EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT = 0, 1, 2
-
-
-class InputError(Exception):
-    """Input the tool cannot read: a missing file, a prototxt protobuf cannot parse, a
-    truncated log, a corrupt database. The message says what and where
-    (``path:line:col: ...`` when a position is known); the CLI prints it and exits 2."""
 
 
 class Finding:
@@ -72,16 +68,6 @@ class Finding:
         return "Finding(%s)" % self.text()
 
 
-def jsonable(value):
-    """``value`` with every float that JSON cannot hold (NaN, +-Inf) written as a string
-    ('nan', 'inf', '-inf'), recursively through dicts, lists and tuples."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 def check_output_path(path, what):

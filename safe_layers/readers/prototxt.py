@@ -1,0 +1,490 @@
+"""The one reader of Caffe net and solver prototxts for every ``safe-layers`` subcommand.
+
+The meaning of a file comes from Caffe's own schema: ``caffe.proto.caffe_pb2`` (the one
+the installed Caffe was built with, so a fork's extra fields parse too) and protobuf's
+``text_format``. Protobuf's Python parser keeps no positions, so :class:`Node` adds them:
+a lexer-level index of where each field of the text starts and ends (line, column, byte
+offsets), used to point findings at ``path:line:col`` and to edit a file in place without
+touching the bytes around the edit (``harden``). The index never decides what a field
+means; it only mirrors the structure the protobuf parse has already accepted.
+
+    net = read_prototxt("train_val.prototxt")          # kind detected: "net" or "solver"
+    for layer, node in net.layers():                    # LayerParameter, its Node
+        stride = node.find("pooling_param.stride")      # Node or None
+        print(net.where(stride or node), layer.name)    # "train_val.prototxt:12:5"
+"""
+
+import os
+import re
+
+from safe_layers.core.errors import InputError
+
+_caffe_pb2 = None
+
+
+def caffe_pb2():
+    """Caffe's generated protobuf module (imported once; needs pycaffe installed)."""
+    global _caffe_pb2
+    if _caffe_pb2 is None:
+        try:
+            from caffe.proto import caffe_pb2 as module
+        except ImportError as exc:
+            raise InputError("cannot import caffe.proto.caffe_pb2 (%s): the tools read prototxts "
+                             "with Caffe's own schema; run `make setup`" % exc) from None
+        _caffe_pb2 = module
+    return _caffe_pb2
+
+
+# ---------------------------------------------------------------------------------------
+# Positions: a lexer-level index of the text's fields.
+
+_TOKEN = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<comment>\#[^\n]*)
+  | (?P<string>"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')
+  | (?P<word>[A-Za-z0-9_.+\-]+)
+  | (?P<symbol>[{}<>:\[\],;/])
+""", re.VERBOSE)
+
+_CLOSE = {"{": "}", "<": ">"}
+
+
+class Node:
+    """One field occurrence in a prototxt: ``name: value`` or ``name { ... }``.
+
+    Attributes:
+        name (str): the field name as written.
+        start, end (int): offsets into the text of the field's first character (its name)
+            and one past its last (the value, or the closing brace).
+        line, col (int): 1-based position of the name.
+        value (str or None): a scalar's value as written (a string literal unquoted and
+            unescaped, adjacent literals joined); None for a message.
+        value_start, value_end (int): offsets of the value token(s) (for a message: of the
+            braces, closing brace included).
+        children (list of Node): a message's fields, in order.
+        depth (int): 0 for a top-level field.
+    """
+
+    __slots__ = ("name", "start", "end", "line", "col", "value", "value_start", "value_end",
+                 "children", "depth")
+
+    def __init__(self, name, start, line, col, depth):
+        self.name, self.start, self.line, self.col, self.depth = name, start, line, col, depth
+        self.end = self.value_start = self.value_end = start
+        self.value = None
+        self.children = []
+
+    @property
+    def is_message(self):
+        return self.value is None
+
+    def all(self, name):
+        """The direct children named ``name``, in order."""
+        return [child for child in self.children if child.name == name]
+
+    def find(self, dotted):
+        """The first node at ``a.b.c`` below this one (first occurrence at each step), or None."""
+        node = self
+        for part in dotted.split("."):
+            matches = node.all(part)
+            if not matches:
+                return None
+            node = matches[0]
+        return node
+
+    def __repr__(self):
+        return "Node(%s @%d:%d)" % (self.name, self.line, self.col)
+
+
+class _Lexer:
+    def __init__(self, text, path):
+        self.tokens = []  # (kind, text, start, end)
+        pos = 0
+        while pos < len(text):
+            match = _TOKEN.match(text, pos)
+            if match is None:
+                line, col = line_col(text, pos)
+                raise InputError("%s:%d:%d: unexpected character %r" % (path, line, col, text[pos]))
+            kind = match.lastgroup
+            if kind not in ("space", "comment"):
+                self.tokens.append((kind, match.group(), match.start(), match.end()))
+            pos = match.end()
+        self.i = 0
+
+    def peek(self):
+        return self.tokens[self.i] if self.i < len(self.tokens) else (None, None, None, None)
+
+    def take(self):
+        token = self.peek()
+        self.i += 1
+        return token
+
+
+def line_col(text, offset):
+    """1-based (line, column) of ``offset`` in ``text``."""
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def _unquote(literal):
+    body = literal[1:-1]
+    # Protobuf text escapes are C escapes; Python's unicode_escape reads the same ones
+    # for the ASCII text prototxts hold.
+    try:
+        return body.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError:
+        return body
+
+
+def index_text(text, path="<text>"):
+    """The root Node (name '', depth -1) of ``text``'s fields. Raises InputError where
+    the text is not structurally a prototxt (unbalanced braces, a value missing)."""
+    lexer = _Lexer(text, path)
+    root = Node("", 0, 1, 1, -1)
+    _read_fields(lexer, root, None, text, path)
+    root.end = len(text)
+    return root
+
+
+def _fail(text, path, offset, message):
+    line, col = line_col(text, offset if offset is not None else len(text))
+    raise InputError("%s:%d:%d: %s" % (path, line, col, message))
+
+
+def _read_fields(lexer, parent, closer, text, path):
+    while True:
+        kind, token, start, end = lexer.peek()
+        if kind is None:
+            if closer is not None:
+                _fail(text, path, None, "end of file inside '%s { ... }': missing '%s'"
+                      % (parent.name, closer))
+            return
+        if token == closer:
+            return
+        if kind == "symbol" and token == "[":  # an extension name: [pkg.ext]
+            lexer.take()
+            name_parts = []
+            while lexer.peek()[1] not in ("]", None):
+                name_parts.append(lexer.take()[1])
+            if lexer.take()[1] != "]":
+                _fail(text, path, start, "unclosed extension name")
+            name = "[%s]" % "".join(name_parts)
+        elif kind == "word":
+            lexer.take()
+            name = token
+        else:
+            _fail(text, path, start, "expected a field name, found %r" % token)
+        line, col = line_col(text, start)
+        node = Node(name, start, line, col, parent.depth + 1)
+        parent.children.append(node)
+        if lexer.peek()[1] == ":":
+            lexer.take()
+        _read_value(lexer, node, text, path)
+        if lexer.peek()[1] in (",", ";"):
+            lexer.take()
+
+
+def _read_value(lexer, node, text, path):
+    kind, token, start, end = lexer.peek()
+    if token in _CLOSE:
+        lexer.take()
+        node.value_start = start
+        _read_fields(lexer, node, _CLOSE[token], text, path)
+        _, _, _, close_end = lexer.take()
+        node.end = node.value_end = close_end
+        return
+    if token == "[":  # a list of values (or of messages): name: [1, 2] / name [{..}, {..}]
+        lexer.take()
+        node.value_start = start
+        values = []
+        while lexer.peek()[1] != "]":
+            if lexer.peek()[0] is None:
+                _fail(text, path, start, "unclosed list for field '%s'" % node.name)
+            if lexer.peek()[1] == ",":
+                lexer.take()
+                continue
+            item = Node(node.name, lexer.peek()[2], *line_col(text, lexer.peek()[2]), node.depth)
+            _read_value(lexer, item, text, path)
+            values.append(item)
+        _, _, _, close_end = lexer.take()
+        node.children = values
+        node.value = "[list]"
+        node.end = node.value_end = close_end
+        return
+    if kind == "string":
+        parts = []
+        node.value_start = start
+        while lexer.peek()[0] == "string":  # adjacent literals concatenate
+            _, literal, _, end = lexer.take()
+            parts.append(_unquote(literal))
+        node.value = "".join(parts)
+        node.end = node.value_end = end
+        return
+    if kind == "word":
+        lexer.take()
+        if token.startswith("-") and token == "-" and lexer.peek()[0] == "word":
+            token += lexer.take()[1]  # "- 1"
+        node.value = token
+        node.value_start, node.end = start, lexer.tokens[lexer.i - 1][3]
+        node.value_end = node.end
+        return
+    _fail(text, path, start, "field '%s' has no value" % node.name)
+
+
+# ---------------------------------------------------------------------------------------
+# Files: parse with Caffe's schema, index positions.
+
+class Prototxt:
+    """A parsed prototxt: ``message`` (NetParameter or SolverParameter, by Caffe's schema),
+    ``root`` (the position index), ``text`` and ``path``; ``reference_note`` says where a
+    net named by a solver was found when Caffe would not find it there (else None)."""
+
+    def __init__(self, path, text, kind, message, root):
+        self.path, self.text, self.kind, self.message, self.root = path, text, kind, message, root
+        self.reference_note = None
+
+    def where(self, node=None):
+        """(line, col) of ``node`` (the start of the file when None)."""
+        return (node.line, node.col) if node is not None else (1, 1)
+
+    def layers(self):
+        """[(LayerParameter, Node)] of a net, in file order; V1 ``layers`` entries are
+        returned as V1LayerParameter (Caffe upgrades them when it reads the file)."""
+        if self.kind != "net":
+            raise ValueError("%s is a %s, not a net" % (self.path, self.kind))
+        return layer_nodes(self.message, self.root)
+
+
+def layer_nodes(net_message, net_node):
+    """[(LayerParameter, Node)] pairing the parsed layers with their positions (text
+    order is protobuf's order for a repeated field)."""
+    pairs = []
+    for field in ("layer", "layers"):
+        messages = list(getattr(net_message, field))
+        nodes = [n for n in net_node.children if n.name == field]
+        if len(messages) != len(nodes):  # cannot happen for text protobuf accepted
+            raise InputError("position index found %d '%s' blocks where protobuf parsed %d"
+                             % (len(nodes), field, len(messages)))
+        pairs.extend(zip(messages, nodes))
+    return pairs
+
+
+def read_text(path):
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise InputError("%s: no such file" % path) from None
+    except IsADirectoryError:
+        raise InputError("%s: is a directory, not a prototxt" % path) from None
+    except OSError as exc:
+        raise InputError("%s: cannot read: %s" % (path, exc.strerror or exc)) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, col = line_col(raw.decode("utf-8", "replace"), exc.start)
+        raise InputError("%s:%d:%d: not a text prototxt (byte 0x%02x is not UTF-8; a binary "
+                         "file such as a .caffemodel or .binaryproto?)"
+                         % (path, line, col, raw[exc.start])) from None
+
+
+def parse_text(text, message_type, path):
+    """``text`` parsed into a new ``caffe_pb2.<message_type>``; InputError with
+    ``path:line:col`` on the protobuf error (worded as a file that ends too soon when the
+    error is at its end and a block, field or string is left open there)."""
+    from google.protobuf import text_format
+    message = getattr(caffe_pb2(), message_type)()
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as exc:
+        line, col = exc.GetLine(), exc.GetColumn()
+        detail = str(exc)
+        detail = re.sub(r"^\d+:\d+ : ", "", detail)
+        if line is not None:
+            cut = _cut_short(text, line, col)
+            if cut:
+                detail = "the file ends here, %s: is it cut short? (protobuf: %s)" % (cut, detail)
+            raise InputError("%s:%d:%d: %s" % (path, line, col, detail)) from None
+        raise InputError("%s: %s" % (path, detail)) from None
+    return message
+
+
+# Tokens of a text that may be cut anywhere (a string literal may lack its closing quote).
+_LOOSE_TOKEN = re.compile(r"""\s+|\#[^\n]*|"(?:[^"\\\n]|\\.)*"?|'(?:[^'\\\n]|\\.)*'?"""
+                          r"""|[A-Za-z0-9_.+\-]+|.""", re.S)
+
+
+def _cut_short(text, line, col):
+    """What the end of ``text`` leaves open, when protobuf's error at ``line``:``col`` is
+    at the last token or past it and something is left open there (a block, a list, a
+    field without its value, a string without its closing quote); else None. Protobuf
+    reports a file that ends too soon at its last token, in words about that token
+    ("Couldn't parse integer: ''", 'Expected "}".') that do not say the file ended."""
+    tokens = [(m.group(), m.start()) for m in _LOOSE_TOKEN.finditer(text)
+              if not m.group()[:1].isspace() and not m.group().startswith("#")]
+    if not tokens:
+        return None
+    lines = text.split("\n")
+    offset = sum(len(l) + 1 for l in lines[:line - 1]) + col - 1
+    if offset < tokens[-1][1]:
+        return None
+    open_blocks, name = [], None
+    previous = None
+    for token, _ in tokens:
+        if token in ("{", "<", "["):
+            open_blocks.append((name or "?") + (" [" if token == "[" else " {"))
+        elif token in ("}", ">", "]") and open_blocks:
+            open_blocks.pop()
+        elif (token[0].isalnum() or token[0] == "_") and previous != ":":
+            name = token
+        previous = token
+    last = tokens[-1][0]
+    parts = []
+    if last[0] in "\"'" and (len(last) == 1 or last[-1] != last[0]):
+        parts.append("in the middle of a string (no closing quote)")
+    elif last == ":" or ((last[0].isalnum() or last[0] == "_") and
+                         (len(tokens) < 2 or tokens[-2][0] != ":")):
+        parts.append("in the middle of field '%s' (no value)" % name)
+    if open_blocks:
+        closers = "".join("]" if b.endswith("[") else "}" for b in reversed(open_blocks))
+        parts.append("inside '%s ...' (%s)" % (
+            " ".join(open_blocks), "%d closing '%s' missing" % (len(closers), closers[0])
+            if len(set(closers)) == 1 else "'%s' missing" % closers))
+    return ", ".join(parts) or None
+
+
+def _kind_of(root):
+    """'net' or 'solver': which message type the top-level field names belong to."""
+    pb2 = caffe_pb2()
+    names = {child.name for child in root.children}
+    net_fields = set(pb2.NetParameter.DESCRIPTOR.fields_by_name)
+    solver_fields = set(pb2.SolverParameter.DESCRIPTOR.fields_by_name)
+    if not names or names <= net_fields:
+        return "net"
+    if names <= solver_fields:
+        return "solver"
+    return "solver" if len(names & solver_fields) > len(names & net_fields) else "net"
+
+
+def read_prototxt(path, kind=None):
+    """Read and parse ``path`` as a net or solver (``kind``; detected when None).
+    Raises InputError (exit 2) saying what and where when it cannot."""
+    path = str(path)
+    text = read_text(path)
+    try:
+        root = index_text(text, path)
+    except InputError:
+        # Let protobuf word the error where it can (it knows the schema); ours otherwise.
+        # Kind unknown: the message type whose parse gets further is the one meant.
+        errors = []
+        for message_type in ((["NetParameter"] if kind != "solver" else []) +
+                             (["SolverParameter"] if kind != "net" else [])):
+            try:
+                parse_text(text, message_type, path)
+            except InputError as exc:
+                errors.append(exc)
+        if errors:
+            raise max(errors, key=_error_position)
+        raise
+    detected = kind is None
+    kind = kind or _kind_of(root)
+    try:
+        message = parse_text(text, "NetParameter" if kind == "net" else "SolverParameter", path)
+    except InputError:
+        if not detected:
+            _refuse_other_kind(text, kind, path)
+        raise
+    return Prototxt(path, text, kind, message, root)
+
+
+class WrongKind(InputError):
+    """A net given where a solver is expected, or a solver where a net is."""
+
+
+def _refuse_other_kind(text, kind, path):
+    """InputError when a text asked for as ``kind``, which does not parse as it, parses as
+    the other kind: a net where a solver is expected (``train -solver``, ``harden
+    --solver``), or a solver named by a solver's ``net:``. Protobuf alone would say 'has no
+    field named "name"', which does not tell what went wrong."""
+    try:
+        parse_text(text, "SolverParameter" if kind == "net" else "NetParameter", path)
+    except InputError:
+        return  # neither kind: the caller's error says what is wrong
+    if kind == "solver":
+        raise WrongKind("%s is a net prototxt, not a solver: where a solver is expected "
+                        "(train -solver, harden --solver) give the solver file, whose net: "
+                        "names this net" % path) from None
+    raise WrongKind("%s is a solver prototxt, not a net: a solver's net / train_net / test_net "
+                    "names a net prototxt (its layers), not another solver" % path) from None
+
+
+def _error_position(error):
+    """(line, column) of an InputError worded 'path:line:col: ...' ((0, 0) without)."""
+    match = re.search(r":(\d+):(\d+): ", str(error))
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
+def read_net(path):
+    return read_prototxt(path, "net")
+
+
+def read_solver(path):
+    return read_prototxt(path, "solver")
+
+
+def resolve_reference(name, referencing_file):
+    """Where a path written inside a prototxt (a solver's ``net``, a data layer's
+    ``source``) points, and a note when that differs from what Caffe would open.
+
+    Caffe opens such paths relative to the *working directory* of the process, not to the
+    file that names them. Returns ``(path, note)``: the working-directory path when it
+    exists (note None); else the path relative to the referencing file's folder when that
+    exists (note says `caffe train` run from here would not find it); else
+    ``(name, "does not exist")``.
+    """
+    if os.path.isabs(name) or os.path.exists(name):
+        return name, None if os.path.exists(name) else "does not exist"
+    beside = os.path.join(os.path.dirname(os.path.abspath(referencing_file)), name)
+    if os.path.exists(beside):
+        return beside, ("found beside %s, not in the working directory %s, where Caffe looks; "
+                        "run from %s or give an absolute path"
+                        % (referencing_file, os.getcwd(), os.path.dirname(os.path.abspath(referencing_file))))
+    return name, "does not exist"
+
+
+def solver_nets(solver):
+    """The nets a solver names: [(field, Prototxt)] for ``net`` / ``train_net`` /
+    ``test_net`` (files, resolved with :func:`resolve_reference`) and ``net_param`` /
+    ``train_net_param`` / ``test_net_param`` (inline; their Prototxt shares the solver's
+    text and path, its ``root`` is the inline block). Raises InputError for a named net
+    file that does not exist."""
+    message = solver.message
+    nets = []
+    for field in ("net", "train_net"):
+        if message.HasField(field):
+            nets.append((field, _referenced_net(getattr(message, field), solver, field)))
+    for name in message.test_net:
+        nets.append(("test_net", _referenced_net(name, solver, "test_net")))
+    for field in ("net_param", "train_net_param"):
+        if message.HasField(field):
+            nets.append((field, Prototxt(solver.path, solver.text, "net", getattr(message, field),
+                                         solver.root.find(field))))
+    for sub, node in zip(message.test_net_param, solver.root.all("test_net_param")):
+        nets.append(("test_net_param", Prototxt(solver.path, solver.text, "net", sub, node)))
+    return nets
+
+
+def _referenced_net(name, solver, field):
+    path, note = resolve_reference(name, solver.path)
+    if note == "does not exist":
+        node = solver.root.find(field)
+        line, col = solver.where(node)
+        raise InputError("%s:%d:%d: %s: %r does not exist (Caffe opens it relative to the working "
+                         "directory, %s)" % (solver.path, line, col, field, name, os.getcwd()))
+    try:
+        net = read_net(path)
+    except WrongKind as exc:
+        line, col = solver.where(solver.root.find(field))
+        raise InputError("%s:%d:%d: %s: %s" % (solver.path, line, col, field, exc)) from None
+    net.reference_note = note
+    return net

@@ -1,0 +1,1 @@
+"""``safe-layers diagnose``: :mod:`.command` runs it."""

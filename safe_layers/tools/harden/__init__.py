@@ -1,0 +1,1 @@
+"""``safe-layers harden``: :mod:`.command` runs it."""

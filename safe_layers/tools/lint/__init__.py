@@ -1,0 +1,2 @@
+"""``safe-layers lint``: :mod:`.command` runs it, :mod:`.rules` holds its rules, a module
+per family."""

@@ -1,0 +1,285 @@
+"""Find what makes a Caffe net or solver go NaN, before training.
+
+    safe-layers lint solver.prototxt              # the solver and the nets it names
+    safe-layers lint train_val.prototxt --input-shape data=64,3,224,224
+    safe-layers lint net.prototxt --format json --ignore SL401
+
+A solver is checked with the nets it names (paths resolved as Caffe resolves them: from
+the working directory). Each net is built by real Caffe in a child process, once per
+phase, with its data layers replaced by Input layers of known shapes, so the pooling
+rules see true blob shapes; where Caffe refuses the net, its own message is reported
+against the layer it names; where shapes cannot be known, the shape-free rules run and
+an SL002 note says why. `--list-rules` prints every rule id.
+
+Findings print as `path:line:col: SLnnn severity message — fix: ...`. Every file given is
+linted; one that cannot be read is reported (path:line:col) beside the others' findings.
+Exit status: 0 no errors (warnings and notes only), 1 an error, 2 a file unreadable (after
+everything is printed) or bad arguments.
+"""
+
+import re
+import sys
+
+from safe_layers.core.errors import InputError
+from safe_layers.readers import layer_types, netshapes, prototxt
+from safe_layers.readers.net_state import layers_in_state
+from safe_layers.tools import findings, rule_table
+from safe_layers.tools.lint.rules import (CAFFE_REFUSES, MODULE_MISSING, NET_PATH,
+                                          SHAPES_UNKNOWN, V1_LAYERS, NetCheck, Report)
+
+HELP = "check solver and net prototxts for the static causes of NaN (shapes from real Caffe)"
+
+
+def add_arguments(parser):
+    parser.add_argument("files", nargs="*", metavar="FILE.prototxt",
+                        help="solver or net prototxts (a solver brings the nets it names)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
+                        help="shape of a data top (or of a one-top data layer, or a net input); "
+                             "it wins over what the prototxt and its data source say, N included; "
+                             "repeat for several")
+    parser.add_argument("--iterations", type=int, metavar="N",
+                        help="simulate the learning rate over N iterations (a pycaffe loop) "
+                             "instead of the solver's max_iter")
+    parser.add_argument("--no-shapes", action="store_true",
+                        help="do not build the net with Caffe: shape-free rules only")
+    parser.add_argument("--select", metavar="IDS", help="only these rule ids or prefixes (SL2,SL101)")
+    parser.add_argument("--ignore", metavar="IDS", help="leave out these rule ids or prefixes")
+    parser.add_argument("--list-rules", action="store_true", help="print the rules and exit")
+    findings.add_format_argument(parser)
+
+
+def _rule_modules():
+    from safe_layers.tools.lint.rules import batch_norm, domain, loss, pooling, python_layers
+    return (pooling, loss, batch_norm, python_layers, domain)
+
+
+def list_rules():
+    return rule_table.rules_of("lint")
+
+
+def run(args):
+    if args.list_rules:
+        print("\n".join(rule_table.list_lines("lint")))
+        return 0
+    if not args.files:
+        raise InputError("no FILE given (a solver or net prototxt); see --help")
+    if args.iterations is not None and args.iterations < 1:
+        raise InputError("--iterations must be >= 1")
+    known = [r.id for r in list_rules()]
+    select = findings.rule_list(args.select, known=known, option="--select")
+    ignore = findings.rule_list(args.ignore, known=known, option="--ignore")
+    try:
+        overrides = netshapes.parse_input_shapes(args.input_shape)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    linter = Linter(overrides, args.iterations, shapes=not args.no_shapes)
+    # Every file is read first, then every readable one is linted: one unreadable file
+    # (exit 2) must not hide the findings of the others.
+    loaded, unreadable = [], []
+    for path in args.files:
+        try:
+            loaded.append(linter.load(path))
+        except InputError as exc:
+            unreadable.append(_unreadable(path, exc))
+    _check_input_shape_names(overrides, [net for _, nets in loaded for _, net in nets], unreadable)
+    for document, nets in loaded:
+        linter.lint(document, nets)
+    found = findings.select(linter.findings(), select, ignore)
+    counts = {s: sum(1 for f in found if f.severity == s) for s in findings.SEVERITIES}
+    summary = "lint: %d error%s, %d warning%s, %d note%s in %s" % (
+        counts["error"], "" if counts["error"] == 1 else "s",
+        counts["warning"], "" if counts["warning"] == 1 else "s",
+        counts["info"], "" if counts["info"] == 1 else "s", ", ".join(linter.checked) or "no file")
+    if unreadable:
+        summary += "; %d unreadable: %s" % (len(unreadable), ", ".join(u["path"] for u in unreadable))
+    for entry in unreadable:
+        sys.stderr.write("safe-layers lint: error: %s\n" % entry["error"])
+    sys.stderr.flush()
+    status = findings.emit(found, args.format, summary=summary,
+                           extra={"checked": linter.checked, "counts": counts,
+                                  "unreadable": unreadable})
+    return findings.EXIT_INPUT if unreadable else status
+
+
+def _unreadable(path, error):
+    """The JSON entry of a file lint could not read: the file given, where the error is
+    (``path``, ``line``, ``col``: a net a solver names may be the unreadable one; 0 when
+    the error names no position) and the error's text."""
+    match = re.match(r"(.*?):(\d+):(\d+): ", str(error))
+    where = {"file": str(path), "path": str(path), "line": 0, "col": 0}
+    if match:
+        where.update(path=match.group(1), line=int(match.group(2)), col=int(match.group(3)))
+    where["error"] = str(error)
+    return where
+
+
+def _check_input_shape_names(overrides, nets, unreadable):
+    """InputError (exit 2) for an --input-shape NAME that is no data top (nor one-top data
+    layer) of any net linted: it would be silently ignored."""
+    if not overrides or not nets:
+        return
+    named = set()
+    tops_of = []
+    for net in nets:
+        tops, names = netshapes.shapeable(net.message)
+        named |= names
+        tops_of.append("%s: %s" % (net.path, ", ".join(tops) or "none"))
+    stray = [name for name in overrides if name not in named]
+    if stray:
+        unread = ("; not checked against %s (unreadable)" % ", ".join(u["path"] for u in unreadable)
+                  if unreadable else "")
+        raise InputError("--input-shape %s: no data top or data layer of that name in the net%s "
+                         "linted (data tops: %s)%s"
+                         % (", ".join(stray), "s" if len(nets) > 1 else "", "; ".join(
+                             dict.fromkeys(tops_of)), unread))
+
+
+class Linter:
+    """Lints files one by one; ``findings()`` returns them deduplicated and sorted."""
+
+    def __init__(self, overrides=None, iterations=None, shapes=True):
+        self.overrides = overrides or {}
+        self.iterations = iterations
+        self.build_shapes = shapes
+        self.report = Report()
+        self.checked = []
+
+    def load(self, path):
+        """(Prototxt, [(field, net Prototxt)]) of ``path`` (a solver with the nets it names,
+        or a net with field None); InputError where it or a net it names cannot be read."""
+        doc = prototxt.read_prototxt(path)
+        nets = prototxt.solver_nets(doc) if doc.kind == "solver" else [(None, doc)]
+        for _, net in nets:
+            _check_types(net, net.layers())
+        return doc, nets
+
+    def lint(self, doc, nets):
+        self.checked.append(doc.path)
+        if doc.kind == "solver":
+            self.lint_solver(doc, nets)
+        else:
+            self.lint_net(doc, (("TRAIN", 0, ()), ("TEST", 0, ())))
+
+    def lint_file(self, path):
+        """Load and lint one file (InputError when it cannot be read)."""
+        self.lint(*self.load(path))
+
+    def lint_solver(self, solver, nets):
+        from safe_layers.tools.lint.rules import solver as solver_rules
+        solver_rules.check(solver, self.report, self.iterations)
+        msg = solver.message
+        train_state = (msg.train_state.level, tuple(msg.train_state.stage))
+        test_state = ((msg.test_state[0].level, tuple(msg.test_state[0].stage))
+                      if len(msg.test_state) else (0, ()))
+        for field, net in nets:
+            if net.reference_note:
+                self.report.add(solver.path, solver.root.find(field), NET_PATH,
+                                "%s %r: %s" % (field, getattr(msg, field) if field in ("net", "train_net")
+                                               else net.path, net.reference_note),
+                                "run from the folder Caffe resolves it against, or an absolute path")
+            if field in ("net", "net_param"):
+                phases = (("TRAIN",) + train_state, ("TEST",) + test_state)
+            elif field.startswith("train"):
+                phases = (("TRAIN",) + train_state,)
+            else:
+                phases = (("TEST",) + test_state,)
+            self.lint_net(net, phases, solver)
+        solver_rules.check_iter_size(solver, [net for _, net in nets], self.report)
+
+    def lint_net(self, net, phases, solver=None):
+        pb2 = prototxt.caffe_pb2()
+        pairs = net.layers()
+        current = [(layer, node) for layer, node in pairs if node.name == "layer"]
+        if len(current) != len(pairs):
+            self.report.add(net.path, next(n for _, n in pairs if n.name == "layers"), V1_LAYERS,
+                            "this net uses the V1 'layers' format: Caffe upgrades it when it builds "
+                            "the net (SL001 would show a refusal), but the rules read only 'layer' entries",
+                            "upgrade it: upgrade_net_proto_text OLD NEW")
+        built_for = {}
+        for phase_spec in phases:
+            phase, level, stages = phase_spec
+            kept = layers_in_state(current, pb2.Phase.Value(phase), level, stages)
+            shapes = None
+            ctx = NetCheck(net, phase, kept, None, solver, self.report)
+            if self.build_shapes:
+                # A phase that keeps the same layers as one already built has its shapes
+                # (no built-in layer's output shape depends on the phase; a Python layer's
+                # might): one child, not two.
+                key = tuple(node.start for _, node in kept)
+                if any(layer.type == "Python" for layer, _ in kept):
+                    key += (phase,)
+                if key not in built_for:
+                    built_for[key] = netshapes.infer(net.message, net.path, phase, self.overrides,
+                                                     stages, level)
+                shapes = self._shape_findings(ctx, built_for[key], pairs)
+            ctx.shapes = shapes
+            for module in _rule_modules():
+                module.check(ctx)
+
+    def _shape_findings(self, ctx, built, pairs):
+        if built.unknown:
+            ctx.add(None, SHAPES_UNKNOWN, "blob shapes unknown, so the shape rules (pooling "
+                    "geometry, infogain K) ran without them: %s" % built.unknown,
+                    "give the data shape with --input-shape NAME=N,C,H,W")
+            return None
+        if built.failure is None:
+            return built
+        failure = built.failure
+        by_name = {layer.name: node for layer, node in pairs}
+        node = by_name.get(failure["layer"])
+        where = ("layer '%s'" % failure["layer"]) if failure["layer"] else "the net"
+        if failure["kind"] == "import":
+            ctx.add(node, MODULE_MISSING, "Caffe could not import the Python layer at %s: %s; "
+                    "shapes unknown, shape-free rules only" % (where, failure["message"]),
+                    "put the layer's module on PYTHONPATH (as for `caffe train`)",
+                    layer=failure["layer"])
+            return None
+        if failure["kind"] == "timeout":
+            ctx.add(node, SHAPES_UNKNOWN, "%s; shape-free rules only" % failure["message"])
+            return None
+        if failure["kind"] == "python" and failure["message"].startswith("ParamError"):
+            return None  # SL601 reports it, with the layer's own words
+        location = " (%s)" % failure["location"] if failure["location"] else ""
+        message = "Caffe refuses the net at %s%s: %s" % (where, location, failure["message"].strip())
+        fix = "fix %s as the message says" % where
+        data = {"caffe_message": failure["message"].strip(), "location": failure["location"]}
+        given = {top: shape for top, (shape, how) in built.data_shapes.items()
+                 if how == "--input-shape"}
+        if given:
+            # The net was built with shapes the user gave, not ones it declares: a wrong
+            # --input-shape makes Caffe refuse a correct net at the first layer it feeds.
+            shown = ", ".join("%s=%s" % (top, ",".join(map(str, shape))) for top, shape in given.items())
+            message += ("; the net was built with the shape%s given by --input-shape %s, which "
+                        "may be the cause" % ("s" if len(given) > 1 else "", shown))
+            fix = ("check --input-shape %s (N,C,H,W for an image net); if it is right, %s"
+                   % (shown, fix))
+            data["input_shapes"] = {top: list(shape) for top, shape in given.items()}
+        ctx.add(node, CAFFE_REFUSES, message, fix, layer=failure["layer"], data=data)
+        return None
+
+    def findings(self):
+        merged = {}
+        for f in self.report.findings:
+            key = (f.path, f.line, f.col, f.rule, f.message)
+            if key in merged:
+                phases = merged[key].data.get("phase", "")
+                new = f.data.get("phase")
+                if new and new not in phases.split(","):
+                    merged[key].data["phase"] = phases + "," + new
+                continue
+            merged[key] = f
+        return sorted(merged.values(), key=lambda f: (f.path, f.line, f.col, f.rule))
+
+
+def _check_types(net, pairs):
+    """A layer type this Caffe does not know is unreadable input (exit 2), as in Caffe."""
+    import caffe
+    known = set(caffe.layer_type_list()) | set(layer_types.SOURCE_DATA)
+    for layer, node in pairs:
+        if node.name != "layer":
+            continue
+        if layer.type not in known:
+            type_node = node.find("type") or node
+            raise InputError("%s:%d:%d: layer '%s' has type '%s', which this Caffe does not know "
+                             "(known: %s)" % (net.path, type_node.line, type_node.col, layer.name,
+                                              layer.type, ", ".join(sorted(known))))

@@ -1,0 +1,153 @@
+"""SL1xx: the solver. Every field the ``lr_policy`` reads, a simulation of the schedule
+over every iteration the run executes (as ``SGDSolver::GetLearningRate`` computes it, in
+float32 where Caffe does), and the update settings that turn training into NaN or into
+nothing (``sgd_solver.cpp:27-70``;
+the defaults of unset fields in ``caffe.proto``'s ``SolverParameter``)."""
+
+import math
+
+from safe_layers.core import lr_policy
+from safe_layers.tools.lint.rules import rule
+
+POLICY_FIELD = rule("SL101", "error", "the lr_policy lacks a field it reads (warning where the schedule only degenerates to a constant)")
+LR_BAD = rule("SL102", "error", "the simulated learning rate turns NaN, infinite, negative (error) or zero (warning), first iteration and value")
+POLICY_UNKNOWN = rule("SL103", "error", "unknown or missing lr_policy: Caffe aborts at the first update")
+MAX_ITER_ZERO = rule("SL104", "error", "max_iter 0: `caffe train` runs no iteration")
+MOMENTUM = rule("SL105", "error", "momentum (or Adam's momentum2) >= 1: the update never decays")
+WEIGHT_DECAY = rule("SL106", "error", "negative weight_decay: weights grow instead of shrinking")
+CLIP_ZERO = rule("SL107", "error", "clip_gradients 0 zeroes every gradient")
+ITER_SIZE = rule("SL108", "warning", "a safe_layers layer's iter_size differs from the solver's")
+POLY_PAST = rule("SL109", "warning", "poly: a run past max_iter gets NaN or a negative rate")
+DELTA = rule("SL110", "error", "delta <= 0 for an adaptive solver: 0/0 where a gradient is 0")
+
+ADAPTIVE = ("AdaGrad", "RMSProp", "AdaDelta", "Adam")
+SOLVER_TYPE_NAMES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
+
+def _fmt(value):
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return "%g" % value
+
+
+def solver_type(solver):
+    if solver.HasField("type"):
+        return solver.type
+    return SOLVER_TYPE_NAMES.get(solver.solver_type, "SGD")
+
+
+def check(solver, report, iterations=None):
+    """Findings for a solver Prototxt. ``iterations``: how many iterations the run executes
+    (``--iterations``, e.g. a pycaffe loop), else max_iter (at least iteration 0)."""
+    msg, root, path = solver.message, solver.root, solver.path
+
+    def node(name):
+        return root.find(name)
+
+    def add(rule_id, field, message, fix="", severity=None, data=None):
+        report.add(path, node(field) if field else None, rule_id, message, fix, severity=severity,
+                   data=data)
+
+    policy = msg.lr_policy
+    known = policy in lr_policy.POLICIES
+    if not known:
+        what = "lr_policy %r is unknown" % policy if policy else "no lr_policy"
+        add(POLICY_UNKNOWN, "lr_policy" if policy else None,
+            "%s: Caffe stops at the first update with 'Unknown learning rate policy: %s'" % (what, policy),
+            "lr_policy: one of %s" % ", ".join(lr_policy.POLICIES))
+    else:
+        if not msg.HasField("base_lr"):
+            add(POLICY_FIELD, "lr_policy", "lr_policy %r: base_lr is not set, so it reads as 0 and "
+                "nothing learns" % policy, "set base_lr (e.g. base_lr: 0.01)")
+        for field, consequence, severity in lr_policy.NEEDS[policy]:
+            if not lr_policy.is_set(msg, field):
+                add(POLICY_FIELD, "lr_policy", "lr_policy %r reads %s, which is not set: %s"
+                    % (policy, field, consequence), "set %s" % field, severity=severity,
+                    data={"field": field})
+
+    if not msg.max_iter:
+        add(MAX_ITER_ZERO, "max_iter", "max_iter is %s: `caffe train` runs no iteration (it stops "
+            "at once and, if asked, snapshots the untrained net)"
+            % ("0" if msg.HasField("max_iter") else "not set (0)"),
+            "set max_iter to the number of iterations to train")
+
+    if known:
+        stop = iterations if iterations is not None else max(msg.max_iter, 1)
+        how = ("over the %d iterations given with --iterations" % stop if iterations is not None
+               else "over the %d iteration%s the run executes" % (stop, "s" if stop != 1 else ""))
+        if iterations is None and msg.max_iter == 0:
+            how = "at iteration 0 (a pycaffe solver.step(); `caffe train` runs none)"
+        fatal = lr_policy.fatal_problem(msg)
+        if fatal:
+            if not any(f.rule == POLICY_FIELD and f.severity == "error" and f.path == path
+                       for f in report.findings):
+                add(POLICY_FIELD, "lr_policy", fatal, "a positive stepsize and gamma >= 0")
+        else:
+            bad = lr_policy.first_bad(lr_policy.rates(msg, 0, stop))
+            if bad is not None:
+                iteration, value, kind = bad
+                severity = "warning" if kind == "zero" else "error"
+                field, why = lr_policy.explain(msg, iteration, value)
+                add(LR_BAD, "lr_policy",
+                    "lr_policy %r simulated %s: the learning rate is %s at iteration %d: lr = %s (%s)"
+                    % (policy, how, kind, iteration, _fmt(value), why),
+                    lr_policy.fix(msg, iteration, value), severity=severity,
+                    data={"iteration": iteration, "lr": value, "kind": kind, "simulated": stop,
+                          "field": field})
+        if policy == "poly" and msg.max_iter and (iterations is None or iterations <= msg.max_iter):
+            if msg.power != int(msg.power) or int(msg.power) % 2 == 1:
+                result = "NaN" if msg.power != int(msg.power) else "negative"
+                add(POLY_PAST, "lr_policy", "lr_policy 'poly' with power %g: a run that goes past "
+                    "max_iter %d (a pycaffe loop, a restored snapshot) gets a %s learning rate "
+                    "from iteration %d" % (msg.power, msg.max_iter, result, msg.max_iter + 1),
+                    "stop at max_iter (solver.step(max_iter - solver.iter)), or raise max_iter")
+
+    kind = solver_type(msg)
+    if msg.momentum >= 1:
+        add(MOMENTUM, "momentum", "momentum %g >= 1: each update adds the previous one undamped, so "
+            "the step grows without bound" % msg.momentum, "momentum below 1 (0.9 is customary)")
+    if kind == "Adam" and msg.HasField("momentum2") and msg.momentum2 >= 1:
+        add(MOMENTUM, "momentum2", "Adam's momentum2 %g >= 1: the second-moment correction "
+            "1 - momentum2^t is 0 and the step is 0/0" % msg.momentum2, "momentum2: 0.999")
+    if msg.weight_decay < 0:
+        add(WEIGHT_DECAY, "weight_decay", "weight_decay %g is negative: regularization pushes the "
+            "weights away from 0 every iteration" % msg.weight_decay,
+            "weight_decay: 0.0005 (or 0 for none)")
+    if msg.HasField("clip_gradients") and msg.clip_gradients == 0:
+        add(CLIP_ZERO, "clip_gradients", "clip_gradients 0 scales every gradient by 0/norm: "
+            "nothing learns (and a zero norm gives 0/0 = NaN)",
+            "remove clip_gradients (or -1) to disable, or a positive L2 bound such as 35")
+    if kind in ADAPTIVE and msg.HasField("delta") and msg.delta <= 0:
+        add(DELTA, "delta", "solver type %s with delta %g: the update divides by sqrt(history) + "
+            "delta, which is 0 for a parameter whose gradient has been 0" % (kind, msg.delta),
+            "delta: 1e-8")
+
+
+def check_iter_size(solver, nets, report):
+    """SL108: our layers' iter_size against the solver's. ``nets`` are Prototxts."""
+    from safe_layers.core.schemas import SCHEMAS
+    from safe_layers.core.params import ParamError
+    wanted = solver.message.iter_size or 1
+    seen = set()
+    for net in nets:
+        for layer, node in net.layers():
+            if layer.type != "Python" or not layer.python_param.module.startswith("safe_layers"):
+                continue
+            schema = SCHEMAS.get(layer.python_param.layer)
+            if schema is None or (net.path, node.start) in seen:
+                continue
+            seen.add((net.path, node.start))
+            try:
+                params = schema.parse(layer.python_param.param_str)
+            except ParamError:
+                continue  # SL601 says what is wrong with it
+            if params.iter_size != wanted:
+                where = node.find("python_param.param_str") or node
+                report.add(net.path, where, ITER_SIZE,
+                           "%s '%s' has iter_size %d but the solver %s has iter_size %d: its reports "
+                           "would name iteration %s where Caffe is at iteration N"
+                           % (layer.python_param.layer, layer.name, params.iter_size, solver.path,
+                              wanted, "N*%d/%d" % (wanted, params.iter_size)),
+                           "iter_size: %d in its param_str (harden --solver writes it)" % wanted,
+                           layer=layer.name, data={"iter_size": params.iter_size, "solver_iter_size": wanted})

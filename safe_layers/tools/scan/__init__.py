@@ -1,0 +1,1 @@
+"""``safe-layers scan``: :mod:`.command` runs it."""

@@ -1,0 +1,373 @@
+"""Caffe's ``Solver::Solve`` in Python, one ``solver.step(1)`` at a time, under a watch:
+the training process of `safe-layers train` (run as a child of the CLI, so that a Caffe
+``LOG(FATAL)`` kills this process and never the tool; see safe_layers/tools/train.py).
+
+    python -m safe_layers.tools.train.child CONFIG.json
+
+The solver it builds is the user's with ``display``, ``test_interval`` and ``snapshot``
+set to 0 (CONFIG.json keeps the real values): this loop displays, tests and snapshots
+itself, so that a skipped iteration is not tested twice and no snapshot is written
+before the watch has checked the weights of the update. It prints Caffe's lines with
+Caffe's own source tags (``solver.cpp:239] Iteration N (...), loss = L``, ...), the
+loss smoothed over ``average_loss`` as ``Solver::UpdateSmoothedLoss`` does, in float32,
+and writes one JSON line per event to the event log as it goes.
+
+Exit status: 0 done (also when stopped by a signal, as `caffe train`), 1 stopped by a
+fault (the report is the last event), 2 bad input.
+"""
+
+import datetime
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy
+
+from safe_layers.core.float_text import jsonable
+
+EXIT_DONE, EXIT_FAULT, EXIT_INPUT = 0, 1, 2
+
+
+def caffe_number(value):
+    """A float as Caffe's ``LOG(INFO) << value`` prints it (6 significant digits;
+    ``-nan`` when the sign bit is set, as glibc does)."""
+    value = float(value)
+    if math.isnan(value):
+        return "-nan" if math.copysign(1.0, value) < 0 else "nan"
+    return "%g" % value
+
+
+class CaffeLog:
+    """Lines in glog's layout with the source tag of the Caffe line they stand for, so
+    parsers of `caffe train` logs read them (caffe-internals.md section 4)."""
+
+    def __init__(self, stream, bar=None):
+        self.stream = stream
+        self.bar = bar
+
+    def __call__(self, where, text, severity="I"):
+        now = datetime.datetime.now()
+        line = "%s%s %s %5d %s] %s" % (severity, now.strftime("%Y%m%d"), now.strftime("%H:%M:%S.%f"),
+                                       os.getpid(), where, text)
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+class EventLog:
+    """The JSON-lines event log, flushed line by line (a crash loses nothing before it)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lost = 0       # records that could not be written
+        try:
+            self.file = open(path, "w")
+        except OSError as exc:
+            self.file = None
+            self._failed(exc)
+
+    def write(self, record):
+        """Append one record; a failure to write (a full disk) is said once, on stderr, and
+        training goes on: the event log never kills a run."""
+        if self.file is None:
+            self.lost += 1
+            return
+        try:
+            self.file.write(json.dumps(jsonable(record), sort_keys=True) + "\n")
+            self.file.flush()
+        except (OSError, ValueError) as exc:
+            self.lost += 1
+            if self.lost == 1:
+                self._failed(exc)
+
+    def _failed(self, exc):
+        sys.stderr.write("safe-layers train: cannot write the event log %s (%s): training goes on; "
+                         "the log lines on stderr are the record\n"
+                         % (self.path, getattr(exc, "strerror", None) or exc))
+
+    def watch_listener(self, item):
+        record = item.as_dict()
+        record["event"] = "fault" if hasattr(item, "action") else "watch"
+        self.write(record)
+
+
+class Signals:
+    """SIGINT / SIGHUP with `caffe train`'s -sigint_effect / -sighup_effect: 'stop'
+    (after the current iteration, then the final snapshot), 'snapshot' or 'none'."""
+
+    def __init__(self, sigint, sighup):
+        self.effects = {signal.SIGINT: sigint, signal.SIGHUP: sighup}
+        self.pending = []
+        for number, effect in self.effects.items():
+            signal.signal(number, signal.SIG_IGN if effect == "none" else self._handle)
+
+    def _handle(self, number, frame):
+        self.pending.append(self.effects[number])
+
+    def take(self):
+        actions, self.pending = self.pending, []
+        return actions
+
+
+class SmoothedLoss:
+    """``Solver::UpdateSmoothedLoss``, in float32 like Caffe's Dtype."""
+
+    def __init__(self, average_loss, start_iter):
+        self.average_loss = average_loss
+        self.start_iter = start_iter
+        self.losses = []
+        self.value = numpy.float32(0)
+
+    def update(self, loss, iteration):
+        loss = numpy.float32(loss)
+        if len(self.losses) < self.average_loss:
+            self.losses.append(loss)
+            size = numpy.float32(len(self.losses))
+            self.value = numpy.float32((self.value * (size - 1) + loss) / size)
+        else:
+            idx = (iteration - self.start_iter) % self.average_loss
+            self.value = numpy.float32(self.value + (loss - self.losses[idx]) /
+                                       numpy.float32(self.average_loss))
+            self.losses[idx] = loss
+        return float(self.value)
+
+
+def _output_lines(net, label):
+    """'    Train net output #k: name = v (* w = w·v loss)' for every output element."""
+    weights = dict(zip(net._blob_names, net._blob_loss_weights))
+    lines, values, k = [], {}, 0
+    for name in net.outputs:
+        data = net.blobs[name].data.reshape(-1)
+        weight = numpy.float32(weights.get(name, 0))
+        for v in data:
+            v = numpy.float32(v)
+            tail = (" (* %s = %s loss)" % (caffe_number(weight), caffe_number(weight * v))
+                    if weight else "")
+            lines.append("    %s net output #%d: %s = %s%s" % (label, k, name, caffe_number(v), tail))
+            values.setdefault(name, []).append(float(v))
+            k += 1
+    return lines, values
+
+
+class Trainer:
+    def __init__(self, config):
+        self.config = config
+        self.events = EventLog(config["events"])
+        self.bar = None
+        self.log = CaffeLog(sys.stderr)
+        self.stop_requested = False
+
+    def run(self):
+        import caffe
+        from safe_layers.core import backend
+        from safe_layers.anomaly.solver_watch import NonFiniteError, Watch, read_solver_param
+        cfg = self.config
+        real = cfg["real"]  # display, test_interval, snapshot of the user's solver
+        self.signals = Signals(cfg["sigint_effect"], cfg["sighup_effect"])
+        self.events.write({"event": "building", "solver": cfg["solver_file"]})
+        try:
+            if cfg.get("gpu") is not None:
+                self.log("caffe.cpp:204", "Using GPUs %d" % cfg["gpu"])
+                backend.set_mode_gpu(cfg["gpu"])
+            else:
+                self.log("caffe.cpp:197", "Use CPU.")
+                caffe.set_mode_cpu()
+            solver = caffe.get_solver(cfg["solver"])
+            param = read_solver_param(cfg["solver"])
+            # Caffe printed the solver it was given; these fields of it are this tool's,
+            # which displays, tests and snapshots itself (no snapshot before the watch has
+            # checked the weights; a skipped iteration not tested twice).
+            self.log("safe_layers", "display, test_interval, test_initialization and snapshot above "
+                     "are safe-layers train's; %s's own: %s" % (cfg["solver_file"], ", ".join(
+                         "%s: %s" % (k, str(real[k]).lower() if isinstance(real[k], bool) else real[k])
+                         for k in ("display", "test_interval", "test_initialization", "snapshot"))))
+            if cfg.get("snapshot"):
+                self.log("caffe.cpp:235", "Resuming from %s" % cfg["snapshot"])
+                solver.restore(cfg["snapshot"])
+            self.watch = Watch(solver=solver, solver_param=param,
+                               listener=self.events.watch_listener, **cfg["watch"])
+        except Exception as exc:  # noqa: BLE001 - a net or solver Caffe (or a layer) refused
+            sys.stderr.write("safe-layers train: error: cannot build the solver %s: %s: %s\n"
+                             % (cfg["solver_file"], type(exc).__name__, exc))
+            return EXIT_INPUT
+        self.solver, self.param = solver, param
+        max_iter = param.max_iter
+        start = int(solver.iter)
+        self.events.write({"event": "start", "iteration": start, "max_iter": max_iter,
+                           "net": cfg.get("net_name"), "lr_policy": param.lr_policy,
+                           "watch": self.watch.options.as_dict()})
+        if cfg.get("progress"):
+            from tqdm import tqdm
+            self.bar = tqdm(total=max_iter, initial=start, file=sys.stderr, unit="iter",
+                            dynamic_ncols=True, leave=False)
+            self.log.bar = self.bar
+        self.log("caffe.cpp:239", "Starting Optimization")
+        self.log("solver.cpp:289", "Solving %s" % cfg.get("net_name", ""))
+        self.log("solver.cpp:290", "Learning Rate Policy: %s" % param.lr_policy)
+        try:
+            self._solve(real, start, max_iter)
+        except NonFiniteError as exc:
+            self.events.write({"event": "stopped", "iteration": int(solver.iter),
+                               "report": exc.report.as_dict(), "line": exc.report.line()})
+            self._close()
+            return EXIT_FAULT
+        except Exception as exc:  # noqa: BLE001 - e.g. a NaNGuard with action abort
+            line = "%s: %s" % (type(exc).__name__, exc)
+            self.events.write({"event": "stopped", "iteration": int(solver.iter), "line": line})
+            self._close()
+            import traceback
+            traceback.print_exc()
+            return EXIT_FAULT
+        self._close()
+        self.log("caffe.cpp:250", "Optimization Done.")
+        return EXIT_DONE
+
+    def _close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.log.bar = None
+        summary = self.watch.summary()
+        self.events.write({"event": "summary", "line": summary, "skipped": self.watch.skipped,
+                           "rolled_back": self.watch.rolled_back, "rollbacks": self.watch.rollbacks,
+                           "counts": dict(self.watch.counts)})
+        self.watch.close()
+
+    def _solve(self, real, start, max_iter):
+        solver, param, watch = self.solver, self.param, self.watch
+        display, test_interval, snapshot = real["display"], real["test_interval"], real["snapshot"]
+        smoothed = SmoothedLoss(max(1, param.average_loss), start)
+        timer, iterations_last = time.time(), start
+        tested_at = None
+        while solver.iter < max_iter and not self.stop_requested:
+            it = int(solver.iter)
+            if (test_interval and it % test_interval == 0 and (it > 0 or real["test_initialization"])
+                    and tested_at != it):
+                tested_at = it
+                self._test_all(it)
+                if self.stop_requested:
+                    break
+            rollbacks = watch.rollbacks
+            watch.step(1, until_rollback=True)
+            if watch.rollbacks != rollbacks:
+                # Back at a checkpoint: the smoothing starts over, as a new Step() would.
+                smoothed = SmoothedLoss(max(1, param.average_loss), int(solver.iter))
+                tested_at = None
+                self._signals()
+                continue
+            done = int(solver.iter) - 1
+            value = smoothed.update(watch.loss, done)
+            self.events.write({"event": "iteration", "iteration": done, "loss": watch.loss,
+                               "smoothed_loss": value, "lr": watch.lr,
+                               "grad_norm": watch.grad_norm})
+            if display and done % display == 0:
+                lapse = time.time() - timer
+                per_s = (done - iterations_last) / (lapse or 1)
+                self.log("solver.cpp:239", "Iteration %d (%s iter/s, %ss/%d iters), loss = %s"
+                         % (done, caffe_number(per_s), caffe_number(lapse), display,
+                            caffe_number(value)))
+                timer, iterations_last = time.time(), done
+                lines, _ = _output_lines(solver.net, "Train")
+                for line in lines:
+                    self.log("solver.cpp:258", line)
+                self.log("sgd_solver.cpp:112", "Iteration %d, lr = %s" % (done, caffe_number(
+                    numpy.float32(watch.lr))))
+            if self.bar is not None:
+                self.bar.n = int(solver.iter)
+                self.bar.set_postfix(loss="%.4g" % value, skipped=len(watch.skipped),
+                                     refresh=False)
+                self.bar.refresh()
+            if snapshot and solver.iter % snapshot == 0:
+                self._snapshot()
+            self._signals()
+        if param.snapshot_after_train and (not snapshot or solver.iter % snapshot != 0):
+            self._snapshot()
+        if self.stop_requested:
+            self.log("solver.cpp:311", "Optimization stopped early.")
+            return
+        if display and solver.iter % display == 0:
+            solver.net.forward()
+            value = smoothed.update(watch.probes[0].loss, int(solver.iter))
+            self.log("solver.cpp:327", "Iteration %d, loss = %s" % (solver.iter, caffe_number(value)))
+        if test_interval and solver.iter % test_interval == 0:
+            self._test_all(int(solver.iter))
+        self.log("solver.cpp:332", "Optimization Done.")
+        self.events.write({"event": "done", "iteration": int(solver.iter)})
+
+    def _signals(self):
+        for action in self.signals.take():
+            if action == "snapshot":
+                self._snapshot()
+            elif action == "stop":
+                self.stop_requested = True
+
+    def _snapshot(self):
+        self.solver.snapshot()
+        self.events.write({"event": "snapshot", "iteration": int(self.solver.iter)})
+
+    def _test_all(self, iteration):
+        for i, net in enumerate(self.solver.test_nets):
+            if self.stop_requested:
+                return
+            self._test(iteration, i, net)
+
+    def _test(self, iteration, index, net):
+        """``Solver::Test``: test_iter forwards, each output element averaged in float32."""
+        self.log("solver.cpp:347", "Iteration %d, Testing net (#%d)" % (iteration, index))
+        self.solver.share_weights(net)
+        test_iter = self.param.test_iter[index]
+        weights = dict(zip(net._blob_names, net._blob_loss_weights))
+        scores, loss = None, numpy.float32(0)
+        for _ in range(test_iter):
+            self._signals()
+            if self.stop_requested:
+                self.log("solver.cpp:396", "Test interrupted.")
+                return
+            net.forward()
+            values = [numpy.float32(v) for name in net.outputs for v in net.blobs[name].data.reshape(-1)]
+            if self.param.test_compute_loss:
+                for name in net.outputs:
+                    w = numpy.float32(weights.get(name, 0))
+                    if w:
+                        loss = numpy.float32(loss + numpy.float32(
+                            float(net.blobs[name].data.sum()) * w))
+            scores = values if scores is None else [numpy.float32(a + b) for a, b in zip(scores, values)]
+        if self.param.test_compute_loss:
+            self.log("solver.cpp:401", "Test loss: %s" % caffe_number(loss / numpy.float32(test_iter)))
+        k, outputs = 0, {}
+        for name in net.outputs:
+            weight = numpy.float32(weights.get(name, 0))
+            for _ in range(net.blobs[name].count):
+                mean = numpy.float32(scores[k] / numpy.float32(test_iter))
+                tail = (" (* %s = %s loss)" % (caffe_number(weight), caffe_number(weight * mean))
+                        if weight else "")
+                self.log("solver.cpp:414", "    Test net output #%d: %s = %s%s"
+                         % (k, name, caffe_number(mean), tail))
+                outputs.setdefault(name, []).append(float(mean))
+                k += 1
+        self.events.write({"event": "test", "iteration": iteration, "net": index, "outputs": outputs})
+
+
+def _die_with_parent():
+    """Ask Linux to send SIGTERM when the CLI process dies, so no training is orphaned."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the child simply outlives a killed parent
+        pass
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    _die_with_parent()
+    with open(argv[0]) as f:
+        config = json.load(f)
+    return Trainer(config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

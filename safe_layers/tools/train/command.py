@@ -1,0 +1,440 @@
+"""Train like `caffe train`, under a watch (safe_layers.watch): the same flags and log
+lines, plus skip, rollback and a report naming the layer, the iteration and the cause.
+
+    safe-layers train -solver lenet_solver.prototxt
+    safe-layers train -solver solver.prototxt -snapshot snap_iter_500.solverstate \\
+        --on-nonfinite skip --rollback-after 3 --lr-factor 0.1
+    safe-layers train -solver solver.prototxt -weights a.caffemodel,b.caffemodel -gpu 0
+
+Caffe's flags are spelled as `caffe train` spells them (-solver X, --solver=X ...). The
+training runs in a child process (pycaffe, one `solver.step(1)` at a time): a Caffe
+`LOG(FATAL)` or `CHECK` there (a bad net, an unreadable database, a GPU out of memory)
+ends that process, and this one reports it. At the end: a JSON-lines event log and a PNG
+of the loss and the rate with the skipped and rolled-back iterations marked.
+
+Exit status: 0 done (also when stopped by -sigint_effect/-sighup_effect stop, as caffe);
+1 stopped by a fault (the report is printed last); 2 bad input (unreadable solver, bad
+flags, a net Caffe refuses to build).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+from safe_layers.core.errors import InputError
+from safe_layers.tools.findings import EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, check_output_path, save_png
+
+HELP = "train like `caffe train`, under a watch: skip, rollback, reports naming layer and iteration"
+
+EFFECTS = ("stop", "snapshot", "none")
+
+
+def add_arguments(parser):
+    caffe = parser.add_argument_group("caffe train's flags")
+    caffe.add_argument("-solver", "--solver", required=True, metavar="PROTOTXT",
+                       help="the solver definition protocol buffer text file")
+    caffe.add_argument("-weights", "--weights", default="", metavar="MODELS",
+                       help="pretrained weights to initialize finetuning, separated by ','; "
+                            "not with -snapshot")
+    caffe.add_argument("-snapshot", "--snapshot", default="", metavar="SOLVERSTATE",
+                       help="the snapshot solver state to resume training from")
+    caffe.add_argument("-gpu", "--gpu", default="", metavar="ID",
+                       help="run in GPU mode on this device (one device: multi-GPU needs NCCL "
+                            "and Caffe's python/train.py)")
+    caffe.add_argument("-level", "--level", type=int, default=0, help="network level")
+    caffe.add_argument("-stage", "--stage", default="", help="network stages, separated by ','")
+    caffe.add_argument("-sigint_effect", "--sigint_effect", default="stop", choices=EFFECTS,
+                       help="what SIGINT does (default stop: after this iteration, then the final "
+                            "snapshot)")
+    caffe.add_argument("-sighup_effect", "--sighup_effect", default="snapshot", choices=EFFECTS,
+                       help="what SIGHUP does (default snapshot)")
+    watch = parser.add_argument_group("the watch (see safe_layers.watch)")
+    watch.add_argument("--on-nonfinite", choices=("stop", "skip", "warn"), default="stop",
+                       help="a non-finite loss or param diff: stop (exit 1, weights as before the "
+                            "iteration), skip the iteration, or warn (default stop)")
+    watch.add_argument("--rollback-after", type=int, metavar="K",
+                       help="restore the last checkpoint after K bad iterations in a row")
+    watch.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                       help="rollback checkpoints every N iterations (default 100)")
+    watch.add_argument("--keep-checkpoints", type=int, default=3, metavar="N",
+                       help="checkpoints kept (default 3); a rollback whose checkpoint fails again "
+                            "before a newer one is taken goes one further back")
+    watch.add_argument("--checkpoint-loss-ratio", type=float, default=1.5, metavar="R",
+                       help="no checkpoint while the recent training loss is above R times the "
+                            "loss training started with (default 1.5)")
+    watch.add_argument("--lr-factor", type=float, metavar="F",
+                       help="multiply base_lr by F at each rollback")
+    watch.add_argument("--max-rollbacks", type=int, default=5, metavar="M")
+    watch.add_argument("--max-skips", type=int, default=100, metavar="M",
+                       help="stop after M bad iterations in a row (default 100)")
+    watch.add_argument("--warn-growth", type=float, metavar="F",
+                       help="early warning when the gradient or weight norm grows F-fold")
+    watch.add_argument("--clip-gradients", type=float, metavar="C",
+                       help="NaN-aware clip of the global L2 norm of the param diffs")
+    watch.add_argument("--record-dir", metavar="DIR",
+                       help="on the first fault, save the batch, weights and report here")
+    watch.add_argument("--no-layer-checks", action="store_true",
+                       help="check the loss, diffs, weights and rate only (no per-layer producer)")
+    tool = parser.add_argument_group("this tool")
+    tool.add_argument("--no-lint", action="store_true",
+                      help="train even when `safe-layers lint` finds errors in the solver or net")
+    tool.add_argument("--events", metavar="JSONL",
+                      help="the event log (default: <snapshot_prefix>_events.jsonl)")
+    tool.add_argument("--plot", metavar="PNG",
+                      help="loss and lr over iterations (default: <snapshot_prefix>_train.png)")
+    tool.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
+                      help="a progress bar (auto: only when stderr is a terminal)")
+
+
+def _watch_options(args):
+    return {"on_nonfinite": args.on_nonfinite, "rollback_after": args.rollback_after,
+            "checkpoint_every": args.checkpoint_every, "lr_factor": args.lr_factor,
+            "keep_checkpoints": args.keep_checkpoints,
+            "checkpoint_loss_ratio": args.checkpoint_loss_ratio,
+            "max_rollbacks": args.max_rollbacks, "max_skips": args.max_skips,
+            "warn_growth": args.warn_growth, "clip_gradients": args.clip_gradients,
+            "record_dir": args.record_dir, "check_layers": not args.no_layer_checks}
+
+
+def _net_name(param, solver_path):
+    from safe_layers.readers.prototxt import solver_nets
+    from safe_layers.readers.prototxt import read_solver
+    for field, net in solver_nets(read_solver(solver_path)):
+        if field in ("net", "train_net", "net_param", "train_net_param"):
+            return net.message.name
+    return ""
+
+
+def prepare(args, workdir):
+    """Check the command line and the solver as `caffe train` would (InputError where it
+    would abort), and write the solver the training process builds. Returns the config."""
+    from safe_layers.core import lr_policy
+    from safe_layers.anomaly.solver_watch import WatchOptions, read_solver_param
+    from google.protobuf import text_format
+    if args.snapshot and args.weights:
+        raise InputError("give a snapshot to resume training or weights to finetune but not both "
+                         "(-snapshot %s, -weights %s)" % (args.snapshot, args.weights))
+    try:
+        WatchOptions(**_watch_options(args))
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    param = read_solver_param(args.solver)
+    problem = lr_policy.fatal_problem(param)
+    if problem:
+        raise InputError("%s: %s" % (args.solver, problem))
+    if param.average_loss < 1:
+        raise InputError("%s: average_loss must be >= 1 (it is %d); Caffe aborts"
+                         % (args.solver, param.average_loss))
+    if param.max_iter <= 0:
+        raise InputError("%s: max_iter is %d: there is nothing to train (caffe train runs zero "
+                         "iterations)" % (args.solver, param.max_iter))
+    for path in [args.snapshot] + [w.strip() for w in args.weights.split(",") if w.strip()]:
+        if path and not os.path.isfile(path):
+            raise InputError("%s: no such file" % path)
+    gpu = None
+    if args.gpu:
+        if "," in args.gpu or args.gpu == "all":
+            raise InputError("-gpu %s: one device only; multi-GPU training of Python layers needs "
+                             "NCCL and Caffe's python/train.py" % args.gpu)
+        try:
+            gpu = int(args.gpu)
+        except ValueError:
+            raise InputError("-gpu %r: a device number" % args.gpu) from None
+    elif param.HasField("solver_mode") and param.solver_mode == param.GPU:
+        gpu = param.device_id
+    if args.snapshot:
+        from safe_layers.core import caffe_process
+        try:
+            caffe_process.solverstate_iteration(args.snapshot)
+        except (OSError, ValueError) as exc:
+            raise InputError("-snapshot %s: %s" % (args.snapshot, exc)) from None
+    real = {"display": param.display, "test_interval": param.test_interval,
+            "snapshot": param.snapshot, "test_initialization": param.test_initialization}
+    # What caffe.cpp does to the solver before it builds it, and what this tool does
+    # itself instead of Solver::Step (display, test, snapshot).
+    param.train_state.level = args.level
+    for stage in [s for s in args.stage.split(",") if s]:
+        param.train_state.stage.append(stage)
+    if args.weights:
+        del param.weights[:]
+        param.weights.append(args.weights)
+    elif args.snapshot:
+        del param.weights[:]
+    param.display = 0
+    # Caffe CHECKs test_interval > 0 when there are test nets: one it never reaches
+    # (iter % it == 0 only at 0, where test_initialization false keeps Step from testing).
+    param.test_interval = 2 ** 31 - 1
+    param.test_initialization = False
+    param.snapshot = 0
+    solver_path = os.path.join(workdir, "solver.prototxt")
+    with open(solver_path, "w") as f:
+        f.write(text_format.MessageToString(param))
+    prefix = param.snapshot_prefix
+    events = args.events or prefix + "_events.jsonl"
+    plot = args.plot or prefix + "_train.png"
+    inputs = {os.path.abspath(p) for p in [args.solver, args.snapshot] +
+              args.weights.split(",") if p}
+    for out, what in ((events, "the event log"), (plot, "the plot")):
+        if os.path.abspath(out) in inputs:
+            raise InputError("%s is an input of this run; refusing to write over it" % out)
+        check_output_path(out, what)
+    if real["snapshot"] or param.snapshot_after_train or args.rollback_after:
+        # Caffe checks this only when `snapshot` is set, and then aborts; the final
+        # snapshot and the watch's checkpoints would fail at the end or at the first fault.
+        check_output_path(prefix + "_iter_0.solverstate",
+                          "snapshots (snapshot_prefix %r of %s)" % (prefix, args.solver))
+    _check_sources(args.solver, param)
+    progress = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
+    return {"solver": solver_path, "solver_file": args.solver, "snapshot": args.snapshot or None,
+            "gpu": gpu, "sigint_effect": args.sigint_effect, "sighup_effect": args.sighup_effect,
+            "watch": _watch_options(args), "events": events, "plot": plot, "real": real,
+            "progress": progress, "net_name": _net_name(param, args.solver)}
+
+
+def _check_sources(solver_path, param):
+    """A data layer whose source does not exist makes Caffe abort while it builds the net,
+    with `mdb_status == 0 (2 vs. 0) No such file or directory` and no path: name the layer
+    and the path here instead (InputError, exit 2). Only layers Caffe will build count:
+    those of the states this run uses (``param``: the solver as prepared, with -level and
+    -stage; a test net only where there is a test_iter for it)."""
+    from safe_layers.readers import prototxt
+    from safe_layers.readers.net_state import layers_in_state
+    from safe_layers.tools.scan.command import targets_from_prototxt
+    try:
+        _, notes = targets_from_prototxt(solver_path)
+    except InputError:
+        return  # no Data / HDF5Data layer with a source: nothing to check
+    missing = [f for f in notes if f.severity == "error"]
+    if not missing:
+        return
+    pb2 = prototxt.caffe_pb2()
+    train = (pb2.TRAIN, param.train_state.level, tuple(param.train_state.stage))
+    tests = []
+    for k in range(len(param.test_iter)):
+        state = param.test_state[k] if k < len(param.test_state) else pb2.NetState()
+        tests.append((pb2.TEST, state.level, tuple(state.stage)))
+    built = set()
+    nets = prototxt.solver_nets(prototxt.read_prototxt(solver_path))
+    test_nets = [n for field, n in nets if field.startswith("test_net")]
+    for field, net in nets:
+        if field.startswith("test_net"):
+            k = test_nets.index(net)
+            states = tests[k:k + 1]
+        elif test_nets:
+            states = [train]  # the test nets are named on their own
+        else:
+            states = [train] + tests  # `net`: the training net and every test net
+        for phase, level, stages in states:
+            built.update((net.path, layer.name)
+                         for layer, _ in layers_in_state(net.layers(), phase, level, stages))
+    missing = [f for f in missing if (f.path, f.layer) in built]
+    if missing:
+        raise InputError("\n".join(f.text() for f in missing))
+
+
+def _lint(args):
+    """`safe-layers lint` on the solver (and the nets it names), where that subcommand
+    exists: its findings are printed, and its errors stop the run (exit 2) unless
+    --no-lint. Returns an exit status, or None to go on."""
+    try:
+        from safe_layers.tools.lint import command as lint
+    except ImportError:
+        return None
+    linter_class = getattr(lint, "Linter", None)
+    if linter_class is None:
+        return None
+    linter = linter_class()
+    linter.lint_file(args.solver)
+    found = linter.findings()
+    for finding in found:
+        sys.stderr.write(finding.text() + "\n")
+    errors = [f for f in found if f.severity == "error"]
+    if errors and not args.no_lint:
+        sys.stderr.write("safe-layers train: lint found %d error%s in %s; fix them or pass --no-lint\n"
+                         % (len(errors), "" if len(errors) == 1 else "s", args.solver))
+        return EXIT_INPUT
+    return None
+
+
+def run(args):
+    with tempfile.TemporaryDirectory(prefix="safe-layers-train-") as workdir:
+        config = prepare(args, workdir)
+        status = _lint(args)
+        if status is not None:
+            return status
+        config_path = os.path.join(workdir, "config.json")
+        with open(config_path, "w") as f:
+            json.dump(config, f)
+        returncode, tail = _supervise([sys.executable, "-m", "safe_layers.tools.train.child",
+                                       config_path])
+    return _finish(config, returncode, tail)
+
+
+def _supervise(command):
+    """Run the training process; pass its stderr through (and keep its last lines);
+    forward SIGINT/SIGHUP/SIGTERM to it exactly once. Returns (returncode, tail)."""
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, process_group=0)
+    forwarded = {}
+
+    def forward(number, frame):
+        try:
+            child.send_signal(number)
+        except ProcessLookupError:
+            pass
+
+    for number in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        forwarded[number] = signal.signal(number, forward)
+    tail, partial = [], b""
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    try:
+        while True:
+            chunk = child.stderr.read1(65536) if hasattr(child.stderr, "read1") else child.stderr.read(65536)
+            if not chunk:
+                break
+            if out is not None:
+                out.write(chunk)
+                out.flush()
+            else:
+                sys.stderr.write(chunk.decode("utf-8", "replace"))
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            tail = (tail + [l.decode("utf-8", "replace") for l in lines])[-200:]
+        if partial:
+            tail.append(partial.decode("utf-8", "replace"))
+        child.wait()
+    finally:
+        for number, handler in forwarded.items():
+            signal.signal(number, handler)
+    return child.returncode, tail
+
+
+def _read_events(path):
+    events = []
+    if not os.path.isfile(path):
+        return events  # never written, or a device (/dev/null; /dev/full reads endless zeros)
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        events.append(json.loads(line))
+                    except ValueError:
+                        break  # a process killed mid-line: keep what was whole
+    except OSError:
+        pass
+    return events
+
+
+def _finish(config, returncode, tail):
+    events = _read_events(config["events"])
+    kinds = [e.get("event") for e in events]
+    started = "start" in kinds
+    stopped = next((e for e in reversed(events) if e.get("event") == "stopped"), None)
+    summary = next((e for e in reversed(events) if e.get("event") == "summary"), None)
+    plot = None
+    if started:
+        try:
+            plot = write_plot(events, config["plot"])
+        except Exception as exc:  # noqa: BLE001 - a plot never hides the outcome
+            sys.stderr.write("safe-layers train: could not write the plot %s: %s\n"
+                             % (config["plot"], exc))
+    out = sys.stderr
+    if summary:
+        out.write("safe-layers train: %s\n" % summary["line"])
+    written = ["events %s" % config["events"]] if events else []
+    if plot:
+        written.append("plot %s" % plot)
+    if written:
+        out.write("safe-layers train: %s\n" % "; ".join(written))
+    if returncode == 0:
+        return EXIT_CLEAN
+    if returncode < 0:
+        fatal = [l for l in tail if l[:1] == "F" and "] " in l]
+        why = fatal[-1].split("] ", 1)[1] if fatal else "killed by signal %d" % -returncode
+        last = next((e["iteration"] for e in reversed(events) if "iteration" in e), None)
+        if not started:
+            out.write("safe-layers train: Caffe aborted while building the solver and its nets "
+                      "(%s): %s\n" % (config["solver_file"], why))
+            return EXIT_INPUT
+        out.write("safe-layers train: the training process died at iteration %s: %s\n" % (last, why))
+        return EXIT_FOUND
+    if returncode == EXIT_INPUT:
+        return EXIT_INPUT
+    if stopped:
+        from safe_layers import reporting
+        out.write("safe-layers train: stopped at iteration %d by a fault:\n%s%s\n"
+                  % (stopped["iteration"], reporting.glog_prefix("E"), stopped["line"]))
+    return EXIT_FOUND
+
+
+def write_plot(events, path):
+    """Loss (raw and smoothed) and lr over iterations, skipped iterations marked with
+    red crosses, rollbacks with vertical lines; matplotlib, headless (Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    its = [e for e in events if e.get("event") == "iteration"]
+    skips = [e for e in events if e.get("kind") == "skip" and e.get("event") == "watch"]
+    rollbacks = [e for e in events if e.get("kind") == "rollback" and e.get("event") == "watch"]
+    figure, loss_axis = pyplot.subplots(figsize=(9, 4.5), dpi=100)
+    x = [e["iteration"] for e in its]
+    loss = [_float(e.get("loss")) for e in its]
+    # A rollback sends the iterations back: each run of increasing iterations is drawn on
+    # its own, the ones a rollback abandoned faded.
+    runs, start = [], 0
+    for i in range(1, len(its) + 1):
+        if i == len(its) or x[i] <= x[i - 1]:
+            runs.append((start, i))
+            start = i
+    for n, (a, b) in enumerate(runs):
+        last = n == len(runs) - 1
+        alpha = 1.0 if last else 0.35
+        loss_axis.plot(x[a:b], loss[a:b], color="#9ab", linewidth=0.8, alpha=alpha,
+                       label="loss" if last else None)
+        loss_axis.plot(x[a:b], [_float(e.get("smoothed_loss")) for e in its[a:b]], color="#136",
+                       linewidth=1.4, alpha=alpha,
+                       label="smoothed loss (average_loss)" if last else
+                       ("abandoned by a rollback" if n == 0 else None))
+    finite = [v for v in loss if v == v and abs(v) != float("inf")]
+    floor = min(finite) if finite else 0.0
+    if skips:
+        loss_axis.scatter([e["iteration"] for e in skips], [floor] * len(skips), marker="x",
+                          color="red", zorder=3, label="skipped (%d)" % len(skips))
+    for n, e in enumerate(rollbacks):
+        loss_axis.axvline(e["iteration"], color="orange", linestyle="--", linewidth=1,
+                          label="rolled back to" if n == 0 else None)
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 100:
+        loss_axis.set_yscale("log")  # a diverging loss would flatten everything else
+    loss_axis.set_xlabel("iteration")
+    loss_axis.set_ylabel("loss")
+    lr_axis = loss_axis.twinx()
+    rates_all = [_float(e.get("lr")) for e in its]
+    for n, (a, b) in enumerate(runs):
+        last = n == len(runs) - 1
+        lr_axis.plot(x[a:b], rates_all[a:b], color="green", linewidth=1,
+                     alpha=1.0 if last else 0.35, label="lr" if last else None)
+    rates = [r for r in rates_all if r == r and r > 0]
+    if rates and max(rates) / min(rates) >= 100:
+        lr_axis.set_yscale("log")
+    lr_axis.set_ylabel("lr", color="green")
+    handles = loss_axis.get_legend_handles_labels()
+    more = lr_axis.get_legend_handles_labels()
+    loss_axis.legend(handles[0] + more[0], handles[1] + more[1], loc="upper right", fontsize=8)
+    loss_axis.set_title("safe-layers train")
+    figure.tight_layout()
+    try:
+        save_png(figure, path)
+    finally:
+        pyplot.close(figure)
+    return path
+
+
+def _float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
