@@ -14,12 +14,27 @@ means; it only mirrors the structure the protobuf parse has already accepted.
         print(net.where(stride or node), layer.name)    # "train_val.prototxt:12:5"
 """
 
+import bisect
 import os
 import re
+import stat
 
 from safe_layers.core.errors import InputError
 
 _caffe_pb2 = None
+
+# Blocks nested deeper than this are refused before protobuf sees them (a real net nests
+# 4 deep; protobuf's C++ text parser stops at 100, its Python one at the interpreter's
+# recursion limit, with a traceback).
+MAX_DEPTH = 100
+
+# A prototxt that is not a regular file (a device, a FIFO, /dev/zero) is read up to this
+# many bytes; a regular file is read whole (a 32k-layer net is 5 MB).
+MAX_STREAM_BYTES = 256 << 20
+
+# Bytes looked at for a NUL before a file is read as text: a .caffemodel or a
+# .binaryproto given as a prototxt is refused without reading a gigabyte of it.
+SNIFF_BYTES = 1024
 
 
 def caffe_pb2():
@@ -96,14 +111,28 @@ class Node:
         return "Node(%s @%d:%d)" % (self.name, self.line, self.col)
 
 
+class LineIndex:
+    """1-based (line, column) of any offset in one text, each in O(log lines): the line
+    starts are found once (counting newlines from the start for every field made reading
+    a 32k-layer net quadratic)."""
+
+    def __init__(self, text):
+        self.starts = [0] + [m.end() for m in re.finditer("\n", text)]
+
+    def line_col(self, offset):
+        line = bisect.bisect_right(self.starts, offset)
+        return line, offset - self.starts[line - 1] + 1
+
+
 class _Lexer:
     def __init__(self, text, path):
         self.tokens = []  # (kind, text, start, end)
+        self.lines = LineIndex(text)
         pos = 0
         while pos < len(text):
             match = _TOKEN.match(text, pos)
             if match is None:
-                line, col = line_col(text, pos)
+                line, col = self.lines.line_col(pos)
                 raise InputError("%s:%d:%d: unexpected character %r" % (path, line, col, text[pos]))
             kind = match.lastgroup
             if kind not in ("space", "comment"):
@@ -147,7 +176,7 @@ def index_text(text, path="<text>"):
 
 
 def _fail(text, path, offset, message):
-    line, col = line_col(text, offset if offset is not None else len(text))
+    line, col = line_col(text, offset if offset is not None else len(text))  # once: it raises
     raise InputError("%s:%d:%d: %s" % (path, line, col, message))
 
 
@@ -174,8 +203,12 @@ def _read_fields(lexer, parent, closer, text, path):
             name = token
         else:
             _fail(text, path, start, "expected a field name, found %r" % token)
-        line, col = line_col(text, start)
+        line, col = lexer.lines.line_col(start)
         node = Node(name, start, line, col, parent.depth + 1)
+        if node.depth >= MAX_DEPTH:
+            raise InputError("%s:%d:%d: '%s' is nested deeper than %d blocks (no Caffe message "
+                             "is; protobuf would give up with a recursion error)"
+                             % (path, line, col, name, MAX_DEPTH))
         parent.children.append(node)
         if lexer.peek()[1] == ":":
             lexer.take()
@@ -203,7 +236,8 @@ def _read_value(lexer, node, text, path):
             if lexer.peek()[1] == ",":
                 lexer.take()
                 continue
-            item = Node(node.name, lexer.peek()[2], *line_col(text, lexer.peek()[2]), node.depth)
+            item = Node(node.name, lexer.peek()[2], *lexer.lines.line_col(lexer.peek()[2]),
+                        node.depth)
             _read_value(lexer, item, text, path)
             values.append(item)
         _, _, _, close_end = lexer.take()
@@ -271,21 +305,45 @@ def layer_nodes(net_message, net_node):
 
 def read_text(path):
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        raw = _read_bounded(path)
     except FileNotFoundError:
         raise InputError("%s: no such file" % path) from None
     except IsADirectoryError:
         raise InputError("%s: is a directory, not a prototxt" % path) from None
     except OSError as exc:
         raise InputError("%s: cannot read: %s" % (path, exc.strerror or exc)) from None
+    # A NUL is never in a text prototxt (and a file read only as far as its first
+    # kilobyte ends at one); a byte that is not UTF-8 before it is named first.
+    nul = raw.find(b"\0")
     try:
-        return raw.decode("utf-8")
+        text = raw[:nul].decode("utf-8") if nul >= 0 else raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line, col = line_col(raw.decode("utf-8", "replace"), exc.start)
         raise InputError("%s:%d:%d: not a text prototxt (byte 0x%02x is not UTF-8; a binary "
                          "file such as a .caffemodel or .binaryproto?)"
                          % (path, line, col, raw[exc.start])) from None
+    if nul >= 0:
+        line, col = line_col(text, nul)
+        raise InputError("%s:%d:%d: not a text prototxt (byte 0x00 is a NUL; a binary file "
+                         "such as a .caffemodel or .binaryproto?)" % (path, line, col))
+    return text
+
+
+def _read_bounded(path):
+    """The bytes of ``path``: a regular file whole; anything else (a device, a FIFO) up to
+    :data:`MAX_STREAM_BYTES`, and refused past that. Either way a file whose first
+    :data:`SNIFF_BYTES` hold a NUL is returned after those bytes alone."""
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+        if b"\0" in head:
+            return head
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            return head + f.read()
+        rest = f.read(MAX_STREAM_BYTES + 1 - len(head))
+        if len(head) + len(rest) > MAX_STREAM_BYTES:
+            raise InputError("%s: not a regular file, and more than %d MB came out of it "
+                             "without an end" % (path, MAX_STREAM_BYTES >> 20))
+        return head + rest
 
 
 def parse_text(text, message_type, path):
