@@ -3,6 +3,7 @@
 import pytest
 
 from safe_layers.core.params import Field, ParamError, Schema
+from safe_layers.core.schemas import SCHEMAS
 
 GUARDED = """
 name: "p"
@@ -120,3 +121,39 @@ def test_infinite_guard_params_fail_at_net_construction(make_net, param_str):
     with pytest.raises(ParamError, match=r"^NaNGuard param_str: key '(max_abs|nan_value|dump_max_mb|bound)' "
                                          r"has value (inf|'1e39'); allowed: a number"):
         make_net(GUARDED.format(param_str=param_str))
+
+
+# --- param_str nobody should write: bounded in time, memory and message length ---------
+
+ALIAS_BOMB = "\n".join(["a0: &a0 [x, x, x, x, x, x, x, x, x]"] +
+                       ["a%d: &a%d [*a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d]"
+                        % ((i, i) + (i - 1,) * 9) for i in range(1, 10)])
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_is_built():
+    assert len(ALIAS_BOMB) < 600  # expands to 9**10 elements if built and printed
+    with pytest.raises(ParamError) as caught:
+        SCHEMAS["NaNGuard"].parse(ALIAS_BOMB)
+    message = str(caught.value)
+    assert "uses a YAML alias (*a0)" in message and len(message) < 400
+
+
+def test_nesting_past_the_bound_is_refused_naming_the_bound():
+    deep = "name: g\nmode: " + "[" * 500 + "]" * 500
+    with pytest.raises(ParamError, match="nests mappings or lists deeper than 32"):
+        SCHEMAS["NaNGuard"].parse(deep)
+
+
+def test_an_oversized_param_str_is_refused_by_its_length():
+    huge = "name: g\n" + "# padding\n" * 10000
+    with pytest.raises(ParamError, match=r"is 100008 characters long; at most 65536") as caught:
+        SCHEMAS["NaNGuard"].parse(huge)
+    assert len(str(caught.value)) < 400
+
+
+def test_a_long_wrong_value_is_echoed_short():
+    with pytest.raises(ParamError) as caught:
+        SCHEMAS["NaNGuard"].parse("action: [%s]" % ", ".join(["clamp"] * 5000))
+    message = str(caught.value)
+    assert message.startswith("NaNGuard param_str: key 'action' has value ['clamp', 'clamp'")
+    assert "..." in message and len(message) < 600

@@ -8,6 +8,7 @@ with the layer type, the key, the bad value and what is allowed.
 """
 
 import math
+import reprlib
 import struct
 from types import SimpleNamespace
 
@@ -166,8 +167,48 @@ def _construct_mapping(loader, node, deep=False):
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+# A param_str holds a few keys; past these bounds it is a mistake or an attack (a
+# 420-byte document of nested aliases expands to gigabytes when printed).
+MAX_PARAM_STR = 65536
+MAX_YAML_DEPTH = 32
+
+# Values echoed in error messages are cut to a few elements and characters: the message
+# names the value, it does not reprint it.
+_ECHO = reprlib.Repr()
+_ECHO.maxstring = _ECHO.maxother = 80
+_ECHO.maxlist = _ECHO.maxtuple = _ECHO.maxdict = _ECHO.maxset = 8
+_ECHO.maxlevel = 3
+
+
+def echo(value):
+    """``repr(value)``, bounded in length and depth whatever ``value`` holds."""
+    return _ECHO.repr(value)
+
+
+class YamlRefused(ValueError):
+    """A YAML document refused before it is built: aliases, nesting too deep."""
+
+
+def _check_events(text):
+    """Walk the document's events (PyYAML's parser is iterative; building the value is
+    recursive and expands every alias) and refuse what no param_str needs."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise YamlRefused("uses a YAML alias (*%s); write the value itself" % event.anchor)
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise YamlRefused("nests mappings or lists deeper than %d" % MAX_YAML_DEPTH)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+
+
 def load_yaml(text):
-    """(value, keys given more than once) of a YAML document, with the safe loader."""
+    """(value, keys given more than once) of a YAML document, with the safe loader.
+    Raises :class:`YamlRefused` for aliases and deep nesting, YAMLError when it is not
+    YAML."""
+    _check_events(text)
     loader = _Loader(text)
     try:
         return loader.get_single_data(), loader.duplicates
@@ -208,24 +249,29 @@ class Schema:
     def parse(self, param_str):
         """Parse a ``param_str`` (YAML mapping; empty means all defaults) into Params."""
         text = param_str or ""
+        if len(text) > MAX_PARAM_STR:
+            raise self.error("is %d characters long; at most %d (a param_str holds a few keys): "
+                             "%s" % (len(text), MAX_PARAM_STR, echo(text)))
         try:
             raw, duplicates = load_yaml(text) if text.strip() else ({}, [])
+        except YamlRefused as exc:
+            raise self.error("%s: %s" % (exc, echo(text))) from None
         except yaml.YAMLError as exc:
-            raise self.error("is not valid YAML (%s): %r" % (str(exc).replace("\n", " "), text)) from None
+            raise self.error("is not valid YAML (%s): %s" % (str(exc).replace("\n", " "), echo(text))) from None
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            raise self.error("must be a YAML mapping such as \"key: value\", got %r" % (text,))
+            raise self.error("must be a YAML mapping such as \"key: value\", got %s" % echo(text))
         # pycaffe does not tell a layer its own name; name the layer by its `name` key.
         name = raw.get("name") if isinstance(raw.get("name"), str) else None
         if duplicates:
             raise self.error("key %s given more than once (YAML would silently keep the last "
-                             "value); give each key once" % ", ".join(repr(k) for k in duplicates),
+                             "value); give each key once" % ", ".join(echo(k) for k in duplicates),
                              name)
         unknown = sorted(str(k) for k in raw if k not in self.fields)
         if unknown:
             raise self.error("unknown key %s; allowed keys: %s"
-                             % (", ".join(repr(k) for k in unknown), ", ".join(sorted(self.fields))),
+                             % (", ".join(echo(k) for k in unknown), ", ".join(sorted(self.fields))),
                              name)
         values = {}
         for key, field in self.fields.items():
@@ -234,8 +280,8 @@ class Schema:
                 continue
             converted, why = field.check(raw[key])
             if converted is None:
-                raise self.error("key %r has value %r%s; allowed: %s"
-                                 % (key, raw[key], why or "", field.allowed()), name)
+                raise self.error("key %r has value %s%s; allowed: %s"
+                                 % (key, echo(raw[key]), why or "", field.allowed()), name)
             values[key] = converted
         params = Params(**values)
         if self.check is not None:
