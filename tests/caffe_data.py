@@ -93,11 +93,13 @@ def write_leveldb(path, records, compact=True):
     return Path(path)
 
 
-def tree_fingerprint(path):
+def tree_fingerprint(path, ignore=()):
     """{relative path: (size, mtime_ns, sha256)} of every file under ``path`` (or of the
-    file itself): what 'scan never writes into its input' is checked against."""
+    file itself), files named in ``ignore`` left out: what 'scan never writes into its
+    input' is checked against."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*")
+                                                 if p.is_file() and p.name not in ignore)
     out = {}
     for file in files:
         stat = file.stat()

@@ -17,7 +17,9 @@ record, ``lint`` reads the first one for shape inference):
 Records come in the order Caffe's ``Data`` layer reads them (byte order of the keys),
 ``position`` counting from 0. Nothing here loads a whole database: LMDB is memory-mapped
 and walked with a cursor, LevelDB with an iterator, HDF5 in row chunks. Nothing here
-writes to the source either: LMDB opens read-only without its lock file, and LevelDB (whose
+writes into the source's data either: LMDB opens read-only with its reader lock, as Caffe's
+``db_lmdb.cpp`` does (a reader outside the lock table can be handed pages a writer is
+reusing: liblmdb aborts the process), and LevelDB (whose
 ``Open`` always writes: a lock, an info log, a new manifest, a compaction of its journal)
 is opened through a private directory of symbolic links to the source's files, which
 LevelDB never writes into, only replaces or unlinks, inside that private directory (a
@@ -156,14 +158,26 @@ class LMDBDatabase(Database):
         subdir = os.path.isdir(self.path)
         _check_lmdb_size(os.path.join(self.path, "data.mdb") if subdir else self.path)
         try:
-            # lock=False: no lock file is created or written (read-only media, and we never
-            # write into the source); readahead=False: a cursor walk should not fault in
-            # pages it will not read.
-            self._env = lmdb.open(self.path, subdir=subdir, readonly=True, lock=False,
-                                  readahead=False, max_readers=1, max_dbs=0)
+            self._env = self._open(lmdb, subdir)
             self.count = self._env.stat()["entries"]
         except lmdb.Error as exc:
             raise InputError("%s: not a readable LMDB: %s" % (self.path, _lmdb_message(exc))) from None
+
+    def _open(self, lmdb, subdir):
+        """The environment, read-only, in LMDB's reader table (lock=True) so that a
+        process writing the database meanwhile never reuses the pages read here; without
+        the lock only where the lock file cannot be made (read-only media, where no one
+        writes). readahead=False: a cursor walk should not fault in pages it will not read."""
+        try:
+            return lmdb.open(self.path, subdir=subdir, readonly=True, lock=True,
+                             readahead=False, max_dbs=0)
+        except lmdb.ReadonlyError:
+            pass  # liblmdb's EACCES/EROFS on making or opening lock.mdb
+        except lmdb.Error as exc:
+            if "Read-only file system" not in str(exc):
+                raise
+        return lmdb.open(self.path, subdir=subdir, readonly=True, lock=False,
+                         readahead=False, max_readers=1, max_dbs=0)
 
     def records(self, limit=None):
         position = 0
