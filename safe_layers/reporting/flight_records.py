@@ -3,11 +3,11 @@
 import json
 import os
 import re
-import tempfile
 import zlib
 
 import numpy
 
+from safe_layers.core import atomic
 from safe_layers.kernels.xp import to_numpy
 
 
@@ -53,71 +53,29 @@ def write_flight_record(directory, stem, arrays, report, max_bytes):
         used += array.nbytes
     temporaries = []
     try:
-        npz_tmp = _temporary(directory, temporaries)
+        npz_tmp = atomic.temporary(directory)
+        temporaries.append(npz_tmp)
         with open(npz_tmp, "wb") as f:
             numpy.savez_compressed(f, **kept)
             f.flush()
             os.fsync(f.fileno())
         record = {"report": json.loads(report.to_json()), "line": report.line(),
                   "arrays": sorted(kept), "skipped_over_size_cap": skipped, "max_bytes": max_bytes}
-        json_tmp = _temporary(directory, temporaries)
+        json_tmp = atomic.temporary(directory)
+        temporaries.append(json_tmp)
         with open(json_tmp, "w") as f:
             json.dump(record, f, indent=2, sort_keys=True)
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        return _publish(directory, stem, npz_tmp, json_tmp)
+        paths = atomic.publish(directory, stem, {".npz": npz_tmp, ".json": json_tmp})
+        return paths[".npz"], paths[".json"]
     finally:
         for path in temporaries:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-
-
-def _temporary(directory, temporaries):
-    fd, path = tempfile.mkstemp(dir=directory, prefix=".safe_layers-", suffix=".tmp")
-    os.close(fd)
-    # mkstemp makes it 0600; a record is for the team reading the run: the usual umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    temporaries.append(path)
-    return path
-
-
-def _publish(directory, stem, npz_tmp, json_tmp):
-    """Move both files in under the first free ``stem[-n]``; never overwrite."""
-    links = True
-    for attempt in range(1, 1000):
-        name = stem if attempt == 1 else "%s-%d" % (stem, attempt)
-        npz = os.path.join(directory, name + ".npz")
-        jsn = os.path.join(directory, name + ".json")
-        if links:
-            try:
-                os.link(npz_tmp, npz)  # atomic, and fails instead of overwriting
-            except FileExistsError:
-                continue
-            except OSError:
-                links = False  # a file system without hard links: rename below
-            else:
-                try:
-                    os.link(json_tmp, jsn)
-                except FileExistsError:
-                    os.unlink(npz)
-                    continue
-                except BaseException:
-                    os.unlink(npz)
-                    raise
-                return npz, jsn
-        # rename is atomic too, but replaces an existing file: look first (racy only
-        # against another writer choosing the very same new name).
-        if os.path.lexists(npz) or os.path.lexists(jsn):
-            continue
-        os.rename(npz_tmp, npz)
-        os.rename(json_tmp, jsn)
-        return npz, jsn
-    raise FileExistsError("no free file name for %r in %r" % (stem, directory))
 
 
 class FlightRecorder:
