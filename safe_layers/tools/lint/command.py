@@ -148,8 +148,14 @@ class Linter:
         """(Prototxt, [(field, net Prototxt)]) of ``path`` (a solver with the nets it names,
         or a net with field None); InputError where it or a net it names cannot be read."""
         doc = prototxt.read_prototxt(path)
+        if not doc.root.children:
+            raise InputError("%s: no field in it (an empty or comment-only file is neither a net "
+                             "nor a solver; a wrong path?)" % doc.path)
         nets = prototxt.solver_nets(doc) if doc.kind == "solver" else [(None, doc)]
         for _, net in nets:
+            if not net.layers() and not len(net.message.input):
+                raise InputError("%s: a net without layers: nothing Caffe would build or train"
+                                 % net.path)
             _check_types(net, net.layers())
         return doc, nets
 
