@@ -52,3 +52,41 @@ def test_scan_of_an_lmdb_being_written_reads_under_the_reader_lock(tmp_path):
         assert len(outcomes) >= 2
     finally:
         writer.wait(30)
+
+
+LEVELDB_HOLDER = textwrap.dedent("""
+    import sys, time, plyvel
+    db = plyvel.DB(sys.argv[1], create_if_missing=True)
+    sys.stdout.write("open\\n"); sys.stdout.flush()
+    end = time.time() + float(sys.argv[2])
+    i = 0
+    while time.time() < end:
+        db.put(b"%08d" % (i % 5000), b"x" * 200)
+        i += 1
+        if i % 2000 == 0:
+            db.compact_range()
+    db.close()
+""")
+
+
+def test_a_leveldb_another_process_has_open_is_named_as_such_never_by_a_private_folder(tmp_path):
+    pytest.importorskip("plyvel")
+    from safe_layers.readers import datasets
+    db = tmp_path / "live_leveldb"
+    holder = subprocess.Popen([sys.executable, "-c", LEVELDB_HOLDER, str(db), "6"],
+                              stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"open\n"
+    try:
+        note = datasets._held_note(str(db))
+        assert "process %d has this LevelDB open" % holder.pid in note
+        deadline = time.time() + 4
+        while time.time() < deadline:
+            result = subprocess.run([sys.executable, "-m", "safe_layers.tools.cli", "scan", str(db)],
+                                    capture_output=True, text=True, timeout=120)
+            assert "Traceback" not in result.stderr
+            assert "safe-layers-leveldb-" not in result.stderr + result.stdout
+            if result.returncode == 2:
+                assert "has this LevelDB open" in result.stderr, result.stderr
+    finally:
+        holder.wait(30)
+    assert datasets._held_note(str(db)) == ""

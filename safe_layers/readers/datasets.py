@@ -30,9 +30,11 @@ Every failure to read is an :class:`~safe_layers.tools.findings.InputError` sayi
 and where (the CLI exits 2 on it).
 """
 
+import fcntl
 import os
 import re
 import shutil
+import struct
 import tempfile
 
 from safe_layers.core.errors import InputError
@@ -253,7 +255,8 @@ class LevelDBDatabase(Database):
             self._db = plyvel.DB(self._shadow, create_if_missing=False, paranoid_checks=True)
         except (plyvel.Error, OSError) as exc:
             shutil.rmtree(self._shadow, ignore_errors=True)
-            raise InputError("%s: not a readable LevelDB: %s" % (self.path, _leveldb_message(exc))) from None
+            raise InputError("%s: not a readable LevelDB: %s%s" % (
+                self.path, self._message(exc), _held_note(self.path))) from None
 
     def records(self, limit=None):
         position = 0
@@ -267,9 +270,14 @@ class LevelDBDatabase(Database):
                     last_key = key
                     position += 1
         except (self._plyvel.Error, OSError) as exc:
-            raise InputError("%s: LevelDB corrupt after %d records (last good key %s): %s"
+            raise InputError("%s: LevelDB corrupt after %d records (last good key %s): %s%s"
                              % (self.path, position, key_text(last_key) if last_key is not None
-                                else "none", _leveldb_message(exc))) from None
+                                else "none", self._message(exc), _held_note(self.path))) from None
+
+    def _message(self, exc):
+        """LevelDB's error with the private folder it was opened through named as the
+        source (the user knows no other)."""
+        return _leveldb_message(exc).replace(self._shadow, os.path.abspath(self.path))
 
     def close(self):
         try:
@@ -280,6 +288,30 @@ class LevelDBDatabase(Database):
 
 def _leveldb_message(exc):
     return str(exc).strip() or type(exc).__name__
+
+
+def _held_note(path):
+    """'; ...' when another process holds the LevelDB's LOCK (it has the database open,
+    and may be writing it: what looks corrupt may be a file it is replacing), else ''."""
+    lock = os.path.join(path, "LOCK")
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        # F_GETLK asks who holds a write lock without taking one (LevelDB locks LOCK
+        # with fcntl); struct flock: l_type, l_whence, l_start, l_len, l_pid.
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 0, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+        kind, _, _, _, pid = struct.unpack("hhqqi4x", answer)
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    if kind == fcntl.F_UNLCK:
+        return ""
+    return ("; process %d has this LevelDB open (its LOCK is held) and may be writing it: scan "
+            "it again once that process has closed it" % pid)
 
 
 def _shadow_directory(path):
