@@ -15,20 +15,20 @@ loss layer that explodes, without touching the rest of the net.
 import collections
 import contextlib
 
-import caffe
 import numpy
 
-from safe_layers.core import backend, schemas
-from safe_layers import reporting
 from safe_layers.kernels import clip, finite
 from safe_layers.kernels.xp import array_module, to_numpy
+from safe_layers.core import backend, schemas
+from safe_layers import reporting
+from safe_layers.layers.first_bottom import FirstBottomLayer
 
 
 SCHEMA = schemas.GRADIENT_CLIP
 
 
 
-class GradientClip(caffe.Layer):
+class GradientClip(FirstBottomLayer):
     """Identity forward (in place: no copy); clipped gradient backward."""
 
     def setup(self, bottom, top):
@@ -50,11 +50,6 @@ class GradientClip(caffe.Layer):
         if not self.in_place:
             backend.data(top[0])[...] = backend.data(bottom[0])
 
-    def backward(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
-            return
-        with self.fault_log.running("backward"):
-            self._backward(top, bottom)
 
     def _backward(self, top, bottom):
         p = self.params

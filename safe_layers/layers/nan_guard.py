@@ -9,9 +9,9 @@
 
 import caffe
 
+from safe_layers.kernels import finite
 from safe_layers.core import backend, schemas
 from safe_layers import reporting
-from safe_layers.kernels import finite
 
 
 SCHEMA = schemas.NAN_GUARD

@@ -15,40 +15,21 @@ NaNGuard does. A Python layer has no default loss weight: write ``loss_weight: 1
 """
 
 import contextlib
-import os
 
-import caffe
 import numpy
 
-from safe_layers.core import backend, params, schemas
-from safe_layers import reporting
 from safe_layers.kernels import finite, infogain
 from safe_layers.kernels.xp import array_module, host_scalar, to_numpy
+from safe_layers.core import backend, params, schemas
+from safe_layers.readers.infogain_matrix import load_infogain_matrix
+from safe_layers import reporting
+from safe_layers.layers.first_bottom import FirstBottomLayer
 
 SCHEMA = schemas.SAFE_INFOGAIN_LOSS
 
 
 
-def load_infogain_matrix(path):
-    """H from a ``.npy`` file or a Caffe ``.binaryproto`` BlobProto, as float64 NumPy."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError("H file %r does not exist" % path)
-    if path.endswith(".npy"):
-        return numpy.load(path, allow_pickle=False).astype(numpy.float64)
-    blob = caffe.proto.caffe_pb2.BlobProto()
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        blob.ParseFromString(raw)
-    except Exception as exc:  # protobuf's DecodeError has no stable import path
-        raise ValueError("H file %r is not a BlobProto (.binaryproto): %s" % (path, exc)) from None
-    values = numpy.array(blob.data if len(blob.data) else blob.double_data, numpy.float64)
-    if values.size == 0:
-        raise ValueError("H file %r holds a BlobProto with no data" % path)
-    return values
-
-
-class SafeInfogainLoss(caffe.Layer):
+class SafeInfogainLoss(FirstBottomLayer):
     """bottom: logits (or probabilities), labels[, H]; top: loss[, probabilities]."""
 
     def setup(self, bottom, top):
@@ -224,14 +205,9 @@ class SafeInfogainLoss(caffe.Layer):
             self.file_matrix = xp.asarray(self.file_matrix)
         return self.file_matrix
 
-    def backward(self, top, propagate_down, bottom):
-        # Labels and H get no gradient (Caffe's layer aborts if asked for one).
-        if not propagate_down[0]:
-            return
-        with self.fault_log.running("backward"):
-            self._backward(top, bottom)
 
     def _backward(self, top, bottom):
+        # Labels and H get no gradient (Caffe's layer aborts if asked for one).
         prob, y, weights, h, norm = self._saved
         scale = backend.diff(top[0]).reshape(-1)[0] / norm  # the loss weight, from Caffe
         if self.params.input == "logits":

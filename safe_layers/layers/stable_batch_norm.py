@@ -19,19 +19,19 @@ cannot, so declare three ``param { lr_mult: 0 }`` (otherwise weight decay shrink
     }
 """
 
-import caffe
 import numpy
 
-from safe_layers.core import backend, schemas
-from safe_layers import reporting
 from safe_layers.kernels import batch_norm, finite
 from safe_layers.kernels.xp import array_module, host_scalar
+from safe_layers.core import backend, schemas
+from safe_layers import reporting
+from safe_layers.layers.first_bottom import FirstBottomLayer
 
 SCHEMA = schemas.STABLE_BATCH_NORM
 
 
 
-class StableBatchNorm(caffe.Layer):
+class StableBatchNorm(FirstBottomLayer):
     """bottom: N x C x ... ; top: the same shape (in place works)."""
 
     def setup(self, bottom, top):
@@ -191,11 +191,6 @@ class StableBatchNorm(caffe.Layer):
     def stored_stats_usable(self):
         return batch_norm.running_stats(*[backend.data(self.blobs[i]) for i in range(3)]) is not None
 
-    def backward(self, top, propagate_down, bottom):
-        if not propagate_down[0]:
-            return
-        with self.fault_log.running("backward"):
-            self._backward(top, bottom)
 
     def _backward(self, top, bottom):
         centered, offset, inv_std = self._saved

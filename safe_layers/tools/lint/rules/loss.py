@@ -94,7 +94,7 @@ def _check_h(ctx, layer, where, source, axis, normalized):
                 "relative to the working directory, %s)" % (source, layer.name, os.getcwd()),
                 "write H there (a K x K BlobProto .binaryproto) or fix the path", layer=layer.name)
         return
-    from safe_layers.layers.safe_infogain_loss import load_infogain_matrix
+    from safe_layers.readers.infogain_matrix import load_infogain_matrix
     try:
         values = load_infogain_matrix(path)
     except (OSError, ValueError) as exc:
