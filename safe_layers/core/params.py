@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import yaml
 
+from safe_layers.core.float_text import shortest
+
 # Every number a layer reads ends up in float32 blobs or in Caffe's int32 fields, so every
 # numeric key is bounded: floats within +-FLT_MAX (and not so small that float32 rounds them
 # to 0), integers within int32, unless a field sets tighter bounds.
@@ -116,10 +118,7 @@ def _float32(value):
 
 
 def _number_text(value):
-    if isinstance(value, float):
-        text = repr(value)
-        return text[:-2] if text.endswith(".0") else text
-    return str(value)
+    return shortest(value) if isinstance(value, float) else str(value)
 
 
 def _scalar(kind, value):

@@ -53,24 +53,12 @@ import re
 
 import numpy
 
+# Under the names reporting has always exported them by.
+from safe_layers.core.float_text import shortest as format_param, shortest_float32 as format_value
 from safe_layers.reporting import glog, watch_lines
 
 
 # ---- numbers: printed so that they read back exactly -------------------------------------
-
-def format_value(value):
-    """A data value (float32) as the shortest text that reads back as the same float32."""
-    if value is None:
-        return "none"
-    text = str(numpy.float32(value))
-    return text[:-2] if text.endswith(".0") else text
-
-
-def format_param(value):
-    """A parameter (a Python float) as the shortest text that reads back as the same float."""
-    text = repr(float(value))
-    return text[:-2] if text.endswith(".0") else text
-
 
 def as_float32(value):
     """``value`` rounded to float32, as a Python float (None stays None)."""

@@ -12,10 +12,9 @@ dict; ``to_json`` gives the full structured form (the event log of `safe-layers 
 """
 
 import json
-import math
 import re
 
-from safe_layers.core.float_text import jsonable
+from safe_layers.core.float_text import jsonable, six_digits
 
 TAG = "WATCH "
 
@@ -24,14 +23,6 @@ SAMPLES_SHOWN = 16
 
 def _q(text):
     return json.dumps(str(text))
-
-
-def _num(value):
-    if value is None:
-        return "none"
-    if isinstance(value, float) and math.isnan(value):
-        return "nan"
-    return "%.6g" % value
 
 
 def _shape(shape):
@@ -50,7 +41,7 @@ class BlobFault:
 
     def text(self):
         first = ("first bad at [%s] = %s" % (", ".join(str(i) for i in self.first_index),
-                                             _num(self.first_value))
+                                             six_digits(self.first_value))
                  if self.first_index is not None else "no bad element")
         shown = ", ".join(str(s) for s in self.samples[:SAMPLES_SHOWN])
         more = " ..." if len(self.samples) > SAMPLES_SHOWN else ""
@@ -93,8 +84,8 @@ class ProducerFault:
 
     def line(self):
         inputs = "; ".join("%s %s min=%s max=%s mean|x|=%s" % (i["role"], _q(i["blob"]),
-                                                               _num(i["min"]), _num(i["max"]),
-                                                               _num(i["mean_abs"]))
+                                                               six_digits(i["min"]), six_digits(i["max"]),
+                                                               six_digits(i["mean_abs"]))
                            for i in self.inputs) or "none"
         note = "; note: %s" % self.note if self.note else ""
         return ('%sproducer %s %s %s (layer %d) in %s, %s: non-finite %s[%d] %s %s, %s; '
@@ -248,7 +239,7 @@ def rollback_message(state, to, cause, at, further_back=False, same_again=False,
         message += (" (the previous rollback's checkpoint failed again, and no older one is "
                     "kept: the same one again)")
     if base_lr is not None:
-        message += "; base_lr %s -> %s" % (_num(base_lr[0]), _num(base_lr[1]))
+        message += "; base_lr %s -> %s" % (six_digits(base_lr[0]), six_digits(base_lr[1]))
     return message + "; %d rollbacks in all" % rollbacks
 
 
