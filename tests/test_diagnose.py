@@ -19,7 +19,7 @@ import pytest
 
 from caffe_data import convert_mnist, datum, write_lmdb
 from conftest import DIVERGING_NET
-from safe_layers.tools import cli
+from safe_layers.tools import cli, rule_table
 from safe_layers.tools.diagnose import command as diagnose_module
 
 DATA = Path(__file__).parent / "data"
@@ -887,6 +887,26 @@ def test_the_rule_list_is_one():
     section = readme.split("## After a run: `safe-layers diagnose`")[1].split("\nExit 0 when")[0]
     assert set(re.findall(r"^\| (SL8\d\d)", section, re.M)) | set(
         re.findall(r"^\| SL8\d\d / (SL8\d\d)", section, re.M)) == rule_ids
+
+
+def test_list_rules_names_every_rule():
+    """`diagnose --list-rules` prints the rule table as lint's does and exits 0; every SL8xx
+    id the diagnose package names (each a finding can have) is listed, with its doc."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err), pytest.raises(SystemExit) as stopped:
+        cli.main(["diagnose", "--list-rules"])
+    assert stopped.value.code == 0 and err.getvalue() == ""
+    assert out.getvalue() == "\n".join(rule_table.list_lines("diagnose")) + "\n"
+    listed = re.findall(r"^(SL8\d\d)  (error|warning|info) +\S", out.getvalue(), re.M)
+    assert len(listed) == len(out.getvalue().splitlines())
+    listed = {rule for rule, _ in listed}
+    package = Path(diagnose_module.__file__).parent
+    named = set()
+    for path in package.rglob("*.py"):
+        named |= set(re.findall(r'"(SL8\d\d)"', path.read_text()))
+    assert named and named <= listed, sorted(named - listed)
+    assert listed == set(diagnose_module.RULES) == set(diagnose_module.KNOWN_RULE_IDS)
+    assert all(r.doc for r in rule_table.rules_of("diagnose"))
 
 
 def test_plot_heatmap_only_with_debug_info(lenet_runs, tmp_path):
