@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import zlib
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -601,10 +602,29 @@ def test_gzipped_and_piped_logs(debug_log, tmp_path):
                             "json"], stdin=open(debug_log, "rb"), capture_output=True, text=True,
                            timeout=300)
     assert piped.returncode == 1 and verdict(json.loads(piped.stdout)) == expected
+    # Cut short: what was read is diagnosed (the NaN lies in its first half), and where it
+    # was cut is said.
+    lines = debug_log.read_bytes().splitlines(keepends=True)
+    bad_line = rules(diagnose_json(debug_log)[1])["SL803"]["line"]
+    packer = zlib.compressobj(wbits=31)
+    head = packer.compress(b"".join(lines[:bad_line + 20])) + packer.flush(zlib.Z_FULL_FLUSH)
+    tail = packer.compress(b"".join(lines[bad_line + 20:])) + packer.flush()
     cut = tmp_path / "cut.log.gz"
-    cut.write_bytes(packed.read_bytes()[:len(packed.read_bytes()) // 2])
+    cut.write_bytes(head + tail[:len(tail) // 2])
     status, out, err = run_diagnose(cut)
-    assert status == 2 and "the gzip stream is cut short or corrupt" in err
+    assert status == 1 and "SL8" in out
+    assert re.search(r"warning: .*cut\.log\.gz: the gzip stream is cut short at byte \d+, after "
+                     r"line \d+: diagnosed the \d+ lines before it", err), err
+    # Cut before any line came out: nothing to diagnose, exit 2.
+    cut.write_bytes(packed.read_bytes()[:12])
+    status, out, err = run_diagnose(cut)
+    assert status == 2 and "the gzip stream is cut short at byte 12, before its first line" in err
+    # Two members, as `cat a.gz b.gz` makes them: both read.
+    both = tmp_path / "both.log.gz"
+    half = len(debug_log.read_bytes()) // 2
+    both.write_bytes(gzip.compress(debug_log.read_bytes()[:half]) +
+                     gzip.compress(debug_log.read_bytes()[half:]))
+    assert verdict(diagnose_json(both)[1]) == expected
 
 
 def test_garbage(debug_log, tmp_path):
@@ -1071,3 +1091,26 @@ def test_a_rise_below_an_order_of_magnitude_is_said_as_a_rise(tmp_path):
     [finding] = doc["findings"]
     assert finding["rule"] == "SL803"
     assert "the loss rose from 1 (iteration 0) to 4 (iteration 2), 4.0x" in finding["message"]
+
+
+def test_a_log_appended_to_many_times_is_read_in_bounded_memory(tmp_path):
+    """Each "Initializing solver" starts a run; the runs before the last are counted and
+    named by their first and last few, never all kept."""
+    from safe_layers.tools.diagnose.series import RunStarts
+    starts = RunStarts()
+    for line in range(1, 100001):
+        starts.append(line)
+    assert len(starts) == 100000 and len(starts.shown()) == 2 * RunStarts.KEPT + 1
+    assert starts.shown()[:2] == [1, 2] and starts.shown()[RunStarts.KEPT] is None
+    assert starts.shown()[-1] == 100000
+    run = ("I20261207 01:00:00.000000  1 solver.cpp:45] Initializing solver from parameters:\n"
+           "I20261207 01:00:00.000000  1 solver.cpp:239] Iteration 0 (0 iter/s), loss = 2.3\n")
+    log = tmp_path / "appended.log"
+    log.write_text(run * 30)
+    status, document = diagnose_json(log)
+    assert document["run_count"] == 30 and len(document["runs"]) == 2 * RunStarts.KEPT + 1
+    assert document["runs"][:2] == [1, 3] and document["runs"][-1] == 59
+    status, out, _ = run_diagnose(log)
+    assert "holding 30 runs (each from an \"Initializing solver\" line: 1, 3," in out
+    assert ", ..., " in out and "this is about the last, from line 59" in out
+

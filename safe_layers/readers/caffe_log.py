@@ -274,7 +274,7 @@ class LogReader:
         self.tail = None
 
     def __iter__(self):
-        if hasattr(self.source, "readline"):
+        if hasattr(self.source, "read"):  # a binary stream: read in chunks, split here
             yield from self._events(self.source)
         else:
             with open(self.source, "rb") as f:

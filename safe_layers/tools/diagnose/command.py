@@ -124,7 +124,8 @@ def _run_line(d):
     if d.earlier_runs:
         run = "log: %d lines holding %d runs (each from an \"Initializing solver\" line: %s); " \
               "this is about the last, from line %d" % (
-                  d.lines, len(d.earlier_runs) + 1, ", ".join(str(n) for n in d.earlier_runs + [d.run_start]),
+                  d.lines, len(d.earlier_runs) + 1,
+                  ", ".join("..." if n is None else str(n) for n in d.earlier_runs.shown() + [d.run_start]),
                   d.run_start)
     if d.first_iteration is not None:
         run += ", iterations %s-%s" % (d.first_iteration, d.iteration)
@@ -148,7 +149,8 @@ def json_extra(diagnosis):
     if d.first_bad is not None:
         point, what = d.first_bad
         first = dict(point.as_dict(), what=what, words=d.first_bad_words())
-    return {"log": d.path, "lines": d.lines, "runs": [n for n in d.earlier_runs] + [d.run_start],
+    return {"log": d.path, "lines": d.lines, "runs": [n for n in d.earlier_runs.shown() if n is not None] + [d.run_start],
+            "run_count": len(d.earlier_runs) + 1,
             "first_iteration": d.first_iteration,
             "last_iteration": d.iteration, "finished": bool(d.done), "ended": d.ending(),
             "segments": d.segments, "skipped": d.skipped(), "rollbacks": d.rollback_count(),

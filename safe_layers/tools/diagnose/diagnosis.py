@@ -11,7 +11,8 @@ import collections
 
 from safe_layers.core import lr_policy
 from safe_layers.readers import layer_types
-from safe_layers.tools.diagnose.series import Heatmap, Point, Series, Track, finite, fmt, worse
+from safe_layers.tools.diagnose.series import (Heatmap, Point, RunStarts, Series, Track, finite,
+                                               fmt, worse)
 
 GRADIENT_WINDOW = 8       # debug_info iterations kept per gradient before the first non-finite
 ROLLBACKS_SHOWN = 6       # rollbacks named one by one in SL814 (all are counted)
@@ -32,7 +33,7 @@ class Diagnosis:
         self._handlers = {}
         self.solver = None            # Event 'solver'
         self.run_start = 1            # the line this run starts at (several runs in one file)
-        self.earlier_runs = []        # the first lines of the runs before it in the file
+        self.earlier_runs = RunStarts()  # the runs before it in the file
         self.resumed = None           # Event 'resume': `Resuming from X.solverstate`
         self.policy = None            # Event 'policy'
         self.nets = {}                # phase -> Event 'net' (the latest of each)

@@ -8,6 +8,7 @@ import zlib
 from safe_layers.core.errors import InputError
 from safe_layers.readers.caffe_log import LogReader
 from safe_layers.tools.diagnose.diagnosis import Diagnosis
+from safe_layers.tools.diagnose.series import RunStarts
 
 
 def report_parser():
@@ -34,16 +35,65 @@ def open_log(path):
         except OSError as exc:
             raise InputError("%s: cannot read: %s" % (path, exc.strerror or exc)) from None
     if handle.peek(2)[:2] == b"\x1f\x8b" if hasattr(handle, "peek") else False:
-        import gzip
-        handle = gzip.GzipFile(fileobj=handle)  # a rotated train.log.gz, read as it streams
+        handle = Gunzip(handle)  # a rotated train.log.gz, read as it streams
     return handle
+
+
+class Gunzip:
+    """A gzip stream decompressed as it is read that keeps what came before a cut: at
+    a stream cut short (a log rotated while written, a copy interrupted) or corrupt,
+    reading ends there with ``problem`` saying what and at which compressed byte (the
+    standard ``gzip`` module raises and the decompressed data of that read is lost).
+    Concatenated members (``cat a.gz b.gz``) are read one after the other."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.offset = 0          # compressed bytes consumed
+        self.problem = None
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def read(self, size=-1):
+        while self.problem is None:
+            compressed = self.raw.read(self.CHUNK)
+            if not compressed:
+                if not self._inflate.eof:
+                    self.problem = "the gzip stream is cut short at byte %d" % self.offset
+                return b""
+            self.offset += len(compressed)
+            try:
+                data = self._inflate.decompress(compressed)
+            except zlib.error as exc:
+                self.problem = "the gzip stream is corrupt near byte %d (%s)" % (self.offset, exc)
+                return b""
+            while self._inflate.eof and self._inflate.unused_data:
+                rest = self._inflate.unused_data
+                self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                try:
+                    data += self._inflate.decompress(rest)
+                except zlib.error as exc:
+                    self.problem = "the gzip stream is corrupt near byte %d (%s)" % (self.offset, exc)
+                    return data
+            if data:
+                return data
+        return b""
+
+    def close(self):
+        self.raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def read_log(path):
     """A :class:`Diagnosis` of the log at ``path`` (InputError when unreadable)."""
     handle = open_log(path)
     diagnosis = Diagnosis(path)
-    earlier_runs = []  # first lines of the runs before the one diagnosed
+    earlier_runs = RunStarts()  # first lines of the runs before the one diagnosed
     reader = LogReader(handle, report_parser())
     with handle:
         try:
@@ -56,12 +106,15 @@ def read_log(path):
                     diagnosis = Diagnosis(path)
                     diagnosis.run_start = event.line
                 diagnosis.feed(event)
-        except OSError as exc:  # gzip.BadGzipFile is one
+        except OSError as exc:
             raise InputError("%s: read error after line %d: %s" % (path, reader.lines, exc)) from None
-        except (EOFError, zlib.error) as exc:
-            raise InputError("%s: the gzip stream is cut short or corrupt after line %d (%s); "
-                             "`zcat` what is there into a file and diagnose that"
-                             % (path, reader.lines, exc)) from None
+    problem = getattr(handle, "problem", None)
+    if problem is not None:
+        if reader.lines == 0:
+            raise InputError("%s: %s, before its first line" % (path, problem))
+        # What was read is diagnosed; where it ends is said once, on stderr.
+        sys.stderr.write("safe-layers diagnose: warning: %s: %s, after line %d: diagnosed "
+                         "the %d lines before it\n" % (path, problem, reader.lines, reader.lines))
     diagnosis.finish(reader.lines)
     if reader.lines == 0 and diagnosis.incomplete is None:
         raise InputError("%s: empty log" % path)

@@ -5,6 +5,7 @@ thins itself when full, a heatmap merges adjacent columns, a track keeps a handf
 points (first, minimum, last finite, first non-finite).
 """
 
+import collections
 import math
 
 SERIES_POINTS = 2048      # points kept per plotted curve, whatever the log's length
@@ -157,3 +158,31 @@ class Heatmap:
             if len(self.columns) % 2:
                 merged.append(self.columns[-1])
             self.columns = merged
+
+
+class RunStarts:
+    """The first lines of the runs before the one diagnosed, in memory that does not grow
+    with their number (a log appended to a million times): how many, the first and the
+    last :data:`KEPT` of them."""
+
+    KEPT = 10
+
+    def __init__(self):
+        self.count = 0
+        self.first = []
+        self.last = collections.deque(maxlen=self.KEPT)
+
+    def append(self, line):
+        self.count += 1
+        if len(self.first) < self.KEPT:
+            self.first.append(line)
+        else:
+            self.last.append(line)
+
+    def __len__(self):
+        return self.count
+
+    def shown(self):
+        """The line numbers kept, with None where some were left out."""
+        left_out = self.count - len(self.first) - len(self.last)
+        return self.first + ([None] if left_out else []) + list(self.last)
