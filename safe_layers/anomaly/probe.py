@@ -2,7 +2,7 @@
 first non-finite value, forward and backward.
 
 ``Net.after_forward(f)`` / ``after_backward(f)`` call ``f(i)`` after layer ``i``'s pass
-(caffe-internals.md section 8). After each forward the probe checks the layer's tops,
+(src/caffe/net.cpp:529-530 and :581-582). After each forward the probe checks the layer's tops,
 after each backward its bottoms' diffs and its params' diffs. It keeps, per blob,
 whether its data (and its diff) is known to be non-finite, so a layer whose inputs were
 already bad is not blamed: only a *producer* is reported, a layer whose inputs (bottom

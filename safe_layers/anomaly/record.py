@@ -1,5 +1,5 @@
-"""Replayable records: the batch, the weights and the report of a watch's first fault,
-and :func:`replay`, which runs that batch through a net again under a watch.
+"""Replayable records: the batch, the weights and the report of a watch's first fault
+(:func:`safe_layers.anomaly.replay` runs that batch through a net again).
 
     record-dir/iter37.json          # iteration, report, what the other files hold
     record-dir/iter37.inputs.npz    # the tops of every layer without bottoms: the batch
@@ -48,31 +48,3 @@ def read_record(path):
     weights = (os.path.join(folder, document["weights_file"]) if document.get("weights_file")
                else None)
     return document, inputs, weights
-
-
-def replay(path, net, **watch_options):
-    """Run a record's batch through ``net`` (a caffe.Net of the same prototxt, TRAIN)
-    with its weights, forward then backward, under a net watch; returns the
-    ProducerFaults found (the first is the producer the record names, if the fault
-    came from the batch and the weights)."""
-    from safe_layers.anomaly.solver_watch import Watch
-    document, inputs, weights = read_record(path)
-    if weights:
-        net.copy_from(weights)
-    watch_options.setdefault("on_nonfinite", "warn")
-    watch = Watch(net=net, **watch_options)
-    try:
-        probe = watch.probes[0]
-        for name, array in inputs.items():
-            net.blobs[name].reshape(*array.shape)
-            net.blobs[name].data[...] = array
-        probe.begin_forward()
-        for i in range(len(probe.names)):
-            if i in probe.data_layers:
-                probe.after_forward(i)  # checked, not run: running it would read a new batch
-            else:
-                net._forward(i, i)
-        net._backward(len(probe.names) - 1, 0)
-        return list(probe.producers)
-    finally:
-        watch.close()

@@ -2,8 +2,6 @@
 
 import math
 
-import numpy
-
 
 def jsonable(value):
     """``value`` with every float that JSON cannot hold (NaN, +-Inf) written as a string
@@ -44,6 +42,7 @@ def shortest_float32(value):
     for None): a blob's value, not the double it was widened to."""
     if value is None:
         return "none"
+    import numpy  # here, not above: the command line reads this module before any array
     text = str(numpy.float32(value))
     return text[:-2] if text.endswith(".0") else text
 

@@ -490,6 +490,26 @@ def read_solver(path):
     return read_prototxt(path, "solver")
 
 
+def read_solver_param(path):
+    """The SolverParameter of ``path`` as Caffe builds it (``snapshot_prefix`` defaulted
+    and resolved the way ``ReadSolverParamsFromTextFileOrDie`` does)."""
+    param = read_solver(path).message
+    resolve_snapshot_prefix(param, path)
+    return param
+
+
+def resolve_snapshot_prefix(param, solver_path):
+    """Caffe's ``UpgradeSnapshotPrefixProperty`` (src/caffe/util/upgrade_proto.cpp:1102):
+    no prefix -> the solver file's path without extension; a directory -> that
+    directory / the solver file's stem."""
+    if not param.HasField("snapshot_prefix"):
+        param.snapshot_prefix = os.path.splitext(solver_path)[0]
+    elif os.path.isdir(param.snapshot_prefix):
+        stem = os.path.splitext(os.path.basename(solver_path))[0]
+        param.snapshot_prefix = os.path.join(param.snapshot_prefix, stem)
+    return param
+
+
 def resolve_reference(name, referencing_file):
     """Where a path written inside a prototxt (a solver's ``net``, a data layer's
     ``source``) points, and a note when that differs from what Caffe would open.

@@ -18,7 +18,6 @@ fault (the report is the last event), 2 bad input.
 
 import datetime
 import json
-import math
 import os
 import signal
 import sys
@@ -26,18 +25,13 @@ import time
 
 import numpy
 
-from safe_layers.core.float_text import jsonable
+from safe_layers.anomaly.reports import NonFiniteError
+from safe_layers.anomaly.watcher import Watch
+from safe_layers.core import backend
+from safe_layers.core.float_text import caffe_text, jsonable
+from safe_layers.readers.prototxt import read_solver_param
 
 EXIT_DONE, EXIT_FAULT, EXIT_INPUT = 0, 1, 2
-
-
-def caffe_number(value):
-    """A float as Caffe's ``LOG(INFO) << value`` prints it (6 significant digits;
-    ``-nan`` when the sign bit is set, as glibc does)."""
-    value = float(value)
-    if math.isnan(value):
-        return "-nan" if math.copysign(1.0, value) < 0 else "nan"
-    return "%g" % value
 
 
 class CaffeLog:
@@ -146,9 +140,9 @@ def _output_lines(net, label):
         weight = numpy.float32(weights.get(name, 0))
         for v in data:
             v = numpy.float32(v)
-            tail = (" (* %s = %s loss)" % (caffe_number(weight), caffe_number(weight * v))
+            tail = (" (* %s = %s loss)" % (caffe_text(weight), caffe_text(weight * v))
                     if weight else "")
-            lines.append("    %s net output #%d: %s = %s%s" % (label, k, name, caffe_number(v), tail))
+            lines.append("    %s net output #%d: %s = %s%s" % (label, k, name, caffe_text(v), tail))
             values.setdefault(name, []).append(float(v))
             k += 1
     return lines, values
@@ -163,9 +157,7 @@ class Trainer:
         self.stop_requested = False
 
     def run(self):
-        import caffe
-        from safe_layers.core import backend
-        from safe_layers.anomaly.solver_watch import NonFiniteError, Watch, read_solver_param
+        import caffe  # the child's first import of Caffe: after its signal handlers are set
         cfg = self.config
         real = cfg["real"]  # display, test_interval, snapshot of the user's solver
         self.signals = Signals(cfg["sigint_effect"], cfg["sighup_effect"])
@@ -268,13 +260,13 @@ class Trainer:
                 lapse = time.time() - timer
                 per_s = (done - iterations_last) / (lapse or 1)
                 self.log("solver.cpp:239", "Iteration %d (%s iter/s, %ss/%d iters), loss = %s"
-                         % (done, caffe_number(per_s), caffe_number(lapse), display,
-                            caffe_number(value)))
+                         % (done, caffe_text(per_s), caffe_text(lapse), display,
+                            caffe_text(value)))
                 timer, iterations_last = time.time(), done
                 lines, _ = _output_lines(solver.net, "Train")
                 for line in lines:
                     self.log("solver.cpp:258", line)
-                self.log("sgd_solver.cpp:112", "Iteration %d, lr = %s" % (done, caffe_number(
+                self.log("sgd_solver.cpp:112", "Iteration %d, lr = %s" % (done, caffe_text(
                     numpy.float32(watch.lr))))
             if self.bar is not None:
                 self.bar.n = int(solver.iter)
@@ -292,7 +284,7 @@ class Trainer:
         if display and solver.iter % display == 0:
             solver.net.forward()
             value = smoothed.update(watch.probes[0].loss, int(solver.iter))
-            self.log("solver.cpp:327", "Iteration %d, loss = %s" % (solver.iter, caffe_number(value)))
+            self.log("solver.cpp:327", "Iteration %d, loss = %s" % (solver.iter, caffe_text(value)))
         if test_interval and solver.iter % test_interval == 0:
             self._test_all(int(solver.iter))
         self.log("solver.cpp:332", "Optimization Done.")
@@ -337,16 +329,16 @@ class Trainer:
                             float(net.blobs[name].data.sum()) * w))
             scores = values if scores is None else [numpy.float32(a + b) for a, b in zip(scores, values)]
         if self.param.test_compute_loss:
-            self.log("solver.cpp:401", "Test loss: %s" % caffe_number(loss / numpy.float32(test_iter)))
+            self.log("solver.cpp:401", "Test loss: %s" % caffe_text(loss / numpy.float32(test_iter)))
         k, outputs = 0, {}
         for name in net.outputs:
             weight = numpy.float32(weights.get(name, 0))
             for _ in range(net.blobs[name].count):
                 mean = numpy.float32(scores[k] / numpy.float32(test_iter))
-                tail = (" (* %s = %s loss)" % (caffe_number(weight), caffe_number(weight * mean))
+                tail = (" (* %s = %s loss)" % (caffe_text(weight), caffe_text(weight * mean))
                         if weight else "")
                 self.log("solver.cpp:414", "    Test net output #%d: %s = %s%s"
-                         % (k, name, caffe_number(mean), tail))
+                         % (k, name, caffe_text(mean), tail))
                 outputs.setdefault(name, []).append(float(mean))
                 k += 1
         self.events.write({"event": "test", "iteration": iteration, "net": index, "outputs": outputs})

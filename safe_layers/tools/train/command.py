@@ -24,12 +24,24 @@ import subprocess
 import sys
 import tempfile
 
+from safe_layers.anomaly.options import OPTIONS, WatchOptions
+from safe_layers.readers.prototxt import read_solver_param
 from safe_layers.core.errors import InputError
 from safe_layers.tools.findings import EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, check_output_path, save_png
 
 HELP = "train like `caffe train`, under a watch: skip, rollback, reports naming layer and iteration"
 
 EFFECTS = ("stop", "snapshot", "none")
+
+# The watch options that are flags of this command, in --help's order, with their
+# metavars. Their types, defaults, choices and help are OPTIONS' (safe_layers.anomaly); the
+# options left out keep their defaults.
+WATCH_FLAGS = {"on_nonfinite": None, "rollback_after": "K", "checkpoint_every": "N",
+               "keep_checkpoints": "N", "checkpoint_loss_ratio": "R", "lr_factor": "F",
+               "max_rollbacks": "M", "max_skips": "M", "warn_growth": "F", "clip_gradients": "C",
+               "record_dir": "DIR", "check_layers": None}
+# Boolean options that default to true, and the flag that turns each off.
+WATCH_SWITCHES = {"check_layers": "--no-layer-checks"}
 
 
 def add_arguments(parser):
@@ -51,33 +63,7 @@ def add_arguments(parser):
                             "snapshot)")
     caffe.add_argument("-sighup_effect", "--sighup_effect", default="snapshot", choices=EFFECTS,
                        help="what SIGHUP does (default snapshot)")
-    watch = parser.add_argument_group("the watch (see safe_layers.watch)")
-    watch.add_argument("--on-nonfinite", choices=("stop", "skip", "warn"), default="stop",
-                       help="a non-finite loss or param diff: stop (exit 1, weights as before the "
-                            "iteration), skip the iteration, or warn (default stop)")
-    watch.add_argument("--rollback-after", type=int, metavar="K",
-                       help="restore the last checkpoint after K bad iterations in a row")
-    watch.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
-                       help="rollback checkpoints every N iterations (default 100)")
-    watch.add_argument("--keep-checkpoints", type=int, default=3, metavar="N",
-                       help="checkpoints kept (default 3); a rollback whose checkpoint fails again "
-                            "before a newer one is taken goes one further back")
-    watch.add_argument("--checkpoint-loss-ratio", type=float, default=1.5, metavar="R",
-                       help="no checkpoint while the recent training loss is above R times the "
-                            "loss training started with (default 1.5)")
-    watch.add_argument("--lr-factor", type=float, metavar="F",
-                       help="multiply base_lr by F at each rollback")
-    watch.add_argument("--max-rollbacks", type=int, default=5, metavar="M")
-    watch.add_argument("--max-skips", type=int, default=100, metavar="M",
-                       help="stop after M bad iterations in a row (default 100)")
-    watch.add_argument("--warn-growth", type=float, metavar="F",
-                       help="early warning when the gradient or weight norm grows F-fold")
-    watch.add_argument("--clip-gradients", type=float, metavar="C",
-                       help="NaN-aware clip of the global L2 norm of the param diffs")
-    watch.add_argument("--record-dir", metavar="DIR",
-                       help="on the first fault, save the batch, weights and report here")
-    watch.add_argument("--no-layer-checks", action="store_true",
-                       help="check the loss, diffs, weights and rate only (no per-layer producer)")
+    _add_watch_flags(parser.add_argument_group("the watch (see safe_layers.watch)"))
     tool = parser.add_argument_group("this tool")
     tool.add_argument("--no-lint", action="store_true",
                       help="train even when `safe-layers lint` finds errors in the solver or net")
@@ -89,14 +75,24 @@ def add_arguments(parser):
                       help="a progress bar (auto: only when stderr is a terminal)")
 
 
+def _add_watch_flags(group):
+    """One flag per WATCH_FLAGS option, as OPTIONS describes it (dest: the option's name)."""
+    fields = {field.name: field for field in OPTIONS}
+    for name, metavar in WATCH_FLAGS.items():
+        field = fields[name]
+        doc = field.doc.replace("%", "%%")
+        if field.kind is bool:
+            group.add_argument(WATCH_SWITCHES[name], dest=name, action="store_false",
+                               help="%s, set to false: %s" % (name, doc))
+            continue
+        if field.default is not None:
+            doc += " (default %(default)s)"
+        group.add_argument("--" + name.replace("_", "-"), type=field.kind, default=field.default,
+                           choices=field.choices, metavar=metavar, help=doc)
+
+
 def _watch_options(args):
-    return {"on_nonfinite": args.on_nonfinite, "rollback_after": args.rollback_after,
-            "checkpoint_every": args.checkpoint_every, "lr_factor": args.lr_factor,
-            "keep_checkpoints": args.keep_checkpoints,
-            "checkpoint_loss_ratio": args.checkpoint_loss_ratio,
-            "max_rollbacks": args.max_rollbacks, "max_skips": args.max_skips,
-            "warn_growth": args.warn_growth, "clip_gradients": args.clip_gradients,
-            "record_dir": args.record_dir, "check_layers": not args.no_layer_checks}
+    return {name: getattr(args, name) for name in WATCH_FLAGS}
 
 
 def _net_name(param, solver_path):
@@ -112,7 +108,6 @@ def prepare(args, workdir):
     """Check the command line and the solver as `caffe train` would (InputError where it
     would abort), and write the solver the training process builds. Returns the config."""
     from safe_layers.core import lr_policy
-    from safe_layers.anomaly.solver_watch import WatchOptions, read_solver_param
     from google.protobuf import text_format
     if args.snapshot and args.weights:
         raise InputError("give a snapshot to resume training or weights to finetune but not both "

@@ -1,0 +1,316 @@
+"""The solver-level checks of a watch, once per iteration: the learning rate before the
+forward, the loss and every param diff before the update (with a NaN-aware clip of the
+diffs, optionally), every weight after it, and the early warning of growing norms.
+
+A bad iteration is stopped (NonFiniteError), skipped (:class:`Skip`: the watch abandons
+``Solver::Step`` before its update), rolled back (:class:`RollbackRequest`) or only reported,
+as the options say.
+"""
+
+import collections
+import math
+
+import numpy
+
+from safe_layers.anomaly.probe import accessors, blob_fault, blob_ok
+from safe_layers.core import lr_policy
+from safe_layers.kernels import clip as clip_kernels
+from safe_layers.kernels.xp import host_scalar
+from safe_layers.reporting import watch_lines
+from safe_layers.reporting.watch_lines import Event, SolverFault
+
+
+class Skip(Exception):
+    """Control flow: abandon this Solver::Step before its update."""
+
+
+class RollbackRequest(Exception):
+    """Control flow: abandon this Solver::Step and restore the last checkpoint."""
+
+    def __init__(self, fault):
+        super().__init__(fault.line())
+        self.fault = fault
+
+
+def param_blobs(net):
+    """[(label 'layer[k]', layer index, k, Blob)] of every param blob of ``net``."""
+    out = []
+    for i, (name, layer) in enumerate(zip(net._layer_names, net.layers)):
+        for k in range(len(layer.blobs)):
+            out.append(("%s[%d]" % (name, k), i, k, layer.blobs[k]))
+    return out
+
+
+def sumsq(array):
+    """Sum of squares: finite when every element is, NaN/Inf when one is not. One BLAS
+    dot in the array's float32; only where that overflows (elements past ~1.8e19) is it
+    redone in float64, to tell a large finite blob from a non-finite one."""
+    flat = array.reshape(-1)
+    if flat.size == 0:
+        return 0.0
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        total = host_scalar(flat.dot(flat))
+        if not math.isfinite(total):
+            wide = flat.astype("float64")
+            total = host_scalar(wide.dot(wide))
+    return total
+
+
+def number_text(value):
+    if value is None:
+        return "none"
+    return "%.6g" % value
+
+
+class Growth:
+    """The early warning (warn_growth): the gradient L2 norm against its median over the
+    last growth_window iterations, the weight L2 norm against its value growth_window
+    iterations before. ``last``: the iteration of the last warning."""
+
+    def __init__(self, options, reports):
+        self.factor = options.warn_growth
+        self.reports = reports
+        self.grad_norms = collections.deque(maxlen=options.growth_window)
+        self.weight_norms = collections.deque(maxlen=options.growth_window + 1)
+        self.last = -10 ** 9
+
+    def restart(self):
+        """After a rollback: the norms start over, and a warning of the abandoned
+        iterations is not one of these."""
+        self.grad_norms.clear()
+        self.weight_norms.clear()
+        self.last = -10 ** 9
+
+    def gradients(self, iteration, norm):
+        history = self.grad_norms
+        factor = self.factor
+        if len(history) >= min(5, history.maxlen):
+            median = float(numpy.median(history))
+            if median > 0 and norm > factor * median:
+                self.last = iteration
+                self.reports.fault(SolverFault(
+                    "growth", "TRAIN", iteration,
+                    "gradient L2 norm %s is %.3gx the median %s of the last %d iterations "
+                    "(warn_growth %g)" % (number_text(norm), norm / median, number_text(median),
+                                          len(history), factor),
+                    "warn", details={"grad_norm": norm, "median": median}), "W")
+        history.append(norm)
+
+    def weights(self, iteration, norm):
+        history = self.weight_norms
+        factor = self.factor
+        if len(history) == history.maxlen and history[0] > 0 and norm > factor * history[0]:
+            self.last = iteration
+            self.reports.fault(SolverFault(
+                "growth", "TRAIN", iteration,
+                "weight L2 norm %s is %.3gx its value %s %d iterations before (warn_growth %g)"
+                % (number_text(norm), norm / history[0], number_text(history[0]),
+                   len(history) - 1, factor),
+                "warn", details={"weight_norm": norm}), "W")
+        history.append(norm)
+
+
+class SolverChecks:
+    """The checks of one watched solver's iterations, and what they last saw: ``loss``,
+    ``lr``, ``grad_norm``, ``weight_norm``; ``consecutive_bad`` (bad iterations in a
+    row), ``skipped`` (iterations), ``guard_reports`` (the deferred checks' reports of
+    the last iteration, the first flagged layer first)."""
+
+    def __init__(self, solver, solver_param, net, probe, options, reports, losses):
+        self.solver = solver
+        self.param = solver_param
+        self.probe = probe        # the training net's: its pass losses, bad params, producers
+        self.options = options
+        self.reports = reports
+        self.losses = losses      # the checkpoint gate's loss history (checkpoints.LossGate)
+        self.growth = Growth(options, reports)
+        self.data, self.diff = accessors()
+        self.params = param_blobs(net)
+        self.loss = None
+        self.lr = None
+        self.grad_norm = None
+        self.weight_norm = None
+        self.consecutive_bad = 0
+        self.skipped = []
+        self.guard_reports = []
+        self.pending_update = False  # gradients checked, the weights after the update not yet
+        self.lr_zero_warned = False
+
+    def restart(self):
+        """After a rollback: no bad iteration in a row, no update to check, the growth
+        and the recent losses measured anew."""
+        self.consecutive_bad = 0
+        self.pending_update = False
+        self.growth.restart()
+        self.losses.restart()
+
+    def worth_keeping(self, iteration):
+        """Whether the state at the start of ``iteration`` may be a checkpoint: a state
+        the early warning flagged (within checkpoint_every), one reached through bad
+        iterations, or one doing worse than its own initialization is no state to come
+        back to."""
+        return (self.consecutive_bad == 0
+                and iteration - self.growth.last > self.options.checkpoint_every
+                and self.losses.no_worse_than_at_start())
+
+    def settle(self, updated_iteration):
+        """Check the weights after the update of ``updated_iteration``, if not done yet."""
+        if self.pending_update:
+            self.weights(updated_iteration)
+
+    def learning_rate(self, iteration):
+        """The rate of ``iteration``: non-finite or negative stops; 0 warns once."""
+        if self.param is not None and self.param.lr_policy == "multistep":
+            lr = lr_policy.rate(self.param, iteration)
+        else:
+            lr = float(self.solver.lr)
+        self.lr = lr
+        if math.isfinite(lr) and lr > 0:
+            return
+        if self.param is not None:
+            message = lr_policy.describe(self.param, iteration, lr)
+        else:
+            message = ("lr = %g at iteration %d (give the watch solver_file= to name the lr_policy "
+                       "fields that cause it)" % (lr, iteration))
+        if lr == 0:
+            if not self.lr_zero_warned:
+                self.lr_zero_warned = True
+                self.reports.fault(SolverFault("lr", "TRAIN", iteration, message + "; the weights "
+                                               "will not move", "warn"), "W")
+            return
+        # No skip or rollback mends a schedule: the same iteration gives the same rate.
+        self.reports.stop(SolverFault("lr", "TRAIN", iteration, message, "stop",
+                                      details={"lr": lr, "lr_policy": self.param.lr_policy
+                                               if self.param is not None else None}))
+
+    def gradients(self, iteration, guard_reports):
+        """Before the update: the loss and the param diffs (their norm, the clip and the
+        growth warning where an option asks for it)."""
+        self.guard_reports = guard_reports
+        probe = self.probe
+        losses = probe.pass_losses or [numpy.float32("nan")]
+        loss = numpy.float32(0)
+        for value in losses:
+            loss = numpy.float32(loss + value)
+        self.loss = float(numpy.float32(loss / numpy.float32(len(losses))))
+        o = self.options
+        need_norms = (not o.check_layers) or o.warn_growth or o.clip_gradients
+        bad = sorted(label for (layer, k), what in probe.bad_params.items() if what == "diff"
+                     for label in ["%s[%d]" % (layer, k)])
+        norms = None
+        if need_norms:
+            norms = [(label, sumsq(self.diff(blob))) for label, _, _, blob in self.params]
+            bad = sorted(set(bad) | {label for label, s in norms if not math.isfinite(s)})
+        if bad or not math.isfinite(self.loss):
+            self._bad_iteration(iteration, bad)
+        else:
+            self.consecutive_bad = 0
+            self.losses.add(self.loss)
+        if norms is not None:
+            total = math.sqrt(sum(s for _, s in norms if math.isfinite(s)))
+            self.grad_norm = total
+            if o.clip_gradients:
+                self._clip(iteration, total, bool(bad))
+            if o.warn_growth:
+                self.growth.gradients(iteration, total)
+        self.pending_update = True
+
+    def _bad_iteration(self, iteration, bad_params):
+        self.consecutive_bad += 1
+        message = self._bad_message(bad_params)
+        kind = "gradients" if bad_params else "loss"
+        o = self.options
+        details = {"loss": self.loss, "lr": self.lr}
+        if o.on_nonfinite == "stop":
+            self.reports.stop(SolverFault(kind, "TRAIN", iteration, message, "stop", bad_params,
+                                          details))
+        if o.rollback_after and self.consecutive_bad >= o.rollback_after:
+            fault = SolverFault(kind, "TRAIN", iteration, message + "; %d bad in a row"
+                                % self.consecutive_bad, "rollback", bad_params, details)
+            self.reports.fault(fault, "E")
+            raise RollbackRequest(fault)
+        if o.on_nonfinite == "skip":
+            if self.consecutive_bad >= o.max_skips:
+                why = "%s; %d bad iterations in a row (max_skips)" % (message, self.consecutive_bad)
+                self.reports.stop(SolverFault("stopped", "TRAIN", iteration, why, "stop",
+                                              bad_params, details))
+            fault = SolverFault(kind, "TRAIN", iteration, message, "skip", bad_params, details)
+            self.reports.fault(fault, "W")
+            self.skipped.append(iteration)
+            self.reports.event(Event("skip", iteration, watch_lines.skip_message(len(self.skipped)),
+                                     {"loss": self.loss, "params": bad_params}))
+            raise Skip()
+        self.reports.fault(SolverFault(kind, "TRAIN", iteration, message + "; Caffe applies this "
+                                       "update", "warn", bad_params, details), "W")
+
+    def _bad_message(self, bad_params):
+        """What was non-finite, and the layer that produced or flagged it first."""
+        parts = []
+        if not math.isfinite(self.loss):
+            parts.append("non-finite loss %s" % number_text(self.loss))
+        if bad_params:
+            shown = ", ".join(bad_params[:8]) + (" ..." if len(bad_params) > 8 else "")
+            parts.append("non-finite param diffs (%d blob%s: %s)"
+                         % (len(bad_params), "" if len(bad_params) == 1 else "s", shown))
+        message = " and ".join(parts)
+        producer = next((p for p in self.probe.producers), None)
+        if producer is not None:
+            message += "; first produced by %s %s in %s" % (producer.layer_type, producer.layer,
+                                                           producer.pass_)
+        elif self.guard_reports:
+            first = self.guard_reports[0]
+            message += "; first flagged by %s in %s" % (first.where, first.pass_)
+        return message
+
+    def weights(self, updated_iteration):
+        """The weights after the update of ``updated_iteration``."""
+        self.pending_update = False
+        o = self.options
+        bad, total = [], 0.0
+        for label, _, _, blob in self.params:
+            data = self.data(blob)
+            if o.warn_growth:
+                s = sumsq(data)
+                if math.isfinite(s):
+                    total += s
+                else:
+                    bad.append((label, data))
+            elif not blob_ok(data):
+                bad.append((label, data))
+        if o.warn_growth and not bad:
+            self.weight_norm = math.sqrt(total)
+            self.growth.weights(updated_iteration, self.weight_norm)
+        if not bad:
+            return
+        label, data = bad[0]
+        fault_text = blob_fault(data).text()
+        message = ("non-finite param data after the update of iteration %d: %s %s (%d param blobs: "
+                   "%s)" % (updated_iteration, label, fault_text, len(bad),
+                            ", ".join(b[0] for b in bad[:8]) + (" ..." if len(bad) > 8 else "")))
+        params = [b[0] for b in bad]
+        if o.rollback_after:
+            fault = SolverFault("weights", "TRAIN", updated_iteration, message, "rollback", params)
+            self.reports.fault(fault, "E")
+            raise RollbackRequest(fault)
+        if o.on_nonfinite == "warn":
+            self.reports.fault(SolverFault("weights", "TRAIN", updated_iteration, message, "warn",
+                                           params), "W")
+            return
+        self.reports.stop(SolverFault("weights", "TRAIN", updated_iteration, message, "stop",
+                                      params))
+
+    def _clip(self, iteration, norm, has_nonfinite):
+        limit = self.options.clip_gradients
+        if has_nonfinite:
+            for _, _, _, blob in self.params:
+                clip_kernels.zero_nonfinite_(self.diff(blob))
+        if norm <= limit:
+            return
+        scale = limit / (norm + clip_kernels.TINY)
+        for _, _, _, blob in self.params:
+            self.diff(blob)[...] *= numpy.float32(scale)
+        self.reports.event(Event("clip", iteration, "param diff L2 norm %s > %s: scaled by %s; %d "
+                                 "clipped in all" % (number_text(norm), number_text(limit),
+                                                     number_text(scale),
+                                                     self.reports.counts["clip"] + 1),
+                                 {"norm": norm, "scale": scale}))

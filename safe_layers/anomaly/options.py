@@ -1,0 +1,69 @@
+"""The watch's options: one list (OPTIONS) for the library, `safe-layers train`'s flags and
+the README's table, and :class:`WatchOptions`, the validated set of one watch."""
+
+from safe_layers.core.params import Field
+
+ON_NONFINITE = ("stop", "skip", "warn")
+
+OPTIONS = [
+    Field("on_nonfinite", str, "stop", "an iteration with a non-finite loss or param diff: stop "
+          "(raise NonFiniteError before the update), skip it (weights, momentum and iter untouched) "
+          "or warn (report, let Caffe update)", choices=ON_NONFINITE),
+    Field("rollback_after", int, None, "after this many bad iterations in a row (or at once when "
+          "the weights go non-finite), restore the last checkpoint", low=1),
+    Field("checkpoint_every", int, 100, "rollback: take a checkpoint (solver snapshot) every this "
+          "many iterations, when the weights are finite and the training loss (mean of the last "
+          "growth_window iterations) is at most checkpoint_loss_ratio times the loss of the run's "
+          "first iteration", low=1),
+    Field("checkpoint_loss_ratio", float, 1.5, "rollback: a state whose recent loss is above this "
+          "many times the loss of the run's first iteration does worse than the net it started "
+          "from, and is not checkpointed", low=1.0),
+    Field("keep_checkpoints", int, 3, "rollback: checkpoints kept; a rollback whose checkpoint "
+          "fails again before a newer one is taken goes one checkpoint further back", low=1),
+    Field("lr_factor", float, None, "rollback: multiply base_lr by this at each rollback",
+          low=0.0, high=1.0, low_open=True),
+    Field("max_rollbacks", int, 5, "rollback: stop after this many", low=1),
+    Field("max_skips", int, 100, "skip: stop after this many bad iterations in a row", low=1),
+    Field("warn_growth", float, None, "early warning: the gradient L2 norm above this many times "
+          "its median over the last growth_window iterations, or the weight norm above this many "
+          "times its value growth_window iterations ago", low=1.0, low_open=True),
+    Field("growth_window", int, 20, "early warning: iterations the growth is measured over", low=2),
+    Field("clip_gradients", float, None, "clip the global L2 norm of the param diffs to this, "
+          "NaN/Inf elements zeroed first (Caffe's clip_gradients lets a NaN norm through)",
+          low=0.0, low_open=True),
+    Field("record_dir", str, None, "on the first fault, write the batch, the weights and the "
+          "report here (replay with safe_layers.anomaly.replay)"),
+    Field("check_layers", bool, True, "check every layer's outputs (producer localization); "
+          "false: only the loss, the param diffs, the weights and the rate"),
+    Field("check_test_nets", bool, True, "check the test nets' forward passes too (reported, "
+          "never stopped or skipped)"),
+    Field("log_first", int, 5, "reports of each kind printed in full before the log switches "
+          "to summaries", low=0),
+    Field("log_every", int, 100, "after log_first, one summary line every this many", low=1),
+]
+
+_OPTION_FIELDS = {f.name: f for f in OPTIONS}
+
+
+class WatchOptions:
+    """Validated watch options (see OPTIONS); a bad one raises ValueError naming the
+    option, the value and what is allowed."""
+
+    def __init__(self, **values):
+        unknown = sorted(set(values) - set(_OPTION_FIELDS))
+        if unknown:
+            raise ValueError("watch: unknown option %s; allowed: %s"
+                             % (", ".join(repr(k) for k in unknown), ", ".join(_OPTION_FIELDS)))
+        for name, field in _OPTION_FIELDS.items():
+            value = values.get(name)
+            if value is None:
+                setattr(self, name, field.default)
+                continue
+            converted = field.convert(value)
+            if converted is None:
+                raise ValueError("watch: option %r has value %r; allowed: %s"
+                                 % (name, value, field.allowed()))
+            setattr(self, name, converted)
+
+    def as_dict(self):
+        return {name: getattr(self, name) for name in _OPTION_FIELDS}
