@@ -187,31 +187,41 @@ def sync(path):
         os.close(fd)
 
 
+def stems(stem):
+    """The names :func:`publish` tries: ``stem``, ``stem-2``, ``stem-3``, ..."""
+    yield stem
+    for attempt in range(2, MAX_SUFFIX):
+        yield "%s-%d" % (stem, attempt)
+
+
 def publish(folder, stem, parts):
     """Link the temporary files ``parts`` ({suffix: temporary path}) into ``folder`` as
-    ``stem + suffix`` each, under the first stem (``stem``, ``stem-2``, ...) free for all
-    of them. Never overwrites, never follows a link. Returns {suffix: final path}."""
-    links = True
-    for attempt in range(1, MAX_SUFFIX):
-        name = stem if attempt == 1 else "%s-%d" % (stem, attempt)
-        finals = {suffix: os.path.join(folder, name + suffix) for suffix in parts}
-        if links:
-            try:
-                return _link_all(parts, finals)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                    raise
-                links = False  # a file system without hard links: rename below
-        # rename is atomic too but replaces what is there: look first (racy only against
-        # another writer choosing this very name at this very moment).
-        if any(os.path.lexists(p) for p in finals.values()):
+    ``stem + suffix`` each, under the first of :func:`stems` free for all of them. Never
+    overwrites, never follows a link. Returns {suffix: final path}."""
+    for name in stems(stem):
+        try:
+            return publish_exactly(folder, name, parts)
+        except FileExistsError:
             continue
-        for suffix, final in finals.items():
-            os.rename(parts[suffix], final)
-        return finals
     raise FileExistsError(errno.EEXIST, "no free file name for %r" % stem, folder)
+
+
+def publish_exactly(folder, name, parts):
+    """:func:`publish` under ``name`` alone: FileExistsError (nothing published) when any
+    of its files is there (for a record whose files name each other)."""
+    finals = {suffix: os.path.join(folder, name + suffix) for suffix in parts}
+    try:
+        return _link_all(parts, finals)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+    # A file system without hard links: rename is atomic too but replaces what is there,
+    # so look first (racy only against another writer choosing this very name at once).
+    if any(os.path.lexists(p) for p in finals.values()):
+        raise FileExistsError(errno.EEXIST, "taken", folder)
+    for suffix, final in finals.items():
+        os.rename(parts[suffix], final)
+    return finals
 
 
 def _link_all(parts, finals):
