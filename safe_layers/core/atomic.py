@@ -70,7 +70,7 @@ def output_kind(path):
     if stat.S_ISREG(st.st_mode):
         return "file"
     if stat.S_ISDIR(st.st_mode):
-        raise UnsafeOutput(errno.EISDIR, "is a folder", path)
+        raise UnsafeOutput(errno.EISDIR, "it is a folder", path)
     if stat.S_ISLNK(st.st_mode):
         try:
             target = os.stat(path)
@@ -80,7 +80,7 @@ def output_kind(path):
         # reaches replaces nothing. A link to a file would be written through.
         if target is not None and not stat.S_ISREG(target.st_mode) and not stat.S_ISDIR(target.st_mode):
             return "device"
-        raise UnsafeOutput(errno.ELOOP, "is a symbolic link (to %s); name the file itself, or "
+        raise UnsafeOutput(errno.ELOOP, "it is a symbolic link (to %s); name the file itself, or "
                            "another name" % os.readlink(path), path)
     return "device"
 
@@ -114,7 +114,7 @@ def _write_into(path, data):
         fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ENXIO:
-            raise UnsafeOutput(errno.ENXIO, "is a FIFO that no process is reading", path) from None
+            raise UnsafeOutput(errno.ENXIO, "it is a FIFO that no process is reading", path) from None
         raise
     try:
         os.set_blocking(fd, True)

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from safe_layers.core import atomic
 from safe_layers.core.errors import InputError
 from safe_layers.core.float_text import jsonable
 
@@ -71,20 +72,16 @@ class Finding:
 
 
 def check_output_path(path, what):
-    """Raise :class:`InputError` unless ``path`` can be written as a new or replaced file:
-    its folder exists and is a folder, and the path itself is not a folder. Called on the
-    command line's output paths before any work, so a typo in ``-o`` / ``--plot`` costs
-    nothing and no "wrote ..." is printed for a file that never came to be."""
+    """Raise :class:`InputError` unless ``path`` can be written as a new or replaced file
+    (:func:`safe_layers.core.atomic.check_output`: its folder exists and is writable; not
+    a folder, not a link to a file; a device such as /dev/null is written into). Called on
+    the command line's output paths before any work, so a typo in ``-o`` / ``--plot``
+    costs nothing and no "wrote ..." is printed for a file that never came to be."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise InputError("cannot write %s %s: it is a folder" % (what, path))
-    if not os.path.isdir(folder):
-        raise InputError("cannot write %s %s: folder %s does not exist" % (what, path, folder))
-    if os.path.exists(path) and os.access(path, os.W_OK):
-        return path  # an existing file (or /dev/null) that can be written in place
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError("cannot write %s %s: folder %s is not writable" % (what, path, folder))
+    try:
+        atomic.check_output(path)
+    except OSError as exc:
+        raise InputError("cannot write %s %s: %s" % (what, path, exc.strerror or exc)) from None
     return path
 
 

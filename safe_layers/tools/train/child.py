@@ -17,6 +17,7 @@ fault (the report is the last event), 2 bad input.
 """
 
 import datetime
+import errno
 import json
 import os
 import signal
@@ -54,35 +55,68 @@ class CaffeLog:
 
 
 class EventLog:
-    """The JSON-lines event log, flushed line by line (a crash loses nothing before it)."""
+    """The JSON-lines event log of this run, flushed line by line (a crash loses nothing
+    before it), written to two files:
 
-    def __init__(self, path):
+    * ``private``, in the tool's own working folder: what ``safe-layers train`` reads
+      back at the end (the summary, the stop, this run's plot), whatever the user's path is;
+    * ``path``, the user's: appended to, never truncated (a resumed run adds to the log of
+      the run it resumes), and opened only once the solver is built (a run that fails
+      before then touches nothing). It starts with a ``run`` record. A link, a FIFO no
+      one reads, a full disk: said once on stderr, and training goes on.
+    """
+
+    def __init__(self, path, private):
         self.path = path
-        self.lost = 0       # records that could not be written
+        self.lost = 0        # records that could not be written to the user's log
+        self.file = None
+        self.waiting = []    # records before the user's log is opened
+        self.private = open(private, "a") if private else None
+
+    def open(self, run_record):
+        """Open the user's log (the solver is built) and write what came before."""
         try:
-            self.file = open(path, "w")
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW |
+                         os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+            os.set_blocking(fd, True)
+            self.file = os.fdopen(fd, "a")
         except OSError as exc:
-            self.file = None
-            self._failed(exc)
+            why = ("a FIFO that no process is reading" if exc.errno == errno.ENXIO else
+                   "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc)
+            self._failed(why)
+            self.waiting = None
+            return
+        waiting, self.waiting = self.waiting, None
+        for record in [run_record] + waiting:
+            self._to_user(record)
 
     def write(self, record):
         """Append one record; a failure to write (a full disk) is said once, on stderr, and
         training goes on: the event log never kills a run."""
+        line = json.dumps(jsonable(record), sort_keys=True) + "\n"
+        if self.private is not None:
+            self.private.write(line)
+            self.private.flush()
+        if self.waiting is not None:
+            self.waiting.append(record)
+        else:
+            self._to_user(record, line)
+
+    def _to_user(self, record, line=None):
         if self.file is None:
             self.lost += 1
             return
         try:
-            self.file.write(json.dumps(jsonable(record), sort_keys=True) + "\n")
+            self.file.write(line or json.dumps(jsonable(record), sort_keys=True) + "\n")
             self.file.flush()
         except (OSError, ValueError) as exc:
             self.lost += 1
             if self.lost == 1:
-                self._failed(exc)
+                self._failed(getattr(exc, "strerror", None) or exc)
 
-    def _failed(self, exc):
+    def _failed(self, why):
         sys.stderr.write("safe-layers train: cannot write the event log %s (%s): training goes on; "
-                         "the log lines on stderr are the record\n"
-                         % (self.path, getattr(exc, "strerror", None) or exc))
+                         "the log lines on stderr are the record\n" % (self.path, why))
 
     def watch_listener(self, item):
         record = item.as_dict()
@@ -151,7 +185,7 @@ def _output_lines(net, label):
 class Trainer:
     def __init__(self, config):
         self.config = config
-        self.events = EventLog(config["events"])
+        self.events = EventLog(config["events"], config.get("private_events"))
         self.bar = None
         self.log = CaffeLog(sys.stderr)
         self.stop_requested = False
@@ -190,6 +224,9 @@ class Trainer:
         self.solver, self.param = solver, param
         max_iter = param.max_iter
         start = int(solver.iter)
+        self.events.open({"event": "run", "pid": os.getpid(), "solver": cfg["solver_file"],
+                          "snapshot": cfg.get("snapshot"),
+                          "time": datetime.datetime.now().isoformat(timespec="seconds")})
         self.events.write({"event": "start", "iteration": start, "max_iter": max_iter,
                            "net": cfg.get("net_name"), "lr_policy": param.lr_policy,
                            "watch": self.watch.options.as_dict()})

@@ -28,6 +28,7 @@ from safe_layers.anomaly.options import OPTIONS, WatchOptions
 from safe_layers.readers.prototxt import read_solver_param
 from safe_layers.core.errors import InputError
 from safe_layers.tools.findings import EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, check_output_path, save_png
+from safe_layers.tools.train import run_files
 
 HELP = "train like `caffe train`, under a watch: skip, rollback, reports naming layer and iteration"
 
@@ -170,12 +171,8 @@ def prepare(args, workdir):
     prefix = param.snapshot_prefix
     events = args.events or prefix + "_events.jsonl"
     plot = args.plot or prefix + "_train.png"
-    inputs = {os.path.abspath(p) for p in [args.solver, args.snapshot] +
-              args.weights.split(",") if p}
-    for out, what in ((events, "the event log"), (plot, "the plot")):
-        if os.path.abspath(out) in inputs:
-            raise InputError("%s is an input of this run; refusing to write over it" % out)
-        check_output_path(out, what)
+    run_files.check_outputs({events: "the event log", plot: "the plot"},
+                            run_files.run_inputs(args.solver, args.snapshot, args.weights))
     if real["snapshot"] or param.snapshot_after_train or args.rollback_after:
         # Caffe checks this only when `snapshot` is set, and then aborts; the final
         # snapshot and the watch's checkpoints would fail at the end or at the first fault.
@@ -186,7 +183,8 @@ def prepare(args, workdir):
     return {"solver": solver_path, "solver_file": args.solver, "snapshot": args.snapshot or None,
             "gpu": gpu, "sigint_effect": args.sigint_effect, "sighup_effect": args.sighup_effect,
             "watch": _watch_options(args), "events": events, "plot": plot, "real": real,
-            "progress": progress, "net_name": _net_name(param, args.solver)}
+            "progress": progress, "net_name": _net_name(param, args.solver),
+            "private_events": os.path.join(workdir, "events.jsonl")}
 
 
 def _check_sources(solver_path, param):
@@ -265,7 +263,8 @@ def run(args):
             json.dump(config, f)
         returncode, tail = _supervise([sys.executable, "-m", "safe_layers.tools.train.child",
                                        config_path])
-    return _finish(config, returncode, tail)
+        events = _read_events(config["private_events"])
+    return _finish(config, events, returncode, tail)
 
 
 def _supervise(command):
@@ -324,8 +323,21 @@ def _read_events(path):
     return events
 
 
-def _finish(config, returncode, tail):
-    events = _read_events(config["events"])
+def _history(config, events):
+    """The events to plot: the user's event log when it is a file this run wrote into
+    (every run appended to it, so a resumed run is drawn with the one it resumed), else
+    this run's own."""
+    path = config["events"]
+    if events and os.path.isfile(path):
+        history = _read_events(path)
+        if any(e.get("event") == "run" for e in history):
+            return history
+    return events
+
+
+def _finish(config, events, returncode, tail):
+    """Say how the run ended (from this run's own events, kept in the tool's folder: they
+    never depend on where the user's event log went) and draw the plot."""
     kinds = [e.get("event") for e in events]
     started = "start" in kinds
     stopped = next((e for e in reversed(events) if e.get("event") == "stopped"), None)
@@ -333,14 +345,14 @@ def _finish(config, returncode, tail):
     plot = None
     if started:
         try:
-            plot = write_plot(events, config["plot"])
+            plot = write_plot(_history(config, events), config["plot"])
         except Exception as exc:  # noqa: BLE001 - a plot never hides the outcome
             sys.stderr.write("safe-layers train: could not write the plot %s: %s\n"
                              % (config["plot"], exc))
     out = sys.stderr
     if summary:
         out.write("safe-layers train: %s\n" % summary["line"])
-    written = ["events %s" % config["events"]] if events else []
+    written = ["events %s" % config["events"]] if events and os.path.isfile(config["events"]) else []
     if plot:
         written.append("plot %s" % plot)
     if written:
