@@ -98,3 +98,37 @@ def test_a_fifo_no_one_reads_neither_hangs_nor_stops_the_run(lenet, tmp_path):
     run = result["run"]
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stderr.count("a FIFO that no process is reading") == 1
+
+
+def _signal_during_preflight(solver, number, tmp_path):
+    """Send ``number`` while the run is still being checked (before training starts)."""
+    import signal as signals
+    import subprocess
+    import sys
+    import time
+    from test_train import env
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    values = dict(env(), TMPDIR=str(temp))
+    child = subprocess.Popen([sys.executable, "-m", "safe_layers.tools.cli", "train", "-solver",
+                              str(solver)], cwd=tmp_path, env=values, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # past argument parsing, inside the checks and lint (seconds)
+    child.send_signal(number)
+    err = child.stderr.read()
+    return child.wait(timeout=240), err, temp
+
+
+def test_sigint_before_training_stops_cleanly_as_caffe_would(lenet, tmp_path):
+    import signal as signals
+    status, err, temp = _signal_during_preflight(lenet(max_iter=2000), signals.SIGINT, tmp_path)
+    assert status == 0 and "Traceback" not in err, err[-2000:]
+    assert "stopped by SIGINT (-sigint_effect stop) before training started" in err
+    assert "Starting Optimization" not in err
+    assert list(temp.iterdir()) == []
+
+
+def test_sighup_before_training_does_not_kill_the_run(lenet, tmp_path):
+    import signal as signals
+    status, err, temp = _signal_during_preflight(lenet(max_iter=4), signals.SIGHUP, tmp_path)
+    assert status == 0 and "Optimization Done." in err, err[-2000:]
+    assert list(temp.iterdir()) == []

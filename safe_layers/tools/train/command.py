@@ -252,24 +252,55 @@ def _lint(args):
     return None
 
 
+class EarlySignals:
+    """-sigint_effect / -sighup_effect from the first instant, as `caffe train` installs
+    its handler before it builds anything: while the run is checked, linted and its
+    training process started, 'stop' is noted (the run then ends before training, exit 0,
+    its temporary folder removed), 'snapshot' and 'none' have nothing to act on. Without
+    this, SIGINT printed a traceback and SIGHUP killed the tool silently (exit 129)."""
+
+    def __init__(self, sigint_effect, sighup_effect):
+        self.effects = {signal.SIGINT: sigint_effect, signal.SIGHUP: sighup_effect}
+        self.stop = None
+        self.previous = {number: signal.signal(number, self._note) for number in self.effects}
+
+    def _note(self, number, frame):
+        if self.effects[number] == "stop" and self.stop is None:
+            self.stop = signal.Signals(number).name
+            self.number = number
+
+    def restore(self):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+
 def run(args):
-    with tempfile.TemporaryDirectory(prefix="safe-layers-train-") as workdir:
-        config = prepare(args, workdir)
-        status = _lint(args)
-        if status is not None:
-            return status
-        config_path = os.path.join(workdir, "config.json")
-        with open(config_path, "w") as f:
-            json.dump(config, f)
-        returncode, tail = _supervise([sys.executable, "-m", "safe_layers.tools.train.child",
-                                       config_path])
-        events = _read_events(config["private_events"])
+    early = EarlySignals(args.sigint_effect, args.sighup_effect)
+    try:
+        with tempfile.TemporaryDirectory(prefix="safe-layers-train-") as workdir:
+            config = prepare(args, workdir)
+            status = _lint(args)
+            if status is not None:
+                return status
+            if early.stop is not None:
+                sys.stderr.write("safe-layers train: stopped by %s (-%s_effect stop) before "
+                                 "training started\n" % (early.stop, early.stop.lower()))
+                return EXIT_CLEAN
+            config_path = os.path.join(workdir, "config.json")
+            with open(config_path, "w") as f:
+                json.dump(config, f)
+            returncode, tail = _supervise([sys.executable, "-m", "safe_layers.tools.train.child",
+                                           config_path], early)
+            events = _read_events(config["private_events"])
+    finally:
+        early.restore()
     return _finish(config, events, returncode, tail)
 
 
-def _supervise(command):
+def _supervise(command, early=None):
     """Run the training process; pass its stderr through (and keep its last lines);
-    forward SIGINT/SIGHUP/SIGTERM to it exactly once. Returns (returncode, tail)."""
+    forward SIGINT/SIGHUP/SIGTERM to it exactly once (and a stop ``early`` noted while the
+    process was being started). Returns (returncode, tail)."""
     child = subprocess.Popen(command, stderr=subprocess.PIPE, process_group=0)
     forwarded = {}
 
@@ -281,6 +312,8 @@ def _supervise(command):
 
     for number in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         forwarded[number] = signal.signal(number, forward)
+    if early is not None and early.stop is not None:
+        forward(early.number, None)
     tail, partial = [], b""
     out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
     try:
