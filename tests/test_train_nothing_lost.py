@@ -132,3 +132,29 @@ def test_sighup_before_training_does_not_kill_the_run(lenet, tmp_path):
     status, err, temp = _signal_during_preflight(lenet(max_iter=4), signals.SIGHUP, tmp_path)
     assert status == 0 and "Optimization Done." in err, err[-2000:]
     assert list(temp.iterdir()) == []
+
+
+def test_a_corrupt_or_orphaned_snapshot_is_named_before_training(lenet, tmp_path):
+    solver = lenet(max_iter=2, snapshot_after_train="true")
+    assert safe_layers_train("-solver", solver, cwd=tmp_path).returncode == 0
+    state = tmp_path / "lenet_iter_2.solverstate"
+    model = tmp_path / "lenet_iter_2.caffemodel"
+    good = state.read_bytes()
+    longer = lenet(max_iter=4)
+    cut = tmp_path / "cut.solverstate"
+    cut.write_bytes(good[:len(good) - 7])
+    run = safe_layers_train("-solver", longer, "-snapshot", cut, cwd=tmp_path)
+    assert run.returncode == 2 and "-snapshot %s: not a Caffe solverstate" % cut in run.stderr, \
+        run.stderr[-2000:]
+    model.rename(tmp_path / "moved.caffemodel")
+    run = safe_layers_train("-solver", longer, "-snapshot", state, cwd=tmp_path)
+    assert run.returncode == 2 and "the weights it names, %s, do not exist" % model in run.stderr
+    assert "Starting Optimization" not in run.stderr
+
+
+def test_weights_that_copy_no_layer_are_warned_of(lenet, tmp_path):
+    empty = tmp_path / "empty.caffemodel"
+    empty.write_bytes(b"")
+    run = safe_layers_train("-solver", lenet(max_iter=2), "-weights", empty, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert ("safe-layers train: warning: -weights %s is empty: it copies no layer" % empty) in run.stderr

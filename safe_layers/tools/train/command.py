@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 from safe_layers.anomaly.options import OPTIONS, WatchOptions
-from safe_layers.readers.prototxt import read_solver_param
+from safe_layers.readers.prototxt import read_solver, read_solver_param, solver_nets
 from safe_layers.core.errors import InputError
 from safe_layers.tools.findings import EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, check_output_path, save_png
 from safe_layers.tools.train import run_files
@@ -97,8 +97,6 @@ def _watch_options(args):
 
 
 def _net_name(param, solver_path):
-    from safe_layers.readers.prototxt import solver_nets
-    from safe_layers.readers.prototxt import read_solver
     for field, net in solver_nets(read_solver(solver_path)):
         if field in ("net", "train_net", "net_param", "train_net_param"):
             return net.message.name
@@ -147,6 +145,12 @@ def prepare(args, workdir):
             caffe_process.solverstate_iteration(args.snapshot)
         except (OSError, ValueError) as exc:
             raise InputError("-snapshot %s: %s" % (args.snapshot, exc)) from None
+        run_files.check_snapshot(args.snapshot)
+    if args.weights:
+        train_net = next((net.path for field, net in solver_nets(read_solver(args.solver))
+                          if field in ("net", "train_net")), None)
+        for warning in run_files.weights_warnings(args.weights, train_net) if train_net else []:
+            sys.stderr.write("safe-layers train: warning: %s\n" % warning)
     real = {"display": param.display, "test_interval": param.test_interval,
             "snapshot": param.snapshot, "test_initialization": param.test_initialization}
     # What caffe.cpp does to the solver before it builds it, and what this tool does

@@ -89,3 +89,85 @@ def _check_ours(path, what):
     if not isinstance(record, dict) or "event" not in record:
         raise InputError("%s %s exists and is not a safe-layers event log: refusing to write into "
                          "it (name another file)" % (what, path))
+
+
+def check_snapshot(path):
+    """InputError unless ``path`` is a SolverState Caffe can restore: it parses, and the
+    weights file it names (``learned_net``, opened from the working directory as
+    ``Solver::Restore`` does) is there, parses, and holds as many blobs as the state's
+    momentum history needs (one or two per blob, by solver type). Caffe would otherwise
+    abort with a CHECK that names the solver prototxt, or none at all."""
+    if path.endswith(".h5"):
+        return _check_h5_snapshot(path)
+    pb2 = prototxt.caffe_pb2()
+    state = pb2.SolverState()
+    try:
+        with open(path, "rb") as f:
+            state.ParseFromString(f.read())
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError has no stable import path
+        raise InputError("-snapshot %s: not a Caffe solverstate (protobuf: %s): cut short or "
+                         "corrupt?" % (path, exc)) from None
+    if not state.learned_net:
+        return  # Caffe restores the history alone
+    if not os.path.isfile(state.learned_net):
+        raise InputError("-snapshot %s: the weights it names, %s, do not exist (Caffe opens "
+                         "them from the working directory, %s)"
+                         % (path, state.learned_net, os.getcwd()))
+    blobs = _count_blobs(state.learned_net, "-snapshot %s: its weights" % path)
+    history = len(state.history)
+    if history and blobs and history not in (blobs, 2 * blobs):
+        raise InputError("-snapshot %s: %d history blobs do not fit the %d blobs of its weights "
+                         "%s: a state and weights of different runs, or a file cut short"
+                         % (path, history, blobs, state.learned_net))
+
+
+def _check_h5_snapshot(path):
+    try:
+        import h5py
+    except ImportError:
+        return
+    try:
+        with h5py.File(path, "r") as f:
+            for key in ("iter", "history"):
+                if key not in f:
+                    raise InputError("-snapshot %s: an HDF5 file without '%s': not a Caffe "
+                                     "solverstate" % (path, key))
+    except OSError as exc:
+        raise InputError("-snapshot %s: not a readable HDF5 solverstate (%s)" % (path, exc)) from None
+
+
+def _count_blobs(path, what):
+    pb2 = prototxt.caffe_pb2()
+    net = pb2.NetParameter()
+    try:
+        with open(path, "rb") as f:
+            net.ParseFromString(f.read())
+    except Exception as exc:  # noqa: BLE001
+        raise InputError("%s %s are not a Caffe caffemodel (protobuf: %s)" % (what, path, exc)) from None
+    return sum(len(layer.blobs) for layer in net.layer) + sum(len(l.blobs) for l in net.layers)
+
+
+def weights_warnings(weights, net_path):
+    """Warnings for -weights files that would copy no layer into the net (an empty file,
+    a model of another net): Caffe's ``CopyTrainedLayersFrom`` copies by layer name and
+    says nothing of a file that matches none, and training starts from scratch."""
+    names = {layer.name for layer, _ in prototxt.read_net(net_path).layers()}
+    warnings = []
+    for path in [w.strip() for w in weights.split(",") if w.strip()]:
+        if path.endswith(".h5"):
+            continue
+        pb2 = prototxt.caffe_pb2()
+        model = pb2.NetParameter()
+        try:
+            with open(path, "rb") as f:
+                model.ParseFromString(f.read())
+        except Exception as exc:  # noqa: BLE001
+            raise InputError("-weights %s: not a Caffe caffemodel (protobuf: %s)" % (path, exc)) from None
+        with_blobs = [l.name for l in list(model.layer) + list(model.layers) if len(l.blobs)]
+        if not any(name in names for name in with_blobs):
+            what = ("is empty" if not with_blobs else
+                    "has weights for %s, none of them a layer of %s"
+                    % (", ".join(with_blobs[:5]) + (", ..." if len(with_blobs) > 5 else ""), net_path))
+            warnings.append("-weights %s %s: it copies no layer, and the net trains from its "
+                            "fillers" % (path, what))
+    return warnings
