@@ -17,7 +17,7 @@ from safe_layers.tools.findings import EXIT_INPUT
 
 # Subcommand -> the module of its command (safe_layers.tools.NAME.command); each defines
 # HELP, add_arguments and run, and its docstring is the subcommand's --help.
-SUBCOMMANDS = ("diagnose", "lint", "harden", "scan", "train")
+SUBCOMMANDS = ("diagnose", "lint", "harden", "scan", "train", "rule")
 
 
 def build_parser():

@@ -21,8 +21,15 @@ RULE_MODULES = {
              "safe_layers.tools.lint.rules.pooling", "safe_layers.tools.lint.rules.loss",
              "safe_layers.tools.lint.rules.batch_norm",
              "safe_layers.tools.lint.rules.python_layers", "safe_layers.tools.lint.rules.domain"),
-    "diagnose": ("safe_layers.tools.diagnose.command",),
-    "scan": ("safe_layers.tools.scan.command",),
+    "diagnose": ("safe_layers.tools.diagnose.rules.lr", "safe_layers.tools.diagnose.rules.loss",
+                 "safe_layers.tools.diagnose.rules.debug_info",
+                 "safe_layers.tools.diagnose.rules.reports",
+                 "safe_layers.tools.diagnose.rules.aborts",
+                 "safe_layers.tools.diagnose.rules.testnet",
+                 "safe_layers.tools.diagnose.rules.clipping",
+                 "safe_layers.tools.diagnose.rules.no_training"),
+    "scan": ("safe_layers.tools.scan.datum_records", "safe_layers.tools.scan.label_stats",
+             "safe_layers.tools.scan.hdf5_sources", "safe_layers.tools.scan.net_targets"),
 }
 
 

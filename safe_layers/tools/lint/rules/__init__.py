@@ -10,7 +10,9 @@
     SL7xx  domain traps: Log, Power, Exp                             (rules/domain.py)
 
 A rule id never changes meaning; a retired id is never reused. ``safe-layers lint
---list-rules`` prints this table from :data:`RULES`.
+--list-rules`` prints this table from :data:`RULES`; each rule's ``doc`` (``safe-layers rule
+SL201``) says why it matters and cites what Caffe does as file:line of BVLC Caffe 1.0 at
+git 99bd997 (the source the Caffe of caffe_build/ is built from).
 """
 
 from safe_layers.readers.net_state import loss_weights
@@ -24,11 +26,50 @@ def rule(rule_id, severity, summary, doc=""):
     return rule_table.rule("lint", rule_id, severity, summary, doc)
 
 
-CAFFE_REFUSES = rule("SL001", "error", "Caffe refuses to build the net (its own message, naming the layer)")
-SHAPES_UNKNOWN = rule("SL002", "info", "blob shapes could not be known: shape-free rules only")
-MODULE_MISSING = rule("SL003", "warning", "a Python layer's module does not import here: shapes unknown")
-NET_PATH = rule("SL004", "warning", "a net named by the solver is not where Caffe looks for it")
-V1_LAYERS = rule("SL005", "info", "V1 'layers' entries: checked only by Caffe's build, not by the rules")
+CAFFE_REFUSES = rule(
+    "SL001", "error", "Caffe refuses to build the net (its own message, naming the layer)",
+    doc="""
+    lint builds each net with real Caffe, once per phase, in a child process: Net::Init
+    filters the layers by phase, creates each one and calls its SetUp (net.cpp:46-58, 84,
+    123), and a layer that refuses its parameters or its bottoms fails a CHECK there, which
+    aborts the whole process. `caffe train` would die the same way, at startup or at the
+    first test net. The finding carries Caffe's own message, placed on the layer it names.
+    """)
+SHAPES_UNKNOWN = rule(
+    "SL002", "info", "blob shapes could not be known: shape-free rules only",
+    doc="""
+    The pooling and loss rules need blob shapes, which lint takes from Caffe's own
+    Reshape of every layer as Net::Init sets the net up (net.cpp:123). Where that cannot
+    happen (Caffe refused the net, a Python layer's module does not import, a data
+    layer's source gives no shape and --input-shape names none, or --no-shapes), only the
+    rules that need no shape run; this note says why, so a clean result is not mistaken
+    for a checked one.
+    """)
+MODULE_MISSING = rule(
+    "SL003", "warning", "a Python layer's module does not import here: shapes unknown",
+    doc="""
+    Caffe creates a Python layer by importing python_param.module with Boost.Python
+    (layer_factory.cpp:295-296); when that fails here, lint cannot build the net to learn
+    its shapes, and `caffe train` run from this environment would abort the same way. The
+    module must be importable from the PYTHONPATH of the process that runs Caffe.
+    """)
+NET_PATH = rule(
+    "SL004", "warning", "a net named by the solver is not where Caffe looks for it",
+    doc="""
+    The solver's net, train_net and test_net paths are opened as given, relative to the
+    working directory of the `caffe` process, not to the solver file
+    (solver.cpp:91-104 with ReadNetParamsFromTextFileOrDie; io.cpp:36 fails with `File
+    not found`). A path that only exists relative to the solver works from one folder and
+    aborts from another; run Caffe from the folder the paths are written for.
+    """)
+V1_LAYERS = rule(
+    "SL005", "info", "V1 'layers' entries: checked only by Caffe's build, not by the rules",
+    doc="""
+    Caffe upgrades the deprecated V1 `layers { type: ENUM }` entries to `layer` when it
+    reads the file (upgrade_proto.cpp:54-66, UpgradeV1Net), so its build checks them; the
+    lint rules read only the current `layer` fields and skip V1 entries. Upgrade the file
+    with Caffe's upgrade_net_proto_text to have every rule check it.
+    """)
 
 
 class Report:

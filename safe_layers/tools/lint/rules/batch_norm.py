@@ -4,10 +4,42 @@ with the stored statistics scaled by ``1 / moving_average_fraction``) and its dr
 from safe_layers.tools.lint.rules import rule
 from safe_layers.tools.lint.rules.loss import _safe_params, is_safe_layer
 
-GLOBAL_STATS_TRAIN = rule("SL401", "warning", "BatchNorm uses stored statistics while training")
-LEARNED_STATS = rule("SL402", "error", "BatchNorm statistics declared learnable (lr_mult != 0)")
-EPS = rule("SL403", "error", "BatchNorm eps <= 0: 0/0 on a constant channel")
-STABLE_LR_MULT = rule("SL404", "error", "StableBatchNorm without its three param { lr_mult: 0 }")
+GLOBAL_STATS_TRAIN = rule(
+    "SL401", "warning", "BatchNorm uses stored statistics while training",
+    doc="""
+    BatchNorm uses the stored statistics when use_global_stats is true, which by default
+    is only in TEST (batch_norm_layer.cpp:14-16), and then never updates them
+    (batch_norm_layer.cpp:125-147 run only without it). The stored sums are divided by the
+    scale factor, taken as 0 when that is 0 (batch_norm_layer.cpp:98-105): a net trained
+    from scratch normalises with mean 0 and variance 0, i.e. divides by sqrt(eps), about
+    316 times its input. Right for fine-tuning with frozen trained statistics only.
+    """)
+LEARNED_STATS = rule(
+    "SL402", "error", "BatchNorm statistics declared learnable (lr_mult != 0)",
+    doc="""
+    BatchNorm's three blobs (mean, variance, scale factor) are statistics, not parameters:
+    the layer adds param { lr_mult: 0 } for each one not declared and aborts at setup when
+    a declared one has lr_mult != 0 (batch_norm_layer.cpp:36-47, `Cannot configure batch
+    normalization statistics as layer parameters`).
+    """)
+EPS = rule(
+    "SL403", "error", "BatchNorm eps <= 0: 0/0 on a constant channel",
+    doc="""
+    BatchNorm normalises by sqrt(variance + eps) (batch_norm_layer.cpp:150-161). A channel
+    that is constant over a batch (a dead ReLU, padding, a constant input) has variance 0,
+    so with eps <= 0 the output there is 0/0 = NaN, and a negative eps makes even small
+    variances NaN under the square root. Caffe's default eps is 1e-5 (caffe.proto:545).
+    """)
+STABLE_LR_MULT = rule(
+    "SL404", "error", "StableBatchNorm without its three param { lr_mult: 0 }",
+    doc="""
+    Each parameter blob of a layer gets lr_mult and decay_mult 1 unless a param block says
+    otherwise (net.cpp:440-457; caffe.proto:316-319). BatchNorm adds param { lr_mult: 0 }
+    for its statistics itself (batch_norm_layer.cpp:36-47); a Python layer cannot, so a
+    StableBatchNorm without its three param { lr_mult: 0 } has its statistics updated by
+    the solver as if they were weights, and shrunk by weight decay every iteration
+    (sgd_solver.cpp:156-171).
+    """)
 
 
 def check(ctx):

@@ -7,9 +7,31 @@ import math
 
 from safe_layers.tools.lint.rules import rule
 
-LOG_DOMAIN = rule("SL701", "warning", "Log of an input that can be <= 0: NaN or -inf")
-POWER_DOMAIN = rule("SL702", "warning", "Power with a fractional (or negative) exponent of an input that can be negative (or 0)")
-EXP_OVERFLOW = rule("SL703", "warning", "Exp with a large rate on an unbounded input: overflows to inf")
+LOG_DOMAIN = rule(
+    "SL701", "warning", "Log of an input that can be <= 0: NaN or -inf",
+    doc="""
+    Caffe's Log layer computes log(shift + scale * x) with no clamping
+    (log_layer.cpp:34-76): NaN for an argument below 0 and -inf at 0, and its backward
+    divides by the same argument (inf). Only an input kept non-negative by the layer in
+    front (Softmax, Sigmoid, ReLU, Exp...) with a positive shift is safe.
+    """)
+POWER_DOMAIN = rule(
+    "SL702", "warning", "Power with a fractional (or negative) exponent of an input that can be negative (or 0)",
+    doc="""
+    The Power layer computes (shift + scale * x)^power with caffe_powx
+    (power_layer.cpp:20-41): a fractional power of a negative base is NaN, and a negative
+    power of 0 is inf (then NaN downstream). lint checks whether the layer in front keeps
+    the base non-negative (and positive, for a negative power).
+    """)
+EXP_OVERFLOW = rule(
+    "SL703", "warning", "Exp with a large rate on an unbounded input: overflows to inf",
+    doc="""
+    The Exp layer computes base^(shift + scale * x), i.e. exp(x * scale * ln(base)) times a
+    constant (exp_layer.cpp:16-27, 31-45); float32 exp overflows to inf above 88.72, so an
+    unbounded input times a rate of 1 or more overflows once x passes 88.72 / rate, and the
+    inf turns into NaN in the next layer or the loss. Bound the input first (TanH, Sigmoid,
+    Clip) or lower the scale.
+    """)
 
 LOG_FLT_MAX = 88.72283935546875  # ln(FLT_MAX)
 

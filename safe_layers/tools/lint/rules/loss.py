@@ -8,11 +8,51 @@ from safe_layers.readers import prototxt
 from safe_layers.readers.net_state import loss_weights
 from safe_layers.tools.lint.rules import rule
 
-SOFTMAX_TWICE = rule("SL301", "error", "InfogainLoss fed by a Softmax: softmax applied twice")
-H_BAD = rule("SL302", "error", "infogain H missing, unreadable, non-finite, negative or not K x K (loaded and checked)")
-H_ROWS = rule("SL303", "warning", "infogain H rows do not sum to 1: gradients scale with the row sums")
-PYTHON_LOSS_WEIGHT = rule("SL304", "error", "a Python loss layer without loss_weight: its loss is ignored")
-LOSS_WEIGHT_RATIO = rule("SL305", "warning", "a loss_weight far (>= 100x) above the other losses'")
+SOFTMAX_TWICE = rule(
+    "SL301", "error", "InfogainLoss fed by a Softmax: softmax applied twice",
+    doc="""
+    InfogainLoss applies its own softmax to bottom[0] (infogain_loss_layer.cpp:15-27,
+    131-132; since BVLC PR #3855, 2017). A net written for the older layer, with a Softmax
+    in front, takes softmax twice: the probabilities are squashed towards uniform, the
+    loss hardly moves and the gradients are tiny. Feed it the logits, or use
+    SafeInfogainLoss with input: probabilities (harden --swap infogain).
+    """)
+H_BAD = rule(
+    "SL302", "error", "infogain H missing, unreadable, non-finite, negative or not K x K (loaded and checked)",
+    doc="""
+    InfogainLoss reads its H matrix from infogain_loss_param.source at setup
+    (infogain_loss_layer.cpp:40-46; io.cpp:54 aborts with `File not found`) and CHECKs
+    only that it holds K x K values (infogain_loss_layer.cpp:112-113). A NaN, Inf or
+    negative entry is used as is in the loss and its gradient
+    (infogain_loss_layer.cpp:152-156, 205-208). lint loads H as the layer would and checks
+    it against K from the bottom's shape.
+    """)
+H_ROWS = rule(
+    "SL303", "warning", "infogain H rows do not sum to 1: gradients scale with the row sums",
+    doc="""
+    InfogainLoss's gradient for a sample of label y is prob * rowsum(H[y]) - H[y]
+    (infogain_loss_layer.cpp:190-208): it only matches the softmax gradient's scale when
+    row y sums to 1. Rows summing to 10 multiply that class's gradients by 10, which can
+    make training diverge, and a zero row stops the class learning altogether. Normalise
+    the rows, or use SafeInfogainLoss with normalize_h: rows.
+    """)
+PYTHON_LOSS_WEIGHT = rule(
+    "SL304", "error", "a Python loss layer without loss_weight: its loss is ignored",
+    doc="""
+    A Caffe loss layer gets a loss_weight of 1 by default (loss_layer.cpp:11-13); a Python
+    layer is not a LossLayer, so it counts in the net's loss only for the loss_weight its
+    prototxt declares (layer.hpp:389-401). Without one, its loss is left out of the total,
+    Net::Init finds that nothing below it contributes to the loss and skips their backward
+    passes (net.cpp:170-205): the net trains on nothing.
+    """)
+LOSS_WEIGHT_RATIO = rule(
+    "SL305", "warning", "a loss_weight far (>= 100x) above the other losses'",
+    doc="""
+    A loss_weight scales its loss and the whole gradient that leaves it
+    (layer.hpp:389-401, net.cpp:127-130). One loss weighted 100 times the others dominates
+    every update: its gradient sets the step size for shared layers, and it is the first
+    to explode into inf/NaN. Bring the weights to the same order of magnitude.
+    """)
 
 RATIO = 100.0
 

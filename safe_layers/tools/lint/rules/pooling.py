@@ -14,9 +14,28 @@ import math
 
 from safe_layers.tools.lint.rules import rule
 
-WINDOW_OUTSIDE = rule("SL201", "error", "pooling windows lie outside the input: NaN (AVE) or -FLT_MAX (MAX); rows, columns and fixes named")
-STRIDE_OVER_KERNEL = rule("SL202", "warning", "pooling stride > kernel without pad, shapes unknown: "
-                          "empty windows for some input sizes")
+WINDOW_OUTSIDE = rule(
+    "SL201", "error", "pooling windows lie outside the input: NaN (AVE) or -FLT_MAX (MAX); rows, columns and fixes named",
+    doc="""
+    PoolingLayer::Reshape rounds the output size up (CEIL, the default round_mode) and
+    pulls a last window that starts in the padding back only when some pad is set
+    (pooling_layer.cpp:91-118). Without pad, with stride > kernel, the last row or column
+    of windows can start at or past the input's edge. Forward_cpu clips each window to the
+    input: AVE pooling then divides 0 by a window size of 0, NaN
+    (pooling_layer.cpp:203-222), and MAX pooling keeps its initial -FLT_MAX and mask -1
+    (pooling_layer.cpp:155-162), which its CPU backward uses as an index, adding the
+    gradient one element before the channel (pooling_layer.cpp:266-272). lint replays those
+    loops on the real input shape and names the rows, columns and fixes.
+    """)
+STRIDE_OVER_KERNEL = rule(
+    "SL202", "warning", "pooling stride > kernel without pad, shapes unknown: empty windows for some input sizes",
+    doc="""
+    Without blob shapes lint cannot tell whether a pooling layer's windows stay inside
+    its input, but stride > kernel with no pad and CEIL rounding (pooling_layer.cpp:91-118)
+    leaves the last window outside the input for some input sizes, which gives NaN (AVE)
+    or -FLT_MAX (MAX) there; see SL201. Give the input shapes (--input-shape) to check the
+    actual sizes, or remove the risk with round_mode: FLOOR, a pad, or kernel >= stride.
+    """)
 
 FLT_MAX = 3.4028234663852886e38
 

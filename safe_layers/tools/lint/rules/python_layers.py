@@ -9,9 +9,31 @@ one the layer would raise at net setup.
 
 from safe_layers.tools.lint.rules import rule
 
-IGNORED_BLOCK = rule("SL501", "error", "a Caffe *_param block on a Python layer: pycaffe never shows it to the layer (names the keys to move into param_str)")
-PARAM_STR = rule("SL601", "error", "a safe_layers layer's param_str its schema rejects (the layer's own error text)")
-UNKNOWN_CLASS = rule("SL602", "error", "python_param names a safe_layers layer that does not exist")
+IGNORED_BLOCK = rule(
+    "SL501", "error", "a Caffe *_param block on a Python layer: pycaffe never shows it to the layer (names the keys to move into param_str)",
+    doc="""
+    Caffe hands a Python layer its param_str and phase and nothing else of its
+    LayerParameter (python_layer.hpp:27-30; pycaffe's Layer exposes no layer_param,
+    _caffe.cpp:481-487). A Caffe *_param block left on a `type: "Python"` layer, such as
+    batch_norm_param after BatchNorm became StableBatchNorm, is parsed and silently
+    ignored: use_global_stats: true there freezes nothing. Its keys belong in param_str.
+    """)
+PARAM_STR = rule(
+    "SL601", "error", "a safe_layers layer's param_str its schema rejects (the layer's own error text)",
+    doc="""
+    A Python layer's setup() runs while Caffe builds the net, with python_param.param_str
+    (python_layer.hpp:27-30): a param_str that the safe_layers layer's schema rejects (an
+    unknown key, a value of the wrong type or range) raises there, and Caffe aborts the
+    net build. lint runs the same schema and reports the layer's own message.
+    """)
+UNKNOWN_CLASS = rule(
+    "SL602", "error", "python_param names a safe_layers layer that does not exist",
+    doc="""
+    Caffe creates a Python layer as module.<layer>(param) (layer_factory.cpp:295-296): a
+    python_param.layer that the safe_layers module does not define raises AttributeError
+    there, and Caffe aborts the net build. The finding lists the layer classes safe_layers
+    has.
+    """)
 
 
 def _yaml_value(value):

@@ -9,16 +9,95 @@ import math
 from safe_layers.core import lr_policy
 from safe_layers.tools.lint.rules import rule
 
-POLICY_FIELD = rule("SL101", "error", "the lr_policy lacks a field it reads (warning where the schedule only degenerates to a constant)")
-LR_BAD = rule("SL102", "error", "the simulated learning rate turns NaN, infinite, negative (error) or zero (warning), first iteration and value")
-POLICY_UNKNOWN = rule("SL103", "error", "unknown or missing lr_policy: Caffe aborts at the first update")
-MAX_ITER_ZERO = rule("SL104", "error", "max_iter 0: `caffe train` runs no iteration")
-MOMENTUM = rule("SL105", "error", "momentum (or Adam's momentum2) >= 1: the update never decays")
-WEIGHT_DECAY = rule("SL106", "error", "negative weight_decay: weights grow instead of shrinking")
-CLIP_ZERO = rule("SL107", "error", "clip_gradients 0 zeroes every gradient")
-ITER_SIZE = rule("SL108", "warning", "a safe_layers layer's iter_size differs from the solver's")
-POLY_PAST = rule("SL109", "warning", "poly: a run past max_iter gets NaN or a negative rate")
-DELTA = rule("SL110", "error", "delta <= 0 for an adaptive solver: 0/0 where a gradient is 0")
+POLICY_FIELD = rule(
+    "SL101", "error", "the lr_policy lacks a field it reads (warning where the schedule only degenerates to a constant)",
+    doc="""
+    SGDSolver::GetLearningRate reads different fields for each lr_policy: step reads
+    stepsize and gamma, exp and inv gamma (inv also power), multistep stepvalue and gamma,
+    poly power and max_iter, sigmoid gamma and stepsize (sgd_solver.cpp:27-70). An unset
+    field is not an error to Caffe: it reads as its proto default, mostly 0
+    (caffe.proto:146-175), so base_lr unset gives a rate of 0 and a step policy without
+    stepsize fails CHECK_GT(stepsize, 0) at the first update (sgd_solver.cpp:33).
+    """)
+LR_BAD = rule(
+    "SL102", "error", "the simulated learning rate turns NaN, infinite, negative (error) or zero (warning), first iteration and value",
+    doc="""
+    lint replays GetLearningRate (sgd_solver.cpp:27-70) in float32, as Caffe computes it,
+    over every iteration the run executes, and reports the first iteration whose rate is
+    NaN, infinite, negative or zero. The rate scales every update
+    (sgd_solver.cpp:228-234): NaN or inf writes NaN into every weight at once, a negative
+    rate climbs the loss, and 0 silently stops learning (a warning). Typical causes:
+    gamma > 1 with exp or step, poly past max_iter, inv with a negative power.
+    """)
+POLICY_UNKNOWN = rule(
+    "SL103", "error", "unknown or missing lr_policy: Caffe aborts at the first update",
+    doc="""
+    GetLearningRate knows fixed, step, exp, inv, multistep, poly and sigmoid; any other
+    lr_policy, an empty one included, reaches LOG(FATAL) `Unknown learning rate policy`
+    (sgd_solver.cpp:66-67). That happens at the first update, after the nets are built and
+    possibly after a first test pass, so the run dies late. lr_policy has no default in
+    caffe.proto (caffe.proto:171).
+    """)
+MAX_ITER_ZERO = rule(
+    "SL104", "error", "max_iter 0: `caffe train` runs no iteration",
+    doc="""
+    Solver::Solve runs Step(max_iter - iter): with max_iter 0, its default when unset
+    (caffe.proto:152), `caffe train` runs no iteration, snapshots the untrained net if asked
+    and reports success (solver.cpp:287-308). A pycaffe loop calling solver.step() does
+    run, which is why this is only a finding for the solver file.
+    """)
+MOMENTUM = rule(
+    "SL105", "error", "momentum (or Adam's momentum2) >= 1: the update never decays",
+    doc="""
+    SGD keeps a history h = lr * grad + momentum * h and applies h (sgd_solver.cpp:231-234):
+    with momentum 1 no past gradient ever fades and with more than 1 the step grows
+    geometrically, so the weights overflow to inf and then NaN. Adam's bias correction
+    divides by sqrt(1 - momentum2^t) (adam_solver.cpp:39-41), which is 0 (or NaN) for
+    momentum2 >= 1.
+    """)
+WEIGHT_DECAY = rule(
+    "SL106", "error", "negative weight_decay: weights grow instead of shrinking",
+    doc="""
+    Caffe adds weight_decay * w to each gradient before the update (L2 regularization,
+    sgd_solver.cpp:156-171): a negative weight_decay pushes every weight away from 0 each
+    iteration, so the weights grow exponentially until they overflow. Use a small positive
+    value, or 0 for none.
+    """)
+CLIP_ZERO = rule(
+    "SL107", "error", "clip_gradients 0 zeroes every gradient",
+    doc="""
+    SGDSolver::ClipGradients disables clipping for a negative clip_gradients (its default,
+    -1: caffe.proto:186) and otherwise scales every gradient by clip_gradients / norm
+    whenever the global L2 norm exceeds it (sgd_solver.cpp:88-104): with 0, any nonzero
+    gradient is scaled by 0 and nothing ever learns, without a warning.
+    """)
+ITER_SIZE = rule(
+    "SL108", "warning", "a safe_layers layer's iter_size differs from the solver's",
+    doc="""
+    With iter_size N, each solver iteration runs N forward/backward passes and one update
+    (solver.cpp:230-233). A safe_layers layer counts its own passes and turns them into
+    iteration numbers with its iter_size; when that differs from the solver's, its reports
+    (and a watch that lines them up with Caffe's log) name the wrong iteration. harden
+    --solver writes the solver's iter_size into every layer it inserts.
+    """)
+POLY_PAST = rule(
+    "SL109", "warning", "poly: a run past max_iter gets NaN or a negative rate",
+    doc="""
+    The poly policy computes base_lr * (1 - iter/max_iter)^power (sgd_solver.cpp:56-59).
+    Past max_iter the base is negative: a fractional power gives NaN, an odd integer power
+    a negative rate. `caffe train` stops at max_iter, but a pycaffe loop that steps further,
+    or a run restored from a snapshot with a raised iteration count, gets the NaN rate and
+    NaN weights at the next update.
+    """)
+DELTA = rule(
+    "SL110", "error", "delta <= 0 for an adaptive solver: 0/0 where a gradient is 0",
+    doc="""
+    AdaGrad, RMSProp, AdaDelta and Adam divide each update by sqrt(history) + delta
+    (adagrad_solver.cpp:33-43, rmsprop_solver.cpp:36-45, adam_solver.cpp:62-69): delta
+    (1e-8 by default, caffe.proto:219) is what keeps that denominator above 0 for a
+    parameter whose gradients have all been 0. With delta <= 0 such a parameter's update
+    is 0/0 = NaN, and the NaN spreads from that weight to the whole net.
+    """)
 
 ADAPTIVE = ("AdaGrad", "RMSProp", "AdaDelta", "Adam")
 SOLVER_TYPE_NAMES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}

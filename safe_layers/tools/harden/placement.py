@@ -1,0 +1,122 @@
+"""Where harden puts guards and clips: the spots of the default placement (and of
+``--guard``), and the layers that write a blob or already follow a layer, per phase."""
+
+import fnmatch
+
+from safe_layers.readers import prototxt
+from safe_layers.readers.layer_types import INPUT, SOURCE_DATA
+from safe_layers.readers.net_state import layers_in_state, loss_weights
+from safe_layers.tools.harden.param_strings import is_safe_guard
+from safe_layers.tools.lint.rules import pooling
+
+PRODUCER_TYPES = ("BatchNorm", "Log", "Power", "Exp")
+INPUT_TYPES = SOURCE_DATA + INPUT
+
+
+class Spot:
+    """A guard to insert after layer ``index``, on ``blobs``, for ``reasons``."""
+
+    def __init__(self, index, blobs, reason):
+        self.index, self.blobs, self.reasons = index, list(blobs), [reason]
+        self.clip_blob = None  # repair: a GradientClip on this blob (below a loss)
+
+    def add(self, blobs, reason):
+        for blob in blobs:
+            if blob not in self.blobs:
+                self.blobs.append(blob)
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+
+def matches(layer, spec):
+    """Whether ``layer`` is of the type ``spec`` or its name matches the glob ``spec``."""
+    return layer.type == spec or fnmatch.fnmatchcase(layer.name, spec)
+
+
+def phase_lists(pairs):
+    """The indices of the layers Caffe keeps in TRAIN, then in TEST, in file order."""
+    pb2 = prototxt.caffe_pb2()
+    index_of = {node.start: i for i, (_, node) in enumerate(pairs)}
+    lists = []
+    for phase in ("TRAIN", "TEST"):
+        kept = layers_in_state(pairs, pb2.Phase.Value(phase))
+        lists.append([index_of[node.start] for _, node in kept])
+    return lists
+
+
+def last_writers(pairs, before, blob):
+    """Indices of the layers that last write ``blob`` before layer ``before``, one per
+    phase (a TRAIN and a TEST data layer may both write 'data')."""
+    found = []
+    for order in phase_lists(pairs):
+        if before not in order:
+            continue
+        position = order.index(before)
+        for i in reversed(order[:position]):
+            # Guards and clips are transparent: the writer is the layer they follow.
+            if blob in pairs[i][0].top and not is_safe_guard(pairs[i][0]):
+                if i not in found:
+                    found.append(i)
+                break
+    return found
+
+
+def plan_spots(pairs, level, default_guards, guard_specs):
+    """The spots to guard, in layer order: the default placement (unless
+    ``default_guards`` is off) and each layer a ``--guard`` spec matches."""
+    spots = {}
+
+    def want(index, blobs, reason):
+        if index in spots:
+            spots[index].add(blobs, reason)
+        else:
+            spots[index] = Spot(index, blobs, reason)
+        return spots[index]
+
+    for i, (layer, _) in enumerate(pairs):
+        if is_safe_guard(layer):
+            continue
+        if default_guards:
+            if layer.type in INPUT_TYPES or (layer.type == "Python" and not layer.bottom):
+                if layer.top:
+                    want(i, list(layer.top), "data layer tops")
+            if layer.type == "Pooling" and layer.bottom:
+                for w in last_writers(pairs, i, layer.bottom[0]):
+                    want(w, [layer.bottom[0]], "input of pooling '%s'" % layer.name)
+                if layer.top and pooling.axes_outside(layer):
+                    want(i, [layer.top[0]], "output of pooling '%s': stride > kernel, so its "
+                         "last windows can lie outside the input (AVE: 0/0)" % layer.name)
+            if layer.type in PRODUCER_TYPES and layer.top:
+                want(i, [layer.top[0]], "a %s output" % layer.type)
+            elif (layer.type == "Python" and layer.python_param.layer == "StableBatchNorm"
+                  and layer.top):
+                # Where a --swap of the same run guards it: a net swapped first and
+                # hardened later gets the same file.
+                want(i, [layer.top[0]], "a BatchNorm output (StableBatchNorm)")
+            if any(loss_weights(layer)) and layer.bottom:
+                for w in last_writers(pairs, i, layer.bottom[0]):
+                    spot = want(w, [layer.bottom[0]], "below loss '%s'" % layer.name)
+                    if level == "repair":
+                        spot.clip_blob = layer.bottom[0]
+        for spec in guard_specs:
+            if matches(layer, spec) and layer.top:
+                want(i, list(layer.top), "--guard %s" % spec)
+    return [spots[i] for i in sorted(spots)]
+
+
+def run_after(pairs, index):
+    """The guards and clips that sit right after layer ``index`` (-1: at the start of
+    the layer list), in order: (layer, node) pairs."""
+    run = []
+    for layer, node in pairs[index + 1:]:
+        if not is_safe_guard(layer):
+            break
+        run.append((layer, node))
+    return run
+
+
+def existing(pairs, index, blob, kind):
+    """Whether a safe_layers ``kind`` layer on ``blob`` already sits right after layer
+    ``index`` (among the guards/clips that follow it): hardening twice adds nothing."""
+    return any(layer.python_param.layer == kind and blob in layer.bottom
+               for layer, _ in run_after(pairs, index))

@@ -1,0 +1,1 @@
+"""``safe-layers rule``: :mod:`.command` runs it."""
