@@ -9,6 +9,7 @@ command line (argparse's own usage errors exit 2 as well).
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 
@@ -17,6 +18,9 @@ from safe_layers.tools.findings import EXIT_INPUT
 
 # Subcommand -> the module of its command (safe_layers.tools.NAME.command); each defines
 # HELP, add_arguments and run, and its docstring is the subcommand's --help.
+# The status of a process ended by SIGPIPE (128 + 13), for a closed output pipe.
+EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
+
 SUBCOMMANDS = ("diagnose", "lint", "harden", "scan", "train", "rule")
 
 
@@ -39,22 +43,44 @@ def build_parser():
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The subcommand's name for messages, before argparse has said it (an action such as
+    # --list-rules prints while the arguments are parsed).
+    command = next((a for a in argv if a in SUBCOMMANDS), "")
     try:
-        return args.run(args)
+        args = parser.parse_args(argv)
+        status = args.run(args)
+        # Written out here, inside the try: a full disk behind stdout is an error of
+        # this command's, not a message lost at exit with status 0.
+        sys.stdout.flush()
+        return status
     except InputError as exc:
-        sys.stderr.write("safe-layers %s: error: %s\n" % (args.command, exc))
+        sys.stderr.write("safe-layers %s: error: %s\n" % (command, exc))
         return EXIT_INPUT
     except OSError as exc:
         # A file the command had to read or write and could not, that no check before
         # caught (a full disk, a permission): what and where, exit 2, no traceback.
         if isinstance(exc, BrokenPipeError):
-            # `safe-layers ... | head`: stop quietly, as Unix tools do.
-            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-            return 1
-        where = " %s" % exc.filename if getattr(exc, "filename", None) else ""
-        sys.stderr.write("safe-layers %s: error:%s: %s\n" % (args.command, where, exc.strerror or exc))
+            # `safe-layers ... | head`: stop quietly with the status of a process SIGPIPE
+            # ended, as Unix tools do; 1 would say "found an error".
+            _drop_stdout()
+            return EXIT_PIPE_CLOSED
+        where = exc.filename if getattr(exc, "filename", None) else None
+        sys.stderr.write("safe-layers %s: error: %s%s\n" % (
+            command, "%s: " % where if where else "cannot write: ", exc.strerror or exc))
+        _drop_stdout()
         return EXIT_INPUT
+
+
+def _drop_stdout():
+    """Point stdout at /dev/null: what could not be written must not be retried (and fail
+    again, with a traceback) when the interpreter flushes at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def entry_point():
