@@ -61,6 +61,7 @@ import difflib
 import os
 import sys
 
+from safe_layers.core import atomic
 from safe_layers.core.errors import InputError
 from safe_layers.readers import prototxt
 from safe_layers.tools.findings import check_output_path
@@ -142,21 +143,12 @@ def run(args):
 
 
 def write_file(path, text):
-    """Write ``text`` to ``path`` whole or not at all: into a temporary file beside it,
-    then renamed over it; the temporary file is removed on any failure. An OSError
-    becomes an InputError naming ``path``."""
-    tmp = "%s.tmp%d" % (path, os.getpid())
+    """Write ``text`` (its own line ends, byte for byte) to ``path`` whole or not at all
+    (:func:`safe_layers.core.atomic.replace_file`: a temporary file beside it renamed only
+    over a regular file; /dev/null or a pipe written into); an OSError becomes an
+    InputError naming ``path``."""
     try:
-        # newline="": the text's own line ends, byte for byte.
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise InputError("could not write the hardened net %s: %s"
-                             % (path, exc.strerror or exc)) from None
-        raise
+        atomic.replace_file(path, text)
+    except OSError as exc:
+        raise InputError("could not write the hardened net %s: %s"
+                         % (path, exc.strerror or exc)) from None
