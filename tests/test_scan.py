@@ -395,6 +395,16 @@ def test_hdf5_rows_match_caffe_hdf5data(caffe, make_net, tmp_path):
     assert finding["rows"] == caffe_rows == [5, 9]
 
 
+def test_hdf5_file_of_no_rows_is_an_error(caffe, tmp_path):
+    write_h5(tmp_path / "empty.h5", data=np.zeros((0, 2), np.float32), label=np.zeros((0,), np.float32))
+    write_h5(tmp_path / "full.h5", data=np.zeros((3, 2), np.float32), label=np.zeros((3,), np.float32))
+    (tmp_path / "list.txt").write_text("%s\n%s\n" % (tmp_path / "full.h5", tmp_path / "empty.h5"))
+    status, doc, _ = scan_json(tmp_path / "list.txt", "--tops", "data,label")
+    assert status == 1 and [f["rule"] for f in doc["findings"]] == ["SL927"]
+    assert doc["findings"][0]["path"] == str(tmp_path / "empty.h5")
+    assert "its datasets hold no row (data=0, label=0)" in doc["findings"][0]["message"]
+
+
 def test_hdf5_empty_list_missing_dataset_and_corrupt_file(caffe, tmp_path):
     (tmp_path / "empty.txt").write_text("\n")
     status, doc, _ = scan_json(tmp_path / "empty.txt", "--backend", "hdf5")
@@ -567,7 +577,8 @@ def test_list_rules_prints_the_rule_table_and_exits_0():
     lines = out.getvalue().splitlines()
     assert [line.split()[0] for line in lines] == ["SL901", "SL902", "SL903", "SL904", "SL905", "SL906",
                                                    "SL907", "SL910", "SL911", "SL912", "SL920", "SL921",
-                                                   "SL922", "SL923", "SL924", "SL925", "SL926", "SL930"]
+                                                   "SL922", "SL923", "SL924", "SL925", "SL926", "SL927",
+                                                   "SL930"]
     assert lines[0] == "SL901  error    non-finite float_data"
     assert all(rule_table.RULES[rule_id].doc for rule_id in rule_table.ids_of("scan"))
 

@@ -65,6 +65,16 @@ EMPTY_LIST = rule_table.rule(
     HDF5Data aborts at setup when its source list names no file
     (hdf5_data_layer.cpp:96-97, `Must have at least 1 HDF5 filename listed`).
     """)
+NO_ROWS = rule_table.rule(
+    "scan", "SL927", "error", "HDF5: a file whose datasets hold no row",
+    doc="""
+    HDF5Data loads a file of 0 rows without a word (hdf5_data_layer.cpp:51-60 checks the
+    axes and that the tops agree, not that there is a row) and then reads past its end:
+    Forward_cpu copies row ``data_permutation_[current_row_]`` of an empty permutation
+    (hdf5_data_layer.cpp:173), and Next() moves on to the next file only when the row
+    count is reached exactly (hdf5_data_layer.cpp:141), which from 0 it never is. The
+    batches are whatever memory lies there, or the process crashes.
+    """)
 
 
 def scan_hdf5(report, limit, label_name):
@@ -142,6 +152,12 @@ def _scan_file(report, file_path, tops, first_shapes, rows_left, label_name):
                 report.shape = shape[1:]
             _scan_hdf5_values(h5, top, file_path, report, rows_left, kind,
                               top == label_name, report.target)
+        if dim0 and not any(dim0.values()):
+            report.rules.add(Finding(file_path, 0, 0, NO_ROWS, "error",
+                                     "its datasets hold no row (%s): HDF5Data would read past "
+                                     "their end" % ", ".join("%s=0" % top for top in dim0),
+                                     "remove the file from the list, or fill it",
+                                     data={"rows": dim0}))
         if len(set(dim0.values())) > 1:
             report.rules.add(Finding(file_path, 0, 0, ROWS_DIFFER, "error",
                                      "the tops' datasets differ in dimension 0: %s (HDF5Data "
