@@ -63,3 +63,34 @@ def test_a_replaced_output_keeps_its_mode_and_leaves_no_temporary(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "NaNGuard" in out.read_text() and stat.S_IMODE(out.stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hardened.prototxt"]
+
+
+CONTROL_NAMES = r'''name: "control"
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 6 dim: 6 } } }
+layer { name: "conv\n1" type: "Convolution" bottom: "data" top: "c\t1"
+  convolution_param { num_output: 2 kernel_size: 3 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "pool\001" type: "Pooling" bottom: "c\t1" top: "p"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+'''
+
+
+def test_names_with_control_characters_are_written_so_caffe_and_yaml_read_them_back(caffe, tmp_path):
+    """A line end or a control character escaped in a layer name: the guard's prototxt
+    literal parses, its YAML names the layer exactly, and re-hardening changes nothing."""
+    from safe_layers import reporting
+    source = tmp_path / "control.prototxt"
+    source.write_text(CONTROL_NAMES)
+    command = [sys.executable, "-m", "safe_layers.tools.cli", "harden", str(source), "--level",
+               "strict", "--guard", "Convolution,Pooling", "-o"]
+    result = subprocess.run(command + [str(tmp_path / "hard.prototxt")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    net = caffe.Net(str(tmp_path / "hard.prototxt"), caffe.TEST)
+    guards = {log.layer for log in reporting.fault_logs(net=net)}
+    assert {"conv\n1_guard", "pool\x01_guard", "data_guard"} <= guards
+    result = subprocess.run([sys.executable, "-m", "safe_layers.tools.cli", "harden",
+                             str(tmp_path / "hard.prototxt"), "--level", "strict", "--guard",
+                             "Convolution,Pooling", "-o", str(tmp_path / "twice.prototxt")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "twice.prototxt").read_text() == (tmp_path / "hard.prototxt").read_text()

@@ -2,10 +2,11 @@
 for, the swaps, the new guards and clips; then the edits applied and checked."""
 
 from safe_layers.core.errors import InputError
+from safe_layers.core.float_text import exact_short
 from safe_layers.readers import prototxt
 from safe_layers.tools.harden.param_strings import (DEFAULT_MAX_NORM, LEVEL_WORDS, LEVELS, Own,
                                                     clip_param_str, guard_param_str,
-                                                    is_safe_guard, number_text)
+                                                    is_safe_guard)
 from safe_layers.tools.harden.placement import existing, matches, plan_spots, run_after
 from safe_layers.tools.harden.swaps import swap_batch_norm, swap_infogain
 from safe_layers.tools.harden.text_edits import (apply_edits, indent_unit, insert_after,
@@ -132,7 +133,7 @@ class Hardener:
                                           clip_param_str(name, layer.name, max_norm, self.iter_size), ind))
                 self.inserted["GradientClip"] += 1
                 self.log.append("  + GradientClip %s after %s on %s: L2 norm <= %s below the loss"
-                                % (name, layer.name, clip, number_text(max_norm)))
+                                % (name, layer.name, clip, exact_short(max_norm)))
             if blocks:
                 # After the guards and clips already there: a later run appends where an
                 # earlier one stopped, in the order one run would have written.
@@ -160,7 +161,7 @@ class Hardener:
                 what.append("%s -> %s" % (LEVEL_WORDS[own.level], LEVEL_WORDS[self.level]))
                 own.level = self.level
             if kind == "GradientClip" and self.max_norm is not None and own.max_norm != self.max_norm:
-                what.append("max_norm %s -> %s" % (number_text(own.max_norm), number_text(self.max_norm)))
+                what.append("max_norm %s -> %s" % (exact_short(own.max_norm), exact_short(self.max_norm)))
                 own.max_norm = self.max_norm
             if self.iter_size is not None and own.iter_size != self.iter_size:
                 what.append("iter_size %s -> %d" % (own.iter_size or "unset", self.iter_size))

@@ -1,7 +1,10 @@
 """The param_str of the guards and clips harden writes, exactly as it writes them, and
 :class:`Own`, which tells such a layer from one written by hand (left alone)."""
 
+import json
 import re
+
+from safe_layers.core.float_text import exact_short
 
 LEVELS = ("observe", "repair", "strict")
 GUARD_PARAMS = {
@@ -13,7 +16,7 @@ GUARD_PARAMS = {
 LEVEL_WORDS = {"observe": "warn", "repair": "clamp/zero", "strict": "abort"}
 DEFAULT_MAX_NORM = 1000.0
 
-_SCALAR = r"'(?:[^']|'')*'|[^,{}']+"  # what yaml_text writes
+_SCALAR = r"'(?:[^']|'')*'|\"(?:[^\"\\\\]|\\\\.)*\"|[^,{}'\"]+"  # what yaml_text writes
 
 # The param_str harden writes, and nothing else: a guard or clip whose param_str is not
 # exactly one of these (a key added, a value edited by hand) is the user's, left alone.
@@ -38,10 +41,14 @@ _YAML_WORDS = {"true", "false", "yes", "no", "on", "off", "null", "y", "n", "~"}
 
 def yaml_text(value):
     """``value`` as a YAML scalar that reads back as this string: plain when safe
-    (``conv1``, ``inception_3a/1x1``), else single-quoted (``'fc, 1'``, ``'2'``)."""
+    (``conv1``, ``inception_3a/1x1``), single-quoted when it has no control character
+    (``'fc, 1'``, ``'2'``), else double-quoted with escapes (a line end inside single
+    quotes would be folded into a space; JSON's escapes are YAML's)."""
     value = str(value)
     if _PLAIN.match(value) and value.lower() not in _YAML_WORDS:
         return value
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+        return json.dumps(value)
     return "'%s'" % value.replace("'", "''")
 
 
@@ -49,6 +56,8 @@ def yaml_text_back(scalar):
     """The string :func:`yaml_text` wrote."""
     if len(scalar) >= 2 and scalar[0] == scalar[-1] == "'":
         return scalar[1:-1].replace("''", "'")
+    if len(scalar) >= 2 and scalar[0] == scalar[-1] == '"':
+        return json.loads(scalar)
     return scalar
 
 
@@ -66,16 +75,9 @@ def guard_param_str(name, follows, level, iter_size=None):
     return param_str(pairs, iter_size)
 
 
-def number_text(value):
-    """``value`` as short as reads back exactly: ``1000``, ``0.5``, ``1234567.0`` (never
-    ``%g``'s ``1.23457e+06``, which would change the bound the user gave)."""
-    short = "%g" % value
-    return short if float(short) == value else repr(float(value))
-
-
 def clip_param_str(name, follows, max_norm, iter_size=None):
     return param_str([("name", name), ("follows", follows), ("mode", "norm"),
-                      ("max_norm", number_text(max_norm))], iter_size)
+                      ("max_norm", exact_short(max_norm))], iter_size)
 
 
 def is_safe_guard(layer):

@@ -3,10 +3,15 @@ the original text, placed so that every byte around it stays as it was (comments
 formatting, line ends), and applied all at once by :func:`apply_edits`."""
 
 
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
 def prototxt_string(text):
     """``text`` as a double-quoted prototxt string literal (Caffe's text_format reads
-    back exactly ``text``)."""
-    return '"%s"' % str(text).replace("\\", "\\\\").replace('"', '\\"')
+    back exactly ``text``): C escapes for the quote, the backslash and every control
+    character (a raw line end inside a literal does not parse)."""
+    return '"%s"' % "".join(_ESCAPES.get(ch) or ("\\%03o" % ord(ch) if ord(ch) < 32 or ord(ch) == 127
+                                                 else ch) for ch in str(text))
 
 
 def line_end_at(text, position):
