@@ -35,8 +35,8 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 
+from safe_layers.core import scratch
 from safe_layers.core.errors import InputError
 
 BACKENDS = ("lmdb", "leveldb", "hdf5")
@@ -328,7 +328,7 @@ def _shadow_directory(path):
         raise InputError("%s: cannot list the LevelDB directory: %s" % (path, exc.strerror)) from None
     if "CURRENT" not in names:
         raise InputError("%s: not a LevelDB (no CURRENT file)" % path)
-    shadow = tempfile.mkdtemp(prefix="safe-layers-leveldb-")
+    shadow = scratch.make("leveldb")
     source = os.path.abspath(path)
     for name in names:
         if name in ("LOCK", "LOG", "LOG.old"):

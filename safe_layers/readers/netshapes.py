@@ -28,8 +28,8 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
+from safe_layers.core import scratch
 from safe_layers.readers import layer_types, prototxt
 
 # Layer types that read data from outside the net; each is replaced by an Input layer.
@@ -432,7 +432,7 @@ def infer(net_message, net_path, phase, overrides=None, stages=(), level=0, time
     except ShapeUnknown as exc:
         return Shapes(unknown=str(exc))
     from google.protobuf import text_format
-    with tempfile.TemporaryDirectory(prefix="safe_layers_shapes_") as tmp:
+    with scratch.folder("shapes") as tmp:
         net_file = os.path.join(tmp, "net.prototxt")
         out_file = os.path.join(tmp, "shapes.json")
         with open(net_file, "w") as f:

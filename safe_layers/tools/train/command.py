@@ -22,10 +22,10 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 
 from safe_layers.anomaly.options import OPTIONS, WatchOptions
 from safe_layers.readers.prototxt import read_solver, read_solver_param, solver_nets
+from safe_layers.core import scratch
 from safe_layers.core.errors import InputError
 from safe_layers.tools.findings import EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, check_output_path, save_png
 from safe_layers.tools.train import run_files
@@ -281,7 +281,7 @@ class EarlySignals:
 def run(args):
     early = EarlySignals(args.sigint_effect, args.sighup_effect)
     try:
-        with tempfile.TemporaryDirectory(prefix="safe-layers-train-") as workdir:
+        with scratch.folder("train") as workdir:
             config = prepare(args, workdir)
             status = _lint(args)
             if status is not None:
