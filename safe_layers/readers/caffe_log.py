@@ -390,6 +390,9 @@ class LogReader:
             yield block.event()
 
     def _parse(self, message, number, severity, source):
+        """The event of one message, or None. One concept read best whole: the order of
+        the tests is the meaning (a fatal line first, our own lines before Caffe's, whose
+        patterns a report's text may contain), so the ladder stays in one place."""
         if severity == "F":
             return Event("fatal", number, message=message.strip(), source=source)
         # Ours next: a report's text may hold "Iteration " or "loss = " of its own.

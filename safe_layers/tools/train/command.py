@@ -128,17 +128,7 @@ def prepare(args, workdir):
     for path in [args.snapshot] + [w.strip() for w in args.weights.split(",") if w.strip()]:
         if path and not os.path.isfile(path):
             raise InputError("%s: no such file" % path)
-    gpu = None
-    if args.gpu:
-        if "," in args.gpu or args.gpu == "all":
-            raise InputError("-gpu %s: one device only; multi-GPU training of Python layers needs "
-                             "NCCL and Caffe's python/train.py" % args.gpu)
-        try:
-            gpu = int(args.gpu)
-        except ValueError:
-            raise InputError("-gpu %r: a device number" % args.gpu) from None
-    elif param.HasField("solver_mode") and param.solver_mode == param.GPU:
-        gpu = param.device_id
+    gpu = _device(args, param)
     if args.snapshot:
         from safe_layers.core import caffe_process
         try:
@@ -189,6 +179,21 @@ def prepare(args, workdir):
             "watch": _watch_options(args), "events": events, "plot": plot, "real": real,
             "progress": progress, "net_name": _net_name(param, args.solver),
             "private_events": os.path.join(workdir, "events.jsonl")}
+
+
+def _device(args, param):
+    """The GPU to train on (-gpu, else the solver's GPU mode and device_id), or None."""
+    if args.gpu:
+        if "," in args.gpu or args.gpu == "all":
+            raise InputError("-gpu %s: one device only; multi-GPU training of Python layers needs "
+                             "NCCL and Caffe's python/train.py" % args.gpu)
+        try:
+            return int(args.gpu)
+        except ValueError:
+            raise InputError("-gpu %r: a device number" % args.gpu) from None
+    if param.HasField("solver_mode") and param.solver_mode == param.GPU:
+        return param.device_id
+    return None
 
 
 def _check_sources(solver_path, param):

@@ -128,6 +128,20 @@ def check(solver, report, iterations=None):
         report.add(path, node(field) if field else None, rule_id, message, fix, severity=severity,
                    data=data)
 
+    known = _check_policy_fields(msg, add)
+    if not msg.max_iter:
+        add(MAX_ITER_ZERO, "max_iter", "max_iter is %s: `caffe train` runs no iteration (it stops "
+            "at once and, if asked, snapshots the untrained net)"
+            % ("0" if msg.HasField("max_iter") else "not set (0)"),
+            "set max_iter to the number of iterations to train")
+    if known:
+        _check_schedule(msg, add, iterations, report, path)
+    _check_update_settings(msg, add)
+
+
+def _check_policy_fields(msg, add):
+    """POLICY_UNKNOWN / POLICY_FIELD: the policy is one Caffe knows, and the fields it
+    reads are set. Returns whether the policy is known."""
     policy = msg.lr_policy
     known = policy in lr_policy.POLICIES
     if not known:
@@ -144,44 +158,46 @@ def check(solver, report, iterations=None):
                 add(POLICY_FIELD, "lr_policy", "lr_policy %r reads %s, which is not set: %s"
                     % (policy, field, consequence), "set %s" % field, severity=severity,
                     data={"field": field})
+    return known
 
-    if not msg.max_iter:
-        add(MAX_ITER_ZERO, "max_iter", "max_iter is %s: `caffe train` runs no iteration (it stops "
-            "at once and, if asked, snapshots the untrained net)"
-            % ("0" if msg.HasField("max_iter") else "not set (0)"),
-            "set max_iter to the number of iterations to train")
 
-    if known:
-        stop = iterations if iterations is not None else max(msg.max_iter, 1)
-        how = ("over the %d iterations given with --iterations" % stop if iterations is not None
-               else "over the %d iteration%s the run executes" % (stop, "s" if stop != 1 else ""))
-        if iterations is None and msg.max_iter == 0:
-            how = "at iteration 0 (a pycaffe solver.step(); `caffe train` runs none)"
-        fatal = lr_policy.fatal_problem(msg)
-        if fatal:
-            if not any(f.rule == POLICY_FIELD and f.severity == "error" and f.path == path
-                       for f in report.findings):
-                add(POLICY_FIELD, "lr_policy", fatal, "a positive stepsize and gamma >= 0")
-        else:
-            bad = lr_policy.first_bad(lr_policy.rates(msg, 0, stop))
-            if bad is not None:
-                iteration, value, kind = bad
-                severity = "warning" if kind == "zero" else "error"
-                field, why = lr_policy.explain(msg, iteration, value)
-                add(LR_BAD, "lr_policy",
-                    "lr_policy %r simulated %s: the learning rate is %s at iteration %d: lr = %s (%s)"
-                    % (policy, how, kind, iteration, _fmt(value), why),
-                    lr_policy.fix(msg, iteration, value), severity=severity,
-                    data={"iteration": iteration, "lr": value, "kind": kind, "simulated": stop,
-                          "field": field})
-        if policy == "poly" and msg.max_iter and (iterations is None or iterations <= msg.max_iter):
-            if msg.power != int(msg.power) or int(msg.power) % 2 == 1:
-                result = "NaN" if msg.power != int(msg.power) else "negative"
-                add(POLY_PAST, "lr_policy", "lr_policy 'poly' with power %g: a run that goes past "
-                    "max_iter %d (a pycaffe loop, a restored snapshot) gets a %s learning rate "
-                    "from iteration %d" % (msg.power, msg.max_iter, result, msg.max_iter + 1),
-                    "stop at max_iter (solver.step(max_iter - solver.iter)), or raise max_iter")
+def _check_schedule(msg, add, iterations, report, path):
+    """LR_BAD / POLY_PAST: the rate simulated over every iteration the run executes, and
+    poly past max_iter."""
+    policy = msg.lr_policy
+    stop = iterations if iterations is not None else max(msg.max_iter, 1)
+    how = ("over the %d iterations given with --iterations" % stop if iterations is not None
+           else "over the %d iteration%s the run executes" % (stop, "s" if stop != 1 else ""))
+    if iterations is None and msg.max_iter == 0:
+        how = "at iteration 0 (a pycaffe solver.step(); `caffe train` runs none)"
+    fatal = lr_policy.fatal_problem(msg)
+    if fatal:
+        if not any(f.rule == POLICY_FIELD and f.severity == "error" and f.path == path
+                   for f in report.findings):
+            add(POLICY_FIELD, "lr_policy", fatal, "a positive stepsize and gamma >= 0")
+    else:
+        bad = lr_policy.first_bad(lr_policy.rates(msg, 0, stop))
+        if bad is not None:
+            iteration, value, kind = bad
+            severity = "warning" if kind == "zero" else "error"
+            field, why = lr_policy.explain(msg, iteration, value)
+            add(LR_BAD, "lr_policy",
+                "lr_policy %r simulated %s: the learning rate is %s at iteration %d: lr = %s (%s)"
+                % (policy, how, kind, iteration, _fmt(value), why),
+                lr_policy.fix(msg, iteration, value), severity=severity,
+                data={"iteration": iteration, "lr": value, "kind": kind, "simulated": stop,
+                      "field": field})
+    if policy == "poly" and msg.max_iter and (iterations is None or iterations <= msg.max_iter):
+        if msg.power != int(msg.power) or int(msg.power) % 2 == 1:
+            result = "NaN" if msg.power != int(msg.power) else "negative"
+            add(POLY_PAST, "lr_policy", "lr_policy 'poly' with power %g: a run that goes past "
+                "max_iter %d (a pycaffe loop, a restored snapshot) gets a %s learning rate "
+                "from iteration %d" % (msg.power, msg.max_iter, result, msg.max_iter + 1),
+                "stop at max_iter (solver.step(max_iter - solver.iter)), or raise max_iter")
 
+
+def _check_update_settings(msg, add):
+    """MOMENTUM, WEIGHT_DECAY, CLIP_ZERO, DELTA: the update settings."""
     kind = solver_type(msg)
     if msg.momentum >= 1:
         add(MOMENTUM, "momentum", "momentum %g >= 1: each update adds the previous one undamped, so "
@@ -195,7 +211,7 @@ def check(solver, report, iterations=None):
             "weight_decay: 0.0005 (or 0 for none)")
     if msg.HasField("clip_gradients") and msg.clip_gradients == 0:
         add(CLIP_ZERO, "clip_gradients", "clip_gradients 0 scales every gradient by 0/norm: "
-            "nothing learns (and a zero norm gives 0/0 = NaN)",
+            "nothing learns",
             "remove clip_gradients (or -1) to disable, or a positive L2 bound such as 35")
     if kind in ADAPTIVE and msg.HasField("delta") and msg.delta <= 0:
         add(DELTA, "delta", "solver type %s with delta %g: the update divides by sqrt(history) + "
