@@ -1,8 +1,14 @@
 """What a watch says: every report and event kept, counted and printed (in full for the
 first few of each kind, then one summary line now and then), handed to the listener; the
-first fault recorded; and :class:`NonFiniteError`, where the watch stops training."""
+first fault recorded; and :class:`NonFiniteError`, where the watch stops training.
+
+Where two watches of one process run side by side, their lines name the watch
+(``WATCH [tag] ...``, :func:`safe_layers.reporting.watch_lines.tagged`); a watch alone
+writes its lines as ever.
+"""
 
 import collections
+import itertools
 import sys
 
 from safe_layers import reporting
@@ -20,15 +26,27 @@ class NonFiniteError(FloatingPointError):
         self.report = report
 
 
+# The Reports of this process's watches that are not closed, oldest first. A watch that
+# is never closed stays here for good (its hooks live in the nets, out of the collector's
+# reach): which watches run side by side is told by when each last ran (``seen``).
+_live = []
+_clock = itertools.count(1)
+_numbers = itertools.count(1)
+
+
 class Reports:
     """The reports of one watch: ``faults`` and ``events`` (oldest first), ``counts``
     (per kind), ``record_path`` (the record of the first fault, once written).
 
     Printed to ``stream`` (stderr when None): each kind in full ``log_first`` times, then
     one summary line every ``log_every``; a stop, a rollback and an lr change always.
-    ``listener`` (read at each report, so it may be set later) gets every one."""
+    ``listener`` (read at each report, so it may be set later) gets every one. An event
+    with ``details['warning']`` is always printed, as a warning.
 
-    def __init__(self, options, stream, listener, iteration, probe):
+    ``tag_of`` (callable -> a name or None) names the watch's lines while another watch of
+    this process runs beside it; ``kind`` ('solver' or 'net') names an unnamed one."""
+
+    def __init__(self, options, stream, listener, iteration, probe, tag_of=None, kind="solver"):
         self.options = options
         self.stream = stream
         self.listener = listener
@@ -38,6 +56,40 @@ class Reports:
         self.counts = collections.Counter()
         self.recorded = False
         self.record_path = None
+        self.tag_of, self.kind = tag_of, kind
+        self.tag = None
+        self.number = next(_numbers)
+        self.opened = self.seen = next(_clock)
+
+    # -- watches side by side ---------------------------------------------------------
+    def open(self):
+        """Count this watch among the process's live ones (once it is built)."""
+        _live.append(self)
+
+    def close(self):
+        if self in _live:
+            _live.remove(self)
+
+    def running(self):
+        """The watch's nets run now."""
+        self.seen = next(_clock)
+
+    def shared(self):
+        """Whether another live watch has started or run since this one started: their
+        lines would mix in one log."""
+        return any(other is not self and other.seen >= self.opened for other in _live)
+
+    def name(self):
+        """This watch's tag: its net's name, else 'solver#N' ('net#N'), N counting the
+        watches of the process; '#N' also parts two watches of one net."""
+        if self.tag is None:
+            base = self.tag_of() if self.tag_of else None
+            base = watch_lines.tag_text(base) if base else None
+            taken = {other.tag for other in _live if other is not self}
+            if base is None or base in taken:
+                base = "%s#%d" % (base or self.kind, self.number)
+            self.tag = base
+        return self.tag
 
     def fault(self, fault, severity):
         """Keep and print ``fault`` (severity 'E' or 'W'); record it if it is the first."""
@@ -61,9 +113,11 @@ class Reports:
         self.counts[event.kind] += 1
         count = self.counts[event.kind]
         o = self.options
-        if event.kind in ("rollback", "lr") or count <= o.log_first or \
+        warning = event.details.get("warning")
+        if warning or event.kind in ("rollback", "lr") or count <= o.log_first or \
                 (count - o.log_first) % o.log_every == 0:
-            self.write("W" if event.kind in ("skip", "rollback", "lr") else "I", event.line())
+            self.write("W" if warning or event.kind in ("skip", "rollback", "lr") else "I",
+                       event.line())
         if self.listener:
             self.listener(event)
 
@@ -91,6 +145,8 @@ class Reports:
         self.write("I", watch_lines.record_line(path))
 
     def write(self, severity, text):
+        if len(_live) > 1 and self.shared():
+            text = watch_lines.tagged(text, self.name())
         stream = self.stream or sys.stderr
         try:
             stream.write(reporting.glog_prefix(severity) + text + "\n")

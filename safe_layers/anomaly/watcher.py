@@ -40,6 +40,7 @@ from safe_layers.anomaly.probe import NetProbe
 from safe_layers.anomaly.producers import Producers
 from safe_layers.anomaly.reports import Reports
 from safe_layers.core import lr_policy, solver_iteration
+from safe_layers.readers import prototxt
 from safe_layers.readers.prototxt import read_solver_param
 from safe_layers.reporting import watch_lines
 
@@ -83,9 +84,11 @@ class Watch:
     rolled_back = _delegate("rollback", "rolled_back")
 
     def __init__(self, solver=None, net=None, solver_param=None, stream=None, listener=None,
-                 phase="TRAIN", **options):
+                 phase="TRAIN", resumed_from=None, **options):
         self.options = o = WatchOptions(**options)
         _check_arguments(solver, net, solver_param, o)
+        if solver is not None and getattr(solver, "_safe_layers_watch", None) is not None:
+            raise ValueError("watch: this solver is watched already")
         self.solver = solver
         self.param = solver_param
         self.closed = False
@@ -95,23 +98,30 @@ class Watch:
         train = NetProbe(self.net, "TRAIN" if solver is not None else phase, self._on_producer,
                          self.iteration, o.check_layers)
         self.probes = [train]
-        self.reports = Reports(o, stream, listener, self.iteration, train)
+        self.reports = Reports(o, stream, listener, self.iteration, train, self._net_name,
+                               "solver" if solver is not None else "net")
         self.producers = Producers(train, o, self.reports, under_solver=solver is not None)
         self.checks = SolverChecks(solver, solver_param, self.net, train, o, self.reports,
                                    LossGate(o.growth_window, o.checkpoint_loss_ratio))
+        # Before any hook: a prefix another watch holds refuses this one here.
         checkpoints = (Checkpoints(solver, solver_param, o.checkpoint_every, self.started,
-                                   o.keep_checkpoints)
+                                   o.keep_checkpoints, self.reports.event, resumed_from)
                        if solver is not None and o.rollback_after else None)
         self.rollback = Rollback(solver, solver_param, o, self.reports, checkpoints)
         self.boards = []
-        self._hook(self.net, train, backward=True)
-        if solver is not None:
-            self._attach(solver)
+        try:
+            self._hook(self.net, train, backward=True)
+            if solver is not None:
+                self._attach(solver)
+        except BaseException:
+            self.closed = True  # hooks already registered stay, doing nothing
+            if checkpoints is not None:
+                checkpoints.close()
+            raise
+        self.reports.open()
 
     def _attach(self, solver):
         """Hook the test nets, the solver's callbacks and its step and solve."""
-        if getattr(solver, "_safe_layers_watch", None) is not None:
-            raise ValueError("watch: this solver is watched already")
         if self.options.check_test_nets:
             for test_net in solver.test_nets:
                 probe = NetProbe(test_net, "TEST", self._on_producer, self.iteration, True)
@@ -140,10 +150,13 @@ class Watch:
     # -- hooks -----------------------------------------------------------------------
     def _hook(self, net, probe, backward):
         producers = self.producers
+        reports = self.reports
 
         def before(pass_):
             def hook(i):
                 if not self.closed:
+                    if i == 0:
+                        reports.running()
                     solver_iteration.activate(self)
                     if producers.held is not None:
                         producers.before_layer(probe, i, pass_)
@@ -175,10 +188,28 @@ class Watch:
         """The solver's iteration (None for a lone net): what every report names."""
         return int(self.solver.iter) if self.solver is not None else None
 
+    def _net_name(self):
+        """The name in the solver's net prototxt, or None: what the watch's lines are
+        tagged with where another watch runs beside it."""
+        param = self.param
+        if param is None:
+            return None
+        for field in ("net_param", "train_net_param"):
+            if param.HasField(field):
+                return getattr(param, field).name or None
+        for field in ("net", "train_net"):
+            if param.HasField(field):
+                try:
+                    return prototxt.read_net(getattr(param, field)).message.name or None
+                except Exception:  # noqa: BLE001 - a name is a nicety: the count stands in
+                    return None
+        return None
+
     def _on_start(self):
         if self.closed:
             return
         self.producers.drop_held()
+        self.reports.running()
         solver_iteration.activate(self)
         self._read_boards()  # left by a net.forward() of the caller's between steps
         iteration = self.iteration()
@@ -186,7 +217,7 @@ class Watch:
         self.checks.learning_rate(iteration)
         checkpoints = self.rollback.checkpoints
         if checkpoints is not None and self.checks.worth_keeping(iteration):
-            checkpoints.maybe_save(iteration, self.reports.event)
+            checkpoints.maybe_save(iteration)
         for probe in self.probes:
             probe.producers = []
         self.probes[0].pass_losses = []
@@ -253,11 +284,12 @@ class Watch:
     def close(self):
         """Stop watching: the hooks stay registered (pycaffe cannot remove them) but do
         nothing; ``solver.step`` / ``solve`` are Caffe's again; the watch's own
-        checkpoint files are deleted."""
+        checkpoint files are deleted and its snapshot_prefix is free again."""
         if self.closed:
             return
         self.producers.drop_held()
         self.closed = True
+        self.reports.close()
         solver_iteration.deactivate(self)
         for board in self.boards:
             board.reader = None
@@ -317,7 +349,11 @@ def watch(target, solver_file=None, stream=None, phase=None, **options):
     the lr_policy fields behind a bad rate and find its snapshots for rollback.
     ``options``: see OPTIONS (on_nonfinite, rollback_after, checkpoint_every, lr_factor,
     max_rollbacks, max_skips, warn_growth, growth_window, clip_gradients, record_dir,
-    check_layers, check_test_nets, log_first, log_every). ``phase`` ('TRAIN' / 'TEST'):
+    check_layers, check_test_nets, log_first, log_every). ``resumed_from``: the
+    ``.solverstate`` a solver was restored from, its first rollback point (by default
+    ``<snapshot_prefix>_iter_<iter>``, when it holds the solver's weights). With
+    ``rollback_after`` the watch holds the snapshot_prefix until :meth:`Watch.close`: a
+    second watch of it is refused (ValueError). ``phase`` ('TRAIN' / 'TEST'):
     what a lone net's reports say it is; by default the phase our layers in it were built
     in (pycaffe does not expose a net's own), else 'NET'. Returns the :class:`Watch`.
     """

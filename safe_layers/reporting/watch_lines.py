@@ -9,6 +9,10 @@ with Caffe's own log::
 
 :func:`parse_line` turns any such line (with or without the glog prefix) back into a
 dict; ``to_json`` gives the full structured form (the event log of `safe-layers train`).
+
+Where two watches of one process run side by side, each line names its watch right after
+the tag (:func:`tagged`: ``WATCH [lenet] skip iteration 37: ...``); :func:`parse_line`
+gives that name back as ``tag``.
 """
 
 import json
@@ -162,6 +166,18 @@ class Event:
         return "Event(%s)" % self.line()
 
 
+def tag_text(name):
+    """``name`` as a line's watch tag: no blank, no bracket, at most 40 characters."""
+    return re.sub(r"[^\w.#+-]", "_", str(name))[:40] or "_"
+
+
+def tagged(line, tag):
+    """``line`` (a WATCH line) naming the watch that wrote it: ``WATCH [tag] ...``."""
+    if not line.startswith(TAG):
+        return line
+    return "%s[%s] %s" % (TAG, tag_text(tag), line[len(TAG):])
+
+
 def record_line(path):
     """The line that says where a replayable record was written."""
     return "%srecord: %s (replay: safe_layers.anomaly.replay(%r, net))" % (TAG, path, path)
@@ -207,6 +223,8 @@ _SOLVER = re.compile(
 _EVENT = re.compile(
     _GLOG + r"WATCH (?P<kind>skip|rollback|checkpoint|clip|lr) iteration (?P<iteration>-?\d+): "
     r"(?P<message>.*)$")
+
+_TAGGED = re.compile(r"WATCH \[(?P<tag>[^\]\s]+)\] ")
 
 _INPUT = re.compile(r"(?P<role>[\w\[\] ]+?) (?P<blob>" + _STR + r") min=(?P<min>\S+) "
                     r"max=(?P<max>\S+) mean\|x\|=(?P<mean_abs>[^\s;]+)")  # "; " joins inputs
@@ -286,8 +304,18 @@ def parse_line(line):
     """The dict a WATCH line carries (``kind`` first: 'producer', a SolverFault kind or
     an Event kind), or None for any other line. Numbers come back as numbers; producer
     lines give the same keys as ``ProducerFault.as_dict`` (finite input statistics to
-    six digits)."""
+    six digits); a line that names its watch (:func:`tagged`) adds ``tag``."""
     line = line.rstrip("\n")
+    match = _TAGGED.search(line)
+    if match is None or match.start() != line.find(TAG):  # the line's own tag, not one inside
+        return _parse_untagged(line)
+    fields = _parse_untagged(line[:match.start()] + TAG + line[match.end():])
+    if fields is not None:
+        fields["tag"] = match.group("tag")
+    return fields
+
+
+def _parse_untagged(line):
     match = _REPEAT.search(line)  # first: it carries another report's line inside
     if match:
         latest = parse_line(match.group("latest")) or {}
