@@ -86,3 +86,17 @@ def test_caffe_binary_resume_reports_the_true_iteration(caffe_bin, write_solver,
     abort = [line for line in run.stderr.splitlines() if "ABORT NaNGuard guard" in line]
     assert abort, run.stderr[-3000:]
     assert re.search(r"iteration 37 \(call 18\)", abort[0]), abort[0]
+
+
+def test_solverstate_iteration_of_a_real_hdf5_state(make_solver, tmp_path):
+    """Caffe writes an HDF5 state's iter as a one-element dataset (hdf5_save_int)."""
+    pytest.importorskip("h5py")
+    net = ('layer { name: "data" type: "DummyData" top: "data" top: "label"\n'
+           '  dummy_data_param { shape { dim: 2 dim: 3 } shape { dim: 2 } } }\n'
+           'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc"\n'
+           '  inner_product_param { num_output: 2 } }\n'
+           'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }\n')
+    solver = make_solver(net, snapshot_format="HDF5", snapshot_prefix='"%s"' % (tmp_path / "s"))
+    solver.step(3)
+    solver.snapshot()
+    assert caffe_process.solverstate_iteration(str(tmp_path / "s_iter_3.solverstate.h5")) == 3

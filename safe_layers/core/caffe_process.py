@@ -62,7 +62,9 @@ def solverstate_iteration(path):
             raise ValueError("%s: an HDF5 solverstate, and h5py is not installed to read its "
                              "iteration" % path) from None
         with h5py.File(path, "r") as f:
-            return int(f["iter"][()])
+            # Caffe's hdf5_save_int writes iter as a one-element dataset.
+            value = f["iter"][()]
+            return int(value.reshape(-1)[0] if hasattr(value, "reshape") else value)
     with open(path, "rb") as f:
         head = f.read(4096)
     pos = 0

@@ -216,7 +216,8 @@ class Trainer:
                 self.log("caffe.cpp:235", "Resuming from %s" % cfg["snapshot"])
                 solver.restore(cfg["snapshot"])
             self.watch = Watch(solver=solver, solver_param=param,
-                               listener=self.events.watch_listener, **cfg["watch"])
+                               listener=self.events.watch_listener,
+                               resumed_from=cfg.get("snapshot"), **cfg["watch"])
         except Exception as exc:  # noqa: BLE001 - a net or solver Caffe (or a layer) refused
             sys.stderr.write("safe-layers train: error: cannot build the solver %s: %s: %s\n"
                              % (cfg["solver_file"], type(exc).__name__, exc))
