@@ -14,6 +14,7 @@ import numpy
 
 from safe_layers.anomaly.probe import accessors, blob_fault, blob_ok
 from safe_layers.core import lr_policy
+from safe_layers.core.float_text import six_digits
 from safe_layers.kernels import clip as clip_kernels
 from safe_layers.kernels.xp import host_scalar
 from safe_layers.reporting import watch_lines
@@ -56,12 +57,6 @@ def sumsq(array):
     return total
 
 
-def number_text(value):
-    if value is None:
-        return "none"
-    return "%.6g" % value
-
-
 class Growth:
     """The early warning (warn_growth): the gradient L2 norm against its median over the
     last growth_window iterations, the weight L2 norm against its value growth_window
@@ -91,7 +86,7 @@ class Growth:
                 self.reports.fault(SolverFault(
                     "growth", "TRAIN", iteration,
                     "gradient L2 norm %s is %.3gx the median %s of the last %d iterations "
-                    "(warn_growth %g)" % (number_text(norm), norm / median, number_text(median),
+                    "(warn_growth %g)" % (six_digits(norm), norm / median, six_digits(median),
                                           len(history), factor),
                     "warn", details={"grad_norm": norm, "median": median}), "W")
         history.append(norm)
@@ -104,7 +99,7 @@ class Growth:
             self.reports.fault(SolverFault(
                 "growth", "TRAIN", iteration,
                 "weight L2 norm %s is %.3gx its value %s %d iterations before (warn_growth %g)"
-                % (number_text(norm), norm / history[0], number_text(history[0]),
+                % (six_digits(norm), norm / history[0], six_digits(history[0]),
                    len(history) - 1, factor),
                 "warn", details={"weight_norm": norm}), "W")
         history.append(norm)
@@ -247,7 +242,7 @@ class SolverChecks:
         """What was non-finite, and the layer that produced or flagged it first."""
         parts = []
         if not math.isfinite(self.loss):
-            parts.append("non-finite loss %s" % number_text(self.loss))
+            parts.append("non-finite loss %s" % six_digits(self.loss))
         if bad_params:
             shown = ", ".join(bad_params[:8]) + (" ..." if len(bad_params) > 8 else "")
             parts.append("non-finite param diffs (%d blob%s: %s)"
@@ -310,7 +305,7 @@ class SolverChecks:
         for _, _, _, blob in self.params:
             self.diff(blob)[...] *= numpy.float32(scale)
         self.reports.event(Event("clip", iteration, "param diff L2 norm %s > %s: scaled by %s; %d "
-                                 "clipped in all" % (number_text(norm), number_text(limit),
-                                                     number_text(scale),
+                                 "clipped in all" % (six_digits(norm), six_digits(limit),
+                                                     six_digits(scale),
                                                      self.reports.counts["clip"] + 1),
                                  {"norm": norm, "scale": scale}))

@@ -8,6 +8,8 @@ points (first, minimum, last finite, first non-finite).
 import collections
 import math
 
+from safe_layers.core.float_text import six_digits
+
 SERIES_POINTS = 2048      # points kept per plotted curve, whatever the log's length
 HEATMAP_COLUMNS = 400     # debug_info iterations kept for the heatmap
 
@@ -17,11 +19,8 @@ def finite(value):
 
 
 def fmt(value):
-    if value is None:
-        return "?"
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return "%.6g" % value
+    """A number of the log as diagnose prints it ('?' where the log gave none)."""
+    return six_digits(value, none="?")
 
 
 def worse(a, b):

@@ -4,9 +4,9 @@ float32 where Caffe does), and the update settings that turn training into NaN o
 nothing (``sgd_solver.cpp:27-70``;
 the defaults of unset fields in ``caffe.proto``'s ``SolverParameter``)."""
 
-import math
 
 from safe_layers.core import lr_policy
+from safe_layers.core.float_text import six_digits
 from safe_layers.tools.lint.rules import rule
 
 POLICY_FIELD = rule(
@@ -102,14 +102,6 @@ DELTA = rule(
 ADAPTIVE = ("AdaGrad", "RMSProp", "AdaDelta", "Adam")
 SOLVER_TYPE_NAMES = {0: "SGD", 1: "Nesterov", 2: "AdaGrad", 3: "RMSProp", 4: "AdaDelta", 5: "Adam"}
 
-def _fmt(value):
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return "%g" % value
-
-
 def solver_type(solver):
     if solver.HasField("type"):
         return solver.type
@@ -183,7 +175,7 @@ def _check_schedule(msg, add, iterations, report, path):
             field, why = lr_policy.explain(msg, iteration, value)
             add(LR_BAD, "lr_policy",
                 "lr_policy %r simulated %s: the learning rate is %s at iteration %d: lr = %s (%s)"
-                % (policy, how, kind, iteration, _fmt(value), why),
+                % (policy, how, kind, iteration, six_digits(value), why),
                 lr_policy.fix(msg, iteration, value), severity=severity,
                 data={"iteration": iteration, "lr": value, "kind": kind, "simulated": stop,
                       "field": field})
