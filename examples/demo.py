@@ -2,7 +2,7 @@
 
 On scikit-learn's 8x8 digits (shipped with the package, turned into Caffe LMDBs here), a
 small conv net trains to ~97 % test accuracy in a second. The demo breaks it the four ways
-users meet most (``shared/docs/seed-causes.md``), each through the real ``caffe`` binary:
+users meet most of the six known causes, each through the real ``caffe`` binary:
 
   high_lr   base_lr 10 instead of 0.1: the loss climbs, then NaN (cause 1)
   pooling   AVE pooling, kernel 2, stride 4 on an 8x8 map: NaN from iteration 0 (cause 5)
@@ -47,17 +47,17 @@ SOLVER = (HERE / "demo" / "solver.prototxt").read_text()
 HEALTHY_POOL = "pooling_param { pool: MAX kernel_size: 2 stride: 2 }"
 SCENARIOS = {
     "high_lr": {"solver": [("base_lr: 0.1", "base_lr: 10")],
-                "cause": "base_lr 10 (meant 0.1)", "seed": 1},
+                "cause": "base_lr 10 (meant 0.1)", "cause_number": 1},
     "pooling": {"net": [(HEALTHY_POOL, "pooling_param { pool: AVE kernel_size: 2 stride: 4 }")],
-                "cause": "AVE pool k2 s4 on 8x8", "seed": 5,
+                "cause": "AVE pool k2 s4 on 8x8", "cause_number": 5,
                 # lint's first fix for its SL201 finding
                 "lint_fix": {"net": [("stride: 4 }", "stride: 4 round_mode: FLOOR }")]}},
     "poly": {"solver": [('lr_policy: "fixed"', 'lr_policy: "poly"\npower: 0.9'),
                         ("max_iter: 300\n", "")],
-             "cause": "poly without max_iter", "seed": 2,
+             "cause": "poly without max_iter", "cause_number": 2,
              "lint_fix": {"solver": [("power: 0.9", "power: 0.9\nmax_iter: 300")]}},
     "poisoned": {"data": "poisoned",
-                 "cause": "NaN pixel in LMDB record %08d" % POISONED_RECORD, "seed": 4},
+                 "cause": "NaN pixel in LMDB record %08d" % POISONED_RECORD, "cause_number": 4},
 }
 
 
@@ -251,10 +251,10 @@ def main():
     ok &= results["pooling"]["lint_stopped"] and results["poly"]["lint_stopped"]
 
     step("report: one line per scenario")
-    print("  %-9s %-38s %-42s %s" % ("scenario", "cause (seed #)", "caught by", "outcome"))
+    print("  %-9s %-38s %-42s %s" % ("scenario", "cause (#)", "caught by", "outcome"))
     for name, spec in SCENARIOS.items():
         r = results[name]
-        print("  %-9s %-38s %-42s %s" % (name, "%s (%d)" % (spec["cause"], spec["seed"]),
+        print("  %-9s %-38s %-42s %s" % (name, "%s (%d)" % (spec["cause"], spec["cause_number"]),
                                           ", ".join(caught_by(r)), outcome(r)))
     plot(out / "demo.png", results)
     print("wrote %s; every scenario's files are in %s" % (out / "demo.png", out))
