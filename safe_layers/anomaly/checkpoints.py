@@ -19,6 +19,20 @@ from safe_layers.reporting import watch_lines
 from safe_layers.reporting.watch_lines import Event, SolverFault
 
 
+def snapshot_space(solver, param, last_size=None):
+    """Bytes a solver snapshot takes, with room to spare: the last one's size, or before
+    the first the net's weights and the solver's history (two blobs per weight for Adam
+    and AdaDelta) in float32. Caffe's snapshot aborts the process on a write that fails
+    (io.cpp: CHECK of the serialized write), so room is looked for before it is written."""
+    size = last_size
+    if size is None:
+        weights = 4 * sum(blob.count for blobs in solver.net.params.values() for blob in blobs)
+        histories = 2 if (param.type in ("Adam", "AdaDelta")
+                          or getattr(param, "solver_type", 0) in (4, 5)) else 1
+        size = weights * (1 + histories) + (64 << 10)
+    return size + size // 8 + files.SPACE_SLACK
+
+
 def check_snapshot_folder(solver_param):
     """ValueError unless the folder of the solver's snapshot_prefix is writable: Caffe's
     snapshot CHECK-fails (the process aborts) on a folder it cannot write, and the first
@@ -209,17 +223,7 @@ class Checkpoints:
             return self._failed(iteration, exc.filename or state, exc.errno, exc.strerror)
 
     def _space_needed(self):
-        """Bytes a checkpoint takes, with room to spare: the last one's size, or before the
-        first the net's weights and the solver's history (two blobs per weight for Adam
-        and AdaDelta) in float32."""
-        size = self.last_size
-        if size is None:
-            weights = 4 * sum(blob.count for blobs in self.solver.net.params.values()
-                              for blob in blobs)
-            histories = 2 if (self.param.type in ("Adam", "AdaDelta")
-                              or getattr(self.param, "solver_type", 0) in (4, 5)) else 1
-            size = weights * (1 + histories) + (64 << 10)
-        return size + size // 8 + files.SPACE_SLACK
+        return snapshot_space(self.solver, self.param, self.last_size)
 
     def _take(self, iteration, model, state):
         """Snapshot the solver as the checkpoint of ``iteration``; None (said once) where it

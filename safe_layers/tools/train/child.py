@@ -26,6 +26,8 @@ import time
 
 import numpy
 
+from safe_layers.anomaly.checkpoint_files import free_bytes
+from safe_layers.anomaly.checkpoints import snapshot_space
 from safe_layers.anomaly.reports import NonFiniteError
 from safe_layers.anomaly.watcher import Watch
 from safe_layers.core import backend
@@ -189,6 +191,7 @@ class Trainer:
         self.bar = None
         self.log = CaffeLog(sys.stderr)
         self.stop_requested = False
+        self.snapshot_bytes = None  # the size of this run's last snapshot
 
     def run(self):
         import caffe  # the child's first import of Caffe: after its signal handlers are set
@@ -336,8 +339,30 @@ class Trainer:
                 self.stop_requested = True
 
     def _snapshot(self):
+        """Caffe's snapshot (solver.cpp's Snapshot), skipped with a warning naming the file
+        where the disk cannot hold it: Caffe would abort the process on the failed write,
+        and the run with it. A snapshot is a copy; training goes on without it."""
+        folder = os.path.dirname(os.path.abspath(self.param.snapshot_prefix))
+        need = snapshot_space(self.solver, self.param, self.snapshot_bytes)
+        try:
+            free = free_bytes(folder)
+        except OSError:
+            free = None
+        iteration = int(self.solver.iter)
+        if free is not None and free < need:
+            path = "%s_iter_%d.solverstate" % (self.param.snapshot_prefix, iteration)
+            self.log("safe_layers", "snapshot of iteration %d skipped: %s would not fit (ENOSPC: "
+                     "%s has %d bytes free, a snapshot takes about %d); training goes on"
+                     % (iteration, path, folder, free, need), severity="W")
+            self.events.write({"event": "snapshot_skipped", "iteration": iteration, "path": path,
+                               "free": free, "needed": need})
+            return
         self.solver.snapshot()
-        self.events.write({"event": "snapshot", "iteration": int(self.solver.iter)})
+        stem = "%s_iter_%d" % (self.param.snapshot_prefix, iteration)
+        self.snapshot_bytes = sum(os.path.getsize(stem + suffix) for suffix in
+                                  (".caffemodel", ".solverstate", ".caffemodel.h5", ".solverstate.h5")
+                                  if os.path.exists(stem + suffix)) or None
+        self.events.write({"event": "snapshot", "iteration": iteration})
 
     def _test_all(self, iteration):
         for i, net in enumerate(self.solver.test_nets):

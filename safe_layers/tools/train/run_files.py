@@ -8,6 +8,7 @@ import json
 import os
 import re
 
+from safe_layers.anomaly import checkpoint_files
 from safe_layers.core.errors import InputError
 from safe_layers.readers import prototxt
 from safe_layers.tools.findings import check_output_path
@@ -107,12 +108,19 @@ def check_snapshot(path):
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError has no stable import path
         raise InputError("-snapshot %s: not a Caffe solverstate (protobuf: %s): cut short or "
                          "corrupt?" % (path, exc)) from None
+    problem = checkpoint_files.incomplete(path, "state")
+    if problem:
+        raise InputError("-snapshot %s: it %s: a snapshot cut by a full disk or a kill? (Caffe "
+                         "would restore what is there)" % (path, problem))
     if not state.learned_net:
         return  # Caffe restores the history alone
     if not os.path.isfile(state.learned_net):
         raise InputError("-snapshot %s: the weights it names, %s, do not exist (Caffe opens "
                          "them from the working directory, %s)"
                          % (path, state.learned_net, os.getcwd()))
+    problem = checkpoint_files.incomplete(state.learned_net, "model")
+    if problem:
+        raise InputError("-snapshot %s: its weights %s: it %s" % (path, state.learned_net, problem))
     blobs = _count_blobs(state.learned_net, "-snapshot %s: its weights" % path)
     history = len(state.history)
     if history and blobs and history not in (blobs, 2 * blobs):
