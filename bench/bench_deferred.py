@@ -89,8 +89,8 @@ def machinery_per_call(number=200000):
 
 def build(gpu, batch, folder):
     import caffe
-    from guarded import guard_every_layer
-    from published import published_net
+    from support.guarded import guard_every_layer
+    from support.published import published_net
     text = published_net("resnet50_train_val.prototxt", data="dummy", batch=batch, phase_only="TRAIN")
     guarded, guards = guard_every_layer(text)
     variants = [("plain", text, None), ("guards, deferred", guarded, "deferred"),

@@ -38,7 +38,7 @@ os.environ.setdefault("GLOG_minloglevel", "2")
 def nets_text(batch):
     from google.protobuf import text_format
     from caffe.proto import caffe_pb2
-    from published import published_net
+    from support.published import published_net
     stock = caffe_pb2.NetParameter()
     text_format.Parse(published_net("resnet50_train_val.prototxt", data="dummy", batch=batch,
                                     phase_only="TRAIN"), stock)

@@ -35,7 +35,7 @@ for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from guarded import guard_every_layer  # noqa: E402  (the tests' helper: one definition)
+from support.guarded import guard_every_layer  # noqa: E402  (the tests' helper: one definition)
 
 NETS = {
     # name: (published net, published solver or None, batch, iterations per round)
@@ -81,7 +81,7 @@ class Quiet:
 def bench_net(name, rounds, folder):
     import caffe
     import safe_layers
-    from published import published_net, published_solver_fields
+    from support.published import published_net, published_solver_fields
     net_file, solver_file, batch, iterations = NETS[name]
     text = published_net(net_file, data="dummy", batch=batch, phase_only="TRAIN")
     fields = published_solver_fields(solver_file) if solver_file else {

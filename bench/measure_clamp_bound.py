@@ -36,7 +36,7 @@ import caffe  # noqa: E402
 from google.protobuf import text_format  # noqa: E402
 from caffe.proto import caffe_pb2  # noqa: E402
 
-from published import published_net, published_solver_fields  # noqa: E402
+from support.published import published_net, published_solver_fields  # noqa: E402
 from safe_layers import reporting  # noqa: E402
 from safe_layers.core.schemas import CLAMP_BOUND as DEFAULT_BOUND, ESCALATE_AFTER  # noqa: E402
 

@@ -11,6 +11,9 @@ skipped GPU test fails it too. ``SAFE_LAYERS_TEST_MODE=gpu`` runs the whole suit
 Caffe in GPU mode (``backend.set_mode_gpu()``, ``solver_mode: GPU``), checking after
 each test that no Python layer read a blob through pycaffe's host ``.data``/``.diff``
 in its forward or backward (each such read is a device-to-host copy).
+
+The tests of a module live where it lives (tests/core/ for safe_layers/core/, ...); what
+they share, fixtures aside, is the package ``support`` (tests/support/).
 """
 
 import os
@@ -21,14 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from support.nets import solver_text
+from support.switches import IN_CI, REQUIRE_GPU, TEST_MODE
+
 # Caffe's INFO/WARNING lines would bury pytest's output; errors still show.
 os.environ.setdefault("GLOG_minloglevel", "2")
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
-REQUIRE_GPU = os.environ.get("SAFE_LAYERS_REQUIRE_GPU", "") == "1"
-TEST_MODE = os.environ.get("SAFE_LAYERS_TEST_MODE", "cpu").strip().lower()
-if TEST_MODE not in ("cpu", "gpu"):
-    raise pytest.UsageError("SAFE_LAYERS_TEST_MODE=%r; allowed: cpu, gpu" % TEST_MODE)
 
 
 def _import_caffe():
@@ -106,14 +106,6 @@ def make_solver(caffe, write_solver):
     return lambda net_text, **fields: caffe.SGDSolver(str(write_solver(net_text, **fields)))
 
 
-def solver_text(net_path, **fields):
-    values = {"base_lr": 0.01, "lr_policy": '"fixed"', "max_iter": 100, "display": 0,
-              "random_seed": 1, "solver_mode": TEST_MODE.upper(), "snapshot_after_train": "false"}
-    values.update(fields)
-    lines = ['net: "%s"' % net_path] + ["%s: %s" % kv for kv in values.items()]
-    return "\n".join(lines) + "\n"
-
-
 @pytest.fixture
 def caffe_bin(caffe):
     """Run the real `caffe` binary of this environment; returns CompletedProcess."""
@@ -138,20 +130,6 @@ def caffe_train(caffe_bin, write_solver, tmp_path):
     """caffe_train(net_text, **solver_fields): `caffe train` on that net in tmp_path."""
     return lambda net_text, **fields: caffe_bin("train", "-solver", write_solver(net_text, **fields),
                                                 cwd=tmp_path)
-
-
-def _cupy_device():
-    """cupy where it sees at least one usable CUDA device, else None."""
-    try:
-        import cupy
-        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
-    except Exception:  # noqa: BLE001 - any failure means "no usable GPU"
-        return None
-
-
-def gpu_build(caffe):
-    """Whether this pycaffe was built with CUDA (it has the device pointers)."""
-    return hasattr(caffe._caffe.Blob, "_gpu_data_ptr")
 
 
 class _GpuGate:
@@ -236,47 +214,3 @@ def _no_host_copies_in_gpu_mode(request):
         for name, original in originals.items():
             setattr(blob, name, original)
     assert not reads, "host copies by Python layers in GPU mode: %s" % "; ".join(reads[:5])
-
-
-def array_modules():
-    """pytest params: numpy always, cupy marked gpu (skipped where no GPU is usable)."""
-    import numpy
-    cupy = _cupy_device()
-    return [pytest.param(numpy, id="numpy"),
-            pytest.param(cupy, id="cupy",
-                         marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(cupy is None, reason="no CuPy/GPU here")])]
-
-
-def numeric_gradient(net, blob, loss="loss", eps=1e-2):
-    """Central finite differences of ``net``'s output ``loss`` w.r.t. the data of ``blob``
-    (a float64 array shaped like the blob). The net runs float32, so callers compare with
-    a tolerance fitted to ``eps``."""
-    import numpy as np
-    data = net.blobs[blob].data
-    grad = np.zeros(data.shape, np.float64)
-    for index in np.ndindex(*data.shape):
-        original = float(data[index])
-        data[index] = original + eps
-        plus = float(net.forward()[loss].sum())
-        data[index] = original - eps
-        minus = float(net.forward()[loss].sum())
-        data[index] = original
-        grad[index] = (plus - minus) / (2 * eps)
-    net.forward()
-    return grad
-
-
-# Linear regression that SGD with base_lr 0.1 makes diverge: inputs of std 10 put the
-# curvature near 100, so every step multiplies the error by about |1 - 0.1 * 100| = 9.
-# LAYER is where a test puts the layer that should keep it finite (on the fc output "y").
-DIVERGING_NET = """
-name: "diverging"
-layer { name: "data" type: "DummyData" top: "x" top: "t"
-  dummy_data_param { shape { dim: 16 dim: 10 } shape { dim: 16 dim: 1 }
-    data_filler { type: "gaussian" std: 10 } data_filler { type: "gaussian" std: 1 } } }
-layer { name: "fc" type: "InnerProduct" bottom: "x" top: "y"
-  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 0.1 } } }
-LAYER
-layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
-"""

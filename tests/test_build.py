@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import conftest
+from support.devices import gpu_build
+from support.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "caffe_build" / "build_caffe.sh"
 
 if os.environ.get("SAFE_LAYERS_BUNDLE"):
@@ -19,7 +19,7 @@ if os.environ.get("SAFE_LAYERS_BUNDLE"):
 
 def test_second_build_reuses_the_cache(caffe):
     # The environment's Caffe is the CPU build or, after `make setup CUDA=1`, the CUDA one.
-    env = dict(os.environ, CUDA="1" if conftest.gpu_build(caffe) else "0")
+    env = dict(os.environ, CUDA="1" if gpu_build(caffe) else "0")
     result = subprocess.run([str(BUILD), sys.executable], capture_output=True, text=True, timeout=120,
                             env=env)
     assert result.returncode == 0, result.stderr

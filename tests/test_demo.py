@@ -3,9 +3,7 @@ real `caffe` binary, then lint, scan, diagnose, harden and safe-layers train on 
 
 import subprocess
 import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
+from support.paths import ROOT
 
 
 def test_the_demo_passes(caffe_bin, tmp_path):

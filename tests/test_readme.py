@@ -1,12 +1,11 @@
 """The README's parameter tables and the snippets users paste must match the code."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from support.paths import ROOT
 
 
 def _table(name):

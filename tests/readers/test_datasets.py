@@ -1,0 +1,93 @@
+"""The dataset readers (safe_layers.readers.datasets, run by `scan`) on databases another
+process is writing while we read them (a conversion still running, a second job
+appending): read as Caffe reads them, never a crash of our own process."""
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from support.caffe_data import datum, write_lmdb
+
+pytest.importorskip("lmdb")
+
+WRITER = textwrap.dedent("""
+    import sys, time, lmdb
+    env = lmdb.open(sys.argv[1], map_size=1 << 28)
+    value = sys.stdin.buffer.read()
+    end = time.time() + float(sys.argv[2])
+    i = 0
+    sys.stdout.write("writing\\n"); sys.stdout.flush()
+    while time.time() < end:
+        with env.begin(write=True) as txn:
+            for _ in range(50):
+                txn.put(b"%08d" % (1000 + i), value)
+                i += 1
+        # rewrite old keys too: freed pages are reused while readers walk
+        with env.begin(write=True) as txn:
+            for k in range(0, i, 7):
+                txn.put(b"%08d" % (1000 + k), value)
+""")
+
+
+def test_scan_of_an_lmdb_being_written_reads_under_the_reader_lock(tmp_path):
+    import numpy as np
+    record = datum(np.zeros((1, 8, 8), np.uint8), 3)
+    db = write_lmdb(tmp_path / "live_lmdb", [(b"%08d" % i, record) for i in range(500)])
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(db), "8"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
+    writer.stdin.write(record.SerializeToString())
+    writer.stdin.close()
+    assert writer.stdout.readline() == b"writing\n"
+    try:
+        outcomes = []
+        deadline = time.time() + 6
+        while time.time() < deadline:
+            result = subprocess.run([sys.executable, "-m", "safe_layers.tools.cli", "scan", str(db)],
+                                    capture_output=True, text=True, timeout=120)
+            outcomes.append(result.returncode)
+            assert result.returncode in (0, 1), result.stderr[-2000:]
+            assert "Traceback" not in result.stderr
+        assert len(outcomes) >= 2
+    finally:
+        writer.wait(30)
+
+
+LEVELDB_HOLDER = textwrap.dedent("""
+    import sys, time, plyvel
+    db = plyvel.DB(sys.argv[1], create_if_missing=True)
+    sys.stdout.write("open\\n"); sys.stdout.flush()
+    end = time.time() + float(sys.argv[2])
+    i = 0
+    while time.time() < end:
+        db.put(b"%08d" % (i % 5000), b"x" * 200)
+        i += 1
+        if i % 2000 == 0:
+            db.compact_range()
+    db.close()
+""")
+
+
+def test_a_leveldb_another_process_has_open_is_named_as_such_never_by_a_private_folder(tmp_path):
+    pytest.importorskip("plyvel")
+    from safe_layers.readers import datasets
+    db = tmp_path / "live_leveldb"
+    holder = subprocess.Popen([sys.executable, "-c", LEVELDB_HOLDER, str(db), "6"],
+                              stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"open\n"
+    try:
+        note = datasets._held_note(str(db))
+        assert "process %d has this LevelDB open" % holder.pid in note
+        deadline = time.time() + 4
+        while time.time() < deadline:
+            result = subprocess.run([sys.executable, "-m", "safe_layers.tools.cli", "scan", str(db)],
+                                    capture_output=True, text=True, timeout=120)
+            assert "Traceback" not in result.stderr
+            assert "safe-layers-leveldb-" not in result.stderr + result.stdout
+            if result.returncode == 2:
+                assert "has this LevelDB open" in result.stderr, result.stderr
+    finally:
+        holder.wait(30)
+    assert datasets._held_note(str(db)) == ""
