@@ -18,3 +18,31 @@ INPUT = ("Input",)
 
 # Every layer that puts data into a net.
 ALL_DATA = SOURCE_DATA + GENERATED_DATA + INPUT
+
+
+# Fields and layer types of the Caffe forks production nets are written for, which BVLC
+# Caffe's schema and layer registry lack. A file holding them is read (the fields kept as
+# written, left out of the parsed message), and what could not be known is named; a name
+# outside these lists is a mistake Caffe itself would refuse (ReadProtoFromTextFile,
+# io.cpp:38; "Unknown layer type", layer_factory.hpp:81).
+FORK_FIELDS = frozenset((
+    # py-faster-rcnn
+    "roi_pooling_param", "smooth_l1_loss_param",
+    # SSD (weiliu89/caffe) and MobileNet-SSD
+    "annotated_data_param", "resize_param", "distort_param", "expand_param", "emit_constraint",
+    "noise_param", "save_output_param", "permute_param", "prior_box_param", "multibox_loss_param",
+    "detection_output_param", "detection_evaluate_param", "normalize_param", "video_data_param",
+    "eval_type", "ap_version", "show_per_class_ap", "label_map_file", "batch_sampler",
+    "force_color", "force_gray",
+    # SegNet / ENet
+    "dense_image_data_param", "bn_param", "upsample_param", "weight_by_label_freqs",
+    "class_weighting", "scale_train", "sample_weights_test",
+    # DenseNet's and other forks' pooling, OpenPose
+    "ceil_mode", "cpm_transform_param", "interp_param",
+))
+FORK_TYPES = frozenset((
+    "ROIPooling", "SmoothL1Loss", "Permute", "PriorBox", "MultiBoxLoss", "DetectionOutput",
+    "DetectionEvaluate", "Normalize", "AnnotatedData", "VideoData", "DenseImageData", "BN",
+    "Upsample", "Interp", "CPMData", "DepthwiseConvolution", "ConvolutionDepthwise", "ShuffleChannel",
+    "Axpy", "ReLU6", "Proposal",
+))

@@ -20,6 +20,7 @@ import re
 import stat
 
 from safe_layers.core.errors import InputError
+from safe_layers.readers.layer_types import FORK_FIELDS
 
 _caffe_pb2 = None
 
@@ -273,9 +274,12 @@ class Prototxt:
     ``root`` (the position index), ``text`` and ``path``; ``reference_note`` says where a
     net named by a solver was found when Caffe would not find it there (else None)."""
 
-    def __init__(self, path, text, kind, message, root):
+    def __init__(self, path, text, kind, message, root, unknown_fields=()):
         self.path, self.text, self.kind, self.message, self.root = path, text, kind, message, root
         self.reference_note = None
+        # [(dotted field path, Node)] this Caffe's schema does not have (a fork's fields):
+        # kept in the text, left out of ``message``.
+        self.unknown_fields = list(unknown_fields)
 
     def where(self, node=None):
         """(line, col) of ``node`` (the start of the file when None)."""
@@ -346,14 +350,18 @@ def _read_bounded(path):
         return head + rest
 
 
-def parse_text(text, message_type, path):
+_UNKNOWN_FIELD = re.compile(r'has no field named "')
+
+
+def parse_text(text, message_type, path, unknown_fields=False):
     """``text`` parsed into a new ``caffe_pb2.<message_type>``; InputError with
     ``path:line:col`` on the protobuf error (worded as a file that ends too soon when the
-    error is at its end and a block, field or string is left open there)."""
+    error is at its end and a block, field or string is left open there). With
+    ``unknown_fields``, fields this schema lacks (a Caffe fork's) are skipped, not errors."""
     from google.protobuf import text_format
     message = getattr(caffe_pb2(), message_type)()
     try:
-        text_format.Parse(text, message)
+        text_format.Parse(text, message, allow_unknown_field=unknown_fields)
     except text_format.ParseError as exc:
         line, col = exc.GetLine(), exc.GetColumn()
         detail = str(exc)
@@ -446,13 +454,49 @@ def read_prototxt(path, kind=None):
         raise
     detected = kind is None
     kind = kind or _kind_of(root)
+    message_type = "NetParameter" if kind == "net" else "SolverParameter"
     try:
-        message = parse_text(text, "NetParameter" if kind == "net" else "SolverParameter", path)
-    except InputError:
+        message = parse_text(text, message_type, path)
+        unknown = []
+    except InputError as exc:
         if not detected:
             _refuse_other_kind(text, kind, path)
-        raise
-    return Prototxt(path, text, kind, message, root)
+        if not _UNKNOWN_FIELD.search(str(exc)):
+            raise
+        # A field this Caffe lacks: a fork's prototxt (py-faster-rcnn, SSD, SegNet ...) is
+        # read, its fields kept in the text and the rules that need them skipped; a name no
+        # fork has is a mistake, refused as Caffe would.
+        message = parse_text(text, message_type, path, unknown_fields=True)
+        unknown = unknown_field_nodes(root, message.DESCRIPTOR)
+        strangers = [(d, n) for d, n in unknown if d.rsplit(".", 1)[-1] not in FORK_FIELDS]
+        if strangers:
+            dotted, node = strangers[0]
+            hint = ("not a field of this Caffe's caffe.proto, nor of the forks safe-layers knows "
+                    "(py-faster-rcnn, SSD, SegNet): a typo?")
+            if '"%s"' % node.name in str(exc):
+                raise InputError("%s (%s)" % (exc, hint)) from None
+            raise InputError('%s:%d:%d: no field named "%s" (%s)'
+                             % (path, node.line, node.col, dotted, hint)) from None
+    return Prototxt(path, text, kind, message, root, unknown)
+
+
+def unknown_field_nodes(node, descriptor, prefix=""):
+    """[(dotted path, Node)] of the fields under ``node`` that ``descriptor`` (a message
+    type of the schema) does not have; a known message field is searched in turn."""
+    found = []
+    for child in node.children:
+        if child.name.startswith("["):
+            continue  # an extension, resolved by protobuf itself
+        field = descriptor.fields_by_name.get(child.name)
+        dotted = prefix + child.name
+        if field is None:
+            found.append((dotted, child))
+        elif field.message_type is not None and child.is_message:
+            found.extend(unknown_field_nodes(child, field.message_type, dotted + "."))
+        elif field.message_type is not None and child.value == "[list]":
+            for item in child.children:
+                found.extend(unknown_field_nodes(item, field.message_type, dotted + "."))
+    return found
 
 
 class WrongKind(InputError):

@@ -198,8 +198,18 @@ class Hardener:
         self._plan_guards()
         text = apply_edits(self.net.text, self.edits)
         if self.edits:
-            # Never hand out a file Caffe cannot read.
-            prototxt.parse_text(text, "NetParameter", self.net.path + " (hardened)")
+            # Never hand out a file Caffe cannot read (a fork's fields, which this Caffe
+            # lacks, stay exactly as many as the input had: harden adds none).
+            where = self.net.path + " (hardened)"
+            fork = bool(self.net.unknown_fields)
+            message = prototxt.parse_text(text, "NetParameter", where, unknown_fields=fork)
+            if fork:
+                unknown = prototxt.unknown_field_nodes(prototxt.index_text(text, where),
+                                                       message.DESCRIPTOR)
+                if len(unknown) != len(self.net.unknown_fields):
+                    raise InputError("%s: the hardened text holds %d fields this Caffe does not "
+                                     "know, the input %d" % (where, len(unknown),
+                                                             len(self.net.unknown_fields)))
         return text
 
     def summary(self):

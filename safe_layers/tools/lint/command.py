@@ -17,6 +17,7 @@ Exit status: 0 no errors (warnings and notes only), 1 an error, 2 a file unreada
 everything is printed) or bad arguments.
 """
 
+import difflib
 import re
 import sys
 
@@ -24,7 +25,7 @@ from safe_layers.core.errors import InputError
 from safe_layers.readers import layer_types, netshapes, prototxt
 from safe_layers.readers.net_state import layers_in_state
 from safe_layers.tools import findings, rule_table
-from safe_layers.tools.lint.rules import (CAFFE_REFUSES, MODULE_MISSING, NET_PATH,
+from safe_layers.tools.lint.rules import (CAFFE_REFUSES, FORK_SCHEMA, MODULE_MISSING, NET_PATH,
                                           SHAPES_UNKNOWN, V1_LAYERS, NetCheck, Report)
 
 HELP = "check solver and net prototxts for the static causes of NaN (shapes from real Caffe)"
@@ -156,7 +157,7 @@ class Linter:
             if not net.layers() and not len(net.message.input):
                 raise InputError("%s: a net without layers: nothing Caffe would build or train"
                                  % net.path)
-            _check_types(net, net.layers())
+            net.unknown_types = _unknown_types(net, net.layers())
         return doc, nets
 
     def lint(self, doc, nets):
@@ -172,6 +173,11 @@ class Linter:
 
     def lint_solver(self, solver, nets):
         from safe_layers.tools.lint.rules import solver as solver_rules
+        fork = _fork_note(solver)
+        if fork:
+            self.report.add(solver.path, None, FORK_SCHEMA, fork.replace(
+                ", Caffe cannot build this net here, so the shape rules are skipped", ""),
+                "run lint where your fork's pycaffe is importable: its caffe_pb2 is then the schema")
         solver_rules.check(solver, self.report, self.iterations)
         msg = solver.message
         train_state = (msg.train_state.level, tuple(msg.train_state.stage))
@@ -195,6 +201,11 @@ class Linter:
     def lint_net(self, net, phases, solver=None):
         pb2 = prototxt.caffe_pb2()
         pairs = net.layers()
+        fork = _fork_note(net)
+        if fork:
+            self.report.add(net.path, None, FORK_SCHEMA, fork,
+                            "run lint where your fork's pycaffe is importable: its caffe_pb2 "
+                            "is then the schema, and its Caffe builds the net")
         current = [(layer, node) for layer, node in pairs if node.name == "layer"]
         if len(current) != len(pairs):
             self.report.add(net.path, next(n for _, n in pairs if n.name == "layers"), V1_LAYERS,
@@ -207,7 +218,7 @@ class Linter:
             kept = layers_in_state(current, pb2.Phase.Value(phase), level, stages)
             shapes = None
             ctx = NetCheck(net, phase, kept, None, solver, self.report)
-            if self.build_shapes:
+            if self.build_shapes and not fork:
                 # A phase that keeps the same layers as one already built has its shapes
                 # (no built-in layer's output shape depends on the phase; a Python layer's
                 # might): one child, not two.
@@ -277,15 +288,47 @@ class Linter:
         return sorted(merged.values(), key=lambda f: (f.path, f.line, f.col, f.rule))
 
 
-def _check_types(net, pairs):
-    """A layer type this Caffe does not know is unreadable input (exit 2), as in Caffe."""
+def _unknown_types(net, pairs):
+    """[(LayerParameter, Node)] of the layers whose type this Caffe does not know and a
+    fork has (ROIPooling, MultiBoxLoss, BN ...: the net is read, its shapes are not built);
+    InputError (exit 2, as Caffe's "Unknown layer type") for a type no fork has."""
     import caffe
     known = set(caffe.layer_type_list()) | set(layer_types.SOURCE_DATA)
+    forks = []
     for layer, node in pairs:
-        if node.name != "layer":
+        if node.name != "layer" or layer.type in known:
             continue
-        if layer.type not in known:
-            type_node = node.find("type") or node
-            raise InputError("%s:%d:%d: layer '%s' has type '%s', which this Caffe does not know "
-                             "(known: %s)" % (net.path, type_node.line, type_node.col, layer.name,
-                                              layer.type, ", ".join(sorted(known))))
+        if layer.type in layer_types.FORK_TYPES:
+            forks.append((layer, node))
+            continue
+        type_node = node.find("type") or node
+        close = difflib.get_close_matches(layer.type, sorted(known), n=3)
+        raise InputError("%s:%d:%d: layer '%s' has type '%s', which this Caffe does not know, "
+                         "nor a fork safe-layers knows%s"
+                         % (net.path, type_node.line, type_node.col, layer.name, layer.type,
+                            " (close: %s)" % ", ".join(close) if close else
+                            " (`python -c 'import caffe; print(caffe.layer_type_list())'` "
+                            "lists this Caffe's)"))
+    return forks
+
+
+def _fork_note(net):
+    """The one line that names what this Caffe did not know in ``net`` (fields, layer
+    types) and what that costs; "" when it knew everything."""
+    parts = []
+    fields = {}
+    for dotted, node in net.unknown_fields:
+        fields.setdefault(dotted.rsplit(".", 1)[-1], node.line)
+    if fields:
+        parts.append("fields %s" % ", ".join("%s (line %d)" % kv for kv in sorted(fields.items(),
+                                                                               key=lambda kv: kv[1])))
+    types = {}
+    for layer, node in getattr(net, "unknown_types", ()):
+        types.setdefault(layer.type, "'%s', line %d" % (layer.name, node.line))
+    if types:
+        parts.append("layer types %s" % ", ".join("%s (%s)" % kv for kv in types.items()))
+    if not parts:
+        return ""
+    return ("this Caffe does not know %s (a fork's?): they are kept as written, Caffe cannot "
+            "build this net here, so the shape rules are skipped; every other rule ran"
+            % "; ".join(parts))

@@ -35,6 +35,19 @@ CAFFE_REFUSES = rule(
     aborts the whole process. `caffe train` would die the same way, at startup or at the
     first test net. The finding carries Caffe's own message, placed on the layer it names.
     """)
+FORK_SCHEMA = rule(
+    "SL006", "info", "fields or layer types this Caffe does not know (a fork's): named once per file, "
+    "their rules and Caffe-built shapes skipped",
+    doc="""
+    Production nets are often written for a fork of Caffe (py-faster-rcnn's ROIPooling and
+    smooth_l1_loss_param, SSD's MultiBoxLoss and permute_param, SegNet's BN): the installed
+    Caffe's schema has no such fields, so its ReadProtoFromTextFile refuses the file
+    (io.cpp:38), and its layer registry no such types ("Unknown layer type",
+    layer_factory.hpp:81), so it cannot build the net. lint still reads the
+    file (the fields kept as written), runs every rule that needs neither, and names once
+    what it could not know and what that cost: the shape rules, which need Caffe to build
+    the net. harden works on such files all the same, editing only around its own blocks.
+    """)
 SHAPES_UNKNOWN = rule(
     "SL002", "info", "blob shapes could not be known: shape-free rules only",
     doc="""
