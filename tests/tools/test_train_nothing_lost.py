@@ -186,3 +186,18 @@ def test_a_full_disk_skips_a_snapshot_and_never_kills_the_run(lenet, tmp_path):
     assert len(skipped) == 1 and skipped[0].startswith("W")
     assert "%s_iter_4.solverstate would not fit (ENOSPC" % (disk / "lenet") in skipped[0]
     assert "Optimization Done." in run.stderr
+
+
+def test_a_state_cut_at_a_field_boundary_is_named(lenet, tmp_path):
+    """A solverstate cut where protobuf still parses (its last fields lost: current_step,
+    which Caffe writes last) would be restored as it is by Caffe: refused, saying why."""
+    solver = lenet(max_iter=2, snapshot_after_train="true")
+    assert safe_layers_train("-solver", solver, cwd=tmp_path).returncode == 0
+    from safe_layers.readers import prototxt
+    state = prototxt.caffe_pb2().SolverState()
+    state.ParseFromString((tmp_path / "lenet_iter_2.solverstate").read_bytes())
+    state.ClearField("current_step")
+    cut = tmp_path / "cut.solverstate"
+    cut.write_bytes(state.SerializeToString())
+    run = safe_layers_train("-solver", lenet(max_iter=4), "-snapshot", cut, cwd=tmp_path)
+    assert run.returncode == 2 and "it is cut short (no current_step" in run.stderr, run.stderr[-2000:]
