@@ -120,3 +120,26 @@ def test_no_module_imports_itself_back():
         if module not in index:
             visit(module)
     assert not circles, circles
+
+
+# Sizes that read at a glance: a file over this many lines holds more than one concept, a
+# function over this many lines more than one step; one that reads best whole says why in
+# its docstring ("read best whole").
+MAX_FILE_LINES = 600
+MAX_FUNCTION_LINES = 80
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_files_and_functions_are_small_or_say_why(module):
+    path = MODULES[module]
+    text = open(path, encoding="utf-8").read()
+    assert text.count("\n") <= MAX_FILE_LINES, "%s has %d lines" % (path, text.count("\n"))
+    long = []
+    for node in ast.walk(ast.parse(text, path)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = node.end_lineno - node.lineno + 1
+            doc = ast.get_docstring(node) or ""
+            if length > MAX_FUNCTION_LINES and "read best whole" not in doc.replace("\n", " ") \
+                    and "reads best whole" not in doc.replace("\n", " "):
+                long.append("%s (%d lines)" % (node.name, length))
+    assert not long, "%s: %s" % (path, ", ".join(long))

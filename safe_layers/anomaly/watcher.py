@@ -18,7 +18,7 @@ src/caffe/solver.cpp:223 and :264, just before ``ApplyUpdate`` at :267):
   growth of the weight and gradient norms, and a NaN-aware clip of the param diffs
   (:mod:`.checks`).
 
-What stock pycaffe allows a skip to be (measured, tests/test_watch.py): an exception
+What stock pycaffe allows a skip to be (measured, tests/anomaly/test_watch.py): an exception
 raised from ``on_gradients_ready`` abandons ``Solver::Step`` before ``ApplyUpdate``,
 so the weights, the momentum history, the lr schedule's step counter and ``iter`` are
 all left exactly as they were (bit for bit). Zeroing the diffs instead would still

@@ -390,7 +390,7 @@ class LogReader:
             yield block.event()
 
     def _parse(self, message, number, severity, source):
-        """The event of one message, or None. One concept read best whole: the order of
+        """The event of one message, or None. One concept that reads best whole: the order of
         the tests is the meaning (a fatal line first, our own lines before Caffe's, whose
         patterns a report's text may contain), so the ladder stays in one place."""
         if severity == "F":

@@ -50,7 +50,7 @@ from safe_layers.tools.diagnose import rules
 from safe_layers.tools.diagnose.plot import write_plot
 from safe_layers.tools.diagnose.reading import read_log
 from safe_layers.tools.diagnose.series import fmt
-# The run's model and its memory bounds, read through this module by tests/test_diagnose.py.
+# The run's model and its memory bounds, read through this module by tests/tools/test_diagnose.py.
 from safe_layers.tools.diagnose.diagnosis import GRADIENT_WINDOW, Diagnosis  # noqa: F401
 from safe_layers.tools.diagnose.series import HEATMAP_COLUMNS, SERIES_POINTS  # noqa: F401
 
