@@ -38,6 +38,7 @@ import struct
 
 from safe_layers.core import scratch
 from safe_layers.core.errors import InputError
+from safe_layers.readers.prototxt import caffe_pb2, resolve_reference
 
 BACKENDS = ("lmdb", "leveldb", "hdf5")
 
@@ -364,7 +365,6 @@ class DatumError(ValueError):
 def parse_datum(value):
     """``value`` (bytes) parsed as a ``caffe_pb2.Datum``; DatumError when it is not one."""
     from google.protobuf.message import DecodeError
-    from safe_layers.readers.prototxt import caffe_pb2
     datum = caffe_pb2().Datum()
     try:
         datum.ParseFromString(value)
@@ -562,7 +562,6 @@ class HDF5File:
 def hdf5_first_shapes(list_path, tops):
     """{top: shape} of the datasets the first file of an HDF5Data list holds: the shapes
     Caffe's HDF5Data gives its tops (batch dimension = the file's dim 0)."""
-    from safe_layers.readers.prototxt import resolve_reference
     entries = hdf5_list(list_path)
     if not entries:
         raise InputError("%s: the HDF5 list names no file" % list_path)

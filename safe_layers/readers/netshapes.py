@@ -30,7 +30,8 @@ import subprocess
 import sys
 
 from safe_layers.core import scratch
-from safe_layers.readers import layer_types, prototxt
+from safe_layers.core.errors import InputError
+from safe_layers.readers import datasets, layer_types, prototxt
 
 # Layer types that read data from outside the net; each is replaced by an Input layer.
 CHILD_TIMEOUT_S = 300
@@ -317,8 +318,6 @@ def _transform_channels(transform, net_path):
 def _first_record_shape(layer, net_path):
     """(C, H, W, how) of the first record of a Data/ImageData source, or None when the
     layer has no source; ShapeUnknown with the reason when it cannot be read."""
-    from safe_layers.readers import datasets
-    from safe_layers.core.errors import InputError
     if layer.type in ("Data", "AnnotatedData") and layer.data_param.source:
         source = layer.data_param.source
         path, note = prototxt.resolve_reference(source, net_path)
@@ -364,8 +363,6 @@ def _image_size(raw):
 
 
 def _hdf5_first_file_shapes(layer, net_path):
-    from safe_layers.readers import datasets
-    from safe_layers.core.errors import InputError
     source = layer.hdf5_data_param.source
     path, note = prototxt.resolve_reference(source, net_path)
     if note == "does not exist":

@@ -54,6 +54,7 @@ import re
 import numpy
 
 # Under the names reporting has always exported them by.
+from safe_layers.core.float_text import jsonable
 from safe_layers.core.float_text import shortest as format_param, shortest_float32 as format_value
 from safe_layers.reporting import glog, watch_lines
 
@@ -250,7 +251,7 @@ class FaultReport(_Fields):
 
     def to_json(self):
         # NaN/Inf are not JSON; they appear as strings so any parser reads the record.
-        return json.dumps({k: _jsonable(v) for k, v in self.as_dict().items()}, sort_keys=True)
+        return json.dumps(jsonable(self.as_dict()), sort_keys=True)
 
     @classmethod
     def from_json(cls, text):
@@ -273,12 +274,6 @@ def _same(a, b):
     if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
         return True  # NaN values read back as NaN
     return a == b
-
-
-def _jsonable(value):
-    if isinstance(value, float) and not numpy.isfinite(value):
-        return repr(value)
-    return value
 
 
 # ---- the other line kinds --------------------------------------------------------------------

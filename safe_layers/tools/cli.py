@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from safe_layers import __version__
 from safe_layers.core.errors import InputError
 from safe_layers.tools.findings import EXIT_INPUT
 
@@ -29,7 +30,6 @@ def build_parser():
         prog="safe-layers",
         description="Find and fix what makes Caffe training go NaN: before training (lint, harden), "
                     "during it (train) and after it (diagnose, scan).")
-    from safe_layers import __version__
     parser.add_argument("--version", action="version", version="safe-layers " + __version__)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMANDS:

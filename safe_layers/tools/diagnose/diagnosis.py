@@ -11,6 +11,7 @@ import collections
 
 from safe_layers.core import lr_policy
 from safe_layers.readers import layer_types
+from safe_layers.reporting import watch_lines
 from safe_layers.tools.diagnose.series import (Heatmap, Point, RunStarts, Series, Track, finite,
                                                fmt, worse)
 
@@ -552,7 +553,6 @@ def watch_event_details(fields):
     """What a watch's skip / rollback line says, read by the parser beside its writer."""
     # Deferred: importing safe_layers.reporting (the layers' runtime: kernels, the live
     # layer registry) is kept out of `safe-layers --help`; a log with WATCH lines needs it.
-    from safe_layers.reporting import watch_lines
     return watch_lines.event_details(fields)
 
 

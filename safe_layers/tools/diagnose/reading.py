@@ -5,6 +5,7 @@ import os
 import sys
 import zlib
 
+from safe_layers import reporting
 from safe_layers.core.errors import InputError
 from safe_layers.readers.caffe_log import LogReader
 from safe_layers.tools.diagnose.diagnosis import Diagnosis
@@ -14,9 +15,6 @@ from safe_layers.tools.diagnose.series import RunStarts
 def report_parser():
     """The parser of our layers' (and a watch's) report lines, from the module that
     writes them."""
-    # Deferred: safe_layers.reporting (the layers' runtime: kernels, the live layer
-    # registry) is kept out of `safe-layers --help`.
-    from safe_layers import reporting
     return reporting.parse_line
 
 

@@ -25,6 +25,8 @@ from safe_layers.core.errors import InputError
 from safe_layers.readers import layer_types, netshapes, prototxt
 from safe_layers.readers.net_state import layers_in_state
 from safe_layers.tools import findings, rule_table
+from safe_layers.tools.lint.rules import batch_norm, domain, loss, pooling, python_layers
+from safe_layers.tools.lint.rules import solver as solver_rules
 from safe_layers.tools.lint.rules import (CAFFE_REFUSES, FORK_SCHEMA, MODULE_MISSING, NET_PATH,
                                           SHAPES_UNKNOWN, V1_LAYERS, NetCheck, Report)
 
@@ -49,9 +51,12 @@ def add_arguments(parser):
     findings.add_format_argument(parser)
 
 
+# The net rules, one module per family, run in this order.
+NET_RULE_MODULES = (pooling, loss, batch_norm, python_layers, domain)
+
+
 def _rule_modules():
-    from safe_layers.tools.lint.rules import batch_norm, domain, loss, pooling, python_layers
-    return (pooling, loss, batch_norm, python_layers, domain)
+    return NET_RULE_MODULES
 
 
 def list_rules():
@@ -172,7 +177,6 @@ class Linter:
         self.lint(*self.load(path))
 
     def lint_solver(self, solver, nets):
-        from safe_layers.tools.lint.rules import solver as solver_rules
         fork = _fork_note(solver)
         if fork:
             self.report.add(solver.path, None, FORK_SCHEMA, fork.replace(

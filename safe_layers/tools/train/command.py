@@ -23,11 +23,17 @@ import signal
 import subprocess
 import sys
 
+from safe_layers import reporting
 from safe_layers.anomaly.options import OPTIONS, WatchOptions
-from safe_layers.readers.prototxt import read_solver, read_solver_param, solver_nets
-from safe_layers.core import scratch
+from safe_layers.core import caffe_process, lr_policy, scratch
 from safe_layers.core.errors import InputError
-from safe_layers.tools.findings import EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, check_output_path, save_png
+from safe_layers.readers import prototxt
+from safe_layers.readers.net_state import layers_in_state
+from safe_layers.readers.prototxt import read_solver, read_solver_param, solver_nets
+from safe_layers.tools.findings import (EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, check_output_path,
+                                        save_png)
+from safe_layers.tools.lint import command as lint
+from safe_layers.tools.scan.net_targets import targets_from_prototxt
 from safe_layers.tools.train import run_files
 
 HELP = "train like `caffe train`, under a watch: skip, rollback, reports naming layer and iteration"
@@ -106,7 +112,6 @@ def _net_name(param, solver_path):
 def prepare(args, workdir):
     """Check the command line and the solver as `caffe train` would (InputError where it
     would abort), and write the solver the training process builds. Returns the config."""
-    from safe_layers.core import lr_policy
     from google.protobuf import text_format
     if args.snapshot and args.weights:
         raise InputError("give a snapshot to resume training or weights to finetune but not both "
@@ -130,7 +135,6 @@ def prepare(args, workdir):
             raise InputError("%s: no such file" % path)
     gpu = _device(args, param)
     if args.snapshot:
-        from safe_layers.core import caffe_process
         try:
             caffe_process.solverstate_iteration(args.snapshot)
         except (OSError, ValueError) as exc:
@@ -202,9 +206,6 @@ def _check_sources(solver_path, param):
     and the path here instead (InputError, exit 2). Only layers Caffe will build count:
     those of the states this run uses (``param``: the solver as prepared, with -level and
     -stage; a test net only where there is a test_iter for it)."""
-    from safe_layers.readers import prototxt
-    from safe_layers.readers.net_state import layers_in_state
-    from safe_layers.tools.scan.command import targets_from_prototxt
     try:
         _, notes = targets_from_prototxt(solver_path)
     except InputError:
@@ -241,14 +242,7 @@ def _lint(args):
     """`safe-layers lint` on the solver (and the nets it names), where that subcommand
     exists: its findings are printed, and its errors stop the run (exit 2) unless
     --no-lint. Returns an exit status, or None to go on."""
-    try:
-        from safe_layers.tools.lint import command as lint
-    except ImportError:
-        return None
-    linter_class = getattr(lint, "Linter", None)
-    if linter_class is None:
-        return None
-    linter = linter_class()
+    linter = lint.Linter()
     linter.lint_file(args.solver)
     found = linter.findings()
     for finding in found:
@@ -414,7 +408,6 @@ def _finish(config, events, returncode, tail):
     if returncode == EXIT_INPUT:
         return EXIT_INPUT
     if stopped:
-        from safe_layers import reporting
         out.write("safe-layers train: stopped at iteration %d by a fault:\n%s%s\n"
                   % (stopped["iteration"], reporting.glog_prefix("E"), stopped["line"]))
     return EXIT_FOUND

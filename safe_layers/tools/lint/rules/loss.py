@@ -4,7 +4,11 @@ and one loss weighted far above the others."""
 
 import os
 
+from safe_layers.core.params import ParamError
+from safe_layers.core.schemas import SCHEMAS
+from safe_layers.kernels import infogain
 from safe_layers.readers import prototxt
+from safe_layers.readers.infogain_matrix import load_infogain_matrix
 from safe_layers.readers.net_state import loss_weights
 from safe_layers.tools.lint.rules import rule
 
@@ -59,8 +63,6 @@ RATIO = 100.0
 
 def _safe_params(layer):
     """Parsed param_str of a safe_layers layer, or None (SL601 reports bad ones)."""
-    from safe_layers.core.params import ParamError
-    from safe_layers.core.schemas import SCHEMAS
     schema = SCHEMAS.get(layer.python_param.layer)
     if schema is None:
         return None
@@ -127,14 +129,12 @@ def _softmax_in_front(ctx, index, layer, node, takes_probabilities):
 
 def _check_h(ctx, layer, where, source, axis, normalized):
     import numpy as np
-    from safe_layers.kernels import infogain
     path, note = prototxt.resolve_reference(source, ctx.path)
     if note == "does not exist":
         ctx.add(where, H_BAD, "infogain H file %r of layer '%s' does not exist (Caffe opens it "
                 "relative to the working directory, %s)" % (source, layer.name, os.getcwd()),
                 "write H there (a K x K BlobProto .binaryproto) or fix the path", layer=layer.name)
         return
-    from safe_layers.readers.infogain_matrix import load_infogain_matrix
     try:
         values = load_infogain_matrix(path)
     except (OSError, ValueError) as exc:

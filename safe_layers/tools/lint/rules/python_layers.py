@@ -7,6 +7,8 @@ ignored. safe_layers' own layers are validated with their own schemas: the messa
 one the layer would raise at net setup.
 """
 
+from safe_layers.core.params import ParamError
+from safe_layers.core.schemas import SCHEMAS
 from safe_layers.tools.lint.rules import rule
 
 IGNORED_BLOCK = rule(
@@ -46,8 +48,6 @@ def _yaml_value(value):
 
 
 def check(ctx):
-    from safe_layers.core.params import ParamError
-    from safe_layers.core.schemas import SCHEMAS
     for layer, node in ctx.layers:
         if layer.type != "Python":
             continue

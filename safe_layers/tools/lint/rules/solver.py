@@ -7,6 +7,8 @@ the defaults of unset fields in ``caffe.proto``'s ``SolverParameter``)."""
 
 from safe_layers.core import lr_policy
 from safe_layers.core.float_text import six_digits
+from safe_layers.core.params import ParamError
+from safe_layers.core.schemas import SCHEMAS
 from safe_layers.tools.lint.rules import rule
 
 POLICY_FIELD = rule(
@@ -213,8 +215,6 @@ def _check_update_settings(msg, add):
 
 def check_iter_size(solver, nets, report):
     """SL108: our layers' iter_size against the solver's. ``nets`` are Prototxts."""
-    from safe_layers.core.schemas import SCHEMAS
-    from safe_layers.core.params import ParamError
     wanted = solver.message.iter_size or 1
     seen = set()
     for net in nets:
