@@ -304,7 +304,10 @@ def _supervise(command, early=None):
     """Run the training process; pass its stderr through (and keep its last lines);
     forward SIGINT/SIGHUP/SIGTERM to it exactly once (and a stop ``early`` noted while the
     process was being started). Returns (returncode, tail)."""
-    child = subprocess.Popen(command, stderr=subprocess.PIPE, process_group=0)
+    # Its own process group, so that a Ctrl-C at the terminal reaches it only through
+    # this process (forwarded once, below); Popen's process_group is Python 3.11's.
+    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    child = subprocess.Popen(command, stderr=subprocess.PIPE, **group)
     forwarded = {}
 
     def forward(number, frame):
