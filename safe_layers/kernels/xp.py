@@ -60,7 +60,7 @@ class HostReads:
         ``count`` and ``sites`` are those of the block once it ends."""
         start, sites = self.count, collections.Counter(self.sites)
         self._recording += 1
-        block = _Block()
+        block = _RecordedReads()
         try:
             yield block
         finally:
@@ -69,7 +69,7 @@ class HostReads:
             block.sites = self.sites - sites
 
 
-class _Block:
+class _RecordedReads:
     count = 0
     sites = collections.Counter()
 

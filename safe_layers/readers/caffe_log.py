@@ -106,7 +106,7 @@ def to_float(text):
     return float(text)
 
 
-class Event:
+class LogEvent:
     """One fact read from a log line: ``kind``, ``line``, ``text`` (the whole line) and
     the kind's fields as attributes."""
 
@@ -120,12 +120,12 @@ class Event:
         return {k: v for k, v in self.__dict__.items() if k != "text"}
 
     def __repr__(self):
-        return "Event(%s@%d %s)" % (self.kind, self.line, self.as_dict())
+        return "LogEvent(%s@%d %s)" % (self.kind, self.line, self.as_dict())
 
 
 class DebugEvent:
     """A ``forward`` or ``backward`` event (the bulk of a debug_info log), lighter than
-    :class:`Event`: layer, blob_kind, blob, value."""
+    :class:`LogEvent`: layer, blob_kind, blob, value."""
 
     __slots__ = ("kind", "line", "text", "layer", "blob_kind", "blob", "value")
 
@@ -165,7 +165,7 @@ def _unquote(value):
     return value
 
 
-class _Block:
+class _ParameterBlock:
     """A multi-line protobuf DebugString that follows "Initializing ... parameters:".
 
     Caffe logs it as one glog record: the lines after the first carry no prefix. Only
@@ -242,9 +242,9 @@ class _Block:
 
     def event(self):
         if self.kind == "solver":
-            return Event("solver", self.line, fields=self.fields, field_lines=self.field_lines,
+            return LogEvent("solver", self.line, fields=self.fields, field_lines=self.field_lines,
                          field_texts=self.field_texts, end_line=self.end_line)
-        return Event("net", self.line, name=self.name, phase=self.phase or "TRAIN",
+        return LogEvent("net", self.line, name=self.name, phase=self.phase or "TRAIN",
                      layers=self.layers, end_line=self.end_line)
 
 
@@ -332,7 +332,7 @@ class LogReader:
         for number, text in self._lines(f):
             if text is None:
                 # The last line, without its newline: still being written or cut off.
-                yield Event("incomplete", number, self.tail.decode("utf-8", "replace"))
+                yield LogEvent("incomplete", number, self.tail.decode("utf-8", "replace"))
                 break
             if text.endswith("\r"):
                 text = text[:-1]
@@ -380,7 +380,7 @@ class LogReader:
             if event is None:
                 continue
             if event.kind == "block":
-                block = _Block(event.block, number)
+                block = _ParameterBlock(event.block, number)
                 continue
             event.text = text
             self.events += 1
@@ -394,7 +394,7 @@ class LogReader:
         the tests is the meaning (a fatal line first, our own lines before Caffe's, whose
         patterns a report's text may contain), so the ladder stays in one place."""
         if severity == "F":
-            return Event("fatal", number, message=message.strip(), source=source)
+            return LogEvent("fatal", number, message=message.strip(), source=source)
         # Ours next: a report's text may hold "Iteration " or "loss = " of its own.
         if source == "safe_layers" or (severity is None and ("safe_layers] " in message
                                                              or _TOOL_WATCH in message)):
@@ -404,83 +404,83 @@ class LogReader:
         if "[Forward]" in message:
             m = _FORWARD.match(message)
             if m:
-                return Event("forward", number, layer=m.group(1), blob_kind=m.group(2),
+                return LogEvent("forward", number, layer=m.group(1), blob_kind=m.group(2),
                              blob=m.group(3), value=float(m.group(4)))
             return None
         if "[Backward]" in message:
             m = _BACKWARD.match(message)
             if m:
-                return Event("backward", number, layer=m.group(1), blob_kind=m.group(2),
+                return LogEvent("backward", number, layer=m.group(1), blob_kind=m.group(2),
                              blob=m.group(3), value=float(m.group(4)))
             m = _NORMS.match(message)
             if m:
-                return Event("norms", number, l1_data=float(m.group(1)), l1_diff=float(m.group(2)),
+                return LogEvent("norms", number, l1_data=float(m.group(1)), l1_diff=float(m.group(2)),
                              l2_data=float(m.group(3)), l2_diff=float(m.group(4)))
             return None
         if "Iteration " in message:
             if "loss = " in message:
                 m = _LOSS.search(message)
                 if m:
-                    return Event("loss", number, iteration=int(m.group(1)), value=float(m.group(2)))
+                    return LogEvent("loss", number, iteration=int(m.group(1)), value=float(m.group(2)))
             elif "lr = " in message:
                 m = _LR.search(message)
                 if m:
-                    return Event("lr", number, iteration=int(m.group(1)), value=float(m.group(2)))
+                    return LogEvent("lr", number, iteration=int(m.group(1)), value=float(m.group(2)))
             elif "Testing net" in message:
                 m = _TESTING.search(message)
                 if m:
-                    return Event("testing", number, iteration=int(m.group(1)), net=int(m.group(2)))
+                    return LogEvent("testing", number, iteration=int(m.group(1)), net=int(m.group(2)))
             elif "MultiStep" in message:
                 m = _MULTISTEP.search(message)
                 if m:
-                    return Event("multistep", number, iteration=int(m.group(1)), step=int(m.group(2)))
+                    return LogEvent("multistep", number, iteration=int(m.group(1)), step=int(m.group(2)))
             return None
         if "net output #" in message:
             m = _OUTPUT.match(message)
             if m:
                 weight = float(m.group(5)) if m.group(5) is not None else None
                 weighted = float(m.group(6)) if m.group(6) is not None else None
-                return Event("output", number, phase=m.group(1).upper(), index=int(m.group(2)),
+                return LogEvent("output", number, phase=m.group(1).upper(), index=int(m.group(2)),
                              name=m.group(3), value=float(m.group(4)), weight=weight,
                              weighted=weighted)
             return None
         if message.startswith(_BLOCK_SOLVER):
-            return Event("block", number, block="solver")
+            return LogEvent("block", number, block="solver")
         if message.startswith(_BLOCK_NET):
-            return Event("block", number, block="net")
+            return LogEvent("block", number, block="net")
         if "[Update]" in message:
             m = _UPDATE.match(message)
             if m:
-                return Event("update", number, layer=m.group(1), param=m.group(2),
+                return LogEvent("update", number, layer=m.group(1), param=m.group(2),
                              data=float(m.group(3)) if m.group(3) is not None else None,
                              diff=float(m.group(4)))
             return None
         if message.startswith("Gradient clipping"):
             m = _CLIP.match(message)
             if m:
-                return Event("clip", number, norm=float(m.group(1)), limit=float(m.group(2)),
+                return LogEvent("clip", number, norm=float(m.group(1)), limit=float(m.group(2)),
                              scale=float(m.group(3)))
             return None
         if message.lstrip().startswith("Test loss:"):
             m = _TEST_LOSS.match(message.lstrip())
             if m:
-                return Event("test_loss", number, value=float(m.group(1)))
+                return LogEvent("test_loss", number, value=float(m.group(1)))
             return None
         if message.startswith("Learning Rate Policy:"):
             m = _POLICY.match(message)
-            return Event("policy", number, policy=m.group(1)) if m else None
+            return LogEvent("policy", number, policy=m.group(1)) if m else None
         if message.startswith("Optimization Done"):
-            return Event("done", number)
+            return LogEvent("done", number)
         if message.startswith("Resuming from "):
             # caffe.cpp (and safe-layers train): `Resuming from X.solverstate`; Caffe names
             # its snapshots <prefix>_iter_N, the only place the log says where it resumed.
             path = message[len("Resuming from "):].strip()
             m = _SNAPSHOT_ITER.search(path)
-            return Event("resume", number, path=path, iteration=int(m.group(1)) if m else None)
+            return LogEvent("resume", number, path=path, iteration=int(m.group(1)) if m else None)
         if severity is None:
             m = _CRASH.match(message)
             if m:
-                return Event("crash", number, message=message.strip(), signal=m.group(2))
+                return LogEvent("crash", number, message=message.strip(), signal=m.group(2))
             if message.startswith("Traceback (most recent call last)"):
                 self._traceback = True
                 return None
@@ -489,11 +489,11 @@ class LogReader:
                 self._traceback = False
                 m = _EXCEPTION.match(message)
                 if m:
-                    return Event("python_error", number, message=message.strip(), error=m.group(1))
+                    return LogEvent("python_error", number, message=message.strip(), error=m.group(1))
                 return None
             m = _PYTHON_ERROR.match(message)
             if m:
-                return Event("python_error", number, message=message.strip(), error=m.group(1))
+                return LogEvent("python_error", number, message=message.strip(), error=m.group(1))
         return None
 
     def _report(self, message, number, severity):
@@ -508,10 +508,10 @@ class LogReader:
         try:
             report = self.report_parser(message)
         except Exception as exc:  # noqa: BLE001 - a line is never fatal to the reader
-            return Event("unreadable_report", number, error="%s: %s" % (type(exc).__name__, exc))
+            return LogEvent("unreadable_report", number, error="%s: %s" % (type(exc).__name__, exc))
         if report is None:
             return None
-        return Event("report", number, report=report, severity=severity)
+        return LogEvent("report", number, report=report, severity=severity)
 
 
 def read_log(source, report_parser=None):

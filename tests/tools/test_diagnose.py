@@ -940,7 +940,7 @@ def test_plot_heatmap_only_with_debug_info(lenet_runs, tmp_path):
 
 def test_memory_stays_bounded():
     """Whatever the number of iterations, what a Diagnosis keeps is bounded."""
-    from safe_layers.readers.caffe_log import Event
+    from safe_layers.readers.caffe_log import LogEvent as Event
     d = diagnose_module.Diagnosis("synthetic.log")
     line = 0
     for iteration in range(30000):

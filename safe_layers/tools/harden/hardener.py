@@ -4,7 +4,7 @@ for, the swaps, the new guards and clips; then the edits applied and checked."""
 from safe_layers.core.errors import InputError
 from safe_layers.core.float_text import exact_short
 from safe_layers.readers import prototxt
-from safe_layers.tools.harden.param_strings import (DEFAULT_MAX_NORM, LEVEL_WORDS, LEVELS, Own,
+from safe_layers.tools.harden.param_strings import (DEFAULT_MAX_NORM, LEVEL_WORDS, LEVELS, HardenedLayer,
                                                     clip_param_str, guard_param_str,
                                                     is_safe_guard)
 from safe_layers.tools.harden.placement import existing, matches, plan_spots, run_after
@@ -147,7 +147,7 @@ class Hardener:
         for layer, node in self.pairs:
             if not is_safe_guard(layer):
                 continue
-            own = Own.of(layer)
+            own = HardenedLayer.of(layer)
             kind = layer.python_param.layer
             if own is None:
                 self.by_hand.append((kind, layer.name))

@@ -1,5 +1,5 @@
 """The param_str of the guards and clips harden writes, exactly as it writes them, and
-:class:`Own`, which tells such a layer from one written by hand (left alone)."""
+:class:`HardenedLayer`, which tells such a layer from one written by hand (left alone)."""
 
 import json
 import re
@@ -86,7 +86,7 @@ def is_safe_guard(layer):
         and layer.python_param.layer in ("NaNGuard", "GradientClip")
 
 
-class Own:
+class HardenedLayer:
     """A guard or clip harden wrote: its param_str is exactly one harden writes, naming the
     layer itself and the layer it follows (``<follows>_guard``, ``<follows>_clip_2``, ...)."""
 
@@ -96,7 +96,7 @@ class Own:
 
     @classmethod
     def of(cls, layer):
-        """The Own for ``layer``, or None when harden did not write it."""
+        """The HardenedLayer for ``layer``, or None when harden did not write it."""
         if not is_safe_guard(layer) or layer.python_param.module != "safe_layers" \
                 or list(layer.bottom) != list(layer.top) or not layer.bottom:
             return None

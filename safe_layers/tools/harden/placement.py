@@ -13,7 +13,7 @@ PRODUCER_TYPES = ("BatchNorm", "Log", "Power", "Exp")
 INPUT_TYPES = SOURCE_DATA + INPUT
 
 
-class Spot:
+class PlannedGuard:
     """A guard to insert after layer ``index``, on ``blobs``, for ``reasons``."""
 
     def __init__(self, index, blobs, reason):
@@ -70,7 +70,7 @@ def plan_spots(pairs, level, default_guards, guard_specs):
         if index in spots:
             spots[index].add(blobs, reason)
         else:
-            spots[index] = Spot(index, blobs, reason)
+            spots[index] = PlannedGuard(index, blobs, reason)
         return spots[index]
 
     for i, (layer, _) in enumerate(pairs):
