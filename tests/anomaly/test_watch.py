@@ -8,7 +8,7 @@ import pytest
 
 from safe_layers import reporting
 from safe_layers.anomaly import NonFiniteError, parse_line, replay, watch
-from support.nets import DIVERGING_NET, regression_net
+from support.nets import DIVERGING_NET, POOLING_NET, regression_net
 from support.published import published_net, published_solver_fields
 
 LENET = "lenet_train_test.prototxt"
@@ -212,20 +212,6 @@ def test_record_replays_the_faulty_batch(lenet_solver, caffe, tmp_path):
     w.close()
 
 
-POOLING_NET = """
-name: "pooling_nan"
-layer { name: "data" type: "DummyData" top: "data" top: "label"
-  dummy_data_param { shape { dim: 8 dim: 1 dim: 10 dim: 10 } shape { dim: 8 }
-    data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
-layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
-  convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
-layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
-  pooling_param { pool: AVE kernel_size: 3 stride: 5 } }
-layer { name: "relu1" type: "ReLU" bottom: "pool1" top: "pool1" }
-layer { name: "fc" type: "InnerProduct" bottom: "pool1" top: "fc"
-  inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
-"""
 
 
 def test_pooling_geometry_producer_is_named_not_the_layers_after_it(make_solver):

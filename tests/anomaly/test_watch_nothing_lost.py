@@ -6,11 +6,12 @@ caffe.SGDSolvers on small nets."""
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+
+from support.mounts import private_mount_command as _private_mount_command
 
 import safe_layers
 from safe_layers import reporting
@@ -230,21 +231,6 @@ w.close()
 print(json.dumps({"iter": int(w.solver.iter), "rollbacks": w.rollbacks, "lines": stream.getvalue(),
                   "before_close": before, "after_close": sorted(os.listdir(folder))}))
 """
-
-
-def _private_mount_command():
-    """A command prefix that runs its command in a mount namespace of its own, where
-    mounting a tmpfs is allowed; None where this machine has none."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return None
-    for flags in (["--mount"], ["--user", "--map-root-user", "--mount"]):
-        command = [unshare] + flags + ["--propagation", "private"]
-        probe = subprocess.run(command + ["sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
-                               capture_output=True)
-        if probe.returncode == 0:
-            return command
-    return None
 
 
 def test_a_real_full_disk_does_not_kill_the_run(caffe, write_solver, tmp_path):

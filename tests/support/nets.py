@@ -68,3 +68,20 @@ def solver_text(net_path, **fields):
     values.update(fields)
     lines = ['net: "%s"' % net_path] + ["%s: %s" % kv for kv in values.items()]
     return "\n".join(lines) + "\n"
+
+
+# An AVE pooling whose last windows lie outside its input: NaN from the first forward.
+POOLING_NET = """
+name: "pooling_nan"
+layer { name: "data" type: "DummyData" top: "data" top: "label"
+  dummy_data_param { shape { dim: 8 dim: 1 dim: 10 dim: 10 } shape { dim: 8 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "constant" value: 1 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "xavier" } } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: AVE kernel_size: 3 stride: 5 } }
+layer { name: "relu1" type: "ReLU" bottom: "pool1" top: "pool1" }
+layer { name: "fc" type: "InnerProduct" bottom: "pool1" top: "fc"
+  inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
+"""

@@ -291,7 +291,7 @@ def test_weights_with_commas_and_sigint_stop(caffe_bin, lenet, tmp_path):
 
 
 def test_lint_errors_stop_the_run_unless_no_lint(tmp_path):
-    from test_watch import POOLING_NET
+    from support.nets import POOLING_NET
     net = tmp_path / "pool.prototxt"
     net.write_text(POOLING_NET)
     solver = tmp_path / "solver.prototxt"

@@ -168,7 +168,7 @@ def test_a_full_disk_skips_a_snapshot_and_never_kills_the_run(lenet, tmp_path):
     import subprocess
     import sys
     from test_train import env
-    from test_watch_nothing_lost import _private_mount_command
+    from support.mounts import private_mount_command as _private_mount_command
     command = _private_mount_command()
     if command is None:
         pytest.skip("no mount namespace here to mount a small tmpfs in")

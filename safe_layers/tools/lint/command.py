@@ -84,9 +84,12 @@ def run(args):
     loaded, unreadable = [], []
     for path in args.files:
         try:
-            loaded.append(linter.load(path))
+            document, nets, errors = linter.load(path)
         except InputError as exc:
             unreadable.append(_unreadable(path, exc))
+            continue
+        loaded.append((document, nets))
+        unreadable.extend(_unreadable(path, exc) for exc in errors)
     _check_input_shape_names(overrides, [net for _, nets in loaded for _, net in nets], unreadable)
     for document, nets in loaded:
         linter.lint(document, nets)
@@ -151,19 +154,30 @@ class Linter:
         self.checked = []
 
     def load(self, path):
-        """(Prototxt, [(field, net Prototxt)]) of ``path`` (a solver with the nets it names,
-        or a net with field None); InputError where it or a net it names cannot be read."""
+        """(Prototxt, [(field, net Prototxt)], [InputError]) of ``path``: a solver with the
+        nets it names, or a net with field None. InputError where ``path`` itself cannot be
+        read; a net the solver names that cannot be read is one of the errors returned,
+        and the solver is still linted (its own rules need no net)."""
         doc = prototxt.read_prototxt(path)
         if not doc.root.children:
             raise InputError("%s: no field in it (an empty or comment-only file is neither a net "
                              "nor a solver; a wrong path?)" % doc.path)
-        nets = prototxt.solver_nets(doc) if doc.kind == "solver" else [(None, doc)]
-        for _, net in nets:
-            if not net.layers() and not len(net.message.input):
-                raise InputError("%s: a net without layers: nothing Caffe would build or train"
-                                 % net.path)
-            net.unknown_types = _unknown_types(net, net.layers())
-        return doc, nets
+        if doc.kind != "solver":
+            _check_net(doc)
+            return doc, [(None, doc)], []
+        errors, nets = [], []
+        try:
+            named = prototxt.solver_nets(doc)
+        except InputError as exc:
+            return doc, [], [exc]
+        for field, net in named:
+            try:
+                _check_net(net)
+            except InputError as exc:
+                errors.append(exc)
+                continue
+            nets.append((field, net))
+        return doc, nets, errors
 
     def lint(self, doc, nets):
         self.checked.append(doc.path)
@@ -173,8 +187,11 @@ class Linter:
             self.lint_net(doc, (("TRAIN", 0, ()), ("TEST", 0, ())))
 
     def lint_file(self, path):
-        """Load and lint one file (InputError when it cannot be read)."""
-        self.lint(*self.load(path))
+        """Load and lint one file (InputError when it, or a net it names, cannot be read)."""
+        doc, nets, errors = self.load(path)
+        if errors:
+            raise errors[0]
+        self.lint(doc, nets)
 
     def lint_solver(self, solver, nets):
         fork = _fork_note(solver)
@@ -290,6 +307,13 @@ class Linter:
                 continue
             merged[key] = f
         return sorted(merged.values(), key=lambda f: (f.path, f.line, f.col, f.rule))
+
+
+def _check_net(net):
+    """InputError for a net with nothing to build; else note its fork's layer types."""
+    if not net.layers() and not len(net.message.input):
+        raise InputError("%s: a net without layers: nothing Caffe would build or train" % net.path)
+    net.unknown_types = _unknown_types(net, net.layers())
 
 
 def _unknown_types(net, pairs):

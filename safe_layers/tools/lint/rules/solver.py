@@ -124,10 +124,17 @@ def check(solver, report, iterations=None):
 
     known = _check_policy_fields(msg, add)
     if not msg.max_iter:
-        add(MAX_ITER_ZERO, "max_iter", "max_iter is %s: `caffe train` runs no iteration (it stops "
-            "at once and, if asked, snapshots the untrained net)"
-            % ("0" if msg.HasField("max_iter") else "not set (0)"),
-            "set max_iter to the number of iterations to train")
+        if iterations is None:
+            add(MAX_ITER_ZERO, "max_iter", "max_iter is %s: `caffe train` runs no iteration (it "
+                "stops at once and, if asked, snapshots the untrained net)"
+                % ("0" if msg.HasField("max_iter") else "not set (0)"),
+                "set max_iter to the number of iterations to train")
+        else:
+            # --iterations declares a pycaffe loop, which max_iter does not bound.
+            add(MAX_ITER_ZERO, "max_iter", "max_iter is %s: fine for the pycaffe loop of %d "
+                "iterations given with --iterations, but `caffe train` would run none"
+                % ("0" if msg.HasField("max_iter") else "not set (0)", iterations),
+                "set max_iter if this solver is also used with `caffe train`", severity="info")
     if known:
         _check_schedule(msg, add, iterations, report, path)
     _check_update_settings(msg, add)
@@ -214,9 +221,12 @@ def _check_update_settings(msg, add):
 
 
 def check_iter_size(solver, nets, report):
-    """SL108: our layers' iter_size against the solver's. ``nets`` are Prototxts."""
+    """SL108: our layers' iter_size against the solver's. ``nets`` are Prototxts. One
+    finding per net and wrong value, at the first such layer, naming them all (harden
+    writes one guard per layer: SqueezeNet's eight were eight copies of one message)."""
     wanted = solver.message.iter_size or 1
     seen = set()
+    groups = {}  # (net path, iter_size) -> [(layer, node)]
     for net in nets:
         for layer, node in net.layers():
             if layer.type != "Python" or not layer.python_param.module.startswith("safe_layers"):
@@ -230,11 +240,21 @@ def check_iter_size(solver, nets, report):
             except ParamError:
                 continue  # SL601 says what is wrong with it
             if params.iter_size != wanted:
-                where = node.find("python_param.param_str") or node
-                report.add(net.path, where, ITER_SIZE,
-                           "%s '%s' has iter_size %d but the solver %s has iter_size %d: its reports "
-                           "would name iteration %s where Caffe is at iteration N"
-                           % (layer.python_param.layer, layer.name, params.iter_size, solver.path,
-                              wanted, "N*%d/%d" % (wanted, params.iter_size)),
-                           "iter_size: %d in its param_str (harden --solver writes it)" % wanted,
-                           layer=layer.name, data={"iter_size": params.iter_size, "solver_iter_size": wanted})
+                groups.setdefault((net.path, params.iter_size), []).append((layer, node))
+    for (path, iter_size), layers in groups.items():
+        layer, node = layers[0]
+        where = node.find("python_param.param_str") or node
+        if len(layers) == 1:
+            what = "%s '%s' has" % (layer.python_param.layer, layer.name)
+        else:
+            names = ", ".join("'%s'" % l.name for l, _ in layers[:5]) + (", ..." if len(layers) > 5 else "")
+            what = "%d safe_layers layers (%s) have" % (len(layers), names)
+        report.add(path, where, ITER_SIZE,
+                   "%s iter_size %d but the solver %s has iter_size %d: %s reports would name "
+                   "iteration %s where Caffe is at iteration N"
+                   % (what, iter_size, solver.path, wanted, "its" if len(layers) == 1 else "their",
+                      "N*%d/%d" % (wanted, iter_size)),
+                   "iter_size: %d in %s param_str (harden --solver writes it)"
+                   % (wanted, "its" if len(layers) == 1 else "their"),
+                   layer=layer.name, data={"iter_size": iter_size, "solver_iter_size": wanted,
+                                           "layers": [l.name for l, _ in layers]})
