@@ -46,6 +46,10 @@ cat >"$venv/bin/caffe" <<EOF
 PATH="$venv/bin:\$PATH" exec "$prefix/bin/caffe" "\$@"
 EOF
 chmod +x "$venv/bin/caffe"
+# Caffe's upgrade tools, where lint and harden send the owners of V1 nets and solvers.
+for tool in upgrade_net_proto_text upgrade_solver_proto_text; do
+  if [[ -x $prefix/bin/$tool ]]; then ln -sfn "$prefix/bin/$tool" "$venv/bin/$tool"; fi
+done
 
 "$vpy" -c 'import caffe, safe_layers' || die "the environment cannot import caffe and safe_layers (see above)"
 log "ready: $venv (caffe binary: $venv/bin/caffe, Caffe from $prefix)"

@@ -5,9 +5,9 @@ One list each, so that lint, harden, train and diagnose agree on what a data lay
 
 # Bottomless layers whose tops are read from a dataset source (Caffe's data_layer.cpp,
 # image_data_layer.cpp, hdf5_data_layer.cpp, window_data_layer.cpp, memory_data_layer.cpp;
-# AnnotatedData from SSD's fork, VideoData from C3D's).
+# AnnotatedData from SSD's fork, VideoData from C3D's, DenseImageData from SegNet's).
 SOURCE_DATA = ("Data", "ImageData", "HDF5Data", "WindowData", "MemoryData", "AnnotatedData",
-               "VideoData")
+               "VideoData", "DenseImageData")
 
 # Bottomless layers that make their tops without a source (dummy_data_layer.cpp).
 GENERATED_DATA = ("DummyData",)
@@ -46,3 +46,7 @@ FORK_TYPES = frozenset((
     "Upsample", "Interp", "CPMData", "DepthwiseConvolution", "ConvolutionDepthwise", "ShuffleChannel",
     "Axpy", "ReLU6", "Proposal",
 ))
+
+# Normalization layers that divide by a batch statistic: BatchNorm (batch_norm_layer.cpp:
+# x / sqrt(var + eps)) and SegNet's and ENet's BN, the same computation under its own name.
+NORMALIZATION = ("BatchNorm", "BN")

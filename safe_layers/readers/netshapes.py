@@ -115,6 +115,15 @@ def shapeable(net_message):
     its source layers) and every name --input-shape accepts (those tops and the name of
     each source layer with one top)."""
     tops, names = list(net_message.input), set(net_message.input)
+    # V1 entries: their data layers by the V1 type enum's names (DATA, IMAGE_DATA, ...).
+    v1_sources = {"DATA", "IMAGE_DATA", "HDF5_DATA", "WINDOW_DATA", "MEMORY_DATA", "DUMMY_DATA"}
+    for layer in net_message.layers:
+        type_name = layer.DESCRIPTOR.fields_by_name["type"].enum_type.values_by_number[layer.type].name
+        if type_name in v1_sources:
+            tops.extend(t for t in layer.top if t not in tops)
+            names.update(layer.top)
+            if len(layer.top) == 1:
+                names.add(layer.name)
     for layer in net_message.layer:
         if is_source(layer):
             tops.extend(t for t in layer.top if t not in tops)
@@ -422,8 +431,62 @@ _NAMED_LAYER = re.compile(r"layer '([^']+)'")
 _PY_ERROR = re.compile(r"^[A-Za-z_.]*(Error|Exception): .*$")
 
 
+def upgraded_v1(net_message, timeout=CHILD_TIMEOUT_S):
+    """``net_message`` with its V1 ``layers`` entries upgraded to ``layer`` as Caffe does
+    when it reads a net (upgrade_proto.cpp: UpgradeV1Net), by Caffe's own
+    ``upgrade_net_proto_text`` (beside the ``caffe`` binary); None where that tool is not
+    there or refuses the net."""
+    from google.protobuf import text_format
+    tool = caffe_tool("upgrade_net_proto_text")
+    if tool is None:
+        return None
+    with scratch.folder("upgrade") as tmp:
+        old, new = os.path.join(tmp, "v1.prototxt"), os.path.join(tmp, "v2.prototxt")
+        with open(old, "w") as f:
+            f.write(text_format.MessageToString(net_message))
+        try:
+            done = subprocess.run([tool, old, new], capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if done.returncode != 0 or not os.path.exists(new):
+            return None
+        upgraded = type(net_message)()
+        with open(new) as f:
+            text_format.Parse(f.read(), upgraded)
+        return upgraded
+
+
+def caffe_tool(name):
+    """The path of one of Caffe's tools (``upgrade_net_proto_text``, ...): on PATH, beside
+    this Python (a venv's bin, where set-up puts them), or beside the ``caffe`` binary."""
+    import shutil
+    for folder in (None, os.path.dirname(sys.executable)):
+        found = shutil.which(name, path=folder)
+        if found:
+            return found
+    caffe = shutil.which("caffe") or shutil.which("caffe", path=os.path.dirname(sys.executable))
+    if caffe:
+        with open(caffe, "rb") as f:
+            head = f.read(4096)
+        # set-up's wrapper script names the real binary: its folder holds the tools.
+        match = re.search(rb'exec "([^"]+)/caffe"', head)
+        if match:
+            candidate = os.path.join(match.group(1).decode(), name)
+            if os.access(candidate, os.X_OK):
+                return candidate
+    return None
+
+
 def infer(net_message, net_path, phase, overrides=None, stages=(), level=0, timeout=CHILD_TIMEOUT_S):
-    """Shapes of ``net_message`` (a NetParameter) in ``phase`` ('TRAIN' or 'TEST')."""
+    """Shapes of ``net_message`` (a NetParameter) in ``phase`` ('TRAIN' or 'TEST'); a V1 net
+    is upgraded first, as Caffe does when it reads one, so that its data layers are
+    replaced like any other."""
+    if len(net_message.layers):
+        upgraded = upgraded_v1(net_message)
+        if upgraded is None:
+            return Shapes(unknown="a V1 net ('layers' entries), and Caffe's upgrade_net_proto_text "
+                                  "is not there to upgrade it as Caffe would (run `make setup`)")
+        net_message = upgraded
     try:
         net, data_shapes = input_net(net_message, net_path, overrides or {})
     except ShapeUnknown as exc:

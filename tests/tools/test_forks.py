@@ -98,7 +98,7 @@ EXPECTED = {
     "py-faster-rcnn": (["roi_pooling_param", "smooth_l1_loss_param"], ["ROIPooling", "SmoothL1Loss"]),
     "ssd": (["resize_param", "annotated_data_param", "permute_param", "multibox_loss_param"],
             ["Permute", "MultiBoxLoss"]),  # AnnotatedData is a known data layer type
-    "segnet": (["dense_image_data_param", "bn_param", "weight_by_label_freqs"], ["DenseImageData", "BN"]),
+    "segnet": (["dense_image_data_param", "bn_param", "weight_by_label_freqs"], ["BN"]),
     "densenet": (["ceil_mode"], []),
 }
 

@@ -232,7 +232,9 @@ class Linter:
             self.report.add(net.path, next(n for _, n in pairs if n.name == "layers"), V1_LAYERS,
                             "this net uses the V1 'layers' format: Caffe upgrades it when it builds "
                             "the net (SL001 would show a refusal), but the rules read only 'layer' entries",
-                            "upgrade it: upgrade_net_proto_text OLD NEW")
+                            "upgrade it with Caffe's own tool: %s %s NEW.prototxt"
+                            % (netshapes.caffe_tool("upgrade_net_proto_text")
+                               or "upgrade_net_proto_text", net.path))
         built_for = {}
         for phase_spec in phases:
             phase, level, stages = phase_spec
