@@ -34,6 +34,85 @@ MAX_STREAM_BYTES = 256 << 20
 SNIFF_BYTES = 1024
 
 
+def use_schema(proto_path):
+    """Read every prototxt from now on with the schema in ``proto_path`` (a fork's
+    caffe.proto, given as ``--caffe-proto``), compiled here with ``protoc`` into a
+    descriptor pool of its own (beside, never over, the installed Caffe's caffe_pb2).
+    InputError when protoc is missing or refuses the file, or it defines no
+    caffe.NetParameter."""
+    global _caffe_pb2
+    import shutil
+    import subprocess
+    from safe_layers.core import scratch
+    protoc = shutil.which("protoc")
+    if protoc is None:
+        raise InputError("--caffe-proto %s: compiling it needs protoc (Debian: apt-get install "
+                         "protobuf-compiler, which building Caffe installs)" % proto_path)
+    if not os.path.isfile(proto_path):
+        raise InputError("--caffe-proto %s: no such file" % proto_path)
+    with scratch.folder("proto") as tmp:
+        out = os.path.join(tmp, "schema.desc")
+        folder = os.path.dirname(os.path.abspath(proto_path))
+        done = subprocess.run([protoc, "--include_imports", "--descriptor_set_out=" + out,
+                               "-I", folder, os.path.abspath(proto_path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise InputError("--caffe-proto %s: protoc refuses it: %s"
+                             % (proto_path, done.stderr.strip()[-2000:]))
+        with open(out, "rb") as f:
+            raw = f.read()
+    _caffe_pb2 = CompiledSchema(raw, proto_path)
+
+
+class CompiledSchema:
+    """A caffe.proto compiled at run time, with the attributes code reads from Caffe's
+    generated ``caffe_pb2``: a class per message (``NetParameter``, ``SolverParameter``,
+    ...), each top-level enum (``Phase``) and its values (``TRAIN``, ``TEST``)."""
+
+    def __init__(self, descriptor_set, path):
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+        from google.protobuf.internal import enum_type_wrapper
+        files = descriptor_pb2.FileDescriptorSet()
+        files.ParseFromString(descriptor_set)
+        pool = descriptor_pool.DescriptorPool()
+        for proto in files.file:
+            pool.Add(proto)
+        try:
+            pool.FindMessageTypeByName("caffe.NetParameter")
+        except KeyError:
+            raise InputError("--caffe-proto %s defines no caffe.NetParameter: not a Caffe "
+                             "schema" % path) from None
+        for proto in files.file:
+            if proto.package != "caffe":
+                continue
+            for message in proto.message_type:
+                setattr(self, message.name, message_factory.GetMessageClass(
+                    pool.FindMessageTypeByName("caffe." + message.name)))
+            for enum in proto.enum_type:
+                wrapper = enum_type_wrapper.EnumTypeWrapper(pool.FindEnumTypeByName("caffe." + enum.name))
+                setattr(self, enum.name, wrapper)
+                for value in enum.value:
+                    setattr(self, value.name, value.number)
+        self.path = path
+
+
+def schema_is_callers():
+    """Whether prototxts are read with a schema given by --caffe-proto (a fork's): the
+    installed Caffe cannot then be asked to build them."""
+    return isinstance(_caffe_pb2, CompiledSchema)
+
+
+def fields_installed_caffe_lacks(doc):
+    """[(dotted path, Node)] of the fields of ``doc`` (read with --caffe-proto) that the
+    installed Caffe's schema does not have: what its Caffe could not read."""
+    try:
+        from caffe.proto import caffe_pb2 as installed
+    except ImportError:
+        return []
+    kind = "NetParameter" if doc.kind == "net" else "SolverParameter"
+    return unknown_field_nodes(doc.root, getattr(installed, kind).DESCRIPTOR)
+
+
 def caffe_pb2():
     """Caffe's generated protobuf module (imported once; needs pycaffe installed)."""
     global _caffe_pb2

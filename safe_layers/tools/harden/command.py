@@ -76,6 +76,10 @@ def add_arguments(parser):
     parser.add_argument("input", metavar="IN.prototxt", help="the net to harden (never written)")
     parser.add_argument("-o", "--output", metavar="OUT.prototxt",
                         help="where the hardened net goes ('-' for stdout); required unless --dry-run")
+    parser.add_argument("--caffe-proto", metavar="caffe.proto",
+                        help="your Caffe fork's schema (its src/caffe/proto/caffe.proto), compiled "
+                             "with protoc, to read the fields it adds (default: the installed "
+                             "Caffe's, plus the published forks' fields)")
     parser.add_argument("--level", choices=LEVELS, default="observe",
                         help="observe: guards warn (default); repair: clamp forward, zero backward, "
                              "GradientClip below each loss; strict: abort with the report. On a net "
@@ -99,6 +103,8 @@ def add_arguments(parser):
 
 
 def run(args):
+    if args.caffe_proto:
+        prototxt.use_schema(args.caffe_proto)
     if not args.dry_run and not args.output:
         raise InputError("-o OUT.prototxt is required (or -o - for stdout, or --dry-run); the "
                          "input is never overwritten")

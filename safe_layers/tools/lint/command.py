@@ -43,6 +43,10 @@ def add_arguments(parser):
     parser.add_argument("--iterations", type=int, metavar="N",
                         help="simulate the learning rate over N iterations (a pycaffe loop) "
                              "instead of the solver's max_iter")
+    parser.add_argument("--caffe-proto", metavar="caffe.proto",
+                        help="your Caffe fork's schema (its src/caffe/proto/caffe.proto), compiled "
+                             "with protoc, to read the fields it adds (default: the installed "
+                             "Caffe's, plus the published forks' fields)")
     parser.add_argument("--no-shapes", action="store_true",
                         help="do not build the net with Caffe: shape-free rules only")
     parser.add_argument("--select", metavar="IDS", help="only these rule ids or prefixes (SL2,SL101)")
@@ -69,6 +73,8 @@ def run(args):
         return 0
     if not args.files:
         raise InputError("no FILE given (a solver or net prototxt); see --help")
+    if args.caffe_proto:
+        prototxt.use_schema(args.caffe_proto)
     if args.iterations is not None and args.iterations < 1:
         raise InputError("--iterations must be >= 1")
     known = [r.id for r in list_rules()]
@@ -312,10 +318,13 @@ class Linter:
 
 
 def _check_net(net):
-    """InputError for a net with nothing to build; else note its fork's layer types."""
+    """InputError for a net with nothing to build; else note its fork's layer types (and,
+    read with --caffe-proto, the fields the installed Caffe lacks)."""
     if not net.layers() and not len(net.message.input):
         raise InputError("%s: a net without layers: nothing Caffe would build or train" % net.path)
     net.unknown_types = _unknown_types(net, net.layers())
+    if prototxt.schema_is_callers():
+        net.unknown_fields = prototxt.fields_installed_caffe_lacks(net)
 
 
 def _unknown_types(net, pairs):
@@ -328,7 +337,7 @@ def _unknown_types(net, pairs):
     for layer, node in pairs:
         if node.name != "layer" or layer.type in known:
             continue
-        if layer.type in layer_types.FORK_TYPES:
+        if layer.type in layer_types.FORK_TYPES or prototxt.schema_is_callers():
             forks.append((layer, node))
             continue
         type_node = node.find("type") or node
