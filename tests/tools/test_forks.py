@@ -164,3 +164,22 @@ def test_a_name_no_fork_has_is_still_refused_as_caffe_would(caffe, tmp_path, tex
     (tmp_path / "bad.prototxt").write_text(text)
     result = run("lint", "bad.prototxt", cwd=tmp_path)
     assert result.returncode == 2 and expected in result.stderr, result.stderr
+
+
+def test_shape_rules_check_a_fork_net_up_to_its_first_unknown_layer(caffe, tmp_path):
+    """Caffe builds the layers before ROIPooling: the pooling trap there is found."""
+    (tmp_path / "net.prototxt").write_text('''name: "fork_pool"
+layer { name: "data" type: "Input" top: "data" top: "rois"
+  input_param { shape { dim: 2 dim: 3 dim: 10 dim: 10 } shape { dim: 2 dim: 5 } } }
+layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
+  convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: AVE kernel_size: 3 stride: 5 } }
+layer { name: "roi_pool5" type: "ROIPooling" bottom: "pool1" bottom: "rois" top: "pool5"
+  roi_pooling_param { pooled_w: 2 pooled_h: 2 spatial_scale: 0.0625 } }
+layer { name: "fc" type: "InnerProduct" bottom: "pool5" top: "fc" inner_product_param { num_output: 3 } }
+''')
+    result = run("lint", "net.prototxt", "--format", "json", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    rules = sorted(f["rule"] for f in json.loads(result.stdout)["findings"])
+    assert rules == ["SL006", "SL201"]

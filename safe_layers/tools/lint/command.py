@@ -202,8 +202,7 @@ class Linter:
     def lint_solver(self, solver, nets):
         fork = _fork_note(solver)
         if fork:
-            self.report.add(solver.path, None, FORK_SCHEMA, fork.replace(
-                ", Caffe cannot build this net here, so the shape rules are skipped", ""),
+            self.report.add(solver.path, None, FORK_SCHEMA, fork,
                 "run lint where your fork's pycaffe is importable: its caffe_pb2 is then the schema")
         solver_rules.check(solver, self.report, self.iterations)
         msg = solver.message
@@ -247,7 +246,8 @@ class Linter:
             kept = layers_in_state(current, pb2.Phase.Value(phase), level, stages)
             shapes = None
             ctx = NetCheck(net, phase, kept, None, solver, self.report)
-            if self.build_shapes and not fork:
+            message = _buildable_part(net) if fork else net.message
+            if self.build_shapes and message is not None:
                 # A phase that keeps the same layers as one already built has its shapes
                 # (no built-in layer's output shape depends on the phase; a Python layer's
                 # might): one child, not two.
@@ -255,7 +255,7 @@ class Linter:
                 if any(layer.type == "Python" for layer, _ in kept):
                     key += (phase,)
                 if key not in built_for:
-                    built_for[key] = netshapes.infer(net.message, net.path, phase, self.overrides,
+                    built_for[key] = netshapes.infer(message, net.path, phase, self.overrides,
                                                      stages, level)
                 shapes = self._shape_findings(ctx, built_for[key], pairs)
             ctx.shapes = shapes
@@ -351,6 +351,28 @@ def _unknown_types(net, pairs):
     return forks
 
 
+def _buildable_part(net):
+    """The layers of a fork's net this Caffe can build as written: those before the first
+    one of a type it lacks or with a field it lacks (a dropped field, such as ceil_mode,
+    would change the shapes). None when that leaves no layer."""
+    stop = {id(node) for _, node in getattr(net, "unknown_types", ())}
+    for dotted, node in net.unknown_fields:
+        if dotted.startswith("layer."):
+            owner = next((n for _, n in net.layers() if n.start <= node.start < n.end), None)
+            if owner is not None:
+                stop.add(id(owner))
+        else:
+            return None  # a net-level field: nothing is known to be built as written
+    message = type(net.message)()
+    message.CopyFrom(net.message)
+    del message.layer[:]
+    for layer, node in net.layers():
+        if node.name != "layer" or id(node) in stop:
+            break
+        message.layer.add().CopyFrom(layer)
+    return message if len(message.layer) else None
+
+
 def _fork_note(net):
     """The one line that names what this Caffe did not know in ``net`` (fields, layer
     types) and what that costs; "" when it knew everything."""
@@ -368,6 +390,9 @@ def _fork_note(net):
         parts.append("layer types %s" % ", ".join("%s (%s)" % kv for kv in types.items()))
     if not parts:
         return ""
-    return ("this Caffe does not know %s (a fork's?): they are kept as written, Caffe cannot "
-            "build this net here, so the shape rules are skipped; every other rule ran"
-            % "; ".join(parts))
+    if net.kind == "solver":
+        return ("this Caffe does not know %s (a fork's?): they are kept as written; every other "
+                "rule ran" % "; ".join(parts))
+    return ("this Caffe does not know %s (a fork's?): they are kept as written; Caffe builds "
+            "the net here only up to the first of them, so the shape rules check the layers "
+            "before it; every other rule ran" % "; ".join(parts))
