@@ -4,7 +4,9 @@ diffs, optionally), every weight after it, and the early warning of growing norm
 
 A bad iteration is stopped (NonFiniteError), skipped (:class:`Skip`: the watch abandons
 ``Solver::Step`` before its update), rolled back (:class:`RollbackRequest`) or only reported,
-as the options say.
+as the options say. On a pycaffe without ``Solver.add_callback`` the same checks run after
+Caffe's ``solver.step(1)``, its update applied: there a bad iteration cannot be skipped
+(:meth:`SolverChecks._bad_step`; :mod:`.pycaffe_hooks`).
 """
 
 import collections
@@ -13,6 +15,7 @@ import math
 import numpy
 
 from safe_layers.anomaly.probe import accessors, blob_fault, blob_ok
+from safe_layers.anomaly.pycaffe_hooks import STEP
 from safe_layers.core import lr_policy
 from safe_layers.core.float_text import six_digits
 from safe_layers.kernels import clip as clip_kernels
@@ -109,9 +112,11 @@ class SolverChecks:
     """The checks of one watched solver's iterations, and what they last saw: ``loss``,
     ``lr``, ``grad_norm``, ``weight_norm``; ``consecutive_bad`` (bad iterations in a
     row), ``skipped`` (iterations), ``guard_reports`` (the deferred checks' reports of
-    the last iteration, the first flagged layer first)."""
+    the last iteration, the first flagged layer first). ``hooks``: what the pycaffe
+    offers (:class:`~.pycaffe_hooks.PycaffeHooks`): whether the probes checked the
+    layers, and whether the checks run before the update or after it."""
 
-    def __init__(self, solver, solver_param, net, probe, options, reports, losses):
+    def __init__(self, solver, solver_param, net, probe, options, reports, losses, hooks):
         self.solver = solver
         self.param = solver_param
         self.probe = probe        # the training net's: its pass losses, bad params, producers
@@ -130,6 +135,10 @@ class SolverChecks:
         self.guard_reports = []
         self.pending_update = False  # gradients checked, the weights after the update not yet
         self.lr_zero_warned = False
+        self.probed = hooks.probed             # the layer probes checked this iteration's diffs
+        self.after_update = hooks.mode == STEP  # checked after solver.step(1), update applied
+        self.read_rate = hooks.solver_lr        # solver.lr exists (pycaffe since 2017-12)
+        self.unnamed = hooks.unnamed()          # why a fault names no layer, or None
 
     def restart(self):
         """After a rollback: no bad iteration in a row, no update to check, the growth
@@ -154,11 +163,16 @@ class SolverChecks:
             self.weights(updated_iteration)
 
     def learning_rate(self, iteration):
-        """The rate of ``iteration``: non-finite or negative stops; 0 warns once."""
-        if self.param is not None and self.param.lr_policy == "multistep":
+        """The rate of ``iteration``: non-finite or negative stops; 0 warns once. Without
+        ``solver.lr`` (pycaffe before 2017-12) it is computed from the solver's prototxt,
+        as Caffe computes it, and without that too it is not checked (``lr`` None)."""
+        if self.param is not None and (self.param.lr_policy == "multistep" or not self.read_rate):
             lr = lr_policy.rate(self.param, iteration)
-        else:
+        elif self.read_rate:
             lr = float(self.solver.lr)
+        else:
+            self.lr = None
+            return
         self.lr = lr
         if math.isfinite(lr) and lr > 0:
             return
@@ -189,7 +203,7 @@ class SolverChecks:
             loss = numpy.float32(loss + value)
         self.loss = float(numpy.float32(loss / numpy.float32(len(losses))))
         o = self.options
-        need_norms = (not o.check_layers) or o.warn_growth or o.clip_gradients
+        need_norms = not (o.check_layers and self.probed) or o.warn_growth or o.clip_gradients
         bad = sorted(label for (layer, k), what in probe.bad_params.items() if what == "diff"
                      for label in ["%s[%d]" % (layer, k)])
         norms = None
@@ -201,7 +215,7 @@ class SolverChecks:
         else:
             self.consecutive_bad = 0
             self.losses.add(self.loss)
-        if norms is not None:
+        if norms is not None and not self.after_update:  # after it, the diffs hold the update
             total = math.sqrt(sum(s for _, s in norms if math.isfinite(s)))
             self.grad_norm = total
             if o.clip_gradients:
@@ -216,6 +230,9 @@ class SolverChecks:
         kind = "gradients" if bad_params else "loss"
         o = self.options
         details = {"loss": self.loss, "lr": self.lr}
+        if self.after_update:
+            self._bad_step(iteration, kind, message, bad_params, details)
+            return
         if o.on_nonfinite == "stop":
             self.reports.stop(SolverFault(kind, "TRAIN", iteration, message, "stop", bad_params,
                                           details))
@@ -238,6 +255,29 @@ class SolverChecks:
         self.reports.fault(SolverFault(kind, "TRAIN", iteration, message + "; Caffe applies this "
                                        "update", "warn", bad_params, details), "W")
 
+    def _bad_step(self, iteration, kind, message, bad_params, details):
+        """A bad iteration seen after ``solver.step(1)`` applied its update (a pycaffe
+        without ``Solver.add_callback``): nothing is left to skip. 'skip' rolls back to the
+        last checkpoint at once (with rollback_after; without it, it stops), 'stop' stops,
+        'warn' reports, and rolls back after rollback_after bad steps in a row."""
+        o = self.options
+        message += ("; the update of iteration %d is applied (no Solver.add_callback: checked "
+                    "after solver.step(1))" % iteration)
+        if o.on_nonfinite == "skip" and not o.rollback_after:
+            message += "; skip cannot undo it, and rollback_after is not set"
+        if o.on_nonfinite == "stop" or (o.on_nonfinite == "skip" and not o.rollback_after):
+            self.reports.stop(SolverFault(kind, "TRAIN", iteration, message, "stop", bad_params,
+                                          details))
+        if o.on_nonfinite == "skip" or (o.rollback_after
+                                        and self.consecutive_bad >= o.rollback_after):
+            if o.on_nonfinite != "skip":
+                message += "; %d bad in a row" % self.consecutive_bad
+            fault = SolverFault(kind, "TRAIN", iteration, message, "rollback", bad_params, details)
+            self.reports.fault(fault, "E")
+            raise RollbackRequest(fault)
+        self.reports.fault(SolverFault(kind, "TRAIN", iteration, message, "warn", bad_params,
+                                       details), "W")
+
     def _bad_message(self, bad_params):
         """What was non-finite, and the layer that produced or flagged it first."""
         parts = []
@@ -255,6 +295,8 @@ class SolverChecks:
         elif self.guard_reports:
             first = self.guard_reports[0]
             message += "; first flagged by %s in %s" % (first.where, first.pass_)
+        elif self.unnamed:
+            message += "; " + self.unnamed
         return message
 
     def weights(self, updated_iteration):

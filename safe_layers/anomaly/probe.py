@@ -107,10 +107,7 @@ class NetProbe:
         if i <= self._last_forward:
             self.begin_forward()
         self._last_forward = i
-        for j, weight in self.loss_tops[i]:
-            # Layer::Forward: loss += dot(top data, loss weights), in the net's float.
-            data = self.data(self.blobs[j])
-            self.loss = numpy.float32(self.loss + numpy.float32(host_scalar(data.sum()) * weight))
+        self.loss = self._add_loss(self.loss, i)
         if i == self.last:
             self.pass_losses.append(self.loss)
         if not self.check_layers:
@@ -178,6 +175,22 @@ class NetProbe:
                          self.diff(self.params[i][k]), inputs, note, self.backward_calls)
 
     # -- shared ----------------------------------------------------------------------
+    def _add_loss(self, loss, i):
+        """``loss`` plus layer ``i``'s: Layer::Forward's loss += dot(top data, loss
+        weights), in the net's float."""
+        for j, weight in self.loss_tops[i]:
+            data = self.data(self.blobs[j])
+            loss = numpy.float32(loss + numpy.float32(host_scalar(data.sum()) * weight))
+        return loss
+
+    def read_loss(self):
+        """The loss of the net's last forward, read from its loss tops now, as
+        after_forward sums it during the pass: the loss a watch without layer hooks has."""
+        loss = numpy.float32(0)
+        for i in range(len(self.names)):
+            loss = self._add_loss(loss, i)
+        return loss
+
     def _bad_weights_note(self, i):
         bad = [k for k, blob in enumerate(self.params[i]) if not blob_ok(self.data(blob))]
         if not bad:

@@ -27,6 +27,12 @@ The watch therefore replaces ``solver.step`` and ``solver.solve`` on the instanc
 loops that catch its own exception and step on; ``iter`` counts updates, as in Caffe.
 A rollback restores a checkpoint (:mod:`.checkpoints`); what the watch prints, and where
 it stops, is :mod:`.reports`.
+
+On an older pycaffe, without the layer hooks or without ``Solver.add_callback``, the watch
+runs reduced and says so once (:mod:`.pycaffe_hooks`): without the layer hooks the
+solver-level checks run as ever, with no producer named; without ``add_callback`` as well
+its ``step`` runs Caffe's ``solver.step(1)`` one iteration at a time and checks each after
+its update (:meth:`Watch._step_once`), a bad one undone by a rollback, never skipped.
 """
 
 import os
@@ -38,11 +44,13 @@ from safe_layers.anomaly.checks import RollbackRequest, Skip, SolverChecks
 from safe_layers.anomaly.options import WatchOptions
 from safe_layers.anomaly.probe import NetProbe
 from safe_layers.anomaly.producers import Producers
+from safe_layers.anomaly.pycaffe_hooks import STEP, PycaffeHooks
 from safe_layers.anomaly.reports import Reports
 from safe_layers.core import lr_policy, solver_iteration
 from safe_layers.readers import prototxt
 from safe_layers.readers.prototxt import read_solver_param
 from safe_layers.reporting import watch_lines
+from safe_layers.reporting.watch_lines import Event
 
 
 def _delegate(collaborator, name, settable=False):
@@ -62,7 +70,8 @@ class Watch:
     Use :func:`watch` to make one. Attributes worth reading: ``faults`` (every report,
     oldest first), ``events`` (skips, rollbacks, checkpoints, clips), ``counts`` (per
     kind), ``skipped`` / ``rolled_back`` (iterations), ``loss`` and ``lr`` of the last
-    iteration, ``probes`` (one NetProbe per watched net: ``producers`` found).
+    iteration, ``probes`` (one NetProbe per watched net: ``producers`` found), ``hooks``
+    (what the pycaffe offers: :class:`~.pycaffe_hooks.PycaffeHooks`, its ``mode``).
     """
 
     stream = _delegate("reports", "stream", settable=True)
@@ -94,6 +103,11 @@ class Watch:
         self.closed = False
         self.started = time.time()
         self.net = solver.net if solver is not None else net
+        self.hooks = hooks = PycaffeHooks(solver, self.net)
+        problem = hooks.refusal(o)
+        if problem:
+            raise ValueError(problem)
+        self.stepped = None  # the iteration whose update a step-by-step watch checks
         self.iter_size = int(solver_param.iter_size) if solver_param is not None else 1
         train = NetProbe(self.net, "TRAIN" if solver is not None else phase, self._on_producer,
                          self.iteration, o.check_layers)
@@ -102,7 +116,7 @@ class Watch:
                                "solver" if solver is not None else "net")
         self.producers = Producers(train, o, self.reports, under_solver=solver is not None)
         self.checks = SolverChecks(solver, solver_param, self.net, train, o, self.reports,
-                                   LossGate(o.growth_window, o.checkpoint_loss_ratio))
+                                   LossGate(o.growth_window, o.checkpoint_loss_ratio), hooks)
         # Before any hook: a prefix another watch holds refuses this one here.
         checkpoints = (Checkpoints(solver, solver_param, o.checkpoint_every, self.started,
                                    o.keep_checkpoints, self.reports.event, resumed_from)
@@ -110,7 +124,8 @@ class Watch:
         self.rollback = Rollback(solver, solver_param, o, self.reports, checkpoints)
         self.boards = []
         try:
-            self._hook(self.net, train, backward=True)
+            if hooks.probed:
+                self._hook(self.net, train, backward=True)
             if solver is not None:
                 self._attach(solver)
         except BaseException:
@@ -119,15 +134,22 @@ class Watch:
                 checkpoints.close()
             raise
         self.reports.open()
+        notice = hooks.notice(o, solver_param)
+        if notice:
+            self.reports.event(Event("reduced", self.iteration(), notice,
+                                     {"warning": True, "mode": hooks.mode,
+                                      "missing": hooks.missing()}))
 
     def _attach(self, solver):
-        """Hook the test nets, the solver's callbacks and its step and solve."""
-        if self.options.check_test_nets:
+        """Hook the test nets, the solver's callbacks and its step and solve (as far as
+        this pycaffe has them)."""
+        if self.options.check_test_nets and self.hooks.probed:
             for test_net in solver.test_nets:
                 probe = NetProbe(test_net, "TEST", self._on_producer, self.iteration, True)
                 self.probes.append(probe)
                 self._hook(test_net, probe, backward=False)
-        solver.add_callback(self._on_start, self._on_gradients_ready)
+        if self.hooks.callbacks:
+            solver.add_callback(self._on_start, self._on_gradients_ready)
         # The deferred checks of the training net's layers are read here, once per
         # iteration (safe_layers.core.deferred), not at the ends of its passes.
         self.boards = _boards(self.net)
@@ -136,7 +158,8 @@ class Watch:
         self._step, self._solve = solver.step, solver.solve
         solver.step, solver.solve = self.step, self.solve
         solver._safe_layers_watch = self
-        self.base_lr = float(solver.param.base_lr)
+        self.base_lr = (float(solver.param.base_lr) if self.hooks.base_lr else
+                        float(self.param.base_lr) if self.param is not None else None)
 
     def _read_boards(self):
         """Read the training net's deferred checks (one host read per board that has any):
@@ -185,8 +208,11 @@ class Watch:
         self.producers.found(fault)
 
     def iteration(self):
-        """The solver's iteration (None for a lone net): what every report names."""
-        return int(self.solver.iter) if self.solver is not None else None
+        """The solver's iteration (None for a lone net): what every report names; while a
+        step-by-step watch checks a step, the iteration of that step."""
+        if self.solver is None:
+            return None
+        return self.stepped if self.stepped is not None else int(self.solver.iter)
 
     def _net_name(self):
         """The name in the solver's net prototxt, or None: what the watch's lines are
@@ -228,7 +254,14 @@ class Watch:
             return
         self.producers.stop_held()
         guard_reports = self._read_boards()
+        if not self.hooks.probed:  # no probe summed the passes: the loss tops hold the last
+            self.probes[0].pass_losses = [self.probes[0].read_loss()]
         self.checks.gradients(self.iteration(), guard_reports)
+
+    def forward_loss(self):
+        """The loss of the training net's last forward."""
+        probe = self.probes[0]
+        return probe.loss if self.hooks.probed else probe.read_loss()
 
     # -- stepping --------------------------------------------------------------------
     def step(self, iters=1, until_rollback=False):
@@ -245,7 +278,10 @@ class Watch:
                 if int(self.solver.iter) >= target:
                     self.checks.settle(int(self.solver.iter) - 1)
                     return
-                self._step(target - int(self.solver.iter))
+                if self.hooks.mode == STEP:
+                    self._step_once()
+                else:
+                    self._step(target - int(self.solver.iter))
             except Skip:
                 continue
             except RollbackRequest as request:
@@ -255,11 +291,28 @@ class Watch:
             finally:
                 solver_iteration.deactivate(self)
 
+    def _step_once(self):
+        """One iteration on a pycaffe without ``Solver.add_callback``: the checks of its
+        start (the rate, a checkpoint), Caffe's ``solver.step(1)``, then those of before
+        and after its update (the loss, the param diffs, the weights), which it has
+        applied already."""
+        iteration = int(self.solver.iter)
+        self._on_start()
+        self._step(1)
+        self.stepped = iteration
+        try:
+            self._on_gradients_ready()
+            self.checks.settle(iteration)
+        finally:
+            self.stepped = None
+
     def solve(self, resume_file=None):
         """``solver.solve()`` under the watch (Caffe's Solve: Step to max_iter, then its
         final snapshot, display and test), re-entered after each skip or rollback."""
         if self.closed:
             return self._solve(resume_file) if resume_file else self._solve()
+        if self.hooks.mode == STEP:
+            return self._solve_by_steps(resume_file)
         first = True
         while True:
             try:
@@ -277,6 +330,19 @@ class Watch:
                 self._roll_back(request.fault)
             finally:
                 solver_iteration.deactivate(self)
+
+    def _solve_by_steps(self, resume_file):
+        """``solve()`` without ``Solver.add_callback``: Caffe's Solve is Step(max_iter -
+        iter) and then its final snapshot, display and test (src/caffe/solver.cpp:
+        Solver::Solve), so the watch steps to max_iter itself, checked step by step, and
+        then lets Caffe's Solve do the rest (its Step has nothing left to do)."""
+        if self.param is None:
+            raise ValueError("watch: solve() on this pycaffe (no Solver.add_callback) steps to "
+                             "the solver's max_iter itself: give the watch solver_file=")
+        if resume_file:
+            self.solver.restore(resume_file)
+        self.step(max(0, int(self.param.max_iter) - int(self.solver.iter)))
+        self._solve()
 
     def _roll_back(self, cause):
         self.rollback.go_back(cause, self.checks.restart)
@@ -368,11 +434,13 @@ def watch(target, solver_file=None, stream=None, phase=None, **options):
         target = caffe.get_solver(solver_file)
     elif solver_file is not None:
         param = read_solver_param(os.fspath(solver_file))
-    if hasattr(target, "add_callback"):
+    # Not by the hooks alone: an older pycaffe's solver has no add_callback, its net no
+    # after_forward (the watch then runs reduced, or refuses a lone net, saying why).
+    if hasattr(target, "add_callback") or (hasattr(target, "step") and hasattr(target, "net")):
         return Watch(solver=target, solver_param=param, stream=stream, **options)
     if phase not in (None, "TRAIN", "TEST"):
         raise ValueError("watch: phase %r; allowed: 'TRAIN', 'TEST' (a lone net's)" % (phase,))
-    if hasattr(target, "after_forward"):
+    if hasattr(target, "after_forward") or hasattr(target, "_layer_names"):
         if phase is None:
             phases = {layer.fault_log.phase for layer in reporting.layers_of(target)}
             phase = phases.pop() if len(phases) == 1 else "NET"

@@ -145,7 +145,8 @@ class SolverFault:
 
 class Event:
     """Something the watch did: 'skip', 'rollback', 'checkpoint', 'clip', 'lr' (a
-    changed base_lr), each at an iteration, with a message and details."""
+    changed base_lr), 'reduced' (what an older pycaffe lacks, said once when the watch
+    attaches), each at an iteration, with a message and details."""
 
     def __init__(self, kind, iteration, message, details=None):
         self.kind, self.iteration, self.message = kind, iteration, message
@@ -221,7 +222,7 @@ _SOLVER = re.compile(
     r"iteration (?P<iteration>-?\d+): (?P<message>.*); action=(?P<action>\w+)$")
 
 _EVENT = re.compile(
-    _GLOG + r"WATCH (?P<kind>skip|rollback|checkpoint|clip|lr) iteration (?P<iteration>-?\d+): "
+    _GLOG + r"WATCH (?P<kind>skip|rollback|checkpoint|clip|lr|reduced) iteration (?P<iteration>-?\d+): "
     r"(?P<message>.*)$")
 
 _TAGGED = re.compile(r"WATCH \[(?P<tag>[^\]\s]+)\] ")

@@ -324,7 +324,7 @@ class Trainer:
             return
         if display and solver.iter % display == 0:
             solver.net.forward()
-            value = smoothed.update(watch.probes[0].loss, int(solver.iter))
+            value = smoothed.update(watch.forward_loss(), int(solver.iter))
             self.log("solver.cpp:327", "Iteration %d, loss = %s" % (solver.iter, caffe_text(value)))
         if test_interval and solver.iter % test_interval == 0:
             self._test_all(int(solver.iter))
@@ -370,10 +370,24 @@ class Trainer:
                 return
             self._test(iteration, i, net)
 
+    def _share_weights(self, net):
+        """The training net's weights in test net ``net``, as Solver::Test does
+        (``ShareTrainedLayersWith``): through pycaffe's ``share_weights``, or where a pycaffe
+        older than March 2017 lacks it, copied layer by layer (by name, as Caffe matches
+        them) before each test."""
+        if hasattr(self.solver, "share_weights"):
+            self.solver.share_weights(net)
+            return
+        trained = self.solver.net.params
+        for name, blobs in net.params.items():
+            if name in trained:
+                for blob, source in zip(blobs, trained[name]):
+                    blob.data[...] = source.data
+
     def _test(self, iteration, index, net):
         """``Solver::Test``: test_iter forwards, each output element averaged in float32."""
         self.log("solver.cpp:347", "Iteration %d, Testing net (#%d)" % (iteration, index))
-        self.solver.share_weights(net)
+        self._share_weights(net)
         test_iter = self.param.test_iter[index]
         weights = dict(zip(net._blob_names, net._blob_loss_weights))
         scores, loss = None, numpy.float32(0)
