@@ -31,11 +31,37 @@ def l2_norms(g, per_sample=False, finite_only=False):
     Accumulated in float64, so a float32 gradient whose squares overflow float32 still
     has a finite norm. With ``finite_only``, NaN/Inf elements are left out of the sum.
     """
+    return group_l2_norms([g], per_sample, finite_only)
+
+
+def _rows(g, per_sample):
+    """``g`` as float64 rows: one per sample along axis 0, or one row."""
     xp = array_module(g)
-    rows = g.reshape(g.shape[0] if (per_sample and g.ndim) else 1, -1).astype(xp.float64)
-    if finite_only:
-        rows = xp.where(xp.isfinite(rows), rows, 0.0)  # a masked assignment would read on the host
-    norms = xp.sqrt(xp.einsum("ij,ij->i", rows, rows))
+    return g.reshape(g.shape[0] if (per_sample and g.ndim) else 1, -1).astype(xp.float64)
+
+
+def sample_counts(grads, per_sample):
+    """The number of rows each array of ``grads`` has for :func:`group_l2_norms`."""
+    return [g.shape[0] if (per_sample and g.ndim) else 1 for g in grads]
+
+
+def group_l2_norms(grads, per_sample=False, finite_only=False):
+    """The L2 norm of the arrays ``grads`` taken together, as if concatenated (shape
+    ``()``), or of each sample across all of them (shape ``(N,)``: every array holds the
+    same N samples along axis 0). Float64, and ``finite_only``, as :func:`l2_norms`."""
+    xp = array_module(grads[0])
+    counts = sample_counts(grads, per_sample)
+    if len(set(counts)) > 1:
+        raise ValueError("per-sample norms of arrays with different numbers of samples: %s"
+                         % ", ".join(str(n) for n in counts))
+    squares = None
+    for g in grads:
+        rows = _rows(g, per_sample)
+        if finite_only:
+            rows = xp.where(xp.isfinite(rows), rows, 0.0)  # a masked assignment would read on the host
+        part = xp.einsum("ij,ij->i", rows, rows)
+        squares = part if squares is None else squares + part
+    norms = xp.sqrt(squares)
     return norms if per_sample else norms.reshape(())
 
 
@@ -50,12 +76,21 @@ def clip_by_norm_(g, max_norm, per_sample=False, finite_only=False):
 
     Returns the norms before clipping (a device array on GPU).
     """
-    norms = l2_norms(g, per_sample, finite_only)
-    scale = clip_scale(norms, max_norm).astype(g.dtype)
-    if per_sample and g.ndim:
-        g *= scale.reshape((-1,) + (1,) * (g.ndim - 1))
-    else:
-        g *= scale
+    return clip_group_by_norm_([g], max_norm, per_sample, finite_only)
+
+
+def clip_group_by_norm_(grads, max_norm, per_sample=False, finite_only=False):
+    """Rescale the arrays ``grads`` in place by one factor, so that their L2 norm taken
+    together (or each sample's, across all of them) is at most ``max_norm``: the
+    direction of the whole gradient is kept. Returns the norms before clipping."""
+    norms = group_l2_norms(grads, per_sample, finite_only)
+    scale = clip_scale(norms, max_norm)
+    for g in grads:
+        factor = scale.astype(g.dtype)
+        if per_sample and g.ndim:
+            g *= factor.reshape((-1,) + (1,) * (g.ndim - 1))
+        else:
+            g *= factor
     return norms
 
 

@@ -1,5 +1,6 @@
-"""Which layers Caffe keeps in a net state, and what each top weighs in the loss
-(``net.cpp``: ``Net::FilterNet``, ``Net::StateMeetsRule``; ``layer.hpp``: ``SetLossWeights``)."""
+"""Which layers Caffe keeps in a net state, what each top weighs in the loss and which
+bottoms a loss sends its gradient to (``net.cpp``: ``Net::FilterNet``,
+``Net::StateMeetsRule``, ``AppendBottom``; ``layer.hpp``: ``SetLossWeights``)."""
 
 
 def state_meets_rule(rule_message, phase, level=0, stages=()):
@@ -42,3 +43,40 @@ def loss_weights(layer):
     if layer.type.endswith("Loss") and len(layer.top):
         return [1.0] + [0.0] * (len(layer.top) - 1)
     return [0.0] * len(layer.top)
+
+
+def is_loss(layer):
+    """Whether the layer adds to the net's loss: a top of nonzero weight, or a loss layer
+    (type ending in 'Loss') written with no top, which Caffe gives one automatic top of
+    weight 1 (net.cpp:112, AutoTopBlobs; AppendTop's "(automatic)"; loss_layer.cpp:11)."""
+    if any(loss_weights(layer)):
+        return True
+    return not len(layer.top) and not len(layer.loss_weight) and layer.type.endswith("Loss")
+
+
+# The bottoms each loss type sends a gradient to; its Backward refuses the others
+# ("cannot backpropagate to label inputs") or leaves them alone.
+LOSS_GRADIENT_BOTTOMS = {
+    "SoftmaxWithLoss": (0,),          # softmax_loss_layer.cpp:120
+    "SigmoidCrossEntropyLoss": (0,),  # sigmoid_cross_entropy_loss_layer.cpp:107
+    "InfogainLoss": (0,),             # infogain_loss_layer.cpp:171 and 175 (labels, H)
+    "MultinomialLogisticLoss": (0,),  # multinomial_logistic_loss_layer.cpp:40
+    "HingeLoss": (0,),                # hinge_loss_layer.cpp:45
+    "EuclideanLoss": (0, 1),          # euclidean_loss_layer.cpp:34: both, opposite signs
+    "ContrastiveLoss": (0, 1),        # contrastive_loss_layer.cpp:70: the two features, not the similarity
+    # py-faster-rcnn: its Backward would write bottom 1 too, but bottom 1 holds the regression
+    # targets (a data or target layer's top, which learns nothing).
+    "SmoothL1Loss": (0,),
+    "MultiBoxLoss": (0, 1),           # SSD: locations and confidences (priors and labels refuse)
+}
+
+
+def gradient_bottoms(layer):
+    """The indices of the bottoms a loss layer sends a gradient to: those its
+    ``propagate_down`` fields name, when given (net.cpp AppendBottom: they decide alone),
+    else those of its type (:data:`LOSS_GRADIENT_BOTTOMS`; a type not there: bottom 0)."""
+    if len(layer.propagate_down):
+        chosen = [i for i, down in enumerate(layer.propagate_down) if down]
+    else:
+        chosen = LOSS_GRADIENT_BOTTOMS.get(layer.type, (0,))
+    return [i for i in chosen if i < len(layer.bottom)]

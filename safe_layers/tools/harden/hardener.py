@@ -7,7 +7,8 @@ from safe_layers.readers import prototxt
 from safe_layers.tools.harden.param_strings import (DEFAULT_MAX_NORM, LEVEL_WORDS, LEVELS, HardenedLayer,
                                                     clip_param_str, guard_param_str,
                                                     is_safe_guard)
-from safe_layers.tools.harden.placement import existing, matches, plan_spots, run_after
+from safe_layers.tools.harden.placement import (existing, existing_loss_clip, matches, plan_loss_clips,
+                                                plan_spots, run_after)
 from safe_layers.tools.harden.swaps import swap_batch_norm, swap_infogain
 from safe_layers.tools.harden.text_edits import (apply_edits, indent_unit, insert_after,
                                                  layer_block, prototxt_string, removal,
@@ -52,7 +53,7 @@ class Hardener:
         self.inserted = {"NaNGuard": 0, "GradientClip": 0}
         self.swapped = {}
         self.changed = []  # (kind, name, what): harden's own layers updated in place
-        self.removed = []  # (kind, name, follows)
+        self.removed = []  # (kind, name, follows, why)
         self.by_hand = []  # (kind, name): safe_layers guards and clips harden did not write
         self.spots = 0  # the guard and clip spots asked for (inserted or already there)
 
@@ -109,10 +110,17 @@ class Hardener:
                         % (name, ", ".join(blobs), "input_shape" if len(message.input_shape) else "input_dim",
                            LEGACY_INPUT_LAYER))
 
+    def _plan(self):
+        """Where the guards and clips go: the spots, and the clips of the losses with
+        several gradient blobs (repair, default placement)."""
+        self.planned = plan_spots(self.pairs, self.level, self.default_guards, self.guard_specs)
+        wanted = self.level == "repair" and self.default_guards
+        self.loss_clips = plan_loss_clips(self.pairs) if wanted else []
+
     def _plan_guards(self):
         ind = indent_unit(self.net.text, self.pairs)
         self._insert_inputs(ind)
-        for spot in plan_spots(self.pairs, self.level, self.default_guards, self.guard_specs):
+        for spot in self.planned:
             self.spots += 1
             layer, node = self.pairs[spot.index]
             blobs = [b for b in spot.blobs if not existing(self.pairs, spot.index, b, "NaNGuard")]
@@ -128,12 +136,11 @@ class Hardener:
             clip = spot.clip_blob
             if clip and not existing(self.pairs, spot.index, clip, "GradientClip"):
                 name = self._unique("%s_clip" % layer.name)
-                max_norm = self.max_norm if self.max_norm is not None else DEFAULT_MAX_NORM
                 blocks.append(layer_block(name, [clip], rules, "GradientClip",
-                                          clip_param_str(name, layer.name, max_norm, self.iter_size), ind))
+                                          clip_param_str(name, layer.name, self._max_norm(), self.iter_size), ind))
                 self.inserted["GradientClip"] += 1
                 self.log.append("  + GradientClip %s after %s on %s: L2 norm <= %s below the loss"
-                                % (name, layer.name, clip, exact_short(max_norm)))
+                                % (name, layer.name, clip, exact_short(self._max_norm())))
             if blocks:
                 # After the guards and clips already there: a later run appends where an
                 # earlier one stopped, in the order one run would have written.
@@ -141,10 +148,50 @@ class Hardener:
                 anchor = run[-1][1] if run else node
                 self.edits.append(insert_after(self.net.text, anchor, blocks))
 
+    def _plan_loss_clips(self, ind):
+        """One GradientClip right before each loss with several gradient blobs, over all of
+        them (``<loss>_clip``, following the loss: in backward it takes what the loss sends
+        down), after the guards planned at the same place (planned after them)."""
+        for planned in self.loss_clips:
+            self.spots += 1
+            if existing_loss_clip(self.pairs, planned):
+                continue
+            loss = self.pairs[planned.index][0]
+            name = self._unique("%s_clip" % loss.name)
+            block = layer_block(name, planned.blobs, rules_text(loss), "GradientClip",
+                                clip_param_str(name, loss.name, self._max_norm(), self.iter_size), ind)
+            self.edits.append(insert_after(self.net.text, self.pairs[planned.index - 1][1], [block]))
+            self.inserted["GradientClip"] += 1
+            self.log.append("  + GradientClip %s before %s on %s: one L2 norm <= %s over the %d gradients "
+                            "the loss sends down (their direction kept)"
+                            % (name, loss.name, ", ".join(planned.blobs), exact_short(self._max_norm()),
+                               len(planned.blobs)))
+
+    def _max_norm(self):
+        return self.max_norm if self.max_norm is not None else DEFAULT_MAX_NORM
+
+    def _superseded(self, index, layer):
+        """Why harden's own single-blob clip at ``index`` goes at repair, or None: its blob
+        is one of a loss's several predictions, now clipped with the others by one norm
+        (the form an earlier harden wrote, which clipped bottom 0 alone)."""
+        if len(layer.bottom) != 1:
+            return None
+        blob = layer.bottom[0]
+        for planned in self.loss_clips:
+            if blob in planned.blobs:
+                writer = index
+                while writer >= 0 and is_safe_guard(self.pairs[writer][0]):
+                    writer -= 1
+                if any(spot.index == writer and spot.clip_blob == blob for spot in self.planned):
+                    return None  # a loss of one prediction still wants it
+                return "loss '%s' clips %s with one norm" % (self.pairs[planned.index][0].name,
+                                                             ", ".join(planned.blobs))
+        return None
+
     def _plan_own(self):
         """Harden's own guards and clips, moved to this run's level (and iter_size /
         max_norm, when given); the others' names for the summary."""
-        for layer, node in self.pairs:
+        for index, (layer, node) in enumerate(self.pairs):
             if not is_safe_guard(layer):
                 continue
             own = HardenedLayer.of(layer)
@@ -152,9 +199,13 @@ class Hardener:
             if own is None:
                 self.by_hand.append((kind, layer.name))
                 continue
-            if kind == "GradientClip" and self.level != "repair":
+            why = None
+            if kind == "GradientClip":
+                why = "level %s has no clip" % self.level if self.level != "repair" else \
+                    self._superseded(index, layer)
+            if why:
                 self.edits.append(removal(self.net.text, node))
-                self.removed.append((kind, layer.name, own.follows))
+                self.removed.append((kind, layer.name, own.follows, why))
                 continue
             what = []
             if kind == "NaNGuard" and own.level != self.level:
@@ -193,9 +244,11 @@ class Hardener:
 
     def harden(self):
         """The hardened text (the input text itself when nothing is to change)."""
+        self._plan()
         self._plan_own()
         self._plan_swaps()
         self._plan_guards()
+        self._plan_loss_clips(indent_unit(self.net.text, self.pairs))
         text = apply_edits(self.net.text, self.edits)
         if self.edits:
             # Never hand out a file Caffe cannot read (a fork's fields, which this Caffe
@@ -225,8 +278,8 @@ class Hardener:
             lines.append("  ~ %s %s: %s" % (kind, shortened(names), what))
         if self.removed:
             parts.append("%d GradientClip removed" % len(self.removed))
-            lines += ["  - %s %s after %s removed: level %s has no clip" % (kind, name, follows, self.level)
-                      for kind, name, follows in self.removed]
+            lines += ["  - %s %s after %s removed: %s" % (kind, name, follows, why)
+                      for kind, name, follows, why in self.removed]
         parts.append(", ".join("%d %s swapped" % (n, k) for k, n in sorted(self.swapped.items())) or "no swap")
         head = "harden %s: level %s: %s" % (self.net.path, self.level, ", ".join(parts))
         if not self.edits:

@@ -1,11 +1,12 @@
 """Where harden puts guards and clips: the spots of the default placement (and of
-``--guard``), and the layers that write a blob or already follow a layer, per phase."""
+``--guard``), the clips below losses with several predictions, and the layers that write
+a blob or already follow a layer, per phase."""
 
 import fnmatch
 
 from safe_layers.readers import prototxt
-from safe_layers.readers.layer_types import INPUT, SOURCE_DATA
-from safe_layers.readers.net_state import layers_in_state, loss_weights
+from safe_layers.readers.layer_types import ALL_DATA, INPUT, SOURCE_DATA
+from safe_layers.readers.net_state import gradient_bottoms, is_loss, layers_in_state
 from safe_layers.tools.harden.param_strings import is_safe_guard
 from safe_layers.tools.lint.rules import pooling
 
@@ -26,6 +27,14 @@ class PlannedGuard:
                 self.blobs.append(blob)
         if reason not in self.reasons:
             self.reasons.append(reason)
+
+
+class PlannedLossClip:
+    """One GradientClip over ``blobs``, the predictions loss ``index`` sends a gradient to,
+    placed right before the loss (with its phase rules): one norm for all of them."""
+
+    def __init__(self, index, blobs):
+        self.index, self.blobs = index, list(blobs)
 
 
 def matches(layer, spec):
@@ -93,15 +102,47 @@ def plan_spots(pairs, level, default_guards, guard_specs):
                 # Where a --swap of the same run guards it: a net swapped first and
                 # hardened later gets the same file.
                 want(i, [layer.top[0]], "a BatchNorm output (StableBatchNorm)")
-            if any(loss_weights(layer)) and layer.bottom:
-                for w in last_writers(pairs, i, layer.bottom[0]):
-                    spot = want(w, [layer.bottom[0]], "below loss '%s'" % layer.name)
-                    if level == "repair":
-                        spot.clip_blob = layer.bottom[0]
+            if is_loss(layer) and layer.bottom:
+                blobs = loss_gradient_blobs(pairs, i)
+                for blob in blobs:
+                    for w in last_writers(pairs, i, blob):
+                        spot = want(w, [blob], "below loss '%s'" % layer.name)
+                        if level == "repair" and len(blobs) == 1:
+                            spot.clip_blob = blob
         for spec in guard_specs:
             if matches(layer, spec) and layer.top:
                 want(i, list(layer.top), "--guard %s" % spec)
     return [spots[i] for i in sorted(spots)]
+
+
+def writes_data_only(pairs, index, blob):
+    """Whether only data layers write ``blob`` for layer ``index`` (or none: a net input):
+    Caffe computes no gradient for it (net.cpp: blob_need_backward_), nothing below learns."""
+    return all(pairs[w][0].type in ALL_DATA or (pairs[w][0].type == "Python" and not pairs[w][0].bottom)
+               for w in last_writers(pairs, index, blob))
+
+
+def loss_gradient_blobs(pairs, index):
+    """The blobs loss ``index`` sends a gradient to that a layer below learns from
+    (net_state.gradient_bottoms, less the data); bottom 0 when none is left, as before."""
+    layer = pairs[index][0]
+    blobs = []
+    for i in gradient_bottoms(layer):
+        blob = layer.bottom[i]
+        if blob not in blobs and not writes_data_only(pairs, index, blob):
+            blobs.append(blob)
+    return blobs or [layer.bottom[0]]
+
+
+def plan_loss_clips(pairs):
+    """The clips of the losses with several gradient blobs, in layer order."""
+    planned = []
+    for i, (layer, _) in enumerate(pairs):
+        if i and not is_safe_guard(layer) and is_loss(layer) and layer.bottom:
+            blobs = loss_gradient_blobs(pairs, i)
+            if len(blobs) > 1:
+                planned.append(PlannedLossClip(i, blobs))
+    return planned
 
 
 def run_after(pairs, index):
@@ -113,6 +154,22 @@ def run_after(pairs, index):
             break
         run.append((layer, node))
     return run
+
+
+def run_before(pairs, index):
+    """The guards and clips that sit right before layer ``index``: (layer, node) pairs."""
+    run = []
+    for layer, node in reversed(pairs[:index]):
+        if not is_safe_guard(layer):
+            break
+        run.insert(0, (layer, node))
+    return run
+
+
+def existing_loss_clip(pairs, planned):
+    """Whether a GradientClip on exactly the blobs of ``planned`` sits right before its loss."""
+    return any(layer.python_param.layer == "GradientClip" and set(layer.bottom) == set(planned.blobs)
+               for layer, _ in run_before(pairs, planned.index))
 
 
 def existing(pairs, index, blob, kind):
