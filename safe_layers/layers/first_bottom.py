@@ -1,4 +1,4 @@
-"""What three of the layers share: a gradient for the first bottom only."""
+"""What two of the layers share: a gradient for the first bottom only."""
 
 import caffe
 

@@ -183,3 +183,20 @@ layer { name: "fc" type: "InnerProduct" bottom: "pool5" top: "fc" inner_product_
     assert result.returncode == 1, result.stderr
     rules = sorted(f["rule"] for f in json.loads(result.stdout)["findings"])
     assert rules == ["SL006", "SL201"]
+
+
+def test_harden_guards_a_forks_data_and_normalization_layers(caffe, tmp_path):
+    """SegNet's DenseImageData is a data layer and its BN a normalization: both guarded."""
+    (tmp_path / "segnet.prototxt").write_text(FORK_NETS["segnet"])
+    result = run("harden", "segnet.prototxt", "-o", "hard.prototxt", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "+ NaNGuard data_guard after data on data, label: data layer tops" in result.stderr
+    assert "+ NaNGuard conv1_1_bn_guard after conv1_1_bn on conv1_1" in result.stderr, result.stderr
+
+
+def test_harden_names_the_command_that_upgrades_a_v1_net(caffe, tmp_path):
+    (tmp_path / "v1.prototxt").write_text('layers { name: "ip" type: INNER_PRODUCT bottom: "x" '
+                                          'top: "y" inner_product_param { num_output: 2 } }\n')
+    result = run("harden", "v1.prototxt", "-o", "out.prototxt", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "upgrade_net_proto_text v1.prototxt NEW.prototxt), then harden" in result.stderr

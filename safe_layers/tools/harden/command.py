@@ -24,10 +24,12 @@ Default placement, and why each spot:
     (stride > kernel, CEIL rounding, no pad): AVE pooling divides 0 by 0 there, and the
     NaN would reach the next layer's own weight gradient before a guard after that layer
     could see it (``safe-layers lint`` names the exact rows and the geometry fix);
-  * after each layer known to produce non-finite values: BatchNorm (x/sqrt(eps) from
-    untrained statistics, 0/0 on constant channels), Log, Power, Exp (domain traps);
-  * below each loss (on its prediction input): the gradient that leaves the loss is where
-    an explosion starts, and the last place to name the loss that produced it.
+  * after each layer known to produce non-finite values: BatchNorm and a fork's BN
+    (x/sqrt(eps) from untrained statistics, 0/0 on constant channels), Log, Power, Exp
+    (domain traps);
+  * below each loss, on every input it sends a gradient to (its predictions): the gradient
+    that leaves the loss is where an explosion starts, and the last place to name the loss
+    that produced it; at repair one GradientClip over all of them (one norm).
 
 ``--guard TYPE,...`` or ``--guard NAME-GLOB`` adds a guard after each matching layer
 (``--no-default-guards`` keeps only those; an entry that matches no layer is an error).

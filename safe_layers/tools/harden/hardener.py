@@ -4,6 +4,7 @@ for, the swaps, the new guards and clips; then the edits applied and checked."""
 from safe_layers.core.errors import InputError
 from safe_layers.core.float_text import exact_short
 from safe_layers.readers import prototxt
+from safe_layers.readers.netshapes import caffe_tool
 from safe_layers.tools.harden.param_strings import (DEFAULT_MAX_NORM, LEVEL_WORDS, LEVELS, HardenedLayer,
                                                     clip_param_str, guard_param_str,
                                                     is_safe_guard)
@@ -41,8 +42,10 @@ class Hardener:
         self.default_guards, self.swaps = default_guards, list(swaps)
         pairs = net.layers()
         if any(node.name == "layers" for _, node in pairs):
-            raise InputError("%s uses the V1 'layers' format; upgrade it first "
-                             "(upgrade_net_proto_text OLD NEW), then harden" % net.path)
+            raise InputError("%s uses the V1 'layers' format; upgrade it first with Caffe's own "
+                             "tool (%s %s NEW.prototxt), then harden NEW.prototxt"
+                             % (net.path, caffe_tool("upgrade_net_proto_text")
+                                or "upgrade_net_proto_text", net.path))
         if not pairs:
             raise InputError("no layers in %s: nothing to harden" % net.path)
         self.pairs = pairs

@@ -4,13 +4,13 @@ a blob or already follow a layer, per phase."""
 
 import fnmatch
 
-from safe_layers.readers import prototxt
+from safe_layers.readers import layer_types, prototxt
 from safe_layers.readers.layer_types import ALL_DATA, INPUT, SOURCE_DATA
 from safe_layers.readers.net_state import gradient_bottoms, is_loss, layers_in_state
 from safe_layers.tools.harden.param_strings import is_safe_guard
 from safe_layers.tools.lint.rules import pooling
 
-PRODUCER_TYPES = ("BatchNorm", "Log", "Power", "Exp")
+PRODUCER_TYPES = layer_types.NORMALIZATION + ("Log", "Power", "Exp")
 INPUT_TYPES = SOURCE_DATA + INPUT
 
 

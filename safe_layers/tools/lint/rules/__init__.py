@@ -15,7 +15,7 @@ SL201``) says why it matters and cites what Caffe does as file:line of BVLC Caff
 git 99bd997 (the source the Caffe of caffe_build/ is built from).
 """
 
-from safe_layers.readers.net_state import loss_weights
+from safe_layers.readers.net_state import is_loss
 from safe_layers.tools import rule_table
 from safe_layers.tools.findings import Finding
 from safe_layers.tools.rule_table import RULES
@@ -126,7 +126,7 @@ class NetCheck:
     def trains(self):
         """Whether this is a net one trains: TRAIN phase with a loss (a deploy net checked
         in TRAIN is not)."""
-        return self.phase == "TRAIN" and any(any(loss_weights(layer)) for layer, _ in self.layers)
+        return self.phase == "TRAIN" and any(is_loss(layer) for layer, _ in self.layers)
 
     def add(self, node, rule_id, message, fix="", layer=None, severity=None, data=None):
         data = dict(data or {})
