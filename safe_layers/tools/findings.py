@@ -11,6 +11,7 @@ only), 1 when something was, 2 when the input could not be read (:class:`InputEr
 raised anywhere below a subcommand's ``run`` and turned into exit 2 by the CLI).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ import sys
 from safe_layers.core import atomic
 from safe_layers.core.errors import InputError
 from safe_layers.core.float_text import jsonable
+from safe_layers.tools import rule_table
 
 SEVERITIES = ("error", "warning", "info")
 
@@ -141,6 +143,25 @@ def emit(findings, fmt="text", stream=None, extra=None, summary=None):
             stream.write(summary + "\n")
     stream.flush()
     return exit_status(findings)
+
+
+class _ListRules(argparse.Action):
+    """``--list-rules``: print the command's rules and exit 0 while the arguments are
+    parsed (as ``--version`` does), so that it needs none of the command's inputs."""
+
+    def __init__(self, option_strings, dest, command, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.command = command
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("\n".join(rule_table.list_lines(self.command)))
+        parser.exit(0)
+
+
+def add_list_rules_argument(parser, command):
+    """``--list-rules``, the same for every subcommand that has rules."""
+    parser.add_argument("--list-rules", action=_ListRules, command=command,
+                        help="print the rules and exit")
 
 
 def add_format_argument(parser):

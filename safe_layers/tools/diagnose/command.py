@@ -39,7 +39,6 @@ Exit 0 when nothing went wrong, 1 when a cause was found, 2 when the file is not
 readable Caffe log.
 """
 
-import argparse
 import os
 import sys
 
@@ -62,18 +61,6 @@ RULES = {r.id: r.summary for r in rule_table.rules_of("diagnose")}
 KNOWN_RULE_IDS = tuple(RULES)
 
 
-class ListRules(argparse.Action):
-    """``--list-rules``: print the rules and exit 0 while the arguments are parsed (as
-    ``--version`` does), so that it needs no log and the log stays a required argument."""
-
-    def __init__(self, option_strings, dest, **kwargs):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print("\n".join(rule_table.list_lines("diagnose")))
-        parser.exit(0)
-
-
 def add_arguments(parser):
     parser.add_argument("log", help="a Caffe training log (caffe train, pycaffe, safe-layers train; "
                         "gzipped too; - for standard input)")
@@ -82,7 +69,7 @@ def add_arguments(parser):
                              "marked) and, with debug_info, a per-layer heatmap of mean |diff|")
     parser.add_argument("--select", metavar="IDS", help="only these rule ids or prefixes (SL80,SL811)")
     parser.add_argument("--ignore", metavar="IDS", help="leave out these rule ids or prefixes")
-    parser.add_argument("--list-rules", action=ListRules, help="print the rules and exit")
+    findings_module.add_list_rules_argument(parser, "diagnose")
     findings_module.add_format_argument(parser)
 
 

@@ -51,7 +51,7 @@ def add_arguments(parser):
                         help="do not build the net with Caffe: shape-free rules only")
     parser.add_argument("--select", metavar="IDS", help="only these rule ids or prefixes (SL2,SL101)")
     parser.add_argument("--ignore", metavar="IDS", help="leave out these rule ids or prefixes")
-    parser.add_argument("--list-rules", action="store_true", help="print the rules and exit")
+    findings.add_list_rules_argument(parser, "lint")
     findings.add_format_argument(parser)
 
 
@@ -68,9 +68,6 @@ def list_rules():
 
 
 def run(args):
-    if args.list_rules:
-        print("\n".join(rule_table.list_lines("lint")))
-        return 0
     if not args.files:
         raise InputError("no FILE given (a solver or net prototxt); see --help")
     if args.caffe_proto:

@@ -31,7 +31,6 @@ Streams (never loads a whole database), never writes into the source. Exit 0 cle
 1 something found, 2 unreadable input (a corrupt database says where).
 """
 
-import argparse
 import os
 import sys
 
@@ -48,18 +47,6 @@ from safe_layers.tools.scan.source_report import SourceReport
 from safe_layers.tools.scan.targets import Target, backend_of, is_prototxt
 
 HELP = "find the records of an LMDB/LevelDB/HDF5 dataset that would poison training"
-
-
-class ListRules(argparse.Action):
-    """``--list-rules``: print the rules and exit 0 as soon as it is read, as ``--version``
-    does, so that SOURCE stays a required argument."""
-
-    def __init__(self, option_strings, dest, help=None):
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print("\n".join(rule_table.list_lines("scan")))
-        parser.exit(0)
 
 
 def add_arguments(parser):
@@ -86,7 +73,7 @@ def add_arguments(parser):
                                                       "batch-absence curves as a PNG")
     parser.add_argument("--select", metavar="IDS", help="only these rule ids or prefixes (SL90,SL923)")
     parser.add_argument("--ignore", metavar="IDS", help="leave out these rule ids or prefixes")
-    parser.add_argument("--list-rules", action=ListRules, help="print the rules and exit")
+    findings_module.add_list_rules_argument(parser, "scan")
     findings_module.add_format_argument(parser)
 
 

@@ -144,15 +144,21 @@ def _check_h5_snapshot(path):
         raise InputError("-snapshot %s: not a readable HDF5 solverstate (%s)" % (path, exc)) from None
 
 
-def _count_blobs(path, what):
-    pb2 = prototxt.caffe_pb2()
-    net = pb2.NetParameter()
+def _read_caffemodel(path, what):
+    """The NetParameter in the caffemodel at ``path``; InputError naming ``what`` when
+    protobuf cannot read it."""
+    model = prototxt.caffe_pb2().NetParameter()
     try:
         with open(path, "rb") as f:
-            net.ParseFromString(f.read())
-    except Exception as exc:  # noqa: BLE001
-        raise InputError("%s %s are not a Caffe caffemodel (protobuf: %s)" % (what, path, exc)) from None
-    return sum(len(layer.blobs) for layer in net.layer) + sum(len(l.blobs) for l in net.layers)
+            model.ParseFromString(f.read())
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError has no stable import path
+        raise InputError("%s %s: not a Caffe caffemodel (protobuf: %s)" % (what, path, exc)) from None
+    return model
+
+
+def _count_blobs(path, what):
+    model = _read_caffemodel(path, what)
+    return sum(len(layer.blobs) for layer in model.layer) + sum(len(l.blobs) for l in model.layers)
 
 
 def weights_warnings(weights, net_path):
@@ -164,13 +170,7 @@ def weights_warnings(weights, net_path):
     for path in [w.strip() for w in weights.split(",") if w.strip()]:
         if path.endswith(".h5"):
             continue
-        pb2 = prototxt.caffe_pb2()
-        model = pb2.NetParameter()
-        try:
-            with open(path, "rb") as f:
-                model.ParseFromString(f.read())
-        except Exception as exc:  # noqa: BLE001
-            raise InputError("-weights %s: not a Caffe caffemodel (protobuf: %s)" % (path, exc)) from None
+        model = _read_caffemodel(path, "-weights")
         with_blobs = [l.name for l in list(model.layer) + list(model.layers) if len(l.blobs)]
         if not any(name in names for name in with_blobs):
             what = ("is empty" if not with_blobs else
