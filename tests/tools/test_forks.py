@@ -200,3 +200,18 @@ def test_harden_names_the_command_that_upgrades_a_v1_net(caffe, tmp_path):
     result = run("harden", "v1.prototxt", "-o", "out.prototxt", cwd=tmp_path)
     assert result.returncode == 2
     assert "upgrade_net_proto_text v1.prototxt NEW.prototxt), then harden" in result.stderr
+
+
+def test_harden_names_a_bottomless_layer_of_a_type_it_does_not_know(caffe, tmp_path):
+    """A fork's data layer harden has no list for is left alone, and said so."""
+    (tmp_path / "net.prototxt").write_text(
+        'layer { name: "feed" type: "MyForkData" top: "data" top: "label" }\n'
+        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 2 } }\n'
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }\n')
+    result = run("harden", "net.prototxt", "-o", "hard.prototxt", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ("  = left alone: 'feed', without bottoms, of a type no Caffe or fork harden knows (a "
+            "fork's data layer?): its tops are not guarded; --guard NAME guards them") in result.stderr
+    result = run("harden", "net.prototxt", "-o", "hard2.prototxt", "--guard", "feed", cwd=tmp_path)
+    assert result.returncode == 0 and "feed_guard" in (tmp_path / "hard2.prototxt").read_text()
+    assert "left alone" not in result.stderr

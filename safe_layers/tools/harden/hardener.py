@@ -3,13 +3,13 @@ for, the swaps, the new guards and clips; then the edits applied and checked."""
 
 from safe_layers.core.errors import InputError
 from safe_layers.core.float_text import exact_short
-from safe_layers.readers import prototxt
+from safe_layers.readers import layer_types, prototxt
 from safe_layers.readers.netshapes import caffe_tool
 from safe_layers.tools.harden.param_strings import (DEFAULT_MAX_NORM, LEVEL_WORDS, LEVELS, HardenedLayer,
                                                     clip_param_str, guard_param_str,
                                                     is_safe_guard)
-from safe_layers.tools.harden.placement import (existing, existing_loss_clip, matches, plan_loss_clips,
-                                                plan_spots, run_after)
+from safe_layers.tools.harden.placement import (INPUT_TYPES, existing, existing_loss_clip, matches,
+                                                plan_loss_clips, plan_spots, run_after)
 from safe_layers.tools.harden.swaps import swap_batch_norm, swap_infogain
 from safe_layers.tools.harden.text_edits import (apply_edits, indent_unit, insert_after,
                                                  layer_block, prototxt_string, removal,
@@ -295,4 +295,18 @@ class Hardener:
         if self.by_hand:
             lines.append("  = left as written (not in the form harden writes, so not harden's to move "
                          "to level %s): %s" % (self.level, shortened(["%s %s" % kn for kn in self.by_hand], 6)))
+        strangers = self._unknown_sources()
+        if strangers and self.default_guards:
+            lines.append("  = left alone: %s, without bottoms, of %s no Caffe or fork harden knows "
+                         "(a fork's data layer?): its tops are not guarded; --guard NAME guards them"
+                         % (shortened(["'%s'" % layer.name for layer in strangers], 6),
+                            "a type" if len({l.type for l in strangers}) == 1 else "types"))
         return [head] + self.log + lines
+
+    def _unknown_sources(self):
+        """Bottomless layers of a type that is no data layer harden knows (a fork's?)."""
+        known = set(INPUT_TYPES) | set(layer_types.ALL_DATA) | {"Python"}
+        guarded = {blob for spot in self.planned for blob in spot.blobs}
+        return [layer for layer, node in self.pairs
+                if node.name == "layer" and not layer.bottom and layer.top
+                and layer.type not in known and not set(layer.top) <= guarded]
