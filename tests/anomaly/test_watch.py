@@ -10,25 +10,11 @@ from safe_layers import reporting
 from safe_layers.anomaly import NonFiniteError, parse_line, replay, watch
 from support.nets import DIVERGING_NET, POOLING_NET, regression_net
 from support.published import published_net, published_solver_fields
+from support.weights import all_finite, assert_bit_equal, weights
 
 LENET = "lenet_train_test.prototxt"
 CIFAR = "cifar10_quick_train_test.prototxt"
 BATCH = 8
-
-
-def weights(net):
-    return {name: [blob.data.copy() for blob in blobs] for name, blobs in net.params.items()}
-
-
-def assert_bit_equal(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        for x, y in zip(a[name], b[name]):
-            assert x.tobytes() == y.tobytes(), name
-
-
-def all_finite(net):
-    return all(np.isfinite(blob.data).all() for blobs in net.params.values() for blob in blobs)
 
 
 @pytest.fixture
@@ -210,8 +196,6 @@ def test_record_replays_the_faulty_batch(lenet_solver, caffe, tmp_path):
     found = replay(w.record_path, fresh, log_first=0)
     assert found and (found[0].layer, found[0].fault.samples) == ("mnist", [6])
     w.close()
-
-
 
 
 def test_pooling_geometry_producer_is_named_not_the_layers_after_it(make_solver):

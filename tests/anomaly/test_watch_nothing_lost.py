@@ -17,6 +17,7 @@ import safe_layers
 from safe_layers import reporting
 from safe_layers.anomaly import NonFiniteError, checkpoint_files, parse_line, watch
 from support.paths import TESTS
+from support.weights import bit_equal, weights
 
 # The folder holding the safe_layers under test (this checkout's, or an installed one).
 PACKAGE_HOME = os.path.dirname(os.path.dirname(os.path.abspath(safe_layers.__file__)))
@@ -44,15 +45,6 @@ ROLLBACK = dict(on_nonfinite="skip", rollback_after=2, checkpoint_loss_ratio=1e9
 def small_net(calls=(), name="small", width=3, hidden=4):
     return (SMALL_NET.replace("NAME", name).replace("CALLS", json.dumps(list(calls)))
             .replace("WIDTH", str(width)).replace("HIDDEN", str(hidden)))
-
-
-def weights(net):
-    return {name: [blob.data.copy() for blob in blobs] for name, blobs in net.params.items()}
-
-
-def bit_equal(a, b):
-    return a.keys() == b.keys() and all(x.tobytes() == y.tobytes()
-                                        for name in a for x, y in zip(a[name], b[name]))
 
 
 def prefix_field(prefix):

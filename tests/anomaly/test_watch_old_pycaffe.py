@@ -8,13 +8,13 @@ import io
 import json
 import signal
 
-import numpy as np
 import pytest
 
 from safe_layers.anomaly import NonFiniteError, parse_line, watch
 from safe_layers.tools.train import child
 from safe_layers.tools.train import command as train_command
 from support.nets import regression_net
+from support.weights import all_finite, bit_equal, weights
 
 LAYER_HOOKS = ("before_forward", "after_forward", "before_backward", "after_backward")
 NO_LAYER_HOOKS = "no producer named: this pycaffe has no Net." + "/".join(LAYER_HOOKS)
@@ -54,19 +54,6 @@ def poisoned(calls):
         'layer { name: "poison" type: "Python" bottom: "x" top: "x" include { phase: TRAIN }\n'
         '  python_param { module: "support.poison" layer: "PoisonAtCall"\n'
         '                 param_str: "{calls: %s, sample: 1}" } }\n' % json.dumps(list(calls))))
-
-
-def weights(net):
-    return {name: [blob.data.copy() for blob in blobs] for name, blobs in net.params.items()}
-
-
-def bit_equal(a, b):
-    return a.keys() == b.keys() and all(x.tobytes() == y.tobytes()
-                                        for name in a for x, y in zip(a[name], b[name]))
-
-
-def all_finite(net):
-    return all(np.isfinite(blob.data).all() for blobs in net.params.values() for blob in blobs)
 
 
 def reduced_lines(text):
