@@ -226,23 +226,12 @@ def _saved_weights(model):
             for layer in list(net.layer) or list(net.layers) if len(layer.blobs)}
 
 
-def _state_iteration(state):
-    """The iteration ``state`` was saved at. An HDF5 state's ``iter`` is read here: Caffe
-    writes it as a 1-element array (src/caffe/util/hdf5.cpp ``hdf5_save_int``), which
-    ``caffe_process.solverstate_iteration`` cannot turn into an int."""
-    if state.endswith(".h5"):
-        import h5py  # deferred: heavy, and only HDF5 snapshots need it
-        with h5py.File(state, "r") as f:
-            return int(numpy.asarray(f["iter"][()]).reshape(-1)[0])
-    return caffe_process.solverstate_iteration(state)
-
-
 def state_problem(state, model, solver):
     """Why ``state`` (and its ``model``) is not the state ``solver`` is in (its iteration,
     or its first weights, differ), or None: the snapshot a solver was just restored from,
     or just wrote, and not another run's of the same name."""
     try:
-        at = _state_iteration(state)
+        at = caffe_process.solverstate_iteration(state)
     except Exception as exc:  # noqa: BLE001 - a state we cannot read is no rollback point
         return "cannot be read (%s)" % exc
     if at != int(solver.iter):
