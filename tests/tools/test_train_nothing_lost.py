@@ -10,6 +10,7 @@ import threading
 from test_train import lenet, safe_layers_train  # noqa: F401 - the fixture and the runner
 
 from safe_layers.core.errors import InputError
+from safe_layers.readers import prototxt
 from safe_layers.tools.train import run_files
 from support.caffe_data import datum, write_lmdb
 
@@ -35,7 +36,8 @@ def test_a_file_inside_a_data_source_is_an_input(tmp_path):
                    '  data_param { source: "%s" backend: LMDB batch_size: 1 } }\n' % db)
     solver = tmp_path / "solver.prototxt"
     solver.write_text('net: "%s"\nbase_lr: 0.1\nmax_iter: 1\nlr_policy: "fixed"\n' % net)
-    inputs = run_files.run_inputs(str(solver))
+    document = prototxt.read_solver(str(solver))
+    inputs = run_files.run_inputs(document, prototxt.solver_nets(document))
     data = db / "data.mdb"
     before = data.read_bytes()
     try:
@@ -102,7 +104,6 @@ def test_a_fifo_no_one_reads_neither_hangs_nor_stops_the_run(lenet, tmp_path):
 
 def _signal_during_preflight(solver, number, tmp_path):
     """Send ``number`` while the run is still being checked (before training starts)."""
-    import signal as signals
     import subprocess
     import sys
     import time

@@ -29,7 +29,7 @@ from safe_layers.core import caffe_process, lr_policy, scratch
 from safe_layers.core.errors import InputError
 from safe_layers.readers import prototxt
 from safe_layers.readers.net_state import layers_in_state
-from safe_layers.readers.prototxt import read_solver, read_solver_param, solver_nets
+from safe_layers.readers.prototxt import read_solver, resolve_snapshot_prefix, solver_nets
 from safe_layers.tools.findings import (EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, check_output_path,
                                         save_png)
 from safe_layers.tools.lint import command as lint
@@ -102,11 +102,10 @@ def _watch_options(args):
     return {name: getattr(args, name) for name in WATCH_FLAGS}
 
 
-def _net_name(param, solver_path):
-    for field, net in solver_nets(read_solver(solver_path)):
-        if field in ("net", "train_net", "net_param", "train_net_param"):
-            return net.message.name
-    return ""
+def _train_net(nets):
+    """The Prototxt of the net the solver trains (None when it names none)."""
+    return next((net for field, net in nets
+                 if field in ("net", "train_net", "net_param", "train_net_param")), None)
 
 
 def prepare(args, workdir):
@@ -120,7 +119,12 @@ def prepare(args, workdir):
         WatchOptions(**_watch_options(args))
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    param = read_solver_param(args.solver)
+    # The solver and its nets are read once here; every check below works on them.
+    solver = read_solver(args.solver)
+    nets = solver_nets(solver)
+    param = type(solver.message)()
+    param.CopyFrom(solver.message)
+    resolve_snapshot_prefix(param, args.solver)
     problem = lr_policy.fatal_problem(param)
     if problem:
         raise InputError("%s: %s" % (args.solver, problem))
@@ -140,10 +144,9 @@ def prepare(args, workdir):
         except (OSError, ValueError) as exc:
             raise InputError("-snapshot %s: %s" % (args.snapshot, exc)) from None
         run_files.check_snapshot(args.snapshot)
-    if args.weights:
-        train_net = next((net.path for field, net in solver_nets(read_solver(args.solver))
-                          if field in ("net", "train_net")), None)
-        for warning in run_files.weights_warnings(args.weights, train_net) if train_net else []:
+    train_net = _train_net(nets)
+    if args.weights and train_net is not None:
+        for warning in run_files.weights_warnings(args.weights, train_net):
             sys.stderr.write("safe-layers train: warning: %s\n" % warning)
     real = {"display": param.display, "test_interval": param.test_interval,
             "snapshot": param.snapshot, "test_initialization": param.test_initialization}
@@ -170,7 +173,7 @@ def prepare(args, workdir):
     events = args.events or prefix + "_events.jsonl"
     plot = args.plot or prefix + "_train.png"
     run_files.check_outputs({events: "the event log", plot: "the plot"},
-                            run_files.run_inputs(args.solver, args.snapshot, args.weights))
+                            run_files.run_inputs(solver, nets, args.snapshot, args.weights))
     if real["snapshot"] or param.snapshot_after_train or args.rollback_after:
         # Caffe checks this only when `snapshot` is set, and then aborts; the final
         # snapshot and the watch's checkpoints would fail at the end or at the first fault.
@@ -181,7 +184,7 @@ def prepare(args, workdir):
     return {"solver": solver_path, "solver_file": args.solver, "snapshot": args.snapshot or None,
             "gpu": gpu, "sigint_effect": args.sigint_effect, "sighup_effect": args.sighup_effect,
             "watch": _watch_options(args), "events": events, "plot": plot, "real": real,
-            "progress": progress, "net_name": _net_name(param, args.solver),
+            "progress": progress, "net_name": train_net.message.name if train_net is not None else "",
             "private_events": os.path.join(workdir, "events.jsonl")}
 
 

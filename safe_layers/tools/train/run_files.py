@@ -32,13 +32,13 @@ def _node_value(message, dotted):
     return message or None
 
 
-def run_inputs(solver_path, snapshot="", weights=""):
-    """{real path: what it is} of every file the run reads: the solver, the nets it names,
-    every data source and mean or infogain file their layers name (as Caffe opens them,
-    from the working directory), the snapshot resumed from and the weights."""
-    inputs = {os.path.realpath(solver_path): "the solver"}
-    solver = prototxt.read_solver(solver_path)
-    for _, net in prototxt.solver_nets(solver):
+def run_inputs(solver, nets, snapshot="", weights=""):
+    """{real path: what it is} of every file the run reads: the solver (a Prototxt), the
+    nets it names (``solver_nets``), every data source and mean or infogain file their
+    layers name (as Caffe opens them, from the working directory), the snapshot resumed
+    from and the weights."""
+    inputs = {os.path.realpath(solver.path): "the solver"}
+    for _, net in nets:
         inputs.setdefault(os.path.realpath(net.path), "the net")
         for layer, _ in net.layers():
             for field in _SOURCE_FIELDS:
@@ -161,11 +161,11 @@ def _count_blobs(path, what):
     return sum(len(layer.blobs) for layer in model.layer) + sum(len(l.blobs) for l in model.layers)
 
 
-def weights_warnings(weights, net_path):
+def weights_warnings(weights, net):
     """Warnings for -weights files that would copy no layer into the net (an empty file,
     a model of another net): Caffe's ``CopyTrainedLayersFrom`` copies by layer name and
     says nothing of a file that matches none, and training starts from scratch."""
-    names = {layer.name for layer, _ in prototxt.read_net(net_path).layers()}
+    names = {layer.name for layer, _ in net.layers()}
     warnings = []
     for path in [w.strip() for w in weights.split(",") if w.strip()]:
         if path.endswith(".h5"):
@@ -175,7 +175,7 @@ def weights_warnings(weights, net_path):
         if not any(name in names for name in with_blobs):
             what = ("is empty" if not with_blobs else
                     "has weights for %s, none of them a layer of %s"
-                    % (", ".join(with_blobs[:5]) + (", ..." if len(with_blobs) > 5 else ""), net_path))
+                    % (", ".join(with_blobs[:5]) + (", ..." if len(with_blobs) > 5 else ""), net.path))
             warnings.append("-weights %s %s: it copies no layer, and the net trains from its "
                             "fillers" % (path, what))
     return warnings
