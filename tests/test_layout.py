@@ -4,7 +4,8 @@ module imports itself back through another (function-level imports included).
     kernels  <  core  <  readers  <  reporting  <  layers | anomaly  <  tools
 
 ``layers`` and ``anomaly`` sit side by side and import nothing of each other. The package's
-own ``__init__`` (lazy exports) and the ``safe_layers.backend`` alias stand above all.
+own ``__init__`` (lazy exports), ``__main__`` (python -m safe_layers) and the
+``safe_layers.backend`` alias stand above all.
 """
 
 import ast
@@ -16,7 +17,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 RANKS = {"kernels": 0, "core": 1, "readers": 2, "reporting": 3, "layers": 4, "anomaly": 4,
          "tools": 5}
-FACADES = {"safe_layers", "safe_layers.backend"}
+FACADES = {"safe_layers", "safe_layers.backend", "safe_layers.__main__"}
 
 
 def _modules():
