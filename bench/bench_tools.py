@@ -168,7 +168,8 @@ def measure(command, cwd=None):
     sampler.join()
     stderr = proc.stderr.read().decode(errors="replace")
     proc.stderr.close()
-    code = os.waitstatus_to_exitcode(status)
+    # os.waitstatus_to_exitcode is Python 3.9's.
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
     if code not in (0, 1):
         raise SystemExit("%s failed (%d):\n%s" % (" ".join(command), code, stderr[-2000:]))
     return (seconds, usage.ru_maxrss / 1024, peaks["RssAnon"] / 1024, peaks["RssFile"] / 1024, code,

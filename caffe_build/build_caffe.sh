@@ -48,7 +48,7 @@ case $cuda in 0|"") cuda=0 ;; 1) ;; *) die "CUDA=$cuda; allowed: 0 (CPU build) o
 ((cuda)) && apt_packages+=(ccache)
 missing=()
 for pkg in "${apt_packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep 'install ok installed' >/dev/null || missing+=("$pkg")
 done
 if ((${#missing[@]})); then
   if [[ $(id -u) -eq 0 ]]; then sudo=(); elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo=(sudo -n); else
@@ -217,7 +217,9 @@ mkdir -p "$work/build"
 ) >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log" >&2; die "the Caffe build failed (last lines above)"; }
 
 pycaffe_so=$prefix/lib/python3/dist-packages/caffe/_caffe.so
-if [[ -n ${boost_prefix:-} ]] && ! ldd "$pycaffe_so" | grep -q "libboost_python$py_nodot"; then
+# grep reads all of ldd's output: with pipefail, `grep -q` quitting at the first match
+# would fail the pipeline through ldd's SIGPIPE.
+if [[ -n ${boost_prefix:-} ]] && ! ldd "$pycaffe_so" | grep "libboost_python$py_nodot" >/dev/null; then
   # CMake's Boost search falls back to any python3 flavour; that would be two Pythons.
   die "pycaffe links another Python's Boost.Python: $(ldd "$pycaffe_so" | grep boost_python)"
 fi

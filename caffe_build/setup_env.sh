@@ -1,20 +1,44 @@
 #!/usr/bin/env bash
-# Set up the project's environment at .venv/: Python packages, the cached Caffe build,
-# pycaffe importable, the `caffe` binary at .venv/bin/caffe, safe_layers installed
-# (editable). Idempotent: a second run checks and returns in seconds.
+# Set up the project's environment: Python packages, the cached Caffe build, pycaffe
+# importable, the `caffe` binary at VENV/bin/caffe, safe_layers installed (editable, with
+# its tools and test extras). Idempotent: a second run checks and returns in seconds.
 #
-#   caffe_build/setup_env.sh            (PYTHON=... to pick the interpreter; default python3)
-#   CUDA=1 caffe_build/setup_env.sh     (Caffe built with CUDA: see build_caffe.sh; opt-in, ~15 min once)
+#   caffe_build/setup_env.sh                 (.venv on the default python3)
+#   PYTHON=3.8 caffe_build/setup_env.sh      (.venv-py3.8: Python 3.8 from PATH or pyenv,
+#                                             with a Caffe built and cached for it)
+#   CUDA=1 caffe_build/setup_env.sh          (Caffe built with CUDA, and CuPy with the NVIDIA
+#                                             NVRTC/runtime wheels: see build_caffe.sh;
+#                                             opt-in, ~15 min once)
+#
+# PYTHON: a version X.Y, or an interpreter's name or path. VENV: where the environment goes
+# (default .venv, or .venv-pyX.Y for PYTHON=X.Y).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-venv=$root/.venv
-python=${PYTHON:-python3}
 
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 log() { printf 'setup: %s\n' "$*" >&2; }
 
-command -v "$python" >/dev/null || die "no '$python' on PATH; set PYTHON to a CPython 3 with a shared libpython"
+# shellcheck source=caffe_build/find_python.sh
+source "$root/caffe_build/find_python.sh"
+python=${PYTHON:-}
+if [[ -z $python ]]; then
+  python=python3
+  venv=${VENV:-$root/.venv}
+elif [[ $python =~ ^3\.[0-9]+$ ]]; then
+  venv=${VENV:-$root/.venv-py$python}
+  python=$(find_python "$python") \
+    || die "no Python $PYTHON on PATH or in pyenv (${PYENV_ROOT:-$HOME/.pyenv}/versions); install it, e.g. pyenv install $PYTHON"
+else
+  venv=${VENV:-$root/.venv}
+fi
+[[ $venv == /* ]] || venv=$root/$venv
+cuda=${CUDA:-0}
+case $cuda in 0|"") cuda=0 ;; 1) ;; *) die "CUDA=$cuda; allowed: 0 (CPU build) or 1 (CUDA build)" ;; esac
+
+command -v "$python" >/dev/null || die "no '$python' on PATH; set PYTHON to a CPython 3.8 to 3.13 with a shared libpython"
+"$python" -c 'import sys; sys.exit(not (3, 8) <= sys.version_info[:2] <= (3, 13))' \
+  || die "$python is Python $("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])'); safe_layers supports 3.8 to 3.13"
 
 if [[ ! -x $venv/bin/python ]]; then
   log "creating $venv"
@@ -26,12 +50,14 @@ vpy=$venv/bin/python
 log "installing Python packages"
 "$vpy" -m pip install -q --disable-pip-version-check -r "$root/caffe_build/requirements.txt" \
   || die "pip could not install caffe_build/requirements.txt"
-"$vpy" -m pip install -q --disable-pip-version-check -r "$root/caffe_build/requirements-gpu.txt" \
-  || die "pip could not install caffe_build/requirements-gpu.txt"
-"$vpy" -m pip install -q --disable-pip-version-check -e "$root[test,demo]" \
+if ((cuda)); then
+  "$vpy" -m pip install -q --disable-pip-version-check -r "$root/caffe_build/requirements-gpu.txt" \
+    || die "pip could not install caffe_build/requirements-gpu.txt"
+fi
+"$vpy" -m pip install -q --disable-pip-version-check -e "$root[tools,test,demo]" \
   || die "pip could not install safe_layers from $root"
 
-prefix=$("$root/caffe_build/build_caffe.sh" "$vpy" | tail -n 1)
+prefix=$(CUDA=$cuda "$root/caffe_build/build_caffe.sh" "$vpy" | tail -n 1)
 [[ -f $prefix/.complete ]] || die "Caffe build did not produce $prefix"
 
 site=$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
