@@ -155,7 +155,7 @@ class LMDBDatabase(Database):
         try:
             import lmdb
         except ImportError as exc:
-            raise InputError("%s: reading LMDB needs the 'lmdb' package (%s); run `make setup`"
+            raise InputError("%s: reading LMDB needs the 'lmdb' package (%s); pip install 'safe_layers[tools]'"
                              % (path, exc)) from None
         self._lmdb = lmdb
         subdir = os.path.isdir(self.path)
@@ -248,7 +248,7 @@ class LevelDBDatabase(Database):
         try:
             import plyvel
         except ImportError as exc:
-            raise InputError("%s: reading LevelDB needs the 'plyvel' package (%s); run `make setup`"
+            raise InputError("%s: reading LevelDB needs the 'plyvel' package (%s); pip install 'safe_layers[tools]'"
                              % (path, exc)) from None
         self._plyvel = plyvel
         self._shadow = _shadow_directory(self.path)
@@ -503,7 +503,7 @@ class HDF5File:
         try:
             import h5py
         except ImportError as exc:
-            raise InputError("%s: reading HDF5 needs the 'h5py' package (%s); run `make setup`"
+            raise InputError("%s: reading HDF5 needs the 'h5py' package (%s); pip install 'safe_layers[tools]'"
                              % (path, exc)) from None
         try:
             self._file = h5py.File(self.path, "r")

@@ -485,7 +485,8 @@ def infer(net_message, net_path, phase, overrides=None, stages=(), level=0, time
         upgraded = upgraded_v1(net_message)
         if upgraded is None:
             return Shapes(unknown="a V1 net ('layers' entries), and Caffe's upgrade_net_proto_text "
-                                  "is not there to upgrade it as Caffe would (run `make setup`)")
+                                  "is not on PATH to upgrade it as Caffe would (Caffe builds it beside "
+                                  "the caffe binary, in build/tools)")
         net_message = upgraded
     try:
         net, data_shapes = input_net(net_message, net_path, overrides or {})

@@ -25,6 +25,15 @@ from safe_layers.readers.layer_types import FORK_FIELDS
 
 _caffe_pb2 = None
 
+# Caffe's own schema (BVLC caffe.proto as pycaffe compiles it, a FileDescriptorSet), shipped
+# for the subcommands that read Caffe's files without running Caffe (scan, diagnose) on a
+# Python with no pycaffe; tests/readers checks it against the installed Caffe's.
+BUNDLED_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "caffe_schema.desc")
+
+# How to make pycaffe importable, for every message that needs it.
+PYCAFFE_HINT = ("put your Caffe's python folder on PYTHONPATH (PYTHONPATH=<caffe>/python, where "
+                "`make pycaffe` built it) or, in a safe_layers checkout, run `make setup`")
+
 # A prototxt that is not a regular file (a device, a FIFO, /dev/zero) is read up to this
 # many bytes; a regular file is read whole (a 32k-layer net is 5 MB).
 MAX_STREAM_BYTES = 256 << 20
@@ -61,7 +70,23 @@ def use_schema(proto_path):
                              % (proto_path, done.stderr.strip()[-2000:]))
         with open(out, "rb") as f:
             raw = f.read()
-    _caffe_pb2 = CompiledSchema(raw, proto_path)
+    _caffe_pb2 = CompiledSchema(raw, proto_path, from_caller=True)
+
+
+_bundled_schema_allowed = False
+
+
+def allow_bundled_schema():
+    """From now on, read with the bundled BVLC schema where pycaffe is not importable (scan
+    and diagnose read Caffe's files but never run Caffe)."""
+    global _bundled_schema_allowed
+    _bundled_schema_allowed = True
+
+
+def bundled_schema():
+    """The schema bundled with the package (Caffe's caffe.proto), compiled."""
+    with open(BUNDLED_SCHEMA, "rb") as f:
+        return CompiledSchema(f.read(), "Caffe's caffe.proto (bundled with safe_layers)")
 
 
 class CompiledSchema:
@@ -69,7 +94,7 @@ class CompiledSchema:
     generated ``caffe_pb2``: a class per message (``NetParameter``, ``SolverParameter``,
     ...), each top-level enum (``Phase``) and its values (``TRAIN``, ``TEST``)."""
 
-    def __init__(self, descriptor_set, path):
+    def __init__(self, descriptor_set, path, from_caller=False):
         from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
         from google.protobuf.internal import enum_type_wrapper
         files = descriptor_pb2.FileDescriptorSet()
@@ -82,11 +107,15 @@ class CompiledSchema:
         except KeyError:
             raise InputError("--caffe-proto %s defines no caffe.NetParameter: not a Caffe "
                              "schema" % path) from None
+        # GetMessageClass is protobuf 4.21's; an older protobuf (a user's old pycaffe may
+        # need one) has only the factory.
+        message_class = getattr(message_factory, "GetMessageClass", None) \
+            or message_factory.MessageFactory(pool).GetPrototype
         for proto in files.file:
             if proto.package != "caffe":
                 continue
             for message in proto.message_type:
-                setattr(self, message.name, message_factory.GetMessageClass(
+                setattr(self, message.name, message_class(
                     pool.FindMessageTypeByName("caffe." + message.name)))
             for enum in proto.enum_type:
                 wrapper = enum_type_wrapper.EnumTypeWrapper(pool.FindEnumTypeByName("caffe." + enum.name))
@@ -94,12 +123,13 @@ class CompiledSchema:
                 for value in enum.value:
                     setattr(self, value.name, value.number)
         self.path = path
+        self.from_caller = from_caller
 
 
 def schema_is_callers():
     """Whether prototxts are read with a schema given by --caffe-proto (a fork's): the
     installed Caffe cannot then be asked to build them."""
-    return isinstance(_caffe_pb2, CompiledSchema)
+    return getattr(_caffe_pb2, "from_caller", False)
 
 
 def fields_installed_caffe_lacks(doc):
@@ -120,8 +150,11 @@ def caffe_pb2():
         try:
             from caffe.proto import caffe_pb2 as module
         except ImportError as exc:
-            raise InputError("cannot import caffe.proto.caffe_pb2 (%s): the tools read prototxts "
-                             "with Caffe's own schema; run `make setup`" % exc) from None
+            if _bundled_schema_allowed:
+                _caffe_pb2 = bundled_schema()
+                return _caffe_pb2
+            raise InputError("pycaffe is not importable (%s): this reads prototxts with your "
+                             "Caffe's own schema; %s" % (exc, PYCAFFE_HINT)) from None
         _caffe_pb2 = module
     return _caffe_pb2
 

@@ -9,12 +9,14 @@ command line (argparse's own usage errors exit 2 as well).
 
 import argparse
 import importlib
+import importlib.util
 import os
 import signal
 import sys
 
 from safe_layers import __version__
 from safe_layers.core.errors import InputError
+from safe_layers.readers import prototxt
 from safe_layers.tools.findings import EXIT_INPUT
 
 # Subcommand -> the module of its command (safe_layers.tools.NAME.command); each defines
@@ -23,6 +25,33 @@ from safe_layers.tools.findings import EXIT_INPUT
 EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
 
 SUBCOMMANDS = ("diagnose", "lint", "harden", "scan", "train", "rule")
+
+# The modules of the tools extra (pyproject.toml's optional-dependencies "tools", by the
+# names they import as): every subcommand but `rule` needs them; the layers do not.
+TOOLS_EXTRA = {"google.protobuf": "protobuf", "lmdb": "lmdb", "plyvel": "plyvel", "h5py": "h5py",
+               "tqdm": "tqdm", "matplotlib": "matplotlib"}
+NEEDS_NO_EXTRA = ("rule",)
+# The subcommands that only read Caffe's formats and never run Caffe: without pycaffe they
+# read with the schema bundled with safe_layers (Caffe's own caffe.proto).
+READ_WITHOUT_CAFFE = ("diagnose", "scan")
+
+
+def missing_tools_extra(command):
+    """The one line saying which packages of the tools extra ``command`` lacks, or None."""
+    if command in NEEDS_NO_EXTRA:
+        return None
+    missing = [dist for module, dist in TOOLS_EXTRA.items() if not _importable(module)]
+    if not missing:
+        return None
+    return ("safe-layers %s needs the tools extra, and this Python lacks %s: "
+            "pip install 'safe_layers[tools]'" % (command, ", ".join(missing)))
+
+
+def _importable(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that is missing or broken
+        return False
 
 
 def build_parser():
@@ -49,6 +78,12 @@ def main(argv=None):
     command = next((a for a in argv if a in SUBCOMMANDS), "")
     try:
         args = parser.parse_args(argv)
+        missing = missing_tools_extra(args.command)
+        if missing:
+            sys.stderr.write("safe-layers %s: error: %s\n" % (command, missing))
+            return EXIT_INPUT
+        if args.command in READ_WITHOUT_CAFFE:
+            prototxt.allow_bundled_schema()
         status = args.run(args)
         # Written out here, inside the try: a full disk behind stdout is an error of
         # this command's, not a message lost at exit with status 0.
