@@ -57,6 +57,18 @@ only the hardening. Hardening a hardened net at its level changes nothing. The i
 never written: ``-o`` is required (``-o -`` for stdout) and checked before any work; the
 file appears complete or not at all. ``--dry-run`` prints the unified diff instead. A
 summary of what changed goes to stderr.
+
+``--strip`` is the way back, for engines without Python layers (OpenCV DNN, Caffe-to-ONNX
+converters): it removes every guard and clip harden wrote (recognised as re-hardening
+recognises them) and undoes its swaps from the original text each swap keeps in a comment
+of the layer, so that a file that was only hardened (any level, any swap, any number of
+re-hardenings) comes back byte for byte; the user's edits elsewhere stay. Guards and clips
+harden did not write, and drop-ins it cannot undo exactly (no kept text, or a param_str
+edited since), are left and named; ``--strip-hand-written`` removes those guards and clips
+and rebuilds those drop-ins' stock fields from their param_str. A caffemodel loads both
+ways: the swapped layers keep their names and blobs.
+
+    safe-layers harden hardened.prototxt --strip -o deploy.prototxt
 """
 
 import difflib
@@ -69,6 +81,7 @@ from safe_layers.readers import prototxt
 from safe_layers.tools.findings import check_output_path
 from safe_layers.tools.harden.hardener import Hardener
 from safe_layers.tools.harden.param_strings import DEFAULT_MAX_NORM, LEVELS
+from safe_layers.tools.harden.strip import Stripper
 from safe_layers.tools.harden.swaps import SWAPS
 
 HELP = "insert NaN guards (and drop-in swaps) into a net prototxt, keeping every other byte"
@@ -82,7 +95,7 @@ def add_arguments(parser):
                         help="your Caffe fork's schema (its src/caffe/proto/caffe.proto), compiled "
                              "with protoc, to read the fields it adds (default: the installed "
                              "Caffe's, plus the published forks' fields)")
-    parser.add_argument("--level", choices=LEVELS, default="observe",
+    parser.add_argument("--level", choices=LEVELS, default=None,
                         help="observe: guards warn (default); repair: clamp forward, zero backward, "
                              "GradientClip below each loss; strict: abort with the report. On a net "
                              "harden hardened before, its guards and clips move to this level")
@@ -102,6 +115,13 @@ def add_arguments(parser):
                              "given, it also resets the clips harden inserted before)" % DEFAULT_MAX_NORM)
     parser.add_argument("--dry-run", action="store_true",
                         help="print the unified diff to stdout; write nothing")
+    parser.add_argument("--strip", action="store_true",
+                        help="the way back: remove the guards and clips harden wrote and undo its "
+                             "swaps (a file only hardened comes back byte for byte)")
+    parser.add_argument("--strip-hand-written", action="store_true",
+                        help="with --strip: also remove guards and clips harden did not write, and "
+                             "rebuild BatchNorm / InfogainLoss from the param_str of drop-ins it "
+                             "cannot undo exactly")
 
 
 def run(args):
@@ -110,18 +130,18 @@ def run(args):
     if not args.dry_run and not args.output:
         raise InputError("-o OUT.prototxt is required (or -o - for stdout, or --dry-run); the "
                          "input is never overwritten")
+    if args.strip:
+        return run_strip(args)
+    if args.strip_hand_written:
+        raise InputError("--strip-hand-written goes with --strip")
+    args.level = args.level or "observe"
     swaps = [s.strip().lower() for s in args.swap.split(",") if s.strip()]
     unknown = [s for s in swaps if s not in SWAPS]
     if unknown:
         raise InputError("--swap %s: allowed: %s" % (",".join(unknown), ", ".join(SWAPS)))
     if args.max_norm is not None and not args.max_norm > 0:
         raise InputError("--max-norm must be > 0")
-    writes = not args.dry_run and args.output != "-"
-    if writes:
-        check_output_path(args.output, "the hardened net")
-        if os.path.exists(args.output) and os.path.exists(args.input) and \
-                os.path.samefile(args.output, args.input):
-            raise InputError("-o %s is the input file: harden never overwrites its input" % args.output)
+    check_output(args, "the hardened net")
     iter_size = None
     if args.solver:
         iter_size = prototxt.read_solver(args.solver).message.iter_size or 1
@@ -131,26 +151,58 @@ def run(args):
     hardener = Hardener(net, level=args.level, guards=args.guard, default_guards=not args.no_default_guards,
                         swaps=swaps, iter_size=iter_size, max_norm=args.max_norm)
     text = hardener.harden()
+    return emit(args, net, text, hardener.summary, "hardened")
+
+
+def check_output(args, what):
+    """Refuse, before any work, an output that cannot be written or is the input itself."""
+    if args.dry_run or args.output == "-":
+        return
+    check_output_path(args.output, what)
+    if os.path.exists(args.output) and os.path.exists(args.input) and \
+            os.path.samefile(args.output, args.input):
+        raise InputError("-o %s is the input file: harden never overwrites its input" % args.output)
+
+
+def run_strip(args):
+    """``--strip``: harden's blocks out, its swaps undone (see the module's docstring)."""
+    given = [flag for flag, value in (("--level", args.level), ("--guard", args.guard),
+                                      ("--no-default-guards", args.no_default_guards),
+                                      ("--swap", args.swap), ("--solver", args.solver),
+                                      ("--max-norm", args.max_norm is not None)) if value]
+    if given:
+        raise InputError("--strip takes out what harden wrote; %s is for hardening" % ", ".join(given))
+    check_output(args, "the stripped net")
+    net = prototxt.read_prototxt(args.input)
+    if net.kind != "net":
+        raise InputError("%s is a solver; harden --strip takes the net" % net.path)
+    stripper = Stripper(net, hand_written=args.strip_hand_written)
+    text = stripper.strip()
+    return emit(args, net, text, stripper.summary, "stripped")
+
+
+def emit(args, net, text, summary, done):
+    """The text to -o (or stdout, or as a diff with --dry-run), then the summary to stderr."""
     if args.dry_run:
         sys.stdout.writelines(difflib.unified_diff(
             net.text.splitlines(True), text.splitlines(True), fromfile=net.path,
-            tofile=args.output if args.output and args.output != "-" else net.path + " (hardened)"))
+            tofile=args.output if args.output and args.output != "-" else "%s (%s)" % (net.path, done)))
         tail = "dry run: nothing written"
     elif args.output == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         tail = "wrote stdout"
     else:
-        write_file(args.output, text)
+        write_file(args.output, text, "the %s net" % done)
         tail = "wrote %s" % args.output
     # The summary comes once the file is in place: "wrote" is true when it is printed, and a
     # closed stderr (`2>&1 | head`) cannot stop the file from being written.
-    for line in hardener.summary() + [tail]:
+    for line in summary() + [tail]:
         sys.stderr.write(line + "\n")
     return 0
 
 
-def write_file(path, text):
+def write_file(path, text, what="the hardened net"):
     """Write ``text`` (its own line ends, byte for byte) to ``path`` whole or not at all
     (:func:`safe_layers.core.atomic.replace_file`: a temporary file beside it renamed only
     over a regular file; /dev/null or a pipe written into); an OSError becomes an
@@ -158,5 +210,4 @@ def write_file(path, text):
     try:
         atomic.replace_file(path, text)
     except OSError as exc:
-        raise InputError("could not write the hardened net %s: %s"
-                         % (path, exc.strerror or exc)) from None
+        raise InputError("could not write %s %s: %s" % (what, path, exc.strerror or exc)) from None

@@ -1,10 +1,12 @@
 """``--swap``: a BatchNorm made a StableBatchNorm, an InfogainLoss a SafeInfogainLoss, in
 place (same name, so caffemodels load both ways), their Caffe settings carried into the
-param_str. Each swap is the text edits that make it and the summary line that says so."""
+param_str. Each swap is the text edits that make it and the summary line that says so;
+what it takes out of the layer stays in it as comments (text_edits.kept_edit,
+text_edits.swap_insertion), from which ``harden --strip`` gives back the original bytes."""
 
 from safe_layers.tools.harden.param_strings import param_str
 from safe_layers.tools.harden.placement import last_writers
-from safe_layers.tools.harden.text_edits import field_edit, line_span, python_param_lines, type_edit
+from safe_layers.tools.harden.text_edits import kept_edit, python_param_lines, swap_insertion, type_edit
 
 SWAPS = ("batchnorm", "infogain")
 
@@ -14,6 +16,35 @@ def _producer_name(pairs, index, blob):
     return pairs[writers[0]][0].name if writers else None
 
 
+def batch_norm_keys(p):
+    """[(key, value as written)] of the BatchNorm settings ``p`` (a BatchNormParameter)
+    that go into StableBatchNorm's param_str, in the order harden writes them."""
+    keys = []
+    for key in ("use_global_stats", "moving_average_fraction", "eps"):
+        if p.HasField(key):
+            value = getattr(p, key)
+            keys.append((key, str(value).lower() if isinstance(value, bool) else "%.7g" % value))
+    return keys
+
+
+def infogain_keys(ip, lp):
+    """[(key, value)] of the InfogainLoss settings (its infogain_loss_param ``ip`` and
+    loss_param ``lp``) that go into SafeInfogainLoss's param_str, in harden's order."""
+    keys = []
+    if ip.source:
+        keys.append(("source", ip.source))
+    if ip.HasField("axis"):
+        keys.append(("axis", ip.axis))
+    if lp.HasField("ignore_label"):
+        keys.append(("ignore_label", lp.ignore_label))
+    if lp.HasField("normalization"):
+        enum = lp.DESCRIPTOR.fields_by_name["normalization"].enum_type
+        keys.append(("normalization", enum.values_by_number[lp.normalization].name))
+    elif lp.HasField("normalize"):
+        keys.append(("normalization", "VALID" if lp.normalize else "BATCH_SIZE"))
+    return keys
+
+
 def swap_batch_norm(text, pairs, index, layer, node, ind, iter_size):
     """(edits, summary line) that make the BatchNorm ``layer`` a StableBatchNorm."""
     p = layer.batch_norm_param
@@ -21,21 +52,18 @@ def swap_batch_norm(text, pairs, index, layer, node, ind, iter_size):
     producer = _producer_name(pairs, index, layer.bottom[0]) if layer.bottom else None
     if producer:
         params.append(("follows", producer))
-    moved = []
-    for key in ("use_global_stats", "moving_average_fraction", "eps"):
-        if p.HasField(key):
-            value = getattr(p, key)
-            params.append((key, str(value).lower() if isinstance(value, bool) else "%.7g" % value))
-            moved.append(key)
+    keys = batch_norm_keys(p)
+    params += keys
+    moved = [key for key, _ in keys]
     dropped = [f.name for f, _ in p.ListFields() if f.name not in moved]
     edits = [type_edit(node)]
     block = node.find("batch_norm_param")
     if block is not None:
-        edits.append(line_span(text, block) + ("",))
+        edits.append(kept_edit(text, block))
     zero = [spec for spec in layer.param if spec.lr_mult == 0]
     lines = ["param { lr_mult: 0 }"] * max(0, 3 - len(layer.param)) if len(zero) == len(layer.param) else []
     lines += python_param_lines("StableBatchNorm", param_str(params, iter_size), ind)
-    edits.append(field_edit(text, node, lines, ind))
+    edits.append(swap_insertion(text, node, "batchnorm", lines, ind))
     note = "moved %s into param_str" % ", ".join(moved) if moved else "no batch_norm_param keys"
     if dropped:
         note += "; dropped %s (StableBatchNorm has no such key)" % ", ".join(dropped)
@@ -51,18 +79,7 @@ def swap_infogain(text, pairs, index, layer, node, ind, iter_size):
     producer = _producer_name(pairs, index, layer.bottom[0]) if layer.bottom else None
     if producer:
         params.append(("follows", producer))
-    ip, lp = layer.infogain_loss_param, layer.loss_param
-    if ip.source:
-        params.append(("source", ip.source))
-    if ip.HasField("axis"):
-        params.append(("axis", ip.axis))
-    if lp.HasField("ignore_label"):
-        params.append(("ignore_label", lp.ignore_label))
-    if lp.HasField("normalization"):
-        enum = lp.DESCRIPTOR.fields_by_name["normalization"].enum_type
-        params.append(("normalization", enum.values_by_number[lp.normalization].name))
-    elif lp.HasField("normalize"):
-        params.append(("normalization", "VALID" if lp.normalize else "BATCH_SIZE"))
+    params += infogain_keys(layer.infogain_loss_param, layer.loss_param)
     softmax = None
     if layer.bottom:
         writers = last_writers(pairs, index, layer.bottom[0])
@@ -73,10 +90,10 @@ def swap_infogain(text, pairs, index, layer, node, ind, iter_size):
     for field in ("infogain_loss_param", "loss_param"):
         block = node.find(field)
         if block is not None:
-            edits.append(line_span(text, block) + ("",))
+            edits.append(kept_edit(text, block))
     lines = [] if len(layer.loss_weight) else ["loss_weight: 1"]
     lines += python_param_lines("SafeInfogainLoss", param_str(params, iter_size), ind)
-    edits.append(field_edit(text, node, lines, ind))
+    edits.append(swap_insertion(text, node, "infogain", lines, ind))
     log = ("  ~ %s: InfogainLoss -> SafeInfogainLoss (%s%s)"
            % (layer.name, "loss_weight: 1 added, a Python layer has no default; "
               if not len(layer.loss_weight) else "",

@@ -1,7 +1,11 @@
 """Byte-preserving edits of a prototxt's text: each edit is ``(start, end, new text)`` on
 the original text, placed so that every byte around it stays as it was (comments,
-formatting, line ends), and applied all at once by :func:`apply_edits`."""
+formatting, line ends), and applied all at once by :func:`apply_edits`.
 
+A swap keeps what it takes out of a layer in comments that ``harden --strip`` reads back
+(:func:`kept_edit`, :func:`swap_insertion`): the original bytes, JSON-escaped on one line."""
+
+import json
 
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
@@ -113,14 +117,38 @@ def line_span(text, node):
     return node.start, node.end
 
 
-def field_edit(text, node, lines, ind):
-    """An edit that adds ``lines`` (fields) at the end of the layer block ``node``: on
-    lines of their own before its closing brace when that brace is alone on its line,
-    else on the brace's line."""
+# The comments a swap writes into the layer it swaps: what it took out (whole lines, or a
+# field that shared its line with others), and where its own lines start (the original
+# type's literal after it). Caffe's parser skips comments (google/protobuf/io/tokenizer.cc).
+KEPT_LINES = "# kept for harden --strip: "
+KEPT_INLINE = "# kept inline for harden --strip: "
+SWAP_HEADER = "# harden --swap %s (harden --strip undoes it): type: "
+
+
+def kept_edit(text, node):
+    """The edit that replaces the field ``node`` by a comment holding its exact text:
+    its whole lines by one line (``KEPT_LINES``, at the field's indentation); a field that
+    shares its line by ``KEPT_INLINE`` and a line end (a comment runs to the line end)."""
+    start, end = line_span(text, node)
+    kept = json.dumps(text[start:end])
+    if (start, end) == (node.start, node.end):
+        return (start, end, "%s%s\n" % (KEPT_INLINE, kept))
+    first = text[start:end]
+    indent = first[:len(first) - len(first.lstrip(" \t"))]
+    return (start, end, "%s%s%s\n" % (indent, KEPT_LINES, kept))
+
+
+def swap_insertion(text, node, kind, lines, ind):
+    """The edit that adds a swap's ``lines`` at the end of the layer block ``node``,
+    after its header (``SWAP_HEADER`` and the type's literal as written): on lines of
+    their own before a closing brace alone on its line, else the header ends the line of
+    the closing brace and the fields follow on the next, the brace after them."""
+    type_node = node.find("type")
+    header = SWAP_HEADER % kind + text[type_node.value_start:type_node.value_end]
     position, own_line = _closing(text, node)
     if own_line:
-        return (position, position, "".join("%s%s\n" % (ind, l) for l in lines))
-    return (position, position, " " + " ".join(lines) + " ")
+        return (position, position, "".join("%s%s\n" % (ind, l) for l in [header] + lines))
+    return (position, position, " %s\n%s " % (header, " ".join(lines)))
 
 
 def _closing(text, node):
@@ -138,10 +166,16 @@ def type_edit(node):
     return (type_node.value_start, type_node.value_end, '"Python"')
 
 
-def apply_edits(text, edits):
-    """``text`` with every edit made, in LF or CRLF as the file is."""
+def is_crlf(text):
+    """Whether ``text`` has Windows line ends (most of its lines end in CRLF)."""
+    return text.count("\r\n") * 2 > text.count("\n")
+
+
+def apply_edits(text, edits, raw=False):
+    """``text`` with every edit made, in LF or CRLF as the file is (``raw``: each edit's
+    text as it is, its line ends included)."""
     # A file with Windows line ends gets them in what is inserted too.
-    crlf = text.count("\r\n") * 2 > text.count("\n")
+    crlf = is_crlf(text) and not raw
     # Apply from the end so earlier offsets stay valid; at one offset, in plan order.
     order = sorted(range(len(edits)), key=lambda k: (edits[k][0], k), reverse=True)
     for k in order:
