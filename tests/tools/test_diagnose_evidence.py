@@ -202,3 +202,38 @@ def test_every_finding_states_its_confidence(tmp_path):
     for losses in (["2.3", "nan"], ["1", "10", "100", "1000", "10000"]):
         status, doc = diagnose_json(displayed_log(tmp_path / "l.log", losses))
         assert all(f["confidence"] in ("high", "medium", "insufficient") for f in doc["findings"])
+
+
+# A ReLU's zeros under a square root: Power's backward at 0 is inf, ReLU's mask makes it
+# inf * 0 = NaN in fc1's weight gradient, so fc1's weights are NaN from the first update
+# on while every forward value of iteration 0 is finite.
+SQRT_AFTER_RELU = """
+name: "sqrt_after_relu"
+layer { name: "data" type: "DummyData" top: "x" top: "t"
+  dummy_data_param { shape { dim: 8 dim: 4 } shape { dim: 8 dim: 1 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "gaussian" std: 1 } } }
+layer { name: "fc1" type: "InnerProduct" bottom: "x" top: "h"
+  inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "relu" type: "ReLU" bottom: "h" top: "h" }
+layer { name: "sqrt" type: "Power" bottom: "h" top: "r" power_param { power: 0.5 } }
+layer { name: "fc2" type: "InnerProduct" bottom: "r" top: "y"
+  inner_product_param { num_output: 1 weight_filler { type: "gaussian" std: 1 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }
+"""
+
+
+def test_a_layer_whose_own_weights_went_nan_is_not_blamed_for_its_output(caffe_train, tmp_path):
+    """debug_info logs a layer's tops before its weights (net.cpp): fc1's NaN output at
+    iteration 1 comes from its NaN weights (an update made them so), which SL804 says
+    instead of the advice for a layer that makes NaN from finite input."""
+    log, result = train_log(caffe_train, tmp_path, "sqrt.log", SQRT_AFTER_RELU, base_lr=0.01,
+                            max_iter=3, display=1, debug_info="true")
+    assert result.returncode == 0
+    status, doc = diagnose_json(log)
+    first = rules(doc)["SL804"]
+    assert first["layer"] == "fc1" and first["blob_kind"] == "top" and first["iteration"] == 1
+    assert first["weights_nonfinite"] is True
+    assert "its own weights are non-finite in the same pass" in first["message"]
+    assert "guard it" not in first["fix"]
+    assert len(first["evidence"]) == 2 and "param blob" in first["evidence"][1]["text"]
+    assert_evidence_is_the_log(doc, log)
