@@ -3,7 +3,9 @@
     for event in read_log("train.log"):        # one pass, memory flat in the log's size
         if event.kind == "loss": ...
 
-Reads what `caffe train`, pycaffe (glog on stderr) and `safe-layers train` write
+Reads what `caffe train`, pycaffe (glog on stderr) and `safe-layers train` write, in
+BVLC Caffe's format and in the forks' (py-faster-rcnn, SSD, SegNet, Intel Caffe, NVCaffe:
+the patterns below cite each one's line)
 (``solver.cpp``: ``Iteration N, loss = L`` and the outputs; ``sgd_solver.cpp``: the ``lr``;
 ``net.cpp``: the ``debug_info`` lines of ``ForwardDebugInfo`` and ``BackwardDebugInfo``): the glog prefix with a 4-digit
 (``I1125``, glog < 0.6) or 8-digit (``I20261125``) date, or none (``--log_prefix=false``);
@@ -22,7 +24,8 @@ Every event has ``kind`` and ``line`` (1-based). Kinds and fields:
 - ``loss``: iteration, value (``Iteration N (... iter/s ...), loss = L`` or the older
   and final ``Iteration N, loss = L``: the loss smoothed over ``average_loss``)
 - ``output``: phase, index, name, value, weight (None for non-loss outputs), weighted
-- ``lr``: iteration, value
+- ``lr``: iteration, value, extra (the fields a fork prints after it, by name: NVCaffe's
+  ``m``, ``lrm``, ``wd``, ``gs``; empty for BVLC's line)
 - ``testing``: iteration, net (``Iteration N, Testing net (#i)``)
 - ``test_loss``: value
 - ``clip``: norm, limit, scale (``Gradient clipping: scaling down gradients ...``)
@@ -58,10 +61,34 @@ _NUMBER = r"[-+]?(?:nan|inf(?:inity)?|(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
 # write "safe_layers]" without a line number).
 _PREFIX = re.compile(r"([IWEF])(\d{8}|\d{4}) (\d\d:\d\d:\d\d\.\d{6}) +(\d+) ([^\s\]:]+)(?::(\d+))?\] ")
 
-_LOSS = re.compile(r"Iteration (\d+)(?: \([^)]*\))?, loss = (%s)\s*$" % _NUMBER, re.I)
-_LR = re.compile(r"Iteration (\d+), lr = (%s)\s*$" % _NUMBER, re.I)
+# The display lines of BVLC Caffe and of every fork, matched by search (a fork's text before
+# "Iteration" is allowed):
+#   BVLC            solver.cpp:239 "Iteration N (X iter/s, Ys/D iters), loss = L";
+#                   the final one, solver.cpp:327 "Iteration N, loss = L"
+#   py-faster-rcnn  caffe-fast-rcnn (faster-rcnn branch) solver.cpp:229, SegNet
+#                   (caffe-segnet) solver.cpp:214, Intel Caffe solver.cpp:312:
+#                   "Iteration N, loss = L"; weiliu89/caffe (SSD) solver.cpp:218 as BVLC
+#   NVCaffe 0.16-0.17.0 solver.cpp:347 "Iteration N (X iter/s, Ys/D iter), E/Tep, loss = L"
+#                   (the epochs "E/Tep, " only when the data layer knows its size) and
+#                   solver.cpp:353 "Iteration N (Y s), loss = L" (its first three iterations);
+#   NVCaffe 0.17.4  solver.cpp:337/342, the same after the device, "    [0] Iteration N ..."
+#                   ("[rank.device]" with several processes, Net::print_current_device,
+#                   net.cpp:1479)
+_LOSS = re.compile(r"Iteration (\d+)(?: \([^)]*\))?, (?:[-+.\deE]+/[-+.\deE]+ep, )?loss = (%s)\s*$"
+                   % _NUMBER, re.I)
+# The rate: "Iteration N, lr = R" in BVLC (sgd_solver.cpp:112), caffe-fast-rcnn
+# (sgd_solver.cpp:106), SSD (sgd_solver.cpp:105), SegNet (solver.cpp:486), Intel Caffe
+# (sgd_solver.cpp:225); NVCaffe adds fields after it: 0.16.3 ", m = M" (sgd_solver.cpp:136),
+# 0.16.6-0.17.0 ", m = M, wd = W, gs = G" (sgd_solver.cpp:170), 0.17.4 ", m = M, lrm = L,
+# wd = W, gs = G" after the device (sgd_solver.cpp:180). The extra fields are kept by name.
+_LR = re.compile(r"Iteration (\d+), lr = (%s)((?:, [A-Za-z_]\w* = %s)*)\s*$" % (_NUMBER, _NUMBER), re.I)
+_LR_FIELD = re.compile(r", ([A-Za-z_]\w*) = (%s)" % _NUMBER, re.I)
 _TESTING = re.compile(r"Iteration (\d+), Testing net \(#(\d+)\)")
-_OUTPUT = re.compile(r"\s*(Train|Test) net output #(\d+): (\S+) = (%s)"
+# "    Train net output #k: name = v (* w = w*v loss)": BVLC solver.cpp:258 and every fork
+# (caffe-fast-rcnn solver.cpp:245, SSD solver.cpp:237, SegNet solver.cpp:229, Intel Caffe
+# solver.cpp:333, NVCaffe 0.16.6 solver.cpp:371); NVCaffe 0.17.4 puts its device first
+# (solver.cpp:358: "    [0]     Train net output #k: ...").
+_OUTPUT = re.compile(r"\s*(?:[\[(][\d.]+[\])]\s+)?(Train|Test) net output #(\d+): (\S+) = (%s)"
                      r"(?: \(\* (%s) = (%s) loss\))?\s*$" % (_NUMBER, _NUMBER, _NUMBER), re.I)
 _TEST_LOSS = re.compile(r"Test loss: (%s)\s*$" % _NUMBER, re.I)
 _CLIP = re.compile(r"Gradient clipping: scaling down gradients \(L2 norm (%s) > (%s)\) "
@@ -425,7 +452,9 @@ class LogReader:
             elif "lr = " in message:
                 m = _LR.search(message)
                 if m:
-                    return LogEvent("lr", number, iteration=int(m.group(1)), value=float(m.group(2)))
+                    extra = {k: float(v) for k, v in _LR_FIELD.findall(m.group(3))}
+                    return LogEvent("lr", number, iteration=int(m.group(1)), value=float(m.group(2)),
+                                    extra=extra)
             elif "Testing net" in message:
                 m = _TESTING.search(message)
                 if m:
@@ -466,8 +495,10 @@ class LogReader:
             if m:
                 return LogEvent("test_loss", number, value=float(m.group(1)))
             return None
-        if message.startswith("Learning Rate Policy:"):
-            m = _POLICY.match(message)
+        if "Learning Rate Policy:" in message:
+            # BVLC solver.cpp:290 starts the line with it; NVCaffe 0.17.4 (solver.cpp:411)
+            # writes "[0] Solving NAME Learning Rate Policy: P" on one line.
+            m = _POLICY.search(message)
             return LogEvent("policy", number, policy=m.group(1)) if m else None
         if message.startswith("Optimization Done"):
             return LogEvent("done", number)

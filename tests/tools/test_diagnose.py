@@ -20,41 +20,10 @@ import pytest
 from safe_layers.tools import cli, rule_table
 from safe_layers.tools.diagnose import command as diagnose_module
 from support.caffe_data import convert_mnist, datum, write_lmdb
+from support.diagnose_runs import (assert_evidence_is_the_log, diagnose_json, rules, run_diagnose,
+                                   train_log)
 from support.nets import DIVERGING_NET, solver_text
 from support.paths import DATA, ROOT
-
-
-def run_diagnose(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        status = cli.main(["diagnose", *map(str, argv)])
-    return status, out.getvalue(), err.getvalue()
-
-
-def diagnose_json(log):
-    status, out, err = run_diagnose(log, "--format", "json")
-    assert err == "", err
-    return status, json.loads(out)
-
-
-def rules(document):
-    return {f["rule"]: f for f in document["findings"]}
-
-
-def assert_evidence_is_the_log(document, log):
-    """Every evidence line quoted is the log's own line at that number."""
-    lines = Path(log).read_text(errors="replace").splitlines()
-    for finding in document["findings"]:
-        for item in finding["evidence"]:
-            assert lines[item["line"] - 1].strip() == item["text"].strip(), (finding["rule"], item)
-
-
-def train_log(caffe_train, tmp_path, name, net_text, **solver):
-    """Run `caffe train` and keep its glog output (stderr) as a log file."""
-    result = caffe_train(net_text, **solver)
-    log = tmp_path / name
-    log.write_text(result.stderr)
-    return log, result
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,7 +14,11 @@ six known causes of NaN in Caffe training:
         first value before it went non-finite; with several losses, names the output that exploded and its weight
   SL803 faulty input or loss layer: the loss was falling (or flat), then suddenly
         non-finite; names the data layer's source to ``scan`` and where to guard
-  SL807 non-finite from the first iteration: the net computes NaN on its first batch
+  SL807 non-finite from the first iteration: the net computes NaN on its first batch;
+        with several losses, the output that went non-finite, its weight, the ones that
+        stayed finite and the advice of its loss type
+  SL815 non-finite with too few finite losses before it to tell SL802 from SL803 (a
+        large display): says so, and what would tell them
   SL804 with debug_info: the first layer, in forward order, whose output (or weights)
         went non-finite
   SL805 with debug_info: the gradient that grew fastest in the iterations before
@@ -30,6 +34,10 @@ six known causes of NaN in Caffe training:
   SL814 what a watch did (``safe-layers train``, ``safe_layers.watch``): the iterations it
         skipped, its rollbacks (from which iteration to which checkpoint, base_lr before
         and after), and how the run ended (finished, stopped by the watch, cut off)
+
+Every finding carries a confidence (``--format json``): "high" where the log shows what it
+says, "medium" where it leaves an alternative open (the message names it: iterations the
+log does not show, a rise short of an explosion), "insufficient" for SL815.
 
 A rollback sends the run back to a checkpoint: the iterations after it are a new segment
 of the run. The cause (SL802/SL803/SL807 and their evidence) is read from the segment the

@@ -79,6 +79,8 @@ class Diagnosis:
         self.gradients = {}           # (layer, kind, blob) -> deque of Point (before first bad)
         self.frozen_gradients = None
         self.first_bad_forward = None  # (Point, event) in the first bad debug block
+        self.first_bad_forward_block = None   # the debug block it is in (debug_blocks then)
+        self.first_bad_forward_param = None   # Point: that layer's own weights, non-finite too
         self.first_bad_backward = None
         self.pending_bad = []          # Points of the open block awaiting their iteration
         self.heatmap = Heatmap()
@@ -261,6 +263,14 @@ class Diagnosis:
             if len(self.forward_order) < 10000:
                 self.forward_order.append(layer)
         if not finite(event.value):
+            first = self.first_bad_forward
+            if (first is not None and event.blob_kind == "param" and first[1].layer == layer
+                    and self.first_bad_forward_block == self.debug_blocks
+                    and self.first_bad_forward_param is None):
+                # ForwardDebugInfo logs a layer's tops before its params (net.cpp:588-605): a
+                # top non-finite because of the layer's own weights comes first.
+                self.first_bad_forward_param = Point(first[0].iteration, event.value, event.line,
+                                                     event.text)
             self._debug_bad(event)
 
     def _on_backward(self, event):
@@ -286,6 +296,7 @@ class Diagnosis:
         point = Point(None, event.value, event.line, event.text)
         if event.kind == "forward" and self.first_bad_forward is None:
             self.first_bad_forward = (point, event)
+            self.first_bad_forward_block = self.debug_blocks
             self.pending_bad.append(point)
         elif event.kind == "backward" and self.first_bad_backward is None:
             self.first_bad_backward = (point, event)

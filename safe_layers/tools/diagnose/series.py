@@ -91,6 +91,7 @@ class Track:
         self.peak_after_min = None   # largest finite value after the minimum
         self.bad = None
         self.recovered = None        # the first finite value after ``bad``
+        self.count = 0               # finite values before ``bad``: how much of a curve there is
         self.frozen = False
 
     def freeze(self):
@@ -109,6 +110,7 @@ class Track:
         if not finite(point.value):
             self.bad = point
             return
+        self.count += 1
         if self.first is None:
             self.first = point
         if self.minimum is None or point.value < self.minimum.value:

@@ -2,7 +2,8 @@
 (:class:`~safe_layers.tools.diagnose.diagnosis.Diagnosis`), one module per family.
 
     SL801 SL811        the learning rate                      (rules/lr.py)
-    SL802 SL803 SL807  what the losses did: the cause         (rules/loss.py)
+    SL802 SL803 SL807  what the losses did: the cause         (rules/loss.py,
+    SL815              or that the log cannot tell it           loss_outputs.py)
     SL804 SL805        debug_info's per-layer lines           (rules/debug_info.py)
     SL806 SL814        our layers' reports, what a watch did  (rules/reports.py)
     SL808              the run aborted                        (rules/aborts.py)

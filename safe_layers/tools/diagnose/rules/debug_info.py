@@ -17,7 +17,9 @@ FIRST_LAYER = rule_table.rule("diagnose", "SL804", "error", "debug_info: the fir
     that made the NaN from finite inputs (or the data layer, when the input itself is
     non-finite); without a bad forward value, the first non-finite gradient. The finding
     names that layer, its type and what that type is known to do (pooling windows outside
-    the input, BatchNorm at zero statistics, InfogainLoss's H).""")
+    the input, BatchNorm at zero statistics, InfogainLoss's H); where the layer's own
+    weights are non-finite in the same pass (logged after its tops), it says the output
+    follows from them, not from what the layer does.""")
 
 FASTEST_GRADIENT = rule_table.rule("diagnose", "SL805", "warning",
                                    "debug_info: the gradient that grew fastest", """
@@ -32,6 +34,7 @@ def first_layer(model):
     if model.first_bad_forward is None:
         return None
     point, event = model.first_bad_forward
+    evidence = [point]
     layer = model.layer_named(event.layer)
     kind = " (%s)" % layer.type if layer is not None and layer.type else ""
     if event.blob_kind == "param":
@@ -40,6 +43,18 @@ def first_layer(model):
                    "iteration made them non-finite" % (event.layer, kind, event.blob,
                                                         fmt(event.value), point.iteration))
         fix = "see the first non-finite gradient (backward) and the cause above"
+    elif model.first_bad_forward_param is not None:
+        # Its own weights were non-finite in the same pass: the output follows from them,
+        # not from what the layer does to finite input.
+        weights = model.first_bad_forward_param
+        message = ("debug_info: the first layer in forward order whose output went non-finite "
+                   "is '%s'%s (top blob '%s' = %s) at iteration %s, and its own weights are "
+                   "non-finite in the same pass (line %d): an update before iteration %s made "
+                   "them so, and the output follows from them"
+                   % (event.layer, kind, event.blob, fmt(event.value), point.iteration,
+                      weights.line, point.iteration))
+        fix = "see the first non-finite gradient (backward) and the cause above"
+        evidence = [point, weights]
     else:
         layer_type = layer.type if layer is not None else None
         role, fix = _layer_role(event.layer, layer_type)
@@ -51,8 +66,9 @@ def first_layer(model):
                       or layer.params.get("hdf5_data_param.source") or "SOURCE")
             fix = ("`safe-layers scan %s` finds the record; a NaNGuard on the tops of '%s' "
                    "stops at its batch" % (source, event.layer))
-    return finding(model, FIRST_LAYER, "error", point, message, fix, [point], layer=event.layer,
-                   blob=event.blob, blob_kind=event.blob_kind)
+    return finding(model, FIRST_LAYER, "error", point, message, fix, evidence, layer=event.layer,
+                   blob=event.blob, blob_kind=event.blob_kind,
+                   weights_nonfinite=model.first_bad_forward_param is not None or event.blob_kind == "param")
 
 
 def first_gradient(model):
