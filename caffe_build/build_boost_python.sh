@@ -6,7 +6,7 @@
 #   caffe_build/build_boost_python.sh PYTHON
 #
 # The last line on stdout is the prefix: PREFIX/lib/libboost_pythonXY.so (XY: PYTHON's
-# version). About 30 s on 2 cores; the source download is 60 MB, once.
+# version), and for Python 3.13 and later PREFIX/include/boost/python (see below). About 30 s on 2 cores; the source download is 60 MB, once.
 #
 # Environment: SAFE_LAYERS_CACHE, SAFE_LAYERS_DEBIAN_MIRROR, JOBS (as build_caffe.sh).
 set -euo pipefail
@@ -31,7 +31,16 @@ installed=$(dpkg-query -W -f='${Version}' libboost-python1.74-dev 2>/dev/null ||
 py_info=$("$python" -c 'import sys, sysconfig; print("%d%d" % sys.version_info[:2]); print(sysconfig.get_paths()["include"])') \
   || die "cannot run $python"
 { read -r py_nodot; read -r py_include; } <<<"$py_info"
-key=$( { echo "$boost_version ${python_patches[*]}"; echo "$py_nodot $py_include"; } | sha256sum | cut -c1-12)
+# Python 3.13 removed PyEval_CallFunction and PyEval_CallMethod, which Boost.Python 1.74's
+# headers call (always with a parenthesised format, which makes PyObject_CallFunction and
+# PyObject_CallMethod the same calls): for 3.13 and later the headers are changed to call
+# those, and installed with the library for Caffe to compile against instead of the system's.
+header_fixes=
+if ((py_nodot >= 313)); then
+  header_fixes='s/PyEval_CallFunction(/PyObject_CallFunction(/g; s/PyEval_CallMethod(/PyObject_CallMethod(/g'
+fi
+key=$( { echo "$boost_version ${python_patches[*]}"; echo "$py_nodot $py_include $header_fixes"; } \
+       | sha256sum | cut -c1-12)
 prefix=$cache_root/boost-python$py_nodot-$boost_version-$key
 if [[ -f $prefix/.complete ]]; then
   log "reusing $prefix"
@@ -54,6 +63,10 @@ for p in "${python_patches[@]}"; do
   patch -d "$work/boost" -p1 --forward --quiet <"$work/debian/patches/$p" >&2 || die "Debian patch $p does not apply"
 done
 
+if [[ -n $header_fixes ]]; then
+  grep -rlE 'PyEval_Call(Function|Method)\(' "$work/boost/libs/python/include" | xargs sed -i "$header_fixes"
+fi
+
 src=$work/boost/libs/python/src
 mkdir -p "$work/obj" "$prefix/lib"
 # The numpy extension of Boost.Python is not used by Caffe.
@@ -70,6 +83,11 @@ so=libboost_python$py_nodot.so.1.74.0
 g++ -shared -Wl,-soname,"$so" -o "$prefix/lib/$so" "$work"/obj/*.o >>"$work/build.log" 2>&1 \
   || { tail -n 30 "$work/build.log" >&2; die "linking Boost.Python failed"; }
 ln -sf "$so" "$prefix/lib/libboost_python$py_nodot.so"
+if [[ -n $header_fixes ]]; then
+  mkdir -p "$prefix/include/boost"
+  cp -r "$work/boost/libs/python/include/boost/python" "$work/boost/libs/python/include/boost/python.hpp" \
+    "$prefix/include/boost/"
+fi
 touch "$prefix/.complete"
 log "Boost.Python installed at $prefix"
 echo "$prefix"

@@ -91,6 +91,10 @@ if [[ ! -e /usr/lib/x86_64-linux-gnu/libboost_python$py_nodot.so ]]; then
   # Caffe asks FindBoost for the component "python3" (from -Dpython_version=3).
   boost_flags=(-DBoost_NO_BOOST_CMAKE=ON "-DBOOST_LIBRARYDIR=$boost_prefix/lib"
                "-DBoost_PYTHON3_LIBRARY_RELEASE=$boost_prefix/lib/libboost_python$py_nodot.so")
+  # Its own Boost.Python headers (Python 3.13 and later) before the system's.
+  if [[ -f $boost_prefix/include/boost/python.hpp ]]; then
+    boost_flags+=("-DCMAKE_CXX_FLAGS=-I$boost_prefix/include")
+  fi
 fi
 
 cmake_flags=(

@@ -63,6 +63,8 @@ class Record:
 def key_text(key):
     """A key as people read it: the text when it is printable ASCII (Caffe's convert
     tools write ``%08d`` and ``%08d_<file>``), else ``0x`` and hex."""
+    if not key:
+        return "(empty)"
     try:
         text = bytes(key).decode("ascii")
     except UnicodeDecodeError:
@@ -191,6 +193,12 @@ class LMDBDatabase(Database):
                 for key, value in cursor:
                     if limit is not None and position >= limit:
                         return
+                    if last_key is not None and key <= last_key:
+                        # LMDB keeps keys sorted; a leaf page of garbage is walked by some
+                        # liblmdb versions without an error, as keys out of order.
+                        raise InputError("%s: LMDB corrupt after %d records (last good key %s): "
+                                         "key %s out of order" % (self.path, position,
+                                                                  key_text(last_key), key_text(key)))
                     yield Record(position, key, value)
                     last_key = key
                     position += 1

@@ -542,7 +542,7 @@ def _failure(done, result):
             fatal = (location, text)
     if result is not None and "error" in result:
         message = result["error"]
-        if "without setting an exception" in message:
+        if "returned NULL without setting an" in message:  # "an exception" (3.11), "an error" (3.8)
             # An error at a Python layer's import or construction: Caffe printed it
             # (PyErr_Print) and pycaffe raised a bare SystemError; the printed one says why.
             printed = [m.group(0) for m in map(_PY_ERROR.match, done.stderr.splitlines()) if m]

@@ -54,4 +54,7 @@ class GradientBurst(caffe.Layer):
         self.calls += 1
         if propagate_down[0]:
             with numpy.errstate(over="ignore"):
-                bottom[0].diff[...] = top[0].diff * (self.factor if self.calls in self.at else 1.0)
+                # In float32 whatever NumPy's casting rules (NumPy 1 would compute a float32
+                # array times a Python float too big for float32 in float64: finite).
+                factor = numpy.float32(self.factor if self.calls in self.at else 1.0)
+                bottom[0].diff[...] = top[0].diff * factor

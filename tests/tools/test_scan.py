@@ -216,6 +216,16 @@ def test_encoded_records(caffe, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------
 # Corrupt input: exit 2 with a clear message; never a write into the source.
 
+LMDB_PAGE = 4096  # LMDB's page size on x86-64 Linux (the OS page)
+
+
+def lmdb_leaf_pages(data):
+    """Offsets of the B-tree leaf pages of an LMDB data.mdb (mdb.c: struct MDB_page, whose
+    flags are the uint16 at byte 10; P_LEAF 0x02, P_OVERFLOW 0x04), past its two meta pages."""
+    return [offset for offset in range(2 * LMDB_PAGE, len(data) - LMDB_PAGE + 1, LMDB_PAGE)
+            if int.from_bytes(data[offset + 10:offset + 12], "little") & 0x06 == 0x02]
+
+
 def test_corrupt_lmdb_exits_2(caffe, tmp_path):
     db = write_lmdb(tmp_path / "db", [(key(i), datum(images(1, i, (3, 32, 32))[0], 0))
                                       for i in range(300)])
@@ -226,8 +236,11 @@ def test_corrupt_lmdb_exits_2(caffe, tmp_path):
     status, out, err = scan(db)
     assert status == 2
     assert "truncated LMDB" in err and str(data) in err
-    # Garbage over a page in the middle: the records before it are reported, exit 2.
-    data.write_bytes(original[:300000] + os.urandom(8192) + original[308192:])
+    # Garbage over a B-tree leaf page in the middle (its records' keys; garbage over a
+    # value's overflow page is a value that is not a Datum, SL906): the records before it
+    # are reported, exit 2.
+    leaf = lmdb_leaf_pages(original)[1]
+    data.write_bytes(original[:leaf] + os.urandom(LMDB_PAGE) + original[leaf + LMDB_PAGE:])
     status, out, err = scan(db)
     assert status == 2
     assert "LMDB corrupt after" in err and "last good key" in err
