@@ -31,20 +31,6 @@ PUBLISHED = {
 LEVELS = ("observe", "repair", "strict")
 
 
-@pytest.fixture
-def harden(caffe, tmp_path, monkeypatch, capsys):
-    """harden(in_path, *args) -> (status, stdout, stderr); runs in tmp_path, in process."""
-    monkeypatch.chdir(tmp_path)
-
-    def run(*argv):
-        capsys.readouterr()
-        status = cli.main(["harden"] + [str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
-
-
 def buildable(caffe, tmp_path, text, name, shapes, batch):
     """``text`` with its data layers as Input layers (batch ``batch``), written to a file."""
     message = text_format.Parse(text, caffe.proto.caffe_pb2.NetParameter())

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from safe_layers.readers import prototxt
-from safe_layers.tools import cli
 from safe_layers.tools.harden.strip import Stripper
 from support.paths import DATA
 from support.switches import IN_CI, TEST_MODE
@@ -19,20 +18,6 @@ from support.switches import IN_CI, TEST_MODE
 NETS = sorted(p.name for p in DATA.glob("*.prototxt") if "solver" not in p.name)
 LEVELS = ("observe", "repair", "strict")
 SWAPS = "batchnorm,infogain"
-
-
-@pytest.fixture
-def harden(tmp_path, monkeypatch, capsys):
-    """harden(*args) -> (status, stdout, stderr); runs in tmp_path, in process."""
-    monkeypatch.chdir(tmp_path)
-
-    def run(*argv):
-        capsys.readouterr()
-        status = cli.main(["harden"] + [str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
 
 
 def variant(text, form):
