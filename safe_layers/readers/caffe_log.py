@@ -14,7 +14,9 @@ never fatal; a last line without its newline (a log still being written, or cut 
 not trusted and is reported as ``incomplete``. Over-long lines are read in pieces of at
 most :data:`MAX_LINE` bytes, so a binary file cannot make it load everything at once.
 
-Every event has ``kind`` and ``line`` (1-based). Kinds and fields:
+Every event has ``kind`` and ``line`` (1-based); every event but ``forward`` / ``backward``
+has ``stamp``: glog's (date, time) texts (``("1207", "02:44:09.595819")``), None on a
+line without glog's prefix (and on a parameter block). Kinds and fields:
 
 - ``solver``: fields (dict of the solver's top-level scalars, from "Initializing solver
   from parameters:"), field_lines (field -> its line), end_line
@@ -39,6 +41,7 @@ Every event has ``kind`` and ``line`` (1-based). Kinds and fields:
   free or corruption``, glog's ``*** SIGSEGV (@0x0) received by PID ...``: signal 'SIGSEGV')
 - ``python_error``: message, error (the last line of a Python traceback,
   ``safe_layers.reporting.FaultAbort: ...``, or a line ``SomethingError: ...``)
+- ``solving``: net (``Solving NAME``, solver.cpp:289: training starts)
 - ``done``: (``Optimization Done.``)
 - ``report``: report (a line of our layers or of a watch, as
   ``safe_layers.reporting.parse_line`` reads it: the parser lives beside the writer, so
@@ -138,13 +141,14 @@ class LogEvent:
     the kind's fields as attributes."""
 
     def __init__(self, kind, line, text=None, **fields):
+        self.stamp = None     # glog's (date, time) of the line, set by the reader
         self.__dict__.update(fields)
         self.kind = kind
         self.line = line
         self.text = text      # the whole line as read (evidence to quote)
 
     def as_dict(self):
-        return {k: v for k, v in self.__dict__.items() if k != "text"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("text", "stamp")}
 
     def __repr__(self):
         return "LogEvent(%s@%d %s)" % (self.kind, self.line, self.as_dict())
@@ -410,6 +414,8 @@ class LogReader:
                 block = _ParameterBlock(event.block, number)
                 continue
             event.text = text
+            # glog's date (MMDD or YYYYMMDD) and time: when the line was written.
+            event.stamp = (prefix.group(2), prefix.group(3)) if prefix is not None else None
             self.events += 1
             yield event
         if block is not None:
@@ -495,6 +501,10 @@ class LogReader:
             if m:
                 return LogEvent("test_loss", number, value=float(m.group(1)))
             return None
+        if message.startswith("Solving "):
+            # solver.cpp:289 `Solving <net name>`: training starts (parse_log.py's zero of
+            # Seconds, extract_seconds.py:38).
+            return LogEvent("solving", number, net=message[len("Solving "):].strip())
         if "Learning Rate Policy:" in message:
             # BVLC solver.cpp:290 starts the line with it; NVCaffe 0.17.4 (solver.cpp:411)
             # writes "[0] Solving NAME Learning Rate Policy: P" on one line.

@@ -786,7 +786,8 @@ def test_skips_and_rollbacks_of_a_run_that_finished(caffe, write_solver, tmp_pat
                         lambda self, text, *a, **k: labels.append(text) or annotate(self, text, *a, **k))
     assert run_diagnose(log, "--plot", tmp_path / "sk.png")[0] == 1
     assert labels == ["first non-finite: EuclideanLoss 'loss' forward top 'loss' data = inf\n"
-                      "iteration 19 (line %d)" % doc["first_nonfinite"]["line"]]
+                      "iteration 19 (line %d)" % doc["first_nonfinite"]["line"],
+                      "rolled back to 0 (line %d)" % watched["rolled_back"][0]["line"]]
 
 
 def test_the_watch_stopped_the_run(caffe, write_solver, tmp_path):

@@ -2,6 +2,8 @@
 
     safe-layers diagnose train.log
     safe-layers diagnose train.log --plot train.png --format json
+    safe-layers diagnose train.log --csv train.log       # parse_log.py's train.log.train/.test
+    safe-layers diagnose a.log b.log --plot runs.png      # several runs on one figure
 
 Reads a log of `caffe train`, of pycaffe (glog on stderr) or of `safe-layers train`, also
 one still being written or cut off, in one streaming pass (memory does not grow with the
@@ -53,7 +55,7 @@ import sys
 from safe_layers.core.errors import InputError
 from safe_layers.tools import findings as findings_module
 from safe_layers.tools import rule_table
-from safe_layers.tools.diagnose import rules
+from safe_layers.tools.diagnose import csv_tables, rules
 from safe_layers.tools.diagnose.plot import write_plot
 from safe_layers.tools.diagnose.reading import read_log
 from safe_layers.tools.diagnose.series import fmt
@@ -70,15 +72,37 @@ KNOWN_RULE_IDS = tuple(RULES)
 
 
 def add_arguments(parser):
-    parser.add_argument("log", help="a Caffe training log (caffe train, pycaffe, safe-layers train; "
-                        "gzipped too; - for standard input)")
+    parser.add_argument("log", nargs="+",
+                        help="a Caffe training log (caffe train, pycaffe, safe-layers train; "
+                             "gzipped too; - for standard input); several: each diagnosed, and "
+                             "--plot overlays them")
     parser.add_argument("--plot", metavar="PNG",
-                        help="write loss and lr over iterations (log scale, first non-finite point "
-                             "marked) and, with debug_info, a per-layer heatmap of mean |diff|")
+                        help="write loss (raw and smoothed), lr (log axis) and test outputs over "
+                             "iterations, the first non-finite point and the stop marked, and, with "
+                             "debug_info, a per-layer heatmap of mean |diff|")
+    parser.add_argument("--smoothing", metavar="W", type=_smoothing, default=None,
+                        help="--plot's moving-average weight in [0, 1) (TensorBoard's smoothing; "
+                             "0: none; default: a window of 1/50th of the points)")
+    parser.add_argument("--csv", metavar="PREFIX",
+                        help="write Caffe's parse_log.py tables: PREFIX.train and PREFIX.test "
+                             "(NumIters, Seconds, LearningRate, every output); a folder (DIR/): "
+                             "DIR/<log name>.train and .test per log")
     parser.add_argument("--select", metavar="IDS", help="only these rule ids or prefixes (SL80,SL811)")
     parser.add_argument("--ignore", metavar="IDS", help="leave out these rule ids or prefixes")
     findings_module.add_list_rules_argument(parser, "diagnose")
     findings_module.add_format_argument(parser)
+
+
+def _smoothing(text):
+    """--smoothing's value: a float in [0, 1)."""
+    import argparse
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError("%r: a weight in [0, 1), such as 0.9" % text)
+    return value
 
 
 def summary_lines(diagnosis, found):
@@ -155,22 +179,55 @@ def json_extra(diagnosis):
             "forward_order": d.forward_order, "debug_info_iterations": d.debug_blocks,
             "report_lines": d.reports,
             "loss": d.loss.series.points, "lr": d.lr_series.points,
-            "outputs": {name: t.series.points for name, t in d.outputs.items()}}
+            "outputs": {name: t.series.points for name, t in d.outputs.items()},
+            **d.timeline.as_json()}
+
+
+def _check_outputs(args):
+    """Every output path, checked before any log is read (exit 2, nothing written)."""
+    inputs = {os.path.realpath(log) for log in args.log if log != "-"}
+    if args.plot:
+        if os.path.realpath(args.plot) in inputs:
+            raise InputError("--plot %s would overwrite the log" % args.plot)
+        findings_module.check_output_path(args.plot, "the plot")
+    csv_paths = {}
+    if args.csv:
+        csv_paths = csv_tables.output_paths(args.csv, args.log)
+        for pair in csv_paths.values():
+            for path in pair:
+                findings_module.check_output_path(path, "the --csv table")
+    if args.log.count("-") > 1:
+        raise InputError("- (standard input) can be read once")
+    return csv_paths
 
 
 def run(args):
     known = rule_table.ids_of("diagnose")
     selected = findings_module.rule_list(args.select, known=known, option="--select")
     ignored = findings_module.rule_list(args.ignore, known=known, option="--ignore")
+    csv_paths = _check_outputs(args)
+    diagnoses, found, summaries = [], [], []
+    for log in args.log:
+        diagnosis = read_log(log, tables=bool(csv_paths))
+        these = findings_module.select(rules.findings(diagnosis), selected, ignored)
+        summary = summary_lines(diagnosis, these)
+        if csv_paths:
+            summary += csv_tables.write_tables(diagnosis.tables.tables(), csv_paths[log])
+        diagnoses.append(diagnosis)
+        found += these
+        summaries.append((these, summary))
+    said = []
     if args.plot:
-        if os.path.realpath(args.plot) == os.path.realpath(args.log):
-            raise InputError("--plot %s would overwrite the log" % args.plot)
-        findings_module.check_output_path(args.plot, "the plot")
-    diagnosis = read_log(args.log)
-    found = findings_module.select(rules.findings(diagnosis), selected, ignored)
-    summary = summary_lines(diagnosis, found)
-    if args.plot:
-        write_plot(diagnosis, args.plot)
-        summary.append("plot: %s" % args.plot)
-    return findings_module.emit(found, args.format, extra=json_extra(diagnosis),
-                                summary="\n".join(summary), stream=sys.stdout)
+        write_plot(diagnoses, args.plot, args.smoothing)
+        said.append("plot: %s" % args.plot)
+    if len(diagnoses) == 1:
+        return findings_module.emit(found, args.format, extra=json_extra(diagnoses[0]),
+                                    summary="\n".join(summaries[0][1] + said), stream=sys.stdout)
+    if args.format == "json":
+        return findings_module.emit(found, "json", stream=sys.stdout,
+                                    extra={"logs": [json_extra(d) for d in diagnoses]})
+    for these, summary in summaries:
+        findings_module.emit(these, "text", summary="\n".join(summary), stream=sys.stdout)
+    if said:
+        sys.stdout.write("\n".join(said) + "\n")
+    return findings_module.exit_status(found)

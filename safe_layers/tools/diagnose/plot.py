@@ -1,5 +1,9 @@
-"""``--plot``: loss and lr over iterations (first non-finite point marked) and, with
-debug_info, a per-layer heatmap of mean |diff|."""
+"""``--plot``: the loss (raw, faint, and TensorBoard's moving average), the rate on a log
+axis, the test outputs, marks where the run went non-finite, stopped or rolled back and,
+with debug_info, a per-layer heatmap of mean |diff|. Several logs: one figure, one colour
+per log.
+
+:func:`figure_data` is what is drawn, as plain data (the tests check it)."""
 
 import math
 import os
@@ -7,56 +11,153 @@ import os
 import numpy
 
 from safe_layers.tools import findings as findings_module
+from safe_layers.tools import plotting
 from safe_layers.tools.diagnose.series import fmt
+from safe_layers.tools.plotting import Mark
+
+# One colour per log of an overlay (matplotlib's tab10 without red, the marks' colour).
+RUN_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+               "#bcbd22", "#17becf")
 
 
-def write_plot(diagnosis, path):
-    """Write the figure of ``diagnosis`` to the PNG ``path``."""
-    import matplotlib  # deferred: matplotlib is heavy and only --plot needs it
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def marks(diagnosis):
+    """The :class:`~safe_layers.tools.plotting.Mark` list of a run: the first non-finite
+    value, rollbacks, a watch's stop, the rate reaching 0. Adding one is one line here."""
     d = diagnosis
-    heat = d.heatmap.columns
-    rows = 3 if heat else 2
-    fig, axes = plt.subplots(rows, 1, figsize=(11, 3.4 * rows), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 2] + ([4] if heat else [])})
-    loss_ax, lr_ax = axes[0][0], axes[1][0]
-    lr_ax.sharex(loss_ax)
-    curves = [("loss (smoothed)", d.loss.series.points)]
-    curves += [("%s%s" % (name, " (* %s)" % fmt(t.weight) if t.weight is not None else ""), t.series.points)
-               for name, t in d.outputs.items() if t.weight is not None]
-    _plot_curves(loss_ax, curves, "loss")
-    _plot_curves(lr_ax, [("lr", d.lr_series.points)], "learning rate")
+    found = []
     if d.first_bad is not None and d.first_bad[0].iteration is not None:
-        _mark_first_bad(d, loss_ax, lr_ax)
-    lr_ax.set_xlabel("iteration")
-    if heat:
-        _plot_heatmap(fig, axes[2][0], d.forward_order, heat)
+        point = d.first_bad[0]
+        found.append(Mark(point.iteration, "first non-finite: %s\niteration %s (line %d)"
+                          % (d.first_bad_words(), point.iteration, point.line), "nonfinite"))
+    for n, (point, details) in enumerate(d.rollbacks):
+        at = details.get("at", point.iteration)  # the Point is the checkpoint it went back to
+        if at is not None:
+            found.append(Mark(at, "rolled back to %s (line %d)" % (point.iteration, point.line)
+                              if n == 0 else "", "rollback"))
+    if d.watch_stop is not None and d.watch_stop[0].iteration is not None:
+        found.append(Mark(d.watch_stop[0].iteration, "stopped by the watch", "stop"))
+    if d.lr_first_zero is not None:
+        found.append(Mark(d.lr_first_zero.iteration, "lr reached 0", "note"))
+    return found
+
+
+def _title(d):
+    net = d.nets.get("TRAIN")
     title = os.path.basename(d.path)
+    if net is not None and net.name:
+        title += " (net %s)" % net.name
     if d.segments > 1:
-        title += " (%d rollback%s: the iterations before %s faded)" % (
+        title += ", %d rollback%s: the iterations before %s faded" % (
             d.segments - 1, "" if d.segments == 2 else "s", "it" if d.segments == 2 else "them")
-    loss_ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    return title
+
+
+def figure_data(diagnosis, smoothing=None):
+    """What the figure of ``diagnosis`` shows, as plain data."""
+    d = diagnosis
+    loss = d.loss.series.points
+    weight = plotting.auto_smoothing(len(loss)) if smoothing is None else smoothing
+    # Each weighted output of a net with several losses (one: it is the loss).
+    weighted = {name: t for name, t in d.outputs.items() if t.weight}
+    outputs = {"%s (* %s)" % (name, fmt(t.weight)): t.series.points
+               for name, t in weighted.items()} if len(weighted) > 1 else {}
+    timeline = getattr(d, "timeline", None)
+    tests = {name: s.points for name, s in timeline.tests.items()} if timeline else {}
+    return {"title": _title(d), "label": os.path.basename(d.path), "loss": loss,
+            "smoothing": weight, "smoothed": plotting.smoothed_segments(loss, weight),
+            "outputs": {name: plotting.smoothed_segments(points, weight)
+                        for name, points in outputs.items()},
+            "lr": d.lr_series.points, "tests": tests,
+            "false_accuracies": list(timeline.false_accuracies) if timeline else [],
+            "marks": marks(d)}
+
+
+def write_plot(diagnoses, path, smoothing=None):
+    """Write the figure of ``diagnoses`` (one: that run in full; several: their curves
+    overlaid, one colour per log) to the PNG ``path``."""
+    import matplotlib.pyplot as plt
+    fig = draw(diagnoses, smoothing)
     try:
         findings_module.save_png(fig, path)
     finally:
         plt.close(fig)
 
 
-def _mark_first_bad(d, loss_ax, lr_ax):
-    """A red line at the first non-finite iteration, labelled on the loss axes."""
-    point = d.first_bad[0]
-    for ax in (loss_ax, lr_ax):
-        ax.axvline(point.iteration, color="red", linestyle="--", linewidth=1)
-    # The label on the side of the line with more room.
-    low, high = loss_ax.get_xlim()
-    right = point.iteration < (low + high) / 2
-    loss_ax.annotate("first non-finite: %s\niteration %s (line %d)"
-                     % (d.first_bad_words(), point.iteration, point.line),
-                     xy=(point.iteration, 0.97), xycoords=("data", "axes fraction"),
-                     xytext=(8 if right else -8, 0), textcoords="offset points",
-                     ha="left" if right else "right", va="top", color="red", fontsize=8)
+def draw(diagnoses, smoothing=None):
+    """The matplotlib figure of ``diagnoses`` (headless: Agg)."""
+    import matplotlib  # deferred: matplotlib is heavy and only --plot needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    data = [figure_data(d, smoothing) for d in diagnoses]
+    single = len(data) == 1
+    heat = diagnoses[0].heatmap.columns if single else None
+    tests = any(item["tests"] for item in data)
+    ratios = [3, 1.4] + ([2] if tests else []) + ([4] if heat else [])
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(11, 1.3 + 1.7 * sum(ratios)),
+                             squeeze=False, gridspec_kw={"height_ratios": ratios})
+    axes = [row[0] for row in axes]
+    loss_ax, lr_ax = axes[0], axes[1]
+    curves = axes[:3] if tests else axes[:2]
+    for ax in curves[1:]:
+        ax.sharex(loss_ax)
+    accuracy_ax = None
+    for n, item in enumerate(data):
+        colour = RUN_COLOURS[n % len(RUN_COLOURS)]
+        _draw_loss(loss_ax, item, colour, item["label"] if not single else None)
+        plotting.draw_lr(lr_ax, item["lr"], color=colour if not single else "green",
+                         label=item["label"] if not single else "lr")
+        if tests and item["tests"]:
+            accuracy_ax = plotting.draw_tests(axes[2], item["tests"], item["false_accuracies"],
+                                              color=None if single else colour,
+                                              prefix="test " if single else "%s: " % item["label"],
+                                              accuracy_axis=accuracy_ax)
+    plotting.value_axis(loss_ax, [v for item in data for _, v in item["loss"]],
+                        "loss (Caffe's, average_loss)")
+    loss_ax.legend(fontsize=7, loc="best")
+    plotting.log_lr_axis(lr_ax, [p for item in data for p in item["lr"]])
+    if tests:
+        plotting.finish_test_axes(axes[2], accuracy_ax, [item["tests"] for item in data])
+    plotting.iteration_axis(curves[-1])
+    for n, item in enumerate(data):
+        item_marks = item["marks"] if single else [
+            Mark(m.iteration, "%s: %s" % (item["label"], m.label) if m.label else "", m.style)
+            for m in item["marks"] if m.style in ("nonfinite", "stop")]
+        plotting.draw_marks(curves, item_marks)
+    if heat:
+        _plot_heatmap(fig, axes[-1], diagnoses[0].forward_order, heat)
+    loss_ax.set_title(data[0]["title"] if single else
+                      "%d runs: %s" % (len(data), ", ".join(item["label"] for item in data)),
+                      fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _draw_loss(ax, item, colour, label):
+    """The loss of one run (raw faint, EMA solid; the segments before a rollback faded),
+    and each weighted train output's EMA (thin) when a single run is drawn."""
+    weight = item["smoothing"]
+    runs = item["smoothed"]
+    name = label or "loss"
+    for n, (xs, raw, smooth) in enumerate(runs):
+        last = n == len(runs) - 1
+        fade = 1.0 if last else 0.4
+        good = [(x, r, s) for x, r, s in zip(xs, raw, smooth) if plotting.finite(r)]
+        if weight:
+            ax.plot([x for x, _, _ in good], [r for _, r, _ in good], color=colour, linewidth=0.8,
+                    alpha=plotting.RAW_ALPHA * fade)
+        ax.plot([x for x, _, _ in good], [s for _, _, s in good], color=colour, linewidth=1.6,
+                alpha=fade, label=("%s (EMA %.3g)" % (name, weight) if weight else name) if last else None)
+        bad = [x for x, r in zip(xs, raw) if not plotting.finite(r)]
+        if bad:
+            ax.plot(bad[:1], [0.97], "x", color="red", markersize=9, clip_on=False,
+                    transform=ax.get_xaxis_transform())
+    if label is None:
+        for name, segments in item["outputs"].items():
+            for n, (xs, raw, smooth) in enumerate(segments):
+                good = [(x, s) for x, s in zip(xs, smooth) if plotting.finite(s)]
+                ax.plot([x for x, _ in good], [s for _, s in good], linewidth=0.9,
+                        alpha=1.0 if n == len(segments) - 1 else 0.4,
+                        label=name if n == len(segments) - 1 else None)
 
 
 def _plot_heatmap(fig, ax, forward_order, heat):
@@ -88,46 +189,3 @@ def _plot_heatmap(fig, ax, forward_order, heat):
     ax.set_title("log10 mean |diff| per layer (backward, forward order top to bottom; red: non-finite)",
                  fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03)
-
-
-def segments(points):
-    """``points`` cut where the iteration goes back (a rollback): a list of runs."""
-    runs, start = [], 0
-    for i in range(1, len(points) + 1):
-        if i == len(points) or points[i][0] < points[i - 1][0]:
-            runs.append(points[start:i])
-            start = i
-    return runs
-
-
-def _plot_curves(ax, curves, label):
-    positive_only = True
-    plotted = False
-    for name, points in curves:
-        xs = [x for x, y in points if math.isfinite(y)]
-        ys = [y for x, y in points if math.isfinite(y)]
-        if not xs:
-            continue
-        plotted = True
-        if min(ys) <= 0:
-            positive_only = False
-        runs = segments(points)
-        color = None
-        for n, run in enumerate(runs):
-            last = n == len(runs) - 1
-            good = [(x, y) for x, y in run if math.isfinite(y)]
-            lines = ax.plot([x for x, _ in good], [y for _, y in good], linewidth=1, color=color,
-                            alpha=1.0 if last else 0.35, label=name if last else None)
-            color = lines[0].get_color()
-        bad = [(x, y) for x, y in points if not math.isfinite(y)]
-        if bad:
-            ax.plot([bad[0][0]], [ys[-1] if ys else 1], "rx", markersize=9)
-    if plotted:
-        if positive_only:
-            ax.set_yscale("log")
-        else:
-            ax.set_yscale("symlog", linthresh=1e-3)
-        ax.legend(fontsize=7, loc="best")
-    else:
-        ax.text(0.5, 0.5, "no finite %s in the log" % label, transform=ax.transAxes, ha="center")
-    ax.set_ylabel(label)

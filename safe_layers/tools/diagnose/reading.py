@@ -8,8 +8,15 @@ import zlib
 from safe_layers import reporting
 from safe_layers.core.errors import InputError
 from safe_layers.readers.caffe_log import LogReader
+from safe_layers.tools.diagnose.csv_tables import ParseLogTables
 from safe_layers.tools.diagnose.diagnosis import Diagnosis
 from safe_layers.tools.diagnose.series import RunStarts
+from safe_layers.tools.diagnose.timeline import LogClock, Timeline, log_year
+
+
+# The events the timeline and parse_log.py's tables read (the bulk of a debug_info log,
+# forward / backward, is none of them).
+TIMED = frozenset(("solving", "policy", "loss", "lr", "testing", "multistep", "output"))
 
 
 def report_parser():
@@ -87,12 +94,17 @@ class Gunzip:
         self.close()
 
 
-def read_log(path):
-    """A :class:`Diagnosis` of the log at ``path`` (InputError when unreadable)."""
+def read_log(path, tables=False):
+    """A :class:`Diagnosis` of the log at ``path`` (InputError when unreadable), with its
+    ``timeline`` (seconds, test outputs) and, with ``tables``, ``tables``: parse_log.py's
+    train and test tables of the whole file (:class:`ParseLogTables`)."""
     handle = open_log(path)
     diagnosis = Diagnosis(path)
     earlier_runs = RunStarts()  # first lines of the runs before the one diagnosed
     reader = LogReader(handle, report_parser())
+    clock = LogClock(log_year(path))
+    timeline = Timeline(clock)
+    whole = ParseLogTables(clock) if tables else None
     with handle:
         try:
             for event in reader:
@@ -103,7 +115,12 @@ def read_log(path):
                     earlier_runs.append(diagnosis.run_start)
                     diagnosis = Diagnosis(path)
                     diagnosis.run_start = event.line
+                    timeline = Timeline(clock)
                 diagnosis.feed(event)
+                if event.kind in TIMED:
+                    timeline.feed(event)
+                    if whole is not None:
+                        whole.feed(event)
         except OSError as exc:
             raise InputError("%s: read error after line %d: %s" % (path, reader.lines, exc)) from None
     problem = getattr(handle, "problem", None)
@@ -120,4 +137,7 @@ def read_log(path):
         raise InputError("%s: not a Caffe log: none of its %d lines is a glog line or a line Caffe's "
                          "solver writes" % (path, max(reader.lines, 1)))
     diagnosis.earlier_runs = earlier_runs
+    timeline.finish()
+    diagnosis.timeline = timeline
+    diagnosis.tables = whole
     return diagnosis

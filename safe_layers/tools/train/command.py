@@ -30,11 +30,11 @@ from safe_layers.core.errors import InputError
 from safe_layers.readers import prototxt
 from safe_layers.readers.net_state import layers_in_state
 from safe_layers.readers.prototxt import read_solver, resolve_snapshot_prefix, solver_nets
-from safe_layers.tools.findings import (EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, check_output_path,
-                                        save_png)
+from safe_layers.tools.findings import EXIT_CLEAN, EXIT_FOUND, EXIT_INPUT, check_output_path
 from safe_layers.tools.lint import command as lint
 from safe_layers.tools.scan.net_targets import targets_from_prototxt
 from safe_layers.tools.train import run_files
+from safe_layers.tools.train.plot import write_plot
 
 HELP = "train like `caffe train`, under a watch: skip, rollback, reports naming layer and iteration"
 
@@ -417,72 +417,3 @@ def _finish(config, events, returncode, tail):
         out.write("safe-layers train: stopped at iteration %d by a fault:\n%s%s\n"
                   % (stopped["iteration"], reporting.glog_prefix("E"), stopped["line"]))
     return EXIT_FOUND
-
-
-def write_plot(events, path):
-    """Loss (raw and smoothed) and lr over iterations, skipped iterations marked with
-    red crosses, rollbacks with vertical lines; matplotlib, headless (Agg)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-    its = [e for e in events if e.get("event") == "iteration"]
-    skips = [e for e in events if e.get("kind") == "skip" and e.get("event") == "watch"]
-    rollbacks = [e for e in events if e.get("kind") == "rollback" and e.get("event") == "watch"]
-    figure, loss_axis = pyplot.subplots(figsize=(9, 4.5), dpi=100)
-    x = [e["iteration"] for e in its]
-    loss = [_float(e.get("loss")) for e in its]
-    # A rollback sends the iterations back: each run of increasing iterations is drawn on
-    # its own, the ones a rollback abandoned faded.
-    runs, start = [], 0
-    for i in range(1, len(its) + 1):
-        if i == len(its) or x[i] <= x[i - 1]:
-            runs.append((start, i))
-            start = i
-    for n, (a, b) in enumerate(runs):
-        last = n == len(runs) - 1
-        alpha = 1.0 if last else 0.35
-        loss_axis.plot(x[a:b], loss[a:b], color="#9ab", linewidth=0.8, alpha=alpha,
-                       label="loss" if last else None)
-        loss_axis.plot(x[a:b], [_float(e.get("smoothed_loss")) for e in its[a:b]], color="#136",
-                       linewidth=1.4, alpha=alpha,
-                       label="smoothed loss (average_loss)" if last else
-                       ("abandoned by a rollback" if n == 0 else None))
-    finite = [v for v in loss if v == v and abs(v) != float("inf")]
-    floor = min(finite) if finite else 0.0
-    if skips:
-        loss_axis.scatter([e["iteration"] for e in skips], [floor] * len(skips), marker="x",
-                          color="red", zorder=3, label="skipped (%d)" % len(skips))
-    for n, e in enumerate(rollbacks):
-        loss_axis.axvline(e["iteration"], color="orange", linestyle="--", linewidth=1,
-                          label="rolled back to" if n == 0 else None)
-    if finite and min(finite) > 0 and max(finite) / min(finite) > 100:
-        loss_axis.set_yscale("log")  # a diverging loss would flatten everything else
-    loss_axis.set_xlabel("iteration")
-    loss_axis.set_ylabel("loss")
-    lr_axis = loss_axis.twinx()
-    rates_all = [_float(e.get("lr")) for e in its]
-    for n, (a, b) in enumerate(runs):
-        last = n == len(runs) - 1
-        lr_axis.plot(x[a:b], rates_all[a:b], color="green", linewidth=1,
-                     alpha=1.0 if last else 0.35, label="lr" if last else None)
-    rates = [r for r in rates_all if r == r and r > 0]
-    if rates and max(rates) / min(rates) >= 100:
-        lr_axis.set_yscale("log")
-    lr_axis.set_ylabel("lr", color="green")
-    handles = loss_axis.get_legend_handles_labels()
-    more = lr_axis.get_legend_handles_labels()
-    loss_axis.legend(handles[0] + more[0], handles[1] + more[1], loc="upper right", fontsize=8)
-    loss_axis.set_title("safe-layers train")
-    figure.tight_layout()
-    try:
-        save_png(figure, path)
-    finally:
-        pyplot.close(figure)
-    return path
-
-
-def _float(value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return float("nan")
