@@ -12,6 +12,7 @@ raised anywhere below a subcommand's ``run`` and turned into exit 2 by the CLI).
 """
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -91,8 +92,12 @@ def save_png(figure, path):
     """Write a matplotlib figure as PNG whatever ``path``'s suffix says (a name ending in
     .prototxt would make matplotlib refuse the format); an error writing it is an
     :class:`InputError` naming the path."""
+    # Drawn in memory, then written the one way every output is (core/atomic.py): whole or
+    # not at all, never through a link or over what is not a plain file.
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
     try:
-        figure.savefig(path, format="png", dpi=100)
+        atomic.replace_file(path, image.getvalue())
     except OSError as exc:
         raise InputError("could not write the plot %s: %s" % (path, exc.strerror or exc))
 

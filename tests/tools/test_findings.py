@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from safe_layers.tools import findings
+from safe_layers.core.errors import InputError
 from safe_layers.tools.findings import Finding
 
 
@@ -33,3 +34,24 @@ def test_schemas_import_without_caffe():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['GradientClip', 'NaNGuard', 'SafeInfogainLoss', 'StableBatchNorm']"
+
+
+def test_a_plot_is_written_whole_and_never_through_a_link(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    figure = pyplot.figure(figsize=(2, 2))
+    target = tmp_path / "keep.txt"
+    target.write_text("keep me\n")
+    link = tmp_path / "plot.png"
+    link.symlink_to(target)
+    try:
+        findings.save_png(figure, str(link))
+    except InputError as exc:
+        assert str(link) in str(exc)
+    else:
+        raise AssertionError("a plot was written through a symbolic link")
+    assert target.read_text() == "keep me\n" and link.is_symlink()
+    findings.save_png(figure, str(tmp_path / "plot.prototxt"))  # any suffix: PNG bytes
+    assert (tmp_path / "plot.prototxt").read_bytes().startswith(b"\x89PNG")
+    pyplot.close(figure)
