@@ -45,8 +45,9 @@ EFFECTS = ("stop", "snapshot", "none")
 # options left out keep their defaults.
 WATCH_FLAGS = {"on_nonfinite": None, "rollback_after": "K", "checkpoint_every": "N",
                "keep_checkpoints": "N", "checkpoint_loss_ratio": "R", "lr_factor": "F",
-               "max_rollbacks": "M", "max_skips": "M", "warn_growth": "F", "clip_gradients": "C",
-               "record_dir": "DIR", "check_layers": None}
+               "max_rollbacks": "M", "max_skips": "M", "on_dead": None, "dead_after": "K",
+               "dead_update_ratio": "R", "chance_band": "F", "chance_after": "N",
+               "warn_growth": "F", "clip_gradients": "C", "record_dir": "DIR", "check_layers": None}
 # Boolean options that default to true, and the flag that turns each off.
 WATCH_SWITCHES = {"check_layers": "--no-layer-checks"}
 
@@ -93,8 +94,10 @@ def _add_watch_flags(group):
                                help="%s, set to false: %s" % (name, doc))
             continue
         if field.default is not None:
-            doc += " (default %(default)s)"
-        group.add_argument("--" + name.replace("_", "-"), type=field.kind, default=field.default,
+            doc += " (default %s)" % field.default
+        # None when not given: the watch applies the default, and tells a default it cannot
+        # honour on an older pycaffe from a flag the user gave.
+        group.add_argument("--" + name.replace("_", "-"), type=field.kind, default=None,
                            choices=field.choices, metavar=metavar, help=doc)
 
 
