@@ -402,6 +402,8 @@ class Rollback:
         # A net found dead: only a checkpoint from before it died is one to return to.
         before = cause.details.get("since") if cause.kind == "dead" else None
         if before is not None and not any(c.iteration < before for c in checkpoints.kept):
+            before = cause.details.get("evidence_since", before)  # else before the evidence
+        if before is not None and not any(c.iteration < before for c in checkpoints.kept):
             self._stop(cause, "no checkpoint from before iteration %d, when the net died"
                        % before)
         chosen = checkpoints.target(self.rolled_to, before)

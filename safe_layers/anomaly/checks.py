@@ -272,8 +272,8 @@ class SolverChecks:
             sizes = {label: math.sqrt(s) for label, s in norms}
         elif self.probed and self.options.check_layers:
             names = self.probe.names
-            sizes = {"%s[%d]" % (names[i], k): size
-                     for (i, k), size in self.probe.diff_sizes.items()}
+            sizes = {"%s[%d]" % (names[i], k): size  # in the net's order, not backward's
+                     for (i, k), size in sorted(self.probe.diff_sizes.items())}
         else:
             sizes = None
         # After solver.step(1) the diffs hold the update itself, lr applied.

@@ -13,9 +13,11 @@ NaN (``on_dead``), from what the watch reads each iteration anyway.
   loss weight x ln C, C from the net), ``chance_after`` iterations in a row after having
   been below it, or five times as many when it never left it.
 
-A dead state names the iteration since which the net has been dead (:attr:`DeadState.since`),
-so that a rollback returns to a checkpoint from before it; while any evidence is building
-up the net is :meth:`Liveness.suspect` and no checkpoint is taken.
+A dead state names the iteration since which the net has been dead (:attr:`DeadState.since`;
+for a net whose loss was never below chance since training (re)started, the iteration
+after that start), so that a rollback returns to a checkpoint from before it (else from
+before the evidence itself); while any evidence is building up the net is
+:meth:`Liveness.suspect` and no checkpoint is taken.
 """
 
 import collections
@@ -50,16 +52,19 @@ class DeadState:
     evidence), the evidence (``layers``, ``vanished``, ``chance``: see
     :func:`~safe_layers.reporting.watch_lines.dead_message`)."""
 
-    def __init__(self, iteration, since, layers, vanished, chance):
+    def __init__(self, iteration, since, layers, vanished, chance, evidence_since=None):
         self.iteration, self.since = iteration, since
         self.layers, self.vanished, self.chance = layers, vanished, chance
+        # The first iteration of the evidence itself (``since`` reaches back further for
+        # a net that learned nothing since training restarted): a rollback's second choice.
+        self.evidence_since = since if evidence_since is None else evidence_since
 
     def message(self):
         return watch_lines.dead_message(self.since, self.layers, self.vanished, self.chance)
 
     def details(self):
-        return {"since": self.since, "layers": self.layers, "vanished": self.vanished,
-                "chance": self.chance}
+        return {"since": self.since, "evidence_since": self.evidence_since,
+                "layers": self.layers, "vanished": self.vanished, "chance": self.chance}
 
 
 class Liveness:
@@ -115,8 +120,13 @@ class Liveness:
                     + ([chance["since"]] if chance else []))
         plateau = self._plateau_start()
         if plateau is not None:
-            since = min(since, plateau)  # at chance all along: dead from there on
-        self.state = DeadState(iteration, since, layers, vanished, chance)
+            since = min(since, plateau)  # back at chance since then: dead from there on
+        evidence = since
+        if self.level is not None and not self.learned:
+            # Never below chance since training (re)started: nothing learned since the
+            # state it started from, which is not to blame (its rate may be).
+            since = min(since, self.start + 1)
+        self.state = DeadState(iteration, since, layers, vanished, chance, evidence)
         return self.state
 
     def _still_dead(self):

@@ -338,12 +338,14 @@ def event_details(fields):
     return {}
 
 
+_DEAD_LAYER_TEXT = (r"(?P<layer>" + _STR + r") \((?P<type>" + _STR + r"), top (?P<blob>" + _STR
+                    + r"), all zeros (?P<iterations>\d+) iterations in a row\)")
+_DEAD_LAYER = re.compile(_DEAD_LAYER_TEXT)
+_DEAD_LAYERS = re.sub(r"\?P<\w+>", "?:", _DEAD_LAYER_TEXT)  # the same, capturing nothing
 _DEAD_MESSAGE = re.compile(
-    r"dead since iteration (?P<since>-?\d+)(?:; dead layers: (?P<layers>.*?))?"
-    r"(?:; vanished gradients: (?P<vanished>.*?))?(?:; loss at chance: (?P<chance>.*))?"
-    r"(?:; (?:first produced|first flagged|repaired|\d+ bad) .*)?$")
-_DEAD_LAYER = re.compile(r"(?P<layer>" + _STR + r") \((?P<type>" + _STR + r"), top (?P<blob>"
-                         + _STR + r"), all zeros (?P<iterations>\d+) iterations in a row\)")
+    r"dead since iteration (?P<since>-?\d+)(?:; dead layers: (?P<layers>" + _DEAD_LAYERS
+    + r"(?:, " + _DEAD_LAYERS + r")*))?"
+    r"(?:; vanished gradients: (?P<vanished>.*?))?(?:; loss at chance: (?P<chance>.*))?$")
 _VANISHED = re.compile(
     r"(?:every param diff zero|update/weights (?P<ratio>\S+) < (?P<threshold>\S+)) for "
     r"(?P<iterations>\d+) iterations in a row at loss (?P<loss>[^;\s]+)"
@@ -357,7 +359,8 @@ _CHANCE = re.compile(
 def dead_details(fields):
     """What the message of a parsed 'dead' line (``parse_line``'s dict) says, as the
     arguments :func:`dead_message` wrote it from (since, layers, vanished, chance; the
-    chance ``terms`` as text); {} for any other line."""
+    chance ``terms`` as text; a vanished ``threshold`` only where a ratio is shown); {}
+    for any other line."""
     if not fields or fields.get("kind") != "dead":
         return {}
     match = _DEAD_MESSAGE.match(fields["message"])

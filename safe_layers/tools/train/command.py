@@ -13,7 +13,8 @@ ends that process, and this one reports it. At the end: a JSON-lines event log a
 of the loss and the rate with the skipped and rolled-back iterations marked.
 
 Exit status: 0 done (also when stopped by -sigint_effect/-sighup_effect stop, as caffe);
-1 stopped by a fault (the report is printed last); 2 bad input (unreadable solver, bad
+1 stopped by a fault (the report is printed last), or ended with a net found dead (on_dead
+warn: "ended dead"); 2 bad input (unreadable solver, bad
 flags, a net Caffe refuses to build).
 """
 
@@ -402,6 +403,11 @@ def _finish(config, events, returncode, tail):
         written.append("plot %s" % plot)
     if written:
         out.write("safe-layers train: %s\n" % "; ".join(written))
+    dead = summary.get("dead") if summary else None
+    if returncode == 0 and dead:
+        # A run that ends with a net that learns nothing is no success (on_dead warn).
+        out.write("safe-layers train: ended dead: %s\n" % dead["message"])
+        return EXIT_FOUND
     if returncode == 0:
         return EXIT_CLEAN
     if returncode < 0:
@@ -424,7 +430,8 @@ def _finish(config, events, returncode, tail):
 
 def write_plot(events, path):
     """Loss (raw and smoothed) and lr over iterations, skipped iterations marked with
-    red crosses, rollbacks with vertical lines; matplotlib, headless (Agg)."""
+    red crosses, rollbacks with vertical lines, a net found dead shaded from the
+    iteration it died to the one it was found; matplotlib, headless (Agg)."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot
@@ -455,6 +462,12 @@ def write_plot(events, path):
     if skips:
         loss_axis.scatter([e["iteration"] for e in skips], [floor] * len(skips), marker="x",
                           color="red", zorder=3, label="skipped (%d)" % len(skips))
+    dead = [e for e in events if e.get("kind") == "dead" and e.get("event") == "fault"]
+    for n, e in enumerate(dead):
+        layers = [l["layer"] for l in e.get("layers") or []]
+        loss_axis.axvspan(e.get("since", e["iteration"]), e["iteration"], color="purple",
+                          alpha=0.15, label=("dead (%s)" % ", ".join(layers[:2]) if layers
+                                             else "dead") if n == 0 else None)
     for n, e in enumerate(rollbacks):
         loss_axis.axvline(e["iteration"], color="orange", linestyle="--", linewidth=1,
                           label="rolled back to" if n == 0 else None)
