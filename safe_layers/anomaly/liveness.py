@@ -191,6 +191,7 @@ class Liveness:
             return None
         if self.chance_since is None:
             self.chance_since = iteration
+            self.chance_first = iteration - len(self.losses) + 1  # the window's first loss
         count = iteration - self.chance_since + 1
         needed = self.options.chance_after * (1 if self.learned else NEVER_LEFT_FACTOR)
         if count < needed:
@@ -205,5 +206,5 @@ class Liveness:
         restored there, which is not to blame: the next one is."""
         if self.chance_since is None:
             return None
-        first = self.chance_since - len(self.losses) + 1
-        return first + 1 if first <= self.start else first
+        first = max(self.chance_first, self.start)
+        return first + 1 if first == self.start else first
