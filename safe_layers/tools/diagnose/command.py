@@ -30,6 +30,8 @@ six known causes of NaN in Caffe training:
   SL814 what a watch did (``safe-layers train``, ``safe_layers.watch``): the iterations it
         skipped, its rollbacks (from which iteration to which checkpoint, base_lr before
         and after), and how the run ended (finished, stopped by the watch, cut off)
+  SL820 the net died without a NaN: the training loss settled at the chance level of its
+        softmax loss (ln C) after a spike or after having learned, test accuracy at chance
 
 A rollback sends the run back to a checkpoint: the iterations after it are a new segment
 of the run. The cause (SL802/SL803/SL807 and their evidence) is read from the segment the
