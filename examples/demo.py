@@ -11,7 +11,9 @@ users meet most of the six known causes, each through the real ``caffe`` binary:
 
 then answers each with the tools, as a user would: ``safe-layers lint`` before training,
 ``safe-layers scan`` on the data, ``safe-layers diagnose`` on the dead run's log,
-``safe-layers harden`` on the net and ``safe-layers train`` to train it protected. It
+``safe-layers harden`` on the net and ``safe-layers train`` to train it protected (with
+the default rollback settings: high_lr's rollbacks lower base_lr by the default lr_factor,
+and a net found dead is rolled back too). It
 prints one line per scenario (cause, caught by, outcome) and writes ``demo.png`` with the
 loss curves of the dead and the protected runs. Everything lands in ``out/demo/`` (each
 scenario's prototxts, logs, event logs), which the next run replaces.
@@ -23,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -119,17 +120,24 @@ def losses_of(log):
 
 
 def watch_summary(log):
-    """The watch's own account of a `safe-layers train` log (its summary and rollback
-    lines, read by the watch's parser): {"skipped": n, "rollbacks": [messages]}."""
+    """The watch's own account of a `safe-layers train` log (its summary, dead and rollback
+    lines, read by the watch's parser): {"skipped": n, "rollbacks": [details], "dead":
+    [details]}; each rollback's details with the dead layers that caused it, if any."""
     from safe_layers.anomaly import parse_line
-    found = {"skipped": 0, "rollbacks": []}
+    from safe_layers.reporting.watch_lines import dead_details, event_details
+    found = {"skipped": 0, "rollbacks": [], "dead": []}
     for line in open(log, errors="replace"):
         at = line.find("WATCH ")
         fields = parse_line(line[at:].rstrip("\n")) if at >= 0 else None
         if fields and fields["kind"] == "summary":
             found["skipped"] = fields["skipped"]
+        elif fields and fields["kind"] == "dead":
+            found["dead"].append(dict(dead_details(fields), iteration=fields["iteration"]))
         elif fields and fields["kind"] == "rollback":
-            found["rollbacks"].append(fields["message"])
+            details = event_details(fields)
+            if details.get("cause") == "dead" and found["dead"]:
+                details["layers"] = [l["layer"] for l in found["dead"][-1]["layers"]]
+            found["rollbacks"].append(details)
     return found
 
 
@@ -277,6 +285,10 @@ def caught_by(r):
         found.append("diagnose %s" % rule_of(r["diagnose"]))
     if r.get("caught"):
         found.append("watch (%s, it. %s)" % (r["caught"].get("layer"), r["caught"].get("iteration")))
+    elif r.get("watch", {}).get("dead"):
+        dead = r["watch"]["dead"][0]
+        found.append("watch (dead %s, it. %s)" % (
+            ", ".join(l["layer"] for l in dead["layers"]) or "net", dead["iteration"]))
     return found or ["nothing"]
 
 
@@ -292,9 +304,11 @@ def outcome(r):
             max([i for i, _ in r["curve"]] or [0]), r["accuracy"] or 0)
     watched = r["watch"]
     steps = (["%d skipped" % watched["skipped"]] if watched["skipped"] else []) + [
-        "rolled back to iteration %s at %s" % (re.search(r"\(iteration (\d+)\)", m).group(1),
-                                               re.search(r"base_lr [^;\s]+ -> [^;\s]+", m).group(0))
-        if "base_lr" in m else "rolled back" for m in watched["rollbacks"]]
+        "%s at it. %d: back to it. %d%s" % (
+            "dead (%s)" % ", ".join(d.get("layers") or ["net"]) if d.get("cause") == "dead"
+            else d.get("cause"), d["at"], d["to"],
+            ", base_lr %g -> %g" % (d["base_lr_from"], d["base_lr_to"]) if d.get("base_lr_to")
+            else "") for d in watched["rollbacks"] if d]
     protected = "protected: %s%s%s" % (
         "lint stopped it; fixed as lint said, " if r["lint_stopped"] else "",
         "%s; " % ", ".join(steps) if steps else "",
@@ -313,9 +327,11 @@ def protected_run(where, net_file, solver_file):
         return status, None
     solver = (where / solver_file).read_text().replace('net: "%s"' % net_file, 'net: "hardened.prototxt"')
     (where / "hardened_solver.prototxt").write_text(solver)
+    # The default rollback settings (a checkpoint every 100 iterations, lr_factor 0.1,
+    # a net found dead rolled back too).
     status, _, _ = run([SAFE_LAYERS, "train", "-solver", "hardened_solver.prototxt",
-                        "--on-nonfinite", "skip", "--rollback-after", "3", "--checkpoint-every", "20",
-                        "--lr-factor", "0.01", "--events", "events.jsonl", "--plot", "train.png",
+                        "--on-nonfinite", "skip", "--rollback-after", "3",
+                        "--events", "events.jsonl", "--plot", "train.png",
                         "--progress", "never"], where / "train.log", where)
     return status, losses_of(where / "train.log")[1]
 

@@ -292,13 +292,19 @@ class Checkpoints:
                 raise
 
     # -- going back -------------------------------------------------------------------
-    def target(self, previous):
-        """The checkpoint to restore: the latest, unless the last rollback went to
+    def target(self, previous, before=None):
+        """The checkpoint to restore: the latest (from before iteration ``before``, when
+        given: those of a net already dead are dropped), unless the last rollback went to
         ``previous`` and failed again before a newer checkpoint was taken; then the one
         before ``previous`` (the oldest kept when there is none). Checkpoints after the
         target belong to the abandoned run and are dropped; one whose files changed or
         went since it was taken is dropped with a warning, and the one before it is taken
         instead. None when none is left."""
+        while before is not None and self.kept and self.kept[-1].iteration >= before:
+            self._drop(self.kept.pop())
+        if not self.kept:
+            self._record()
+            return None
         if previous is not None and self.taken_since_rollback == 0:
             older = [c for c in self.kept if c.iteration < previous]
             chosen = older[-1] if older else self.kept[0]
@@ -393,7 +399,14 @@ class Rollback:
             self._stop(cause, why)
         further_back = self.rolled_to is not None and checkpoints.taken_since_rollback == 0
         previous = self.rolled_to
-        chosen = checkpoints.target(self.rolled_to)
+        # A net found dead: only a checkpoint from before it died is one to return to.
+        before = cause.details.get("since") if cause.kind == "dead" else None
+        if before is not None and not any(c.iteration < before for c in checkpoints.kept):
+            before = cause.details.get("evidence_since", before)  # else before the evidence
+        if before is not None and not any(c.iteration < before for c in checkpoints.kept):
+            self._stop(cause, "no checkpoint from before iteration %d, when the net died"
+                       % before)
+        chosen = checkpoints.target(self.rolled_to, before)
         if chosen is None:
             self._stop(cause, "no checkpoint to roll back to: the files of those kept were changed "
                        "or removed since they were taken")
@@ -423,8 +436,9 @@ class Rollback:
     def _lower_base_lr(self):
         """base_lr times lr_factor, if set (in the solver and in the watch's copy of its
         parameters); returns (old, new) or None."""
-        if not self.options.lr_factor:
-            return None
+        if self.options.lr_factor in (None, 1) or not hasattr(getattr(self.solver, "param", None),
+                                                               "base_lr"):
+            return None  # a pycaffe before December 2017 has no solver.param.base_lr
         old = float(self.solver.param.base_lr)
         self.solver.param.base_lr = old * self.options.lr_factor
         new = float(self.solver.param.base_lr)

@@ -14,7 +14,8 @@ import math
 
 import numpy
 
-from safe_layers.anomaly.probe import accessors, blob_fault, blob_ok
+from safe_layers.anomaly.liveness import Liveness
+from safe_layers.anomaly.probe import accessors, blob_check, blob_fault
 from safe_layers.anomaly.pycaffe_hooks import STEP
 from safe_layers.core import lr_policy
 from safe_layers.core.float_text import six_digits
@@ -139,6 +140,9 @@ class SolverChecks:
         self.after_update = hooks.mode == STEP  # checked after solver.step(1), update applied
         self.read_rate = hooks.solver_lr        # solver.lr exists (pycaffe since 2017-12)
         self.unnamed = hooks.unnamed()          # why a fault names no layer, or None
+        self.weight_size = None                 # the weights' norm after the last update
+        self.liveness = Liveness(probe, options) if solver is not None else None
+        self.on_dead = options.on_dead or ("rollback" if options.rollback_after else "warn")
 
     def restart(self):
         """After a rollback: no bad iteration in a row, no update to check, the growth
@@ -147,6 +151,8 @@ class SolverChecks:
         self.pending_update = False
         self.growth.restart()
         self.losses.restart()
+        if self.liveness is not None:
+            self.liveness.restart(int(self.solver.iter))
 
     def worth_keeping(self, iteration):
         """Whether the state at the start of ``iteration`` may be a checkpoint: a state
@@ -155,7 +161,8 @@ class SolverChecks:
         back to."""
         return (self.consecutive_bad == 0
                 and iteration - self.growth.last > self.options.checkpoint_every
-                and self.losses.no_worse_than_at_start())
+                and self.losses.no_worse_than_at_start()
+                and not (self.liveness is not None and self.liveness.suspect()))
 
     def settle(self, updated_iteration):
         """Check the weights after the update of ``updated_iteration``, if not done yet."""
@@ -215,6 +222,8 @@ class SolverChecks:
         else:
             self.consecutive_bad = 0
             self.losses.add(self.loss)
+            if self.liveness is not None:
+                self._liveness(iteration, norms)
         if norms is not None and not self.after_update:  # after it, the diffs hold the update
             total = math.sqrt(sum(s for _, s in norms if math.isfinite(s)))
             self.grad_norm = total
@@ -254,6 +263,33 @@ class SolverChecks:
             raise Skip()
         self.reports.fault(SolverFault(kind, "TRAIN", iteration, message + "; Caffe applies this "
                                        "update", "warn", bad_params, details), "W")
+
+    def _liveness(self, iteration, norms):
+        """The dead-net checks of a good iteration (:mod:`.liveness`), from the magnitudes
+        the finite checks read (the probe's, or the norms computed here), and what
+        ``on_dead`` says to do when the net is found dead."""
+        if norms is not None:
+            sizes = {label: math.sqrt(s) for label, s in norms}
+        elif self.probed and self.options.check_layers:
+            names = self.probe.names
+            sizes = {"%s[%d]" % (names[i], k): size  # in the net's order, not backward's
+                     for (i, k), size in sorted(self.probe.diff_sizes.items())}
+        else:
+            sizes = None
+        # After solver.step(1) the diffs hold the update itself, lr applied.
+        lr = 1.0 if self.after_update else self.lr
+        state = self.liveness.observe(iteration, self.loss, lr, sizes, self.weight_size)
+        if state is None:
+            return
+        details = dict(state.details(), loss=self.loss, lr=self.lr)
+        fault = SolverFault("dead", "TRAIN", iteration, state.message(), self.on_dead,
+                            details=details)
+        if self.on_dead == "stop":
+            self.reports.stop(fault)
+        if self.on_dead == "rollback":
+            self.reports.fault(fault, "E")
+            raise RollbackRequest(fault)
+        self.reports.fault(fault, "W")
 
     def _bad_step(self, iteration, kind, message, bad_params, details):
         """A bad iteration seen after ``solver.step(1)`` applied its update (a pycaffe
@@ -308,12 +344,16 @@ class SolverChecks:
             data = self.data(blob)
             if o.warn_growth:
                 s = sumsq(data)
-                if math.isfinite(s):
-                    total += s
-                else:
-                    bad.append((label, data))
-            elif not blob_ok(data):
+                ok = math.isfinite(s)
+            else:  # the finite check's own reduction gives the magnitude (.liveness)
+                ok, size = blob_check(data)
+                s = size * size
+            if ok:
+                total += s
+            else:
                 bad.append((label, data))
+        if not bad:
+            self.weight_size = math.sqrt(total)
         if o.warn_growth and not bad:
             self.weight_norm = math.sqrt(total)
             self.growth.weights(updated_iteration, self.weight_norm)

@@ -4,6 +4,7 @@ the README's table, and :class:`WatchOptions`, the validated set of one watch.""
 from safe_layers.core.params import Field
 
 ON_NONFINITE = ("stop", "skip", "warn")
+ON_DEAD = ("warn", "stop", "rollback")
 
 OPTIONS = [
     Field("on_nonfinite", str, "stop", "an iteration with a non-finite loss or param diff: stop "
@@ -20,10 +21,25 @@ OPTIONS = [
           "from, and is not checkpointed", low=1.0),
     Field("keep_checkpoints", int, 3, "rollback: checkpoints kept; a rollback whose checkpoint "
           "fails again before a newer one is taken goes one checkpoint further back", low=1),
-    Field("lr_factor", float, None, "rollback: multiply base_lr by this at each rollback",
-          low=0.0, high=1.0, low_open=True),
+    Field("lr_factor", float, 0.1, "rollback: multiply base_lr by this at each rollback (1: "
+          "keep it)", low=0.0, high=1.0, low_open=True),
     Field("max_rollbacks", int, 5, "rollback: stop after this many", low=1),
     Field("max_skips", int, 100, "skip: stop after this many bad iterations in a row", low=1),
+    Field("on_dead", str, None, "a net that stopped learning (a dead layer, vanished gradients, "
+          "the loss flat at chance): warn, stop (raise NonFiniteError), or rollback to a "
+          "checkpoint from before it died, lr_factor applied; default: rollback with "
+          "rollback_after, else warn", choices=ON_DEAD),
+    Field("dead_after", int, 20, "dead: iterations in a row a layer's top must be all zeros, or "
+          "the update negligible, before the net is called dead", low=1),
+    Field("dead_update_ratio", float, 1e-9, "dead: an update (lr times the param diffs' norm) "
+          "below this times the weights' norm is negligible (vanished gradients, while the loss "
+          "is above half the chance level, or of the first loss)", low=0.0),
+    Field("chance_band", float, 0.05, "dead: a training loss (mean of the last growth_window "
+          "iterations) within this fraction of the chance level of its softmax losses "
+          "(ln C each) is at chance", low=0.0, high=1.0, low_open=True, high_open=True),
+    Field("chance_after", int, 100, "dead: iterations in a row at chance, after having been "
+          "below it, before the net is called dead; 5 times as many when it never left it",
+          low=1),
     Field("warn_growth", float, None, "early warning: the gradient L2 norm above this many times "
           "its median over the last growth_window iterations, or the weight norm above this many "
           "times its value growth_window iterations ago", low=1.0, low_open=True),
@@ -54,6 +70,9 @@ class WatchOptions:
         if unknown:
             raise ValueError("watch: unknown option %s; allowed: %s"
                              % (", ".join(repr(k) for k in unknown), ", ".join(_OPTION_FIELDS)))
+        # The options the caller set (not None): a default that a pycaffe cannot honour is
+        # dropped with a notice, an option set by hand is refused.
+        self.given = {name for name, value in values.items() if value is not None}
         for name, field in _OPTION_FIELDS.items():
             value = values.get(name)
             if value is None:

@@ -9,6 +9,7 @@ already bad is not blamed: only a *producer* is reported, a layer whose inputs (
 data, params; in backward also top diffs and the forward values) were all finite.
 """
 
+import math
 import operator
 
 import numpy
@@ -37,6 +38,25 @@ def blob_ok(array):
         return True
     xp = array_module(array)
     return bool(host_scalar(xp.isfinite(array).all()))
+
+
+def blob_check(array):
+    """(every element finite, how large the array is): one pass and one host read, as
+    :func:`blob_ok` (the magnitude is :func:`finite.magnitude`'s: the L2 norm on the host,
+    max |x| on a device; Inf for a finite array whose squares overflow, NaN when not ok)."""
+    size = finite.magnitude(array)
+    if math.isfinite(size):
+        return True, size
+    ok = blob_ok(array)
+    return ok, (math.inf if ok else math.nan)
+
+
+def is_zero(array, size):
+    """Whether an array of magnitude ``size`` (:func:`blob_check`) is all zeros: a device's
+    max |x| says it exactly; a host's 0 is confirmed (squares below ~1e-45 underflow)."""
+    if size != 0:
+        return False
+    return array_module(array) is not numpy or finite.all_zero(array)
 
 
 def blob_fault(array):
@@ -95,11 +115,23 @@ class NetProbe:
         self.loss = numpy.float32(0)
         self.producers = []     # ProducerFaults found in this pass
         self.faulty = False     # any non-finite value seen in this pass
+        # The watch's liveness checks (its training net only): which layers put out all
+        # zeros, and how large each param diff was, from the finite checks' own reads.
+        self.track_zeros = False
+        self.zero_data = set()      # blob ids whose data is all zeros in this pass
+        self._pass_zero = []
+        self.zero_producers = None  # [(layer, top k)] all zeros in every pass (the watch resets)
+        self.diff_sizes = {}        # (layer, k) -> magnitude of that param's diff (the watch resets)
+        with_params = [i for i in range(n) if self.params[i]]
+        # A layer can only die of training when something at or before it is trained.
+        self.first_trained = with_params[0] if with_params else n
 
     # -- forward ---------------------------------------------------------------------
     def begin_forward(self):
         self.forward_calls += 1
         self.bad_data.clear()
+        self.zero_data.clear()
+        self._pass_zero = []
         self.loss = numpy.float32(0)
         self._last_forward = -1
 
@@ -112,7 +144,10 @@ class NetProbe:
             self.pass_losses.append(self.loss)
         if not self.check_layers:
             return
-        bad = [k for k, j in enumerate(self.tops[i]) if not blob_ok(self.data(self.blobs[j]))]
+        checked = [blob_check(self.data(self.blobs[j])) for j in self.tops[i]]
+        bad = [k for k, (ok, _) in enumerate(checked) if not ok]
+        if self.track_zeros:
+            self._zeros(i, checked)
         inputs_bad = any(j in self.bad_data for j in self.bottoms[i])
         for k, j in enumerate(self.tops[i]):
             if k in bad:
@@ -132,6 +167,28 @@ class NetProbe:
         self._report("forward", i, "top", k, self.blob_names[j], "data",
                      self.data(self.blobs[j]), inputs, note, self.forward_calls)
 
+    def _zeros(self, i, checked):
+        """Note layer ``i``'s tops that are all zeros (``checked``: their blob_check), and
+        the layer as a zero *producer* where one of its bottoms was not all zeros: a
+        trained layer's, with a top per sample (not a loss, not a scalar). At the pass's
+        last layer, the producers of every pass of the iteration so far are kept."""
+        zero_in = all(j in self.zero_data for j in self.bottoms[i])
+        eligible = (self.bottoms[i] and not zero_in and i >= self.first_trained
+                    and not self.loss_tops[i])
+        for k, j in enumerate(self.tops[i]):
+            ok, size = checked[k]
+            array = self.data(self.blobs[j])
+            if ok and is_zero(array, size):
+                self.zero_data.add(j)
+                if eligible and array.ndim >= 2:
+                    self._pass_zero.append((i, k))
+            else:
+                self.zero_data.discard(j)
+        if i == self.last:
+            previous = self.zero_producers
+            self.zero_producers = (list(self._pass_zero) if previous is None
+                                   else [p for p in previous if p in self._pass_zero])
+
     # -- backward --------------------------------------------------------------------
     def begin_backward(self):
         self.backward_calls += 1
@@ -146,7 +203,12 @@ class NetProbe:
             return
         bad_bottoms = [k for k, j in enumerate(self.bottoms[i])
                        if not blob_ok(self.diff(self.blobs[j]))]
-        bad_params = [k for k, blob in enumerate(self.params[i]) if not blob_ok(self.diff(blob))]
+        bad_params = []
+        for k, blob in enumerate(self.params[i]):
+            ok, size = blob_check(self.diff(blob))
+            self.diff_sizes[(i, k)] = size
+            if not ok:
+                bad_params.append(k)
         inputs_bad = (any(j in self.bad_diff for j in self.tops[i])
                       or any(j in self.bad_data for j in self.bottoms[i] + self.tops[i]))
         for k, j in enumerate(self.bottoms[i]):

@@ -27,7 +27,8 @@ costs (:meth:`PycaffeHooks.notice`, a ``WATCH reduced`` warning):
 Two more pycaffe fields came late: ``Solver.lr`` and a settable ``solver.param.base_lr``
 (commit cfcf74f, December 2017: not in Caffe 1.0). Without ``Solver.lr`` the rate is
 computed from the solver's prototxt (``solver_file=``), as Caffe computes it, or not
-checked; without ``solver.param.base_lr`` ``lr_factor`` is refused. What the watch
+checked; without ``solver.param.base_lr`` an ``lr_factor`` given is refused (its default
+is not applied, and the notice says so). What the watch
 cannot work without at all (the net's structure, from 2015) is refused with a ValueError
 naming it, never met as an AttributeError in the middle of a run.
 """
@@ -90,7 +91,7 @@ class PycaffeHooks:
         if self.mode == STEP and options.clip_gradients:
             return ("watch: clip_gradients needs Solver.add_callback, which this pycaffe lacks: "
                     "the clip acts between the backward and the update")
-        if options.lr_factor and not self.base_lr:
+        if "lr_factor" in options.given and options.lr_factor != 1 and not self.base_lr:
             return ("watch: lr_factor lowers base_lr through solver.param.base_lr, which this "
                     "pycaffe lacks (pycaffe before December 2017): leave lr_factor unset")
         if options.rollback_after and not self.checkpoints:
@@ -114,6 +115,9 @@ class PycaffeHooks:
                          "applied its update; %s"
                          % (" (nor Net.%s)" % "/".join(self.missing_layer_hooks)
                             if self.missing_layer_hooks else "", self._bad_step(options)))
+        if options.rollback_after and not self.base_lr:
+            parts.append("this pycaffe has no solver.param.base_lr: a rollback keeps base_lr "
+                         "(lr_factor %g not applied)" % options.lr_factor)
         if not self.lone_net and not self.solver_lr and solver_param is None:
             parts.append("this pycaffe has no Solver.lr: the learning rate is not checked "
                          "(give the watch solver_file= to compute it from lr_policy)")

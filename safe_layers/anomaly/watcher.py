@@ -111,6 +111,7 @@ class Watch:
         self.iter_size = int(solver_param.iter_size) if solver_param is not None else 1
         train = NetProbe(self.net, "TRAIN" if solver is not None else phase, self._on_producer,
                          self.iteration, o.check_layers)
+        train.track_zeros = solver is not None  # the dead-layer check (.liveness)
         self.probes = [train]
         self.reports = Reports(o, stream, listener, self.iteration, train, self._net_name,
                                "solver" if solver is not None else "net")
@@ -246,8 +247,11 @@ class Watch:
             checkpoints.maybe_save(iteration)
         for probe in self.probes:
             probe.producers = []
-        self.probes[0].pass_losses = []
-        self.probes[0].bad_params = {}
+        train = self.probes[0]
+        train.pass_losses = []
+        train.bad_params = {}
+        train.diff_sizes = {}
+        train.zero_producers = None
 
     def _on_gradients_ready(self):
         if self.closed:
@@ -368,13 +372,22 @@ class Watch:
 
     def summary(self):
         """One line: what the watch saw and did."""
-        kinds = ("producer", "lr", "loss", "gradients", "weights", "growth", "stopped")
+        kinds = ("producer", "lr", "loss", "gradients", "weights", "growth", "dead", "stopped")
         counts = self.counts
         checkpoints = self.rollback.checkpoints
+        dead = self.dead
         return watch_lines.summary_line(len(self.faults), {k: v for k, v in counts.items()
                                                            if k in kinds and v},
                                         len(self.skipped), self.rollbacks,
-                                        checkpoints.count if checkpoints else 0, counts["clip"])
+                                        checkpoints.count if checkpoints else 0, counts["clip"],
+                                        dead.since if dead is not None else None)
+
+    @property
+    def dead(self):
+        """The :class:`~.liveness.DeadState` of the net as it is now (found dead and not
+        learning again since), or None."""
+        liveness = self.checks.liveness
+        return liveness.state if liveness is not None else None
 
 
 def _check_arguments(solver, net, solver_param, options):
@@ -394,6 +407,9 @@ def _check_arguments(solver, net, solver_param, options):
         problem = lr_policy.fatal_problem(solver_param)
         if problem:
             raise ValueError("watch: " + problem)
+    if options.on_dead == "rollback" and not options.rollback_after:
+        raise ValueError("watch: on_dead 'rollback' needs rollback_after (the checkpoints it "
+                         "rolls back to are taken only then)")
     if options.rollback_after:
         check_snapshot_folder(solver_param)
 

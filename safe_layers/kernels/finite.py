@@ -219,6 +219,28 @@ def all_finite(x, max_abs=None):
     return _xp.host_scalar(_host_all_finite(x, max_abs))
 
 
+def magnitude(x):
+    """How large ``x`` is, from the same one pass and one host read as :func:`all_finite`:
+    on the host the L2 norm ``sqrt(x . x)``, on a device ``max |x|``. Non-finite (NaN or
+    Inf) when an element is, and on the host also when the squares overflow (finite
+    elements past ~1.8e19: confirm with :func:`all_finite`). 0 exactly when every element
+    is 0, and on the host also when every square underflows (all ``|x| < ~1e-22``): a zero
+    on the host is confirmed with :func:`all_zero`."""
+    if x.size == 0:
+        return 0.0
+    if array_module(x) is not numpy:
+        return _xp.host_scalar(_device_max_abs(x))
+    flat = x.reshape(-1)
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        energy = _xp.host_scalar(numpy.dot(flat, flat))
+    return math.sqrt(energy) if energy >= 0 else energy
+
+
+def all_zero(x):
+    """Every element exactly 0 (NumPy: the confirmation of a host :func:`magnitude` of 0)."""
+    return not bool(x.any())
+
+
 def empty_rows(xp, count):
     """``count`` fault-statistics rows (float64, ``ROW`` columns) of module ``xp``."""
     return xp.zeros((count, ROW), numpy.float64)

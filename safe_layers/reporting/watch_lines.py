@@ -117,7 +117,8 @@ class ProducerFault:
 class SolverFault:
     """A fault the solver-level checks found: ``kind`` is 'lr' (the rate), 'loss',
     'gradients' (param diffs), 'weights' (param data after an update), 'growth' (an
-    early warning) or 'stopped' (the watch gave up); ``message`` says what and why;
+    early warning), 'dead' (the net stopped learning: :func:`dead_message`) or 'stopped'
+    (the watch gave up); ``message`` says what and why;
     ``params`` names the param blobs involved ('layer[i]'); ``details`` holds the rest."""
 
     def __init__(self, kind, phase, iteration, message, action, params=(), details=None):
@@ -193,11 +194,46 @@ def repeat_line(count, kind, latest):
     return "%s%d %s reports so far; latest: %s" % (TAG, count, kind, latest.line())
 
 
-def summary_line(faults, counts, skipped, rollbacks, checkpoints, clips):
-    """One line: what a watch saw and did (``Watch.summary``)."""
+def summary_line(faults, counts, skipped, rollbacks, checkpoints, clips, ended_dead=None):
+    """One line: what a watch saw and did (``Watch.summary``); ``ended_dead``: the
+    iteration since which the net the run ends with is dead, or None."""
     shown = ", ".join("%s=%d" % kv for kv in sorted(counts.items())) or "none"
-    return ("%ssummary: %d faults (%s); %d skipped, %d rollbacks, %d checkpoints, %d clips"
-            % (TAG, faults, shown, skipped, rollbacks, checkpoints, clips))
+    dead = "; ended dead since iteration %d" % ended_dead if ended_dead is not None else ""
+    return ("%ssummary: %d faults (%s); %d skipped, %d rollbacks, %d checkpoints, %d clips%s"
+            % (TAG, faults, shown, skipped, rollbacks, checkpoints, clips, dead))
+
+
+def dead_message(since, layers=(), vanished=None, chance=None):
+    """The message of a 'dead' SolverFault (read back by :func:`dead_details`): since
+    which iteration the net is dead, and the evidence: ``layers`` (dicts: layer, type,
+    blob, iterations: a top all zeros that many iterations in a row), ``vanished``
+    (ratio: lr x diff norm / weight norm, or None when every diff is zero; threshold,
+    iterations, loss, zero_layers), ``chance`` (mean, level, terms: [(loss weight, C)],
+    window, band, iterations, never_left)."""
+    parts = ["dead since iteration %d" % since]
+    if layers:
+        parts.append("dead layers: " + ", ".join(
+            "%s (%s, top %s, all zeros %d iterations in a row)"
+            % (_q(l["layer"]), _q(l["type"]), _q(l["blob"]), l["iterations"]) for l in layers))
+    if vanished:
+        ratio = vanished["ratio"]
+        text = ("vanished gradients: %s for %d iterations in a row at loss %s"
+                % ("every param diff zero" if ratio is None else "update/weights %s < %s"
+                   % (six_digits(ratio), six_digits(vanished["threshold"])),
+                   vanished["iterations"], six_digits(vanished["loss"])))
+        if vanished["zero_layers"]:
+            text += "; zero param diffs in " + ", ".join(_q(n) for n in vanished["zero_layers"])
+        parts.append(text)
+    if chance:
+        terms = " + ".join(("ln %d" % c) if w == 1 else "%s x ln %d" % (six_digits(w), c)
+                           for w, c in chance["terms"])
+        parts.append("loss at chance: mean %s of the last %d iterations within %s%% of the "
+                     "chance level %s = %s for %d iterations, %s"
+                     % (six_digits(chance["mean"]), chance["window"],
+                        six_digits(100 * chance["band"]), six_digits(chance["level"]), terms,
+                        chance["iterations"], "never below it" if chance["never_left"]
+                        else "after having been below it"))
+    return "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -218,7 +254,7 @@ _PRODUCER = re.compile(
     r"action=(?P<action>\w+)$")
 
 _SOLVER = re.compile(
-    _GLOG + r"WATCH (?P<kind>lr|loss|gradients|weights|growth|stopped) in (?P<phase>\w+), "
+    _GLOG + r"WATCH (?P<kind>lr|loss|gradients|weights|growth|dead|stopped) in (?P<phase>\w+), "
     r"iteration (?P<iteration>-?\d+): (?P<message>.*); action=(?P<action>\w+)$")
 
 _EVENT = re.compile(
@@ -237,7 +273,8 @@ _REPEAT = re.compile(_GLOG + r"WATCH (?P<count>\d+) (?P<kind>\w+) reports so far
                      r"(?P<latest>.*)$")
 _SUMMARY = re.compile(_GLOG + r"WATCH summary: (?P<faults>\d+) faults \((?P<counts>[^)]*)\); "
                       r"(?P<skipped>\d+) skipped, (?P<rollbacks>\d+) rollbacks, "
-                      r"(?P<checkpoints>\d+) checkpoints, (?P<clips>\d+) clips$")
+                      r"(?P<checkpoints>\d+) checkpoints, (?P<clips>\d+) clips"
+                      r"(?:; ended dead since iteration (?P<ended_dead>-?\d+))?$")
 
 
 def _float(text):
@@ -299,6 +336,55 @@ def event_details(fields):
         match = _SKIP_MESSAGE.search(fields["message"])
         return {"skipped": int(match.group("skipped"))} if match else {}
     return {}
+
+
+_DEAD_LAYER_TEXT = (r"(?P<layer>" + _STR + r") \((?P<type>" + _STR + r"), top (?P<blob>" + _STR
+                    + r"), all zeros (?P<iterations>\d+) iterations in a row\)")
+_DEAD_LAYER = re.compile(_DEAD_LAYER_TEXT)
+_DEAD_LAYERS = re.sub(r"\?P<\w+>", "?:", _DEAD_LAYER_TEXT)  # the same, capturing nothing
+_DEAD_MESSAGE = re.compile(
+    r"dead since iteration (?P<since>-?\d+)(?:; dead layers: (?P<layers>" + _DEAD_LAYERS
+    + r"(?:, " + _DEAD_LAYERS + r")*))?"
+    r"(?:; vanished gradients: (?P<vanished>.*?))?(?:; loss at chance: (?P<chance>.*))?$")
+_VANISHED = re.compile(
+    r"(?:every param diff zero|update/weights (?P<ratio>\S+) < (?P<threshold>\S+)) for "
+    r"(?P<iterations>\d+) iterations in a row at loss (?P<loss>[^;\s]+)"
+    r"(?:; zero param diffs in (?P<zero>.*))?$")
+_CHANCE = re.compile(
+    r"mean (?P<mean>\S+) of the last (?P<window>\d+) iterations within (?P<band>\S+)% of the "
+    r"chance level (?P<level>\S+) = (?P<terms>.*?) for (?P<iterations>\d+) iterations, "
+    r"(?P<how>never below it|after having been below it)$")
+
+
+def dead_details(fields):
+    """What the message of a parsed 'dead' line (``parse_line``'s dict) says, as the
+    arguments :func:`dead_message` wrote it from (since, layers, vanished, chance; the
+    chance ``terms`` as text; a vanished ``threshold`` only where a ratio is shown); {}
+    for any other line."""
+    if not fields or fields.get("kind") != "dead":
+        return {}
+    match = _DEAD_MESSAGE.match(fields["message"])
+    if match is None:
+        return {}
+    g = match.groupdict()
+    out = {"since": int(g["since"]), "layers": [], "vanished": None, "chance": None}
+    for m in _DEAD_LAYER.finditer(g["layers"] or ""):
+        out["layers"].append({"layer": json.loads(m["layer"]), "type": json.loads(m["type"]),
+                              "blob": json.loads(m["blob"]), "iterations": int(m["iterations"])})
+    m = _VANISHED.match(g["vanished"] or "")
+    if m:
+        out["vanished"] = {
+            "ratio": float(m["ratio"]) if m["ratio"] else None,
+            "threshold": float(m["threshold"]) if m["threshold"] else None,
+            "iterations": int(m["iterations"]), "loss": float(m["loss"]),
+            "zero_layers": [json.loads(q) for q in re.findall(_STR, m["zero"] or "")]}
+    m = _CHANCE.match(g["chance"] or "")
+    if m:
+        out["chance"] = {"mean": float(m["mean"]), "window": int(m["window"]),
+                         "band": float(m["band"]) / 100, "level": float(m["level"]),
+                         "terms": m["terms"], "iterations": int(m["iterations"]),
+                         "never_left": m["how"] == "never below it"}
+    return out
 
 
 def parse_line(line):
@@ -365,5 +451,6 @@ def _parse_untagged(line):
                                               if "=" in item))
         return {"kind": "summary", "faults": int(g["faults"]), "counts": counts,
                 "skipped": int(g["skipped"]), "rollbacks": int(g["rollbacks"]),
-                "checkpoints": int(g["checkpoints"]), "clips": int(g["clips"])}
+                "checkpoints": int(g["checkpoints"]), "clips": int(g["clips"]),
+                "ended_dead": int(g["ended_dead"]) if g["ended_dead"] else None}
     return None

@@ -378,13 +378,13 @@ def test_growth_warnings_of_abandoned_iterations_do_not_block_checkpoints(caffe,
 
 
 def test_a_rollback_to_the_only_checkpoint_says_it_is_the_same_again(caffe, write_solver, tmp_path):
-    """Without lr_factor the regression diverges again after its rollback to checkpoint 0,
-    and none was taken since (its loss was never back near the start): the second rollback
-    can only restore checkpoint 0 again, and says so (not "one further back")."""
+    """With base_lr kept (lr_factor 1) the regression diverges again after its rollback to
+    checkpoint 0, and none was taken since (its loss was never back near the start): the
+    second rollback can only restore checkpoint 0 again, and says so (not "one further back")."""
     path = write_solver(DIVERGING_NET.replace("LAYER", ""), base_lr=0.1, momentum=0.9,
                         snapshot_prefix='"%s"' % (tmp_path / "ck"))
     w = watch(str(path), on_nonfinite="skip", rollback_after=2, checkpoint_every=5, max_rollbacks=2,
-              log_first=0)
+              log_first=0, lr_factor=1)
     with pytest.raises(NonFiniteError) as caught:
         w.solver.step(100)
     assert "2 rollbacks already (max_rollbacks)" in caught.value.report.message

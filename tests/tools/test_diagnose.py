@@ -816,7 +816,7 @@ def test_the_watch_stopped_the_run(caffe, write_solver, tmp_path):
     # second rollback goes to that one again; the third fault stops.
     log, returncode = safe_layers_train(diverging_solver(write_solver, tmp_path, "mr"), "--on-nonfinite",
                                         "skip", "--rollback-after", "1", "--checkpoint-every", "5",
-                                        "--max-rollbacks", "2", cwd=tmp_path)
+                                        "--max-rollbacks", "2", "--lr-factor", "1", cwd=tmp_path)
     assert returncode == 1
     status, doc = diagnose_json(log)
     watched = rules(doc)["SL814"]

@@ -36,6 +36,8 @@ six known causes of NaN in Caffe training:
   SL814 what a watch did (``safe-layers train``, ``safe_layers.watch``): the iterations it
         skipped, its rollbacks (from which iteration to which checkpoint, base_lr before
         and after), and how the run ended (finished, stopped by the watch, cut off)
+  SL820 the net died without a NaN: the training loss settled at the chance level of its
+        softmax loss (ln C) after a spike or after having learned, test accuracy at chance
 
 Every finding carries a confidence (``--format json``): "high" where the log shows what it
 says, "medium" where it leaves an alternative open (the message names it: iterations the

@@ -53,6 +53,7 @@ class Diagnosis:
         self.test_bad_name = None
         self.test_block = None        # the open test pass: {"losses": [...], "accuracies": [...]}
         self.false_accuracy = None    # {"first": (acc, loss), "last": (acc, loss), "passes": n}
+        self.last_test_accuracy = None  # Point: the last test accuracy output (rules/dead.py)
         self.first_bad = None         # (Point, what) the first non-finite training value
         self.first_bad_label = None    # the first non-finite value in words, when a report found it
         self.first_bad_action = None   # ... and what that report's writer did about it
@@ -199,6 +200,7 @@ class Diagnosis:
                 self.test_block["losses"].append((event.name, point))
             elif self._is_accuracy(event.name):
                 self.test_block["accuracies"].append((event.name, point))
+                self.last_test_accuracy = point
         if not finite(event.value) and self.test_bad is None:
             self.test_bad = Point(self.test_iteration, event.value, event.line, event.text)
             self.test_bad_name = event.name

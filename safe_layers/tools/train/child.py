@@ -265,9 +265,12 @@ class Trainer:
             self.bar.close()
             self.log.bar = None
         summary = self.watch.summary()
+        dead = self.watch.dead
         self.events.write({"event": "summary", "line": summary, "skipped": self.watch.skipped,
                            "rolled_back": self.watch.rolled_back, "rollbacks": self.watch.rollbacks,
-                           "counts": dict(self.watch.counts)})
+                           "counts": dict(self.watch.counts),
+                           "dead": dict(dead.details(), iteration=dead.iteration,
+                                        message=dead.message()) if dead is not None else None})
         self.watch.close()
 
     def _solve(self, real, start, max_iter):

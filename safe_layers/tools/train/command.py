@@ -13,7 +13,8 @@ ends that process, and this one reports it. At the end: a JSON-lines event log a
 of the loss and the rate with the skipped and rolled-back iterations marked.
 
 Exit status: 0 done (also when stopped by -sigint_effect/-sighup_effect stop, as caffe);
-1 stopped by a fault (the report is printed last); 2 bad input (unreadable solver, bad
+1 stopped by a fault (the report is printed last), or ended with a net found dead (on_dead
+warn: "ended dead"); 2 bad input (unreadable solver, bad
 flags, a net Caffe refuses to build).
 """
 
@@ -45,8 +46,9 @@ EFFECTS = ("stop", "snapshot", "none")
 # options left out keep their defaults.
 WATCH_FLAGS = {"on_nonfinite": None, "rollback_after": "K", "checkpoint_every": "N",
                "keep_checkpoints": "N", "checkpoint_loss_ratio": "R", "lr_factor": "F",
-               "max_rollbacks": "M", "max_skips": "M", "warn_growth": "F", "clip_gradients": "C",
-               "record_dir": "DIR", "check_layers": None}
+               "max_rollbacks": "M", "max_skips": "M", "on_dead": None, "dead_after": "K",
+               "dead_update_ratio": "R", "chance_band": "F", "chance_after": "N",
+               "warn_growth": "F", "clip_gradients": "C", "record_dir": "DIR", "check_layers": None}
 # Boolean options that default to true, and the flag that turns each off.
 WATCH_SWITCHES = {"check_layers": "--no-layer-checks"}
 
@@ -93,8 +95,10 @@ def _add_watch_flags(group):
                                help="%s, set to false: %s" % (name, doc))
             continue
         if field.default is not None:
-            doc += " (default %(default)s)"
-        group.add_argument("--" + name.replace("_", "-"), type=field.kind, default=field.default,
+            doc += " (default %s)" % field.default
+        # None when not given: the watch applies the default, and tells a default it cannot
+        # honour on an older pycaffe from a flag the user gave.
+        group.add_argument("--" + name.replace("_", "-"), type=field.kind, default=None,
                            choices=field.choices, metavar=metavar, help=doc)
 
 
@@ -399,6 +403,11 @@ def _finish(config, events, returncode, tail):
         written.append("plot %s" % plot)
     if written:
         out.write("safe-layers train: %s\n" % "; ".join(written))
+    dead = summary.get("dead") if summary else None
+    if returncode == 0 and dead:
+        # A run that ends with a net that learns nothing is no success (on_dead warn).
+        out.write("safe-layers train: ended dead: %s\n" % dead["message"])
+        return EXIT_FOUND
     if returncode == 0:
         return EXIT_CLEAN
     if returncode < 0:

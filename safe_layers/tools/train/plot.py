@@ -50,13 +50,20 @@ def _test_series(events):
 
 def marks(events):
     """The :class:`~safe_layers.tools.plotting.Mark` list of a run: the first non-finite
-    value, each rollback, where the run stopped. Adding a kind of mark is one line here."""
+    value, each net found dead (from when), each rollback, where the run stopped. Adding a kind of mark is one line here."""
     found = []
     bad = [e["iteration"] for e in events if e.get("event") == "iteration"
            and not (finite(_float(e.get("loss"))) and finite(_float(e.get("lr"))))]
-    bad += [e["iteration"] for e in events if e.get("event") == "fault" and "iteration" in e]
+    bad += [e["iteration"] for e in events if e.get("event") == "fault" and "iteration" in e
+            and e.get("kind") != "dead"]
     if bad:
         found.append(Mark(min(bad), "first non-finite: iteration %d" % min(bad), "nonfinite"))
+    for e in events:
+        if e.get("event") == "fault" and e.get("kind") == "dead":
+            layers = ", ".join(l["layer"] for l in (e.get("layers") or [])[:2])
+            since = e.get("since", e["iteration"])
+            found.append(Mark(since, "dead%s since %d (found at %d)" % (
+                " (%s)" % layers if layers else "", since, e["iteration"]), "dead"))
     rollbacks = [e for e in events if e.get("event") == "watch" and e.get("kind") == "rollback"]
     for n, e in enumerate(rollbacks):
         found.append(Mark(e.get("from", e["iteration"]),

@@ -10,6 +10,7 @@
     SL809 SL813        the test net                           (rules/testnet.py)
     SL810              gradient clipping                      (rules/clipping.py)
     SL812              no training iteration                  (rules/no_training.py)
+    SL820              the net died without a NaN             (rules/dead.py)
 
 Each family registers its rules, with why each exists, in the one rule table
 (:mod:`safe_layers.tools.rule_table`); ``safe-layers diagnose --list-rules`` prints them.
@@ -17,6 +18,7 @@ Each family registers its rules, with why each exists, in the one rule table
 
 from safe_layers.tools.diagnose.rules import (aborts, clipping, debug_info, loss, lr, no_training,
                                               reports, testnet)
+from safe_layers.tools.diagnose.rules import dead
 
 
 def findings(model):
@@ -27,6 +29,7 @@ def findings(model):
     cause = None
     if bad_rate is None:
         cause = loss.cause(model) if model.first_bad is not None else loss.rising(model)
+        cause = cause or dead.died(model)
     found = [bad_rate, cause,
              debug_info.first_layer(model), debug_info.fastest_gradient(model, cause),
              debug_info.first_gradient(model),
