@@ -35,6 +35,7 @@ from safe_layers.core.errors import InputError
 from safe_layers.readers import layer_types, netshapes, prototxt
 from safe_layers.readers.net_state import layers_in_state
 from safe_layers.tools import findings, rule_table
+from safe_layers.tools.findings import Finding
 from safe_layers.tools.lint import config as lint_config
 from safe_layers.tools.lint.suppression import Suppressions
 from safe_layers.tools.lint.rules import batch_norm, domain, loss, pooling, python_layers
@@ -189,12 +190,15 @@ def _group_by_config(paths, args, known):
 
     if args.config:
         return [(settings(args.config), paths)]
-    groups = {}
+    groups, found_from = {}, {}
     for path in paths:
         named = args.stdin_filename if path == STDIN else path
-        start = os.path.dirname(os.path.abspath(named)) if named else os.getcwd()
-        found = lint_config.find(start) or lint_config.find(os.getcwd())
-        groups.setdefault(found, []).append(path)
+        for start in (os.path.dirname(os.path.abspath(named)) if named else os.getcwd(), os.getcwd()):
+            if start not in found_from:  # a folder's files share one search
+                found_from[start] = lint_config.find(start)
+            if found_from[start]:
+                break
+        groups.setdefault(found_from[start], []).append(path)
     return [(settings(found), group) for found, group in groups.items()]
 
 
@@ -421,7 +425,8 @@ class Linter:
                 if new and new not in phases.split(","):
                     merged[key].data["phase"] = phases + "," + new
                 continue
-            merged[key] = f
+            merged[key] = Finding(f.path, f.line, f.col, f.rule, f.severity, f.message, f.fix,
+                                  f.layer, f.data)
         for f in merged.values():
             phases = f.data.get("phase")
             if phases and set(phases.split(",")) != self.phases_of.get(f.path, set()):
