@@ -85,10 +85,11 @@ def run_pytest(name, outdir, args, env_extra):
 
 def caffe_train(workdir, label, action, gpu_flag=True, solver_mode="CPU"):
     net = (DEMO / "train.prototxt").read_text()
-    net = GUARD.sub("", net) if action is None else net.replace("ACTION", action)
+    net = GUARD.sub("", net) if action is None else net.replace("action: clamp}", "action: %s}" % action)
     net_path = workdir / ("%s.prototxt" % label)
     net_path.write_text(net)
-    solver = (DEMO / "solver.prototxt").read_text().replace("NET", str(net_path))
+    solver = (DEMO / "solver.prototxt").read_text().replace("examples/pooling_nan/train.prototxt",
+                                                         str(net_path))
     solver = solver.replace("solver_mode: CPU", "solver_mode: %s" % solver_mode)
     solver_path = workdir / ("%s_solver.prototxt" % label)
     solver_path.write_text(solver)

@@ -41,7 +41,10 @@ SAFE_LAYERS = BIN / "safe-layers"
 POISONED_RECORD = 737  # in the 15th batch of 50: iteration 14
 
 NET = (HERE / "demo" / "digits_train_test.prototxt").read_text()
-SOLVER = (HERE / "demo" / "solver.prototxt").read_text()
+# The shipped solver names the net by its path from the checkout's root; each scenario's
+# copy names the net.prototxt written beside it.
+SOLVER = (HERE / "demo" / "solver.prototxt").read_text().replace(
+    'net: "examples/demo/digits_train_test.prototxt"', 'net: "net.prototxt"')
 
 # What each scenario changes in the healthy net and solver (plain text edits, so the
 # files in out/demo/<scenario>/ read like a user's own).

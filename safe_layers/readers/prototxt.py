@@ -209,6 +209,12 @@ def read_text(path):
         raise InputError("%s: is a directory, not a prototxt" % path) from None
     except OSError as exc:
         raise InputError("%s: cannot read: %s" % (path, exc.strerror or exc)) from None
+    return decode_text(raw, path)
+
+
+def decode_text(raw, path):
+    """The text of a prototxt's bytes ``raw`` (read from ``path``, the name errors give);
+    InputError for bytes no text prototxt holds."""
     # A NUL is never in a text prototxt (and a file read only as far as its first
     # kilobyte ends at one); a byte that is not UTF-8 before it is named first.
     nul = raw.find(b"\0")
@@ -329,7 +335,11 @@ def read_prototxt(path, kind=None):
     """Read and parse ``path`` as a net or solver (``kind``; detected when None).
     Raises InputError (exit 2) saying what and where when it cannot."""
     path = str(path)
-    text = read_text(path)
+    return parse_prototxt(read_text(path), path, kind)
+
+
+def parse_prototxt(text, path, kind=None):
+    """:func:`read_prototxt` of a text already read (standard input), named ``path``."""
     try:
         root = index_text(text, path)
     except InputError:

@@ -5,6 +5,7 @@ shape compilers and flake8 use, so editors jump to the spot::
 
     path:line:col: SL101 error pooling layer 'pool1': ... — fix: ...
 
+(on a terminal the fix goes on a second, indented line; the first keeps that shape).
 ``--format json`` prints one JSON document: ``{"findings": [...], ...extra}``. Exit status
 (:func:`exit_status`): 0 when nothing of severity ``error`` was found (warnings and info
 only), 1 when something was, 2 when the input could not be read (:class:`InputError`,
@@ -57,9 +58,15 @@ class Finding:
         self.layer = layer
         self.data = dict(data or {})
 
-    def text(self):
-        """``path:line:col: RULE severity message — fix: ...``"""
-        fix = " — fix: %s" % self.fix if self.fix else ""
+    def text(self, fix_below=False):
+        """``path:line:col: RULE severity message — fix: ...``; with ``fix_below`` the fix
+        goes on a second line, indented (the first line keeps the shape editors read)."""
+        if not self.fix:
+            fix = ""
+        elif fix_below:
+            fix = "\n    fix: %s" % self.fix
+        else:
+            fix = " — fix: %s" % self.fix
         return "%s:%d:%d: %s %s %s%s" % (self.path, self.line, self.col, self.rule, self.severity,
                                          self.message, fix)
 
@@ -133,21 +140,126 @@ def exit_status(findings):
     return EXIT_FOUND if any(f.severity == "error" for f in findings) else EXIT_CLEAN
 
 
-def emit(findings, fmt="text", stream=None, extra=None, summary=None):
-    """Print ``findings`` as text lines (then ``summary``, a line or None) or as one JSON
-    document ``{"findings": [...], **extra}``. Returns :func:`exit_status`."""
+def emit(findings, fmt="text", stream=None, extra=None, summary=None, command=None, errors=()):
+    """Print ``findings`` as text lines (then ``summary``, a line or None; on a terminal
+    each fix on a line of its own), as one JSON document ``{"findings": [...], **extra}``,
+    as GitHub Actions annotations (:func:`github_lines`) or as a SARIF log
+    (:func:`sarif_log`: ``command``'s rules); ``errors``, the inputs that could not be read
+    (``{"path", "line", "col", "error"}``), go into those two. Returns :func:`exit_status`."""
     stream = stream or sys.stdout
     if fmt == "json":
         document = {"findings": [f.as_dict() for f in findings]}
         document.update(jsonable(extra or {}))
         stream.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    elif fmt == "github":
+        stream.writelines(line + "\n" for line in github_lines(findings, errors))
+    elif fmt == "sarif":
+        document = sarif_log(findings, command, errors)
+        stream.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
     else:
+        fix_below = _is_terminal(stream)
         for finding in findings:
-            stream.write(finding.text() + "\n")
+            stream.write(finding.text(fix_below) + "\n")
         if summary:
             stream.write(summary + "\n")
     stream.flush()
     return exit_status(findings)
+
+
+# GitHub Actions workflow commands: the level of each severity, and the escapes of the
+# runner's own toolkit (@actions/core, command.ts: escapeData / escapeProperty).
+GITHUB_LEVELS = {"error": "error", "warning": "warning", "info": "notice"}
+SARIF_LEVELS = {"error": "error", "warning": "warning", "info": "note"}
+SARIF_SCHEMA = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
+
+
+def _github_data(text):
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _github_property(text):
+    return _github_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
+def _with_fix(finding):
+    return finding.message + (" — fix: %s" % finding.fix if finding.fix else "")
+
+
+def github_lines(findings, errors=()):
+    """One ``::error file=P,line=L,col=C,title=SL201::message — fix: ...`` line per finding
+    (``::warning``, ``::notice`` by severity; an unreadable input is an ``::error`` titled
+    ``unreadable``): GitHub Actions shows each on the file and line in the pull request."""
+    lines = []
+    items = [(GITHUB_LEVELS[f.severity], f.path, f.line, f.col, f.rule, _with_fix(f)) for f in findings]
+    items += [("error", e["path"], e.get("line", 0), e.get("col", 0), "unreadable", e["error"])
+              for e in errors]
+    for level, path, line, col, title, message in items:
+        where = ["file=%s" % _github_property(str(path))]
+        if line:
+            where.append("line=%d" % line)
+            if col:
+                where.append("col=%d" % col)
+        where.append("title=%s" % _github_property(title))
+        lines.append("::%s %s::%s" % (level, ",".join(where), _github_data(message)))
+    return lines
+
+
+def _artifact(path, line, col):
+    """A SARIF location: the path as a URI reference (relative paths stay relative, as
+    code scanning reads them against the checkout), the region where there is one."""
+    from urllib.parse import quote
+    from urllib.request import pathname2url
+    path = str(path)
+    uri = ("file://" + pathname2url(path)) if os.path.isabs(path) else quote(path.replace(os.sep, "/"))
+    physical = {"artifactLocation": {"uri": uri}}
+    if line:
+        physical["region"] = {"startLine": line}
+        if col:
+            physical["region"]["startColumn"] = col
+    return {"physicalLocation": physical}
+
+
+def sarif_log(findings, command, errors=()):
+    """The SARIF 2.1.0 log of ``findings``: one run of the tool ``safe-layers COMMAND``
+    with its rules (id, summary, why, default level), one result per finding (its fix
+    in the message, its data in the properties) and the unreadable inputs as the
+    invocation's error notifications."""
+    from safe_layers import __version__
+    rules = rule_table.rules_of(command) if command else []
+    index = {r.id: i for i, r in enumerate(rules)}
+    results = []
+    for f in findings:
+        result = {"ruleId": f.rule, "level": SARIF_LEVELS[f.severity],
+                  "message": {"text": _with_fix(f)}, "locations": [_artifact(f.path, f.line, f.col)]}
+        if f.rule in index:
+            result["ruleIndex"] = index[f.rule]
+        properties = {k: v for k, v in f.as_dict().items()
+                      if k not in ("path", "line", "col", "rule", "severity", "message") and v is not None}
+        if properties:
+            result["properties"] = properties
+        results.append(result)
+    notifications = [{"level": "error", "message": {"text": e["error"]},
+                      "locations": [_artifact(e["path"], e.get("line", 0), e.get("col", 0))]}
+                     for e in errors]
+    driver = {"name": "safe-layers", "version": __version__,
+              "rules": [{"id": r.id, "shortDescription": {"text": r.summary},
+                         "fullDescription": {"text": r.doc or r.summary},
+                         "defaultConfiguration": {"level": SARIF_LEVELS[r.severity]}}
+                        for r in rules]}
+    if command:
+        driver["fullName"] = "safe-layers %s" % command
+    return {"$schema": SARIF_SCHEMA, "version": "2.1.0",
+            "runs": [{"tool": {"driver": driver}, "columnKind": "unicodeCodePoints",
+                      "results": results,
+                      "invocations": [{"executionSuccessful": not errors,
+                                       "toolExecutionNotifications": notifications}]}]}
+
+
+def _is_terminal(stream):
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # a closed or a file-like stream
+        return False
 
 
 class _ListRules(argparse.Action):
@@ -169,8 +281,12 @@ def add_list_rules_argument(parser, command):
                         help="print the rules and exit")
 
 
-def add_format_argument(parser):
-    """``--format text|json``, the same for every subcommand."""
-    parser.add_argument("--format", choices=("text", "json"), default="text",
+def add_format_argument(parser, machine_formats=False):
+    """``--format text|json``, the same for every subcommand; with ``machine_formats``
+    also ``github`` and ``sarif`` (the command passes ``command=`` to :func:`emit`)."""
+    choices = ("text", "json") + (("github", "sarif") if machine_formats else ())
+    parser.add_argument("--format", choices=choices, default="text",
                         help="text: one finding per line (path:line:col: RULE severity message); "
-                             "json: one JSON document for machines")
+                             "json: one JSON document for machines" +
+                             ("; github: GitHub Actions annotations (::error file=...); sarif: a "
+                              "SARIF 2.1.0 log (GitHub code scanning)" if machine_formats else ""))

@@ -350,7 +350,7 @@ def test_dry_run_prints_the_diff_and_writes_nothing(harden, tmp_path):
     (["net.prototxt"], "-o OUT.prototxt is required"),
     (["net.prototxt", "-o", "net.prototxt"], "harden never overwrites its input"),
     (["net.prototxt", "-o", "x", "--swap", "dropout"], "--swap dropout: allowed: batchnorm, infogain"),
-    (["solver.prototxt", "-o", "x"], "is a solver; harden takes the net"),
+    (["solver.prototxt", "-o", "-"], "-o -: a solver gives several files"),
     (["bad.prototxt", "-o", "x"], "bad.prototxt:2:1: "),
     (["absent.prototxt", "-o", "x"], "absent.prototxt: no such file"),
     (["v1.prototxt", "-o", "x"], "V1 'layers' format"),

@@ -3,6 +3,7 @@
     safe-layers harden train_val.prototxt -o hardened.prototxt
     safe-layers harden train_val.prototxt -o - --level repair --solver solver.prototxt
     safe-layers harden train_val.prototxt -o out.prototxt --swap batchnorm,infogain --dry-run
+    safe-layers harden solver.prototxt -o hardened/      # its nets, and a solver naming them
 
 Levels (what each inserted NaNGuard does; outputs and gradients on finite input are those
 of the original net at every level, bit for bit at ``observe``):
@@ -88,9 +89,13 @@ HELP = "insert NaN guards (and drop-in swaps) into a net prototxt, keeping every
 
 
 def add_arguments(parser):
-    parser.add_argument("input", metavar="IN.prototxt", help="the net to harden (never written)")
-    parser.add_argument("-o", "--output", metavar="OUT.prototxt",
-                        help="where the hardened net goes ('-' for stdout); required unless --dry-run")
+    parser.add_argument("input", metavar="IN.prototxt",
+                        help="the net to harden, or a solver: its nets are hardened and a copy of it "
+                             "names them (never written)")
+    parser.add_argument("-o", "--output", metavar="OUT.prototxt|DIR/",
+                        help="where the hardened net goes ('-' for stdout); for a solver, the folder "
+                             "its hardened nets and solver go to (made when missing); required "
+                             "unless --dry-run")
     parser.add_argument("--caffe-proto", metavar="caffe.proto",
                         help="your Caffe fork's schema (its src/caffe/proto/caffe.proto), compiled "
                              "with protoc, to read the fields it adds (default: the installed "
@@ -141,17 +146,105 @@ def run(args):
         raise InputError("--swap %s: allowed: %s" % (",".join(unknown), ", ".join(SWAPS)))
     if args.max_norm is not None and not args.max_norm > 0:
         raise InputError("--max-norm must be > 0")
+    net = prototxt.read_prototxt(args.input)
+    if net.kind == "solver":
+        return run_solver(args, net, swaps)
     check_output(args, "the hardened net")
     iter_size = None
     if args.solver:
         iter_size = prototxt.read_solver(args.solver).message.iter_size or 1
-    net = prototxt.read_prototxt(args.input)
-    if net.kind != "net":
-        raise InputError("%s is a solver; harden takes the net (give the solver with --solver)" % net.path)
-    hardener = Hardener(net, level=args.level, guards=args.guard, default_guards=not args.no_default_guards,
-                        swaps=swaps, iter_size=iter_size, max_norm=args.max_norm)
+    hardener = _hardener(args, net, swaps, iter_size)
     text = hardener.harden()
     return emit(args, net, text, hardener.summary, "hardened")
+
+
+def _hardener(args, net, swaps, iter_size):
+    return Hardener(net, level=args.level, guards=args.guard, default_guards=not args.no_default_guards,
+                    swaps=swaps, iter_size=iter_size, max_norm=args.max_norm)
+
+
+def run_solver(args, solver, swaps):
+    """``harden SOLVER -o DIR/``: each net file the solver names, hardened (with the
+    solver's iter_size), and a copy of the solver naming them, into DIR (made when
+    missing); the copy differs from the solver only in those paths, written as DIR/NAME,
+    so that `caffe train` run from where DIR was named finds them. Nothing is written over
+    an input; the nets are written first, so the solver never names a missing file."""
+    if args.solver:
+        raise InputError("%s is a solver: --solver goes with a net" % solver.path)
+    if args.output == "-":
+        raise InputError("-o -: a solver gives several files (its nets and itself); -o names a folder")
+    folder = args.output
+    if not folder:
+        raise InputError("-o DIR/ is required with a solver (with --dry-run too: the diff names "
+                         "the files it would write)")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise InputError("-o %s: not a folder; with a solver, -o names the folder the hardened "
+                         "nets and solver go to" % folder)
+    named = prototxt.solver_nets(solver)
+    inline = [field for field, _ in named if field.endswith("_param")]
+    if inline:
+        raise InputError("%s: %s holds the net inline; harden SOLVER rewrites net files (harden "
+                         "the net alone, or move it to a file)" % (solver.path, inline[0]))
+    if not named:
+        raise InputError("%s names no net (net, train_net or test_net): nothing to harden" % solver.path)
+    iter_size = solver.message.iter_size or 1
+    outputs, hardeners, new_paths = [], {}, {}
+    for _, net in named:
+        key = os.path.realpath(net.path)
+        if key in hardeners:
+            continue
+        hardeners[key] = _hardener(args, net, swaps, iter_size)
+        new_paths[key] = os.path.join(folder, os.path.basename(net.path))
+        outputs.append((net, new_paths[key], hardeners[key].harden(), hardeners[key].summary))
+    solver_out = os.path.join(folder, os.path.basename(solver.path))
+    outputs.append((solver, solver_out, _renamed_nets(solver, named, new_paths), lambda: []))
+    _check_solver_outputs(solver, named, [target for _, target, _, _ in outputs])
+    if args.dry_run:
+        for doc, target, text, _ in outputs:
+            sys.stdout.writelines(difflib.unified_diff(doc.text.splitlines(True), text.splitlines(True),
+                                                       fromfile=doc.path, tofile=target))
+        sys.stderr.write("dry run: nothing written\n")
+        return 0
+    os.makedirs(folder, exist_ok=True)
+    for doc, target, text, summary in outputs:
+        check_output_path(target, "the hardened %s" % doc.kind)
+    for doc, target, text, summary in outputs:
+        write_file(target, text, "the hardened %s" % doc.kind)
+    for doc, target, text, summary in outputs:
+        for line in summary():
+            sys.stderr.write(line + "\n")
+    sys.stderr.write("wrote %s\n" % ", ".join(target for _, target, _, _ in outputs))
+    return 0
+
+
+def _renamed_nets(solver, named, new_paths):
+    """The solver's text with each net path it names replaced by the hardened net's
+    (every other byte as it was)."""
+    edits = []
+    nodes = [solver.root.find(f) for f in ("net", "train_net") if solver.message.HasField(f)]
+    nodes += solver.root.all("test_net")
+    for node, (_, net) in zip(nodes, named):
+        new = new_paths[os.path.realpath(net.path)]
+        edits.append((node.value_start, node.value_end,
+                      '"%s"' % new.replace("\\", "\\\\").replace('"', '\\"')))
+    text = solver.text
+    for start, end, value in sorted(edits, reverse=True):
+        text = text[:start] + value + text[end:]
+    return text
+
+
+def _check_solver_outputs(solver, named, targets):
+    """InputError when two outputs share a name or one is an input (the solver or a net)."""
+    seen = set()
+    inputs = [solver.path] + [net.path for _, net in named]
+    for target in targets:
+        if os.path.abspath(target) in seen:
+            raise InputError("two of the files harden would write are %s (nets of the same name in "
+                             "different folders): harden each net alone" % target)
+        seen.add(os.path.abspath(target))
+        if any(os.path.exists(target) and os.path.samefile(target, given) for given in inputs):
+            raise InputError("%s is an input: harden never overwrites its input (name another -o "
+                             "folder)" % target)
 
 
 def check_output(args, what):

@@ -11,13 +11,23 @@ rules see true blob shapes; where Caffe refuses the net, its own message is repo
 against the layer it names; where shapes cannot be known, the shape-free rules run and
 an SL002 note says why. `--list-rules` prints every rule id.
 
-Findings print as `path:line:col: SLnnn severity message — fix: ...`. Every file given is
+Findings print as `path:line:col: SLnnn severity message — fix: ...` (on a terminal the
+fix goes on a second, indented line); a finding that holds in one phase only, or is worded
+differently by phase, names it (`[TEST] ...`). `--format github` prints GitHub Actions
+annotations, `--format sarif` a SARIF 2.1.0 log (code scanning). Every file given is
 linted; one that cannot be read is reported (path:line:col) beside the others' findings.
 Exit status: 0 no errors (warnings and notes only), 1 an error, 2 a file unreadable (after
-everything is printed) or bad arguments.
+everything is printed) or bad arguments; `--exit-zero` turns 1 into 0.
+
+Settings may live in the project's pyproject.toml, `[tool.safe-layers]` (select, ignore,
+input-shapes, per-file-ignores; the nearest one above each file, or `--config PATH`), and
+findings may be silenced in the prototxt: `# safe-layers: ignore[SL201]` at the end of a
+layer's opening line or on the line before it (or on the finding's own line), and
+`# safe-layers: ignore-file[SL002]` anywhere for the whole file.
 """
 
 import difflib
+import os
 import re
 import sys
 
@@ -25,6 +35,9 @@ from safe_layers.core.errors import InputError
 from safe_layers.readers import layer_types, netshapes, prototxt
 from safe_layers.readers.net_state import layers_in_state
 from safe_layers.tools import findings, rule_table
+from safe_layers.tools.findings import Finding
+from safe_layers.tools.lint import config as lint_config
+from safe_layers.tools.lint.suppression import Suppressions
 from safe_layers.tools.lint.rules import batch_norm, domain, loss, pooling, python_layers
 from safe_layers.tools.lint.rules import solver as solver_rules
 from safe_layers.tools.lint.rules import (CAFFE_REFUSES, FORK_SCHEMA, MODULE_MISSING, NET_PATH,
@@ -34,8 +47,9 @@ HELP = "check solver and net prototxts for the static causes of NaN (shapes from
 
 
 def add_arguments(parser):
-    parser.add_argument("files", nargs="*", metavar="FILE.prototxt",
-                        help="solver or net prototxts (a solver brings the nets it names)")
+    parser.add_argument("files", nargs="*", metavar="PATH",
+                        help="solver or net prototxts (a solver brings the nets it names), folders "
+                             "(every *.prototxt under them, in sorted order) or - (standard input)")
     parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=N,C,H,W",
                         help="shape of a data top (or of a one-top data layer, or a net input); "
                              "it wins over what the prototxt and its data source say, N included; "
@@ -49,14 +63,26 @@ def add_arguments(parser):
                              "Caffe's, plus the published forks' fields)")
     parser.add_argument("--no-shapes", action="store_true",
                         help="do not build the net with Caffe: shape-free rules only")
-    parser.add_argument("--select", metavar="IDS", help="only these rule ids or prefixes (SL2,SL101)")
-    parser.add_argument("--ignore", metavar="IDS", help="leave out these rule ids or prefixes")
+    parser.add_argument("--select", metavar="IDS", help="only these rule ids or prefixes (SL2,SL101); "
+                        "replaces the select of [tool.safe-layers]")
+    parser.add_argument("--ignore", metavar="IDS", help="leave out these rule ids or prefixes "
+                        "(added to the ignore of [tool.safe-layers])")
+    parser.add_argument("--config", metavar="PYPROJECT.toml",
+                        help="read [tool.safe-layers] from this file for every file linted "
+                             "(default: the nearest pyproject.toml with that table above each file, "
+                             "else above the working directory)")
+    parser.add_argument("--stdin-filename", metavar="PATH",
+                        help="the name findings give the prototxt read from - (and the file its "
+                             "per-file-ignores and pyproject.toml are found for)")
+    parser.add_argument("--exit-zero", action="store_true",
+                        help="exit 0 even when an error is found (2 still means unreadable input)")
     findings.add_list_rules_argument(parser, "lint")
-    findings.add_format_argument(parser)
+    findings.add_format_argument(parser, machine_formats=True)
 
 
 # The net rules, one module per family, run in this order.
 NET_RULE_MODULES = (pooling, loss, batch_norm, python_layers, domain)
+STDIN = "-"
 
 
 def _rule_modules():
@@ -69,7 +95,8 @@ def list_rules():
 
 def run(args):
     if not args.files:
-        raise InputError("no FILE given (a solver or net prototxt); see --help")
+        raise InputError("no FILE given (a solver or net prototxt, a folder, or - for standard "
+                         "input); see --help")
     if args.caffe_proto:
         prototxt.use_schema(args.caffe_proto)
     if args.iterations is not None and args.iterations < 1:
@@ -81,36 +108,115 @@ def run(args):
         overrides = netshapes.parse_input_shapes(args.input_shape)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    linter = Linter(overrides, args.iterations, shapes=not args.no_shapes)
+    paths, unreadable = expand_paths(args.files)
+    groups = _group_by_config(paths, args, known)
     # Every file is read first, then every readable one is linted: one unreadable file
     # (exit 2) must not hide the findings of the others.
-    loaded, unreadable = [], []
-    for path in args.files:
-        try:
-            document, nets, errors = linter.load(path)
-        except InputError as exc:
-            unreadable.append(_unreadable(path, exc))
-            continue
-        loaded.append((document, nets))
-        unreadable.extend(_unreadable(path, exc) for exc in errors)
-    _check_input_shape_names(overrides, [net for _, nets in loaded for _, net in nets], unreadable)
-    for document, nets in loaded:
-        linter.lint(document, nets)
-    found = findings.select(linter.findings(), select, ignore)
+    loaded = []
+    for config, group in groups:
+        shapes = dict(config.input_shapes)
+        shapes.update(overrides)
+        linter = Linter(shapes, args.iterations, shapes=not args.no_shapes)
+        loaded.append((config, linter, _load_all(linter, group, args, unreadable)))
+    _check_input_shape_names(overrides, [net for _, _, docs in loaded for _, nets in docs
+                                         for _, net in nets], unreadable)
+    found, checked, suppressed = [], [], 0
+    for config, linter, docs in loaded:
+        for document, nets in docs:
+            linter.lint(document, nets)
+        kept, silenced = linter.unsuppressed(linter.findings())
+        kept = findings.select(kept, select or config.select, config.ignore + ignore)
+        found.extend(f for f in kept if not any(f.rule.startswith(i) for i in config.ignored_in(f.path)))
+        checked.extend(linter.checked)
+        suppressed += silenced
+    found.sort(key=lambda f: (f.path, f.line, f.col, f.rule))
+    status = _report(found, checked, suppressed, unreadable, args.format)
+    if unreadable:
+        return findings.EXIT_INPUT
+    return findings.EXIT_CLEAN if args.exit_zero else status
+
+
+def _report(found, checked, suppressed, unreadable, fmt):
+    """Print the findings (and the unreadable files) in ``fmt``; the exit status of the
+    findings alone."""
     counts = {s: sum(1 for f in found if f.severity == s) for s in findings.SEVERITIES}
     summary = "lint: %d error%s, %d warning%s, %d note%s in %s" % (
         counts["error"], "" if counts["error"] == 1 else "s",
         counts["warning"], "" if counts["warning"] == 1 else "s",
-        counts["info"], "" if counts["info"] == 1 else "s", ", ".join(linter.checked) or "no file")
+        counts["info"], "" if counts["info"] == 1 else "s", ", ".join(checked) or "no file")
+    if suppressed:
+        summary += "; %d silenced by safe-layers: ignore comments" % suppressed
     if unreadable:
         summary += "; %d unreadable: %s" % (len(unreadable), ", ".join(u["path"] for u in unreadable))
     for entry in unreadable:
         sys.stderr.write("safe-layers lint: error: %s\n" % entry["error"])
     sys.stderr.flush()
-    status = findings.emit(found, args.format, summary=summary,
-                           extra={"checked": linter.checked, "counts": counts,
-                                  "unreadable": unreadable})
-    return findings.EXIT_INPUT if unreadable else status
+    return findings.emit(found, fmt, summary=summary, command="lint", errors=unreadable,
+                         extra={"checked": checked, "counts": counts, "suppressed": suppressed,
+                                "unreadable": unreadable})
+
+
+def expand_paths(given):
+    """(paths, unreadable): the files ``given`` names, a folder replaced by every
+    ``*.prototxt`` under it (sorted; folders whose name starts with a dot skipped, as
+    .git), and ``-`` kept for standard input; a folder without one is unreadable."""
+    paths, unreadable = [], []
+    if given.count(STDIN) > 1:
+        raise InputError("- (standard input) given %d times; it can be read once" % given.count(STDIN))
+    for path in given:
+        if path == STDIN or not os.path.isdir(path):
+            paths.append(path)
+            continue
+        found = []
+        for folder, subfolders, files in os.walk(path):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            found.extend(os.path.join(folder, name) for name in files if name.endswith(".prototxt"))
+        if not found:
+            unreadable.append(_unreadable(path, InputError("%s: a folder with no *.prototxt "
+                                                           "under it" % path)))
+        paths.extend(sorted(found))
+    return list(dict.fromkeys(paths)), unreadable
+
+
+def _group_by_config(paths, args, known):
+    """[(LintConfig, [path])]: the files that share a ``[tool.safe-layers]`` table, in the
+    order given (:mod:`safe_layers.tools.lint.config`)."""
+    loaded = {}
+
+    def settings(found):
+        if found not in loaded:
+            loaded[found] = lint_config.load(found, known) if found else lint_config.LintConfig()
+        return loaded[found]
+
+    if args.config:
+        return [(settings(args.config), paths)]
+    groups, found_from = {}, {}
+    for path in paths:
+        named = args.stdin_filename if path == STDIN else path
+        for start in (os.path.dirname(os.path.abspath(named)) if named else os.getcwd(), os.getcwd()):
+            if start not in found_from:  # a folder's files share one search
+                found_from[start] = lint_config.find(start)
+            if found_from[start]:
+                break
+        groups.setdefault(found_from[start], []).append(path)
+    return [(settings(found), group) for found, group in groups.items()]
+
+
+def _load_all(linter, paths, args, unreadable):
+    """[(Prototxt, nets)] of the readable ``paths``; each unreadable one (or a net its
+    solver names that is) goes to ``unreadable``."""
+    docs = []
+    for path in paths:
+        name = (args.stdin_filename or STDIN) if path == STDIN else path
+        try:
+            text = prototxt.decode_text(sys.stdin.buffer.read(), name) if path == STDIN else None
+            document, nets, errors = linter.load(name, text)
+        except InputError as exc:
+            unreadable.append(_unreadable(name, exc))
+            continue
+        docs.append((document, nets))
+        unreadable.extend(_unreadable(name, exc) for exc in errors)
+    return docs
 
 
 def _unreadable(path, error):
@@ -155,13 +261,16 @@ class Linter:
         self.build_shapes = shapes
         self.report = Report()
         self.checked = []
+        self.phases_of = {}  # path -> the phases its nets were built in
+        self.suppressions = {}  # path -> Suppressions of its text
 
-    def load(self, path):
-        """(Prototxt, [(field, net Prototxt)], [InputError]) of ``path``: a solver with the
-        nets it names, or a net with field None. InputError where ``path`` itself cannot be
-        read; a net the solver names that cannot be read is one of the errors returned,
-        and the solver is still linted (its own rules need no net)."""
-        doc = prototxt.read_prototxt(path)
+    def load(self, path, text=None):
+        """(Prototxt, [(field, net Prototxt)], [InputError]) of ``path`` (of ``text``, read
+        from standard input, when given): a solver with the nets it names, or a net with
+        field None. InputError where ``path`` itself cannot be read; a net the solver names
+        that cannot be read is one of the errors returned, and the solver is still linted
+        (its own rules need no net)."""
+        doc = prototxt.read_prototxt(path) if text is None else prototxt.parse_prototxt(text, path)
         if not doc.root.children:
             raise InputError("%s: no field in it (an empty or comment-only file is neither a net "
                              "nor a solver; a wrong path?)" % doc.path)
@@ -184,6 +293,7 @@ class Linter:
 
     def lint(self, doc, nets):
         self.checked.append(doc.path)
+        self._suppressions(doc)
         if doc.kind == "solver":
             self.lint_solver(doc, nets)
         else:
@@ -224,6 +334,8 @@ class Linter:
     def lint_net(self, net, phases, solver=None):
         pb2 = prototxt.caffe_pb2()
         pairs = net.layers()
+        self._suppressions(net).add_layers(net.text, [node for _, node in pairs])
+        self.phases_of.setdefault(net.path, set()).update(phase for phase, _, _ in phases)
         fork = _fork_note(net)
         if fork:
             self.report.add(net.path, None, FORK_SCHEMA, fork,
@@ -301,6 +413,9 @@ class Linter:
         return None
 
     def findings(self):
+        """The findings, one per file, place, rule and message: one found the same in every
+        phase its net was built in names none; one found in some phases only (or worded
+        differently by phase: another batch size) names them, ``[TEST] ...``."""
         merged = {}
         for f in self.report.findings:
             key = (f.path, f.line, f.col, f.rule, f.message)
@@ -310,8 +425,24 @@ class Linter:
                 if new and new not in phases.split(","):
                     merged[key].data["phase"] = phases + "," + new
                 continue
-            merged[key] = f
+            merged[key] = Finding(f.path, f.line, f.col, f.rule, f.severity, f.message, f.fix,
+                                  f.layer, f.data)
+        for f in merged.values():
+            phases = f.data.get("phase")
+            if phases and set(phases.split(",")) != self.phases_of.get(f.path, set()):
+                f.message = "[%s] %s" % (phases, f.message)
         return sorted(merged.values(), key=lambda f: (f.path, f.line, f.col, f.rule))
+
+    def unsuppressed(self, found):
+        """(the findings no ``# safe-layers: ignore`` comment silences, how many it did)."""
+        kept = [f for f in found if f.path not in self.suppressions
+                or not self.suppressions[f.path].covers(f)]
+        return kept, len(found) - len(kept)
+
+    def _suppressions(self, doc):
+        if doc.path not in self.suppressions:
+            self.suppressions[doc.path] = Suppressions(doc.text)
+        return self.suppressions[doc.path]
 
 
 def _check_net(net):
