@@ -30,6 +30,8 @@ SUBCOMMANDS = ("diagnose", "lint", "harden", "scan", "train", "rule")
 # names they import as): every subcommand but `rule` needs them; the layers do not.
 TOOLS_EXTRA = {"google.protobuf": "protobuf", "lmdb": "lmdb", "plyvel": "plyvel", "h5py": "h5py",
                "tqdm": "tqdm", "matplotlib": "matplotlib"}
+if sys.version_info < (3, 11):
+    TOOLS_EXTRA["tomli"] = "tomli"  # lint's [tool.safe-layers]: Python has tomllib from 3.11
 NEEDS_NO_EXTRA = ("rule",)
 # The subcommands that only read Caffe's formats and never run Caffe: without pycaffe they
 # read with the schema bundled with safe_layers (Caffe's own caffe.proto).

@@ -74,7 +74,9 @@ def digits_at_lr_10(tmp_path):
     digits.write_digits(tmp_path)
     demo = ROOT / "examples" / "demo"
     (tmp_path / "net.prototxt").write_text((demo / "digits_train_test.prototxt").read_text())
-    solver = (demo / "solver.prototxt").read_text().replace("base_lr: 0.1", "base_lr: 10")
+    solver = (demo / "solver.prototxt").read_text().replace("base_lr: 0.1", "base_lr: 10").replace(
+        'net: "examples/demo/digits_train_test.prototxt"', 'net: "net.prototxt"')
+    assert 'net: "net.prototxt"' in solver
     (tmp_path / "solver.prototxt").write_text(solver + 'snapshot_prefix: "digits"\n')
     return tmp_path
 
