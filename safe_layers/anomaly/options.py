@@ -60,6 +60,23 @@ OPTIONS = [
 
 _OPTION_FIELDS = {f.name: f for f in OPTIONS}
 
+# Options that act only beside another: {option: (whether the others let it act, what it
+# needs)}. Given where the others do not let it act, it would change nothing in the run.
+_ROLLBACK = (lambda o: o.rollback_after, "rollback_after (it tunes the rollback, and its "
+             "checkpoints are taken only with it)")
+REQUIRES = {
+    "checkpoint_every": _ROLLBACK,
+    "checkpoint_loss_ratio": _ROLLBACK,
+    "keep_checkpoints": _ROLLBACK,
+    "lr_factor": _ROLLBACK,
+    "max_rollbacks": _ROLLBACK,
+    "max_skips": (lambda o: o.on_nonfinite == "skip",
+                  "on_nonfinite: skip (it bounds the skips, and only skip skips)"),
+    "growth_window": (lambda o: o.warn_growth or o.rollback_after,
+                      "warn_growth or rollback_after (the early warning and the checkpoints' "
+                      "loss gate measure over it)"),
+}
+
 
 class WatchOptions:
     """Validated watch options (see OPTIONS); a bad one raises ValueError naming the
@@ -83,6 +100,23 @@ class WatchOptions:
                 raise ValueError("watch: option %r has value %r; allowed: %s"
                                  % (name, value, field.allowed()))
             setattr(self, name, converted)
+        _check_pairs({name: value for name, value in values.items() if value is not None}, self)
 
     def as_dict(self):
         return {name: getattr(self, name) for name in _OPTION_FIELDS}
+
+
+def _check_pairs(given, options):
+    """ValueError for an option that would silently do nothing beside the others
+    (``given``: the options the caller set; ``options``: all of them, defaults filled)."""
+    if options.rollback_after and options.on_nonfinite == "stop":
+        raise ValueError(
+            "watch: rollback_after %d never rolls back with on_nonfinite: stop (the default): the "
+            "first non-finite loss or gradient stops the run before %d bad iterations in a row "
+            "can come; set on_nonfinite: skip (skip bad iterations, roll back after %d in a row; "
+            "safe-layers train: --on-nonfinite skip) or on_nonfinite: warn (report, let Caffe "
+            "update, roll back after %d in a row)" % ((options.rollback_after,) * 4))
+    for name, (acts, needed) in REQUIRES.items():
+        if name in given and not acts(options):
+            raise ValueError("watch: %s %s does nothing without %s: set that too, or leave %s "
+                             "out" % (name, given[name], needed, name))

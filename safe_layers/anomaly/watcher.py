@@ -370,6 +370,15 @@ class Watch:
         if self.rollback.checkpoints is not None:
             self.rollback.checkpoints.close()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        """``with watch(solver) as w:`` closes the watch at the end of the block, an
+        exception's too (which goes on up)."""
+        self.close()
+        return False
+
     def summary(self):
         """One line: what the watch saw and did."""
         kinds = ("producer", "lr", "loss", "gradients", "weights", "growth", "dead", "stopped")
@@ -437,7 +446,8 @@ def watch(target, solver_file=None, stream=None, phase=None, **options):
     ``rollback_after`` the watch holds the snapshot_prefix until :meth:`Watch.close`: a
     second watch of it is refused (ValueError). ``phase`` ('TRAIN' / 'TEST'):
     what a lone net's reports say it is; by default the phase our layers in it were built
-    in (pycaffe does not expose a net's own), else 'NET'. Returns the :class:`Watch`.
+    in (pycaffe does not expose a net's own), else 'NET'. Returns the :class:`Watch`, a
+    context manager too: ``with watch(solver) as w:`` closes it at the block's end.
     """
     param = None
     if isinstance(target, (str, os.PathLike)):

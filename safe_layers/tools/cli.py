@@ -23,6 +23,8 @@ from safe_layers.tools.findings import EXIT_INPUT
 # HELP, add_arguments and run, and its docstring is the subcommand's --help.
 # The status of a process ended by SIGPIPE (128 + 13), for a closed output pipe.
 EXIT_PIPE_CLOSED = 128 + signal.SIGPIPE
+# ... and by SIGINT (a Ctrl-C), as a shell reports it.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 SUBCOMMANDS = ("diagnose", "lint", "harden", "scan", "train", "rule")
 
@@ -73,11 +75,21 @@ def build_parser():
 
 
 def main(argv=None):
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     # The subcommand's name for messages, before argparse has said it (an action such as
     # --list-rules prints while the arguments are parsed).
     command = next((a for a in argv if a in SUBCOMMANDS), "")
+    try:
+        return _main(argv, command)
+    except KeyboardInterrupt:
+        # A Ctrl-C before a command has its own handling (`train` has, from the start
+        # of its run): one line, and the status of a process SIGINT ended, no traceback.
+        sys.stderr.write("safe-layers%s: interrupted\n" % (" " + command if command else ""))
+        return EXIT_INTERRUPTED
+
+
+def _main(argv, command):
+    parser = build_parser()
     try:
         args = parser.parse_args(argv)
         missing = missing_tools_extra(args.command)

@@ -129,7 +129,7 @@ def test_without_solver_lr_and_no_solver_file_the_rate_goes_unchecked_and_is_sai
     w.close()
     with pytest.raises(ValueError, match="lr_factor lowers base_lr through solver.param.base_lr"):
         watch(older_solver(caffe.get_solver(str(path)), layer_hooks=True), solver_file=path,
-              rollback_after=1, lr_factor=0.1)
+              on_nonfinite="skip", rollback_after=1, lr_factor=0.1)
 
 
 # -- without Solver.add_callback: solver.step(1) at a time, checked after it ------------

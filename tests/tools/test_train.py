@@ -203,7 +203,8 @@ def test_outputs_and_sources_that_cannot_work_exit_2_before_training(lenet, tmp_
     # Snapshots (here: the watch's rollback checkpoints) under a prefix whose folder is missing.
     solver = lenet(snapshot_prefix='"%s"' % (tmp_path / "gone" / "snap"))
     run = safe_layers_train("-solver", solver, "--events", tmp_path / "e.jsonl", "--plot",
-                            tmp_path / "p.png", "--rollback-after", "2", cwd=tmp_path)
+                            tmp_path / "p.png", "--on-nonfinite", "skip", "--rollback-after", "2",
+                            cwd=tmp_path)
     assert run.returncode == 2 and "cannot write snapshots (snapshot_prefix" in run.stderr
     # A Data layer whose LMDB is not there: named, with its line, instead of Caffe's
     # `mdb_status == 0 (2 vs. 0) No such file or directory`.

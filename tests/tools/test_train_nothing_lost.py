@@ -202,3 +202,26 @@ def test_a_state_cut_at_a_field_boundary_is_named(lenet, tmp_path):
     cut.write_bytes(state.SerializeToString())
     run = safe_layers_train("-solver", lenet(max_iter=4), "-snapshot", cut, cwd=tmp_path)
     assert run.returncode == 2 and "it is cut short (no current_step" in run.stderr, run.stderr[-2000:]
+
+
+def test_a_resumed_run_is_drawn_with_the_run_it_resumed(lenet, tmp_path):
+    """-snapshot: the event log keeps the first run's records, and the plot is drawn
+    from all of them (the whole history), not from the resumed run's alone."""
+    from matplotlib import image
+    from safe_layers.tools.train.command import write_plot
+    assert safe_layers_train("-solver", lenet(max_iter=20, snapshot_after_train="true"),
+                             cwd=tmp_path).returncode == 0
+    events = tmp_path / "lenet_events.jsonl"
+    first = events.read_text()
+    run = safe_layers_train("-solver", lenet(max_iter=40), "-snapshot",
+                            tmp_path / "lenet_iter_20.solverstate", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    both = events.read_text()
+    assert both.startswith(first)
+    records = [json.loads(line) for line in both.splitlines()]
+    assert [r["iteration"] for r in records if r["event"] == "iteration"] == list(range(40))
+    second = [json.loads(line) for line in both[len(first):].splitlines()]
+    drawn = image.imread(str(tmp_path / "lenet_train.png"))
+    assert (drawn == image.imread(write_plot(records, str(tmp_path / "all.png")))).all()
+    assert drawn.shape != image.imread(write_plot(second, str(tmp_path / "second.png"))).shape or \
+        (drawn != image.imread(str(tmp_path / "second.png"))).any()

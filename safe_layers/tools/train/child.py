@@ -2,7 +2,7 @@
 the training process of `safe-layers train` (run as a child of the CLI, so that a Caffe
 ``LOG(FATAL)`` kills this process and never the tool; see safe_layers/tools/train.py).
 
-    python -m safe_layers.tools.train.child CONFIG.json
+    python -m safe_layers.tools.train.child CONFIG.json [PROGRESS_FD]
 
 The solver it builds is the user's with ``display``, ``test_interval`` and ``snapshot``
 set to 0 (CONFIG.json keeps the real values): this loop displays, tests and snapshots
@@ -10,7 +10,11 @@ itself, so that a skipped iteration is not tested twice and no snapshot is writt
 before the watch has checked the weights of the update. It prints Caffe's lines with
 Caffe's own source tags (``solver.cpp:239] Iteration N (...), loss = L``, ...), the
 loss smoothed over ``average_loss`` as ``Solver::UpdateSmoothedLoss`` does, in float32,
-and writes one JSON line per event to the event log as it goes.
+and writes one JSON line per event to the event log as it goes. It draws no progress bar:
+it says where it is on PROGRESS_FD (``ready`` once its signal handlers are set, then
+``start``, ``iter`` and ``end``), and the CLI, which owns the terminal, draws the bar
+(safe_layers/tools/train/terminal.py). Its glog-style lines below ``minloglevel`` (the
+config's) are dropped, as glog drops Caffe's.
 
 Exit status: 0 done (also when stopped by a signal, as `caffe train`), 1 stopped by a
 fault (the report is the last event), 2 bad input.
@@ -18,8 +22,10 @@ fault (the report is the last event), 2 bad input.
 
 import datetime
 import errno
+import io
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -39,21 +45,82 @@ EXIT_DONE, EXIT_FAULT, EXIT_INPUT = 0, 1, 2
 
 class CaffeLog:
     """Lines in glog's layout with the source tag of the Caffe line they stand for, so
-    parsers of `caffe train` logs read them (caffe-internals.md section 4)."""
+    parsers of `caffe train` logs read them (caffe-internals.md section 4); written to
+    ``stream``, else to whatever sys.stderr is at the time (the level filter of main)."""
 
-    def __init__(self, stream, bar=None):
+    def __init__(self, stream=None):
         self.stream = stream
-        self.bar = bar
 
     def __call__(self, where, text, severity="I"):
         now = datetime.datetime.now()
         line = "%s%s %s %5d %s] %s" % (severity, now.strftime("%Y%m%d"), now.strftime("%H:%M:%S.%f"),
                                        os.getpid(), where, text)
-        if self.bar is not None:
-            self.bar.write(line, file=self.stream)
-        else:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+        stream = self.stream or sys.stderr
+        stream.write(line + "\n")
+        stream.flush()
+
+
+# A glog line's prefix: severity letter, date, time, thread id, source tag
+# (logging.cc's LogMessage::Init); ours have tags such as "safe_layers]" or "solver.cpp:239]".
+_GLOG_LINE = re.compile(r"([IWEF])\d{4}(?:\d{4})? \d\d:\d\d:\d\d\.\d{6} +\d+ \S+\] ")
+_SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}
+
+
+class LevelFilter(io.TextIOBase):
+    """sys.stderr of the training process: whole lines to ``stream``, except glog lines
+    whose severity is below ``level`` (GLOG_minloglevel's scale, 0 INFO .. 3 FATAL). It
+    sees our Python's lines only: Caffe's C++ writes to the file descriptor itself, and
+    glog filters those."""
+
+    def __init__(self, stream, level):
+        super().__init__()
+        self.stream = stream
+        self.level = level
+        self.partial = ""
+
+    def write(self, text):
+        lines = (self.partial + text).split("\n")
+        self.partial = lines.pop()
+        for line in lines:
+            match = _GLOG_LINE.match(line)
+            if match is None or _SEVERITY[match.group(1)] >= self.level:
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def close_partial(self):
+        """Write what is left of an unfinished line (at exit)."""
+        if self.partial:
+            self.stream.write(self.partial)
+            self.partial = ""
+        self.stream.flush()
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    def isatty(self):
+        return self.stream.isatty()
+
+    @property
+    def encoding(self):
+        return self.stream.encoding
+
+
+class Progress:
+    """The progress pipe to the CLI (terminal.py reads it), or nothing without one."""
+
+    def __init__(self, fd=None):
+        self.file = os.fdopen(fd, "w", buffering=1) if fd is not None else None
+
+    def send(self, message):
+        if self.file is None:
+            return
+        try:
+            self.file.write(message + "\n")
+        except (OSError, ValueError):
+            self.file = None  # the CLI is gone: training goes on, its stderr is the record
 
 
 class EventLog:
@@ -185,19 +252,21 @@ def _output_lines(net, label):
 
 
 class Trainer:
-    def __init__(self, config):
+    def __init__(self, config, signals=None, progress=None):
         self.config = config
         self.events = EventLog(config["events"], config.get("private_events"))
-        self.bar = None
-        self.log = CaffeLog(sys.stderr)
+        self.signals = signals
+        self.progress = progress or Progress()
+        self.log = CaffeLog()
         self.stop_requested = False
         self.snapshot_bytes = None  # the size of this run's last snapshot
 
     def run(self):
-        import caffe  # the child's first import of Caffe: after its signal handlers are set
         cfg = self.config
+        if self.signals is None:
+            self.signals = Signals(cfg["sigint_effect"], cfg["sighup_effect"])
+        import caffe  # the child's first import of Caffe: after its signal handlers are set
         real = cfg["real"]  # display, test_interval, snapshot of the user's solver
-        self.signals = Signals(cfg["sigint_effect"], cfg["sighup_effect"])
         self.events.write({"event": "building", "solver": cfg["solver_file"]})
         try:
             if cfg.get("gpu") is not None:
@@ -234,11 +303,7 @@ class Trainer:
         self.events.write({"event": "start", "iteration": start, "max_iter": max_iter,
                            "net": cfg.get("net_name"), "lr_policy": param.lr_policy,
                            "watch": self.watch.options.as_dict()})
-        if cfg.get("progress"):
-            from tqdm import tqdm
-            self.bar = tqdm(total=max_iter, initial=start, file=sys.stderr, unit="iter",
-                            dynamic_ncols=True, leave=False)
-            self.log.bar = self.bar
+        self.progress.send("start %d %d" % (start, max_iter))
         self.log("caffe.cpp:239", "Starting Optimization")
         self.log("solver.cpp:289", "Solving %s" % cfg.get("net_name", ""))
         self.log("solver.cpp:290", "Learning Rate Policy: %s" % param.lr_policy)
@@ -261,9 +326,7 @@ class Trainer:
         return EXIT_DONE
 
     def _close(self):
-        if self.bar is not None:
-            self.bar.close()
-            self.log.bar = None
+        self.progress.send("end")
         summary = self.watch.summary()
         dead = self.watch.dead
         self.events.write({"event": "summary", "line": summary, "skipped": self.watch.skipped,
@@ -312,11 +375,7 @@ class Trainer:
                     self.log("solver.cpp:258", line)
                 self.log("sgd_solver.cpp:112", "Iteration %d, lr = %s" % (done, caffe_text(
                     numpy.float32(watch.lr))))
-            if self.bar is not None:
-                self.bar.n = int(solver.iter)
-                self.bar.set_postfix(loss="%.4g" % value, skipped=len(watch.skipped),
-                                     refresh=False)
-                self.bar.refresh()
+            self.progress.send("iter %d %r %d" % (solver.iter, value, len(watch.skipped)))
             if snapshot and solver.iter % snapshot == 0:
                 self._snapshot()
             self._signals()
@@ -438,7 +497,21 @@ def main(argv=None):
     _die_with_parent()
     with open(argv[0]) as f:
         config = json.load(f)
-    return Trainer(config).run()
+    # The CLI holds a SIGINT/SIGHUP back until it reads "ready": from here on, they are
+    # -sigint_effect / -sighup_effect, never a KeyboardInterrupt.
+    signals = Signals(config["sigint_effect"], config["sighup_effect"])
+    progress = Progress(int(argv[1]) if len(argv) > 1 else None)
+    progress.send("ready")
+    stderr = sys.stderr = LevelFilter(sys.stderr, config.get("minloglevel", 0))
+    try:
+        return Trainer(config, signals, progress).run()
+    finally:
+        # The run is over: a SIGINT now (the user's Ctrl-C, forwarded while the CLI writes
+        # the plot) has nothing to stop, and must not kill the interpreter as it exits,
+        # once it has put back SIGINT's default action.
+        for number in signals.effects:
+            signal.signal(number, signal.SIG_IGN)
+        stderr.close_partial()
 
 
 if __name__ == "__main__":

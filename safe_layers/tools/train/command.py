@@ -21,7 +21,6 @@ flags, a net Caffe refuses to build).
 import json
 import os
 import signal
-import subprocess
 import sys
 
 from safe_layers import reporting
@@ -36,6 +35,7 @@ from safe_layers.tools.lint import command as lint
 from safe_layers.tools.scan.net_targets import targets_from_prototxt
 from safe_layers.tools.train import run_files
 from safe_layers.tools.train.plot import write_plot
+from safe_layers.tools.train.terminal import ERROR, INFO, WARNING, Terminal, minloglevel, supervise
 
 HELP = "train like `caffe train`, under a watch: skip, rollback, reports naming layer and iteration"
 
@@ -81,7 +81,12 @@ def add_arguments(parser):
     tool.add_argument("--plot", metavar="PNG",
                       help="loss and lr over iterations (default: <snapshot_prefix>_train.png)")
     tool.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
-                      help="a progress bar (auto: only when stderr is a terminal)")
+                      help="a progress bar, and a status line while the run starts (auto: only "
+                           "when stderr is a terminal, and not with -q)")
+    tool.add_argument("-q", "--quiet", action="store_true",
+                      help="of our lines, only errors and the final summary (Caffe's own: "
+                           "GLOG_minloglevel, 2 when unset); without -q ours follow "
+                           "GLOG_minloglevel as Caffe's do (0 INFO, 1 WARNING, 2 ERROR)")
 
 
 def _add_watch_flags(group):
@@ -96,8 +101,9 @@ def _add_watch_flags(group):
             continue
         if field.default is not None:
             doc += " (default %s)" % field.default
-        # None when not given: the watch applies the default, and tells a default it cannot
-        # honour on an older pycaffe from a flag the user gave.
+        # None when not given: the watch applies the default. It must see which were
+        # given: it refuses an option given without the one it acts beside (WatchOptions),
+        # and tells a default it cannot honour on an older pycaffe from a flag the user gave.
         group.add_argument("--" + name.replace("_", "-"), type=field.kind, default=None,
                            choices=field.choices, metavar=metavar, help=doc)
 
@@ -112,9 +118,10 @@ def _train_net(nets):
                  if field in ("net", "train_net", "net_param", "train_net_param")), None)
 
 
-def prepare(args, workdir):
+def prepare(args, workdir, terminal=None):
     """Check the command line and the solver as `caffe train` would (InputError where it
-    would abort), and write the solver the training process builds. Returns the config."""
+    would abort), and write the solver the training process builds. Returns the config;
+    warnings go to ``terminal`` (a Terminal; stderr without one)."""
     from google.protobuf import text_format
     if args.snapshot and args.weights:
         raise InputError("give a snapshot to resume training or weights to finetune but not both "
@@ -151,7 +158,8 @@ def prepare(args, workdir):
     train_net = _train_net(nets)
     if args.weights and train_net is not None:
         for warning in run_files.weights_warnings(args.weights, train_net):
-            sys.stderr.write("safe-layers train: warning: %s\n" % warning)
+            (terminal or Terminal(False, INFO)).line("safe-layers train: warning: " + warning,
+                                                     WARNING)
     real = {"display": param.display, "test_interval": param.test_interval,
             "snapshot": param.snapshot, "test_initialization": param.test_initialization}
     # What caffe.cpp does to the solver before it builds it, and what this tool does
@@ -184,11 +192,11 @@ def prepare(args, workdir):
         check_output_path(prefix + "_iter_0.solverstate",
                           "snapshots (snapshot_prefix %r of %s)" % (prefix, args.solver))
     _check_sources(args.solver, param)
-    progress = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     return {"solver": solver_path, "solver_file": args.solver, "snapshot": args.snapshot or None,
+            "minloglevel": minloglevel(args.quiet),
             "gpu": gpu, "sigint_effect": args.sigint_effect, "sighup_effect": args.sighup_effect,
             "watch": _watch_options(args), "events": events, "plot": plot, "real": real,
-            "progress": progress, "net_name": train_net.message.name if train_net is not None else "",
+            "net_name": train_net.message.name if train_net is not None else "",
             "private_events": os.path.join(workdir, "events.jsonl")}
 
 
@@ -246,20 +254,28 @@ def _check_sources(solver_path, param):
 
 
 def _lint(args):
-    """`safe-layers lint` on the solver (and the nets it names), where that subcommand
-    exists: its findings are printed, and its errors stop the run (exit 2) unless
-    --no-lint. Returns an exit status, or None to go on."""
+    """`safe-layers lint` on the solver (and the nets it names): its findings."""
     linter = lint.Linter()
     linter.lint_file(args.solver)
-    found = linter.findings()
+    return linter.findings()
+
+
+def _lint_verdict(args, found, terminal):
+    """Print the lint findings (at their severity's level); their errors stop the run
+    (exit 2) unless --no-lint. Returns an exit status, or None to go on."""
+    levels = {"error": ERROR, "warning": WARNING}
     for finding in found:
-        sys.stderr.write(finding.text() + "\n")
+        terminal.line(finding.text(), levels.get(finding.severity, INFO))
     errors = [f for f in found if f.severity == "error"]
     if errors and not args.no_lint:
-        sys.stderr.write("safe-layers train: lint found %d error%s in %s; fix them or pass --no-lint\n"
-                         % (len(errors), "" if len(errors) == 1 else "s", args.solver))
+        terminal.line("safe-layers train: lint found %d error%s in %s; fix them or pass --no-lint"
+                      % (len(errors), "" if len(errors) == 1 else "s", args.solver), ERROR)
         return EXIT_INPUT
     return None
+
+
+class StopBeforeTraining(Exception):
+    """A stop signal while the run was checked (EarlySignals.interruptible)."""
 
 
 class EarlySignals:
@@ -272,12 +288,29 @@ class EarlySignals:
     def __init__(self, sigint_effect, sighup_effect):
         self.effects = {signal.SIGINT: sigint_effect, signal.SIGHUP: sighup_effect}
         self.stop = None
+        self.interrupting = False  # a stop raises StopBeforeTraining (while lint runs)
         self.previous = {number: signal.signal(number, self._note) for number in self.effects}
 
     def _note(self, number, frame):
         if self.effects[number] == "stop" and self.stop is None:
             self.stop = signal.Signals(number).name
             self.number = number
+            if self.interrupting:
+                raise StopBeforeTraining()
+
+    def interruptible(self, work):
+        """``work()``'s result, or None where a stop came first or cut it short: lint
+        builds the net in Caffe processes of its own, one per phase, each as slow as the
+        net's setup, and a Ctrl-C must not wait for them all."""
+        if self.stop is not None:
+            return None
+        self.interrupting = True
+        try:
+            return work()
+        except StopBeforeTraining:
+            return None
+        finally:
+            self.interrupting = False
 
     def restore(self):
         for number, handler in self.previous.items():
@@ -286,69 +319,53 @@ class EarlySignals:
 
 def run(args):
     early = EarlySignals(args.sigint_effect, args.sighup_effect)
+    terminal = Terminal(_wants_bar(args), minloglevel(args.quiet))
     try:
         with scratch.folder("train") as workdir:
-            config = prepare(args, workdir)
-            status = _lint(args)
-            if status is not None:
-                return status
+            try:
+                terminal.status("checking %s" % args.solver)
+                config = prepare(args, workdir, terminal)
+                terminal.status("linting %s" % args.solver)
+                found = early.interruptible(lambda: _lint(args))
+            finally:
+                terminal.close()
             if early.stop is not None:
+                # Lint's Caffe processes share the terminal: a Ctrl-C reached them too, and
+                # lint was cut short; what it found is no finding.
                 sys.stderr.write("safe-layers train: stopped by %s (-%s_effect stop) before "
                                  "training started\n" % (early.stop, early.stop.lower()))
                 return EXIT_CLEAN
+            status = _lint_verdict(args, found, terminal)
+            if status is not None:
+                return status
             config_path = os.path.join(workdir, "config.json")
             with open(config_path, "w") as f:
                 json.dump(config, f)
-            returncode, tail = _supervise([sys.executable, "-m", "safe_layers.tools.train.child",
-                                           config_path], early)
+            terminal.status("building the net (%s)" % args.solver)
+            returncode, tail = supervise([sys.executable, "-m", "safe_layers.tools.train.child",
+                                          config_path], terminal, early, _child_env(args))
             events = _read_events(config["private_events"])
+        # Still under EarlySignals: a Ctrl-C while the plot is drawn lets it finish.
+        return _finish(config, events, returncode, tail)
     finally:
         early.restore()
-    return _finish(config, events, returncode, tail)
 
 
-def _supervise(command, early=None):
-    """Run the training process; pass its stderr through (and keep its last lines);
-    forward SIGINT/SIGHUP/SIGTERM to it exactly once (and a stop ``early`` noted while the
-    process was being started). Returns (returncode, tail)."""
-    # Its own process group, so that a Ctrl-C at the terminal reaches it only through
-    # this process (forwarded once, below); Popen's process_group is Python 3.11's.
-    group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
-    child = subprocess.Popen(command, stderr=subprocess.PIPE, **group)
-    forwarded = {}
+def _wants_bar(args):
+    """The progress bar and the status line: --progress always, or auto on a terminal
+    without -q."""
+    return args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty()
+                                         and not args.quiet)
 
-    def forward(number, frame):
-        try:
-            child.send_signal(number)
-        except ProcessLookupError:
-            pass
 
-    for number in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        forwarded[number] = signal.signal(number, forward)
-    if early is not None and early.stop is not None:
-        forward(early.number, None)
-    tail, partial = [], b""
-    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
-    try:
-        while True:
-            chunk = child.stderr.read1(65536) if hasattr(child.stderr, "read1") else child.stderr.read(65536)
-            if not chunk:
-                break
-            if out is not None:
-                out.write(chunk)
-                out.flush()
-            else:
-                sys.stderr.write(chunk.decode("utf-8", "replace"))
-            lines = (partial + chunk).split(b"\n")
-            partial = lines.pop()
-            tail = (tail + [l.decode("utf-8", "replace") for l in lines])[-200:]
-        if partial:
-            tail.append(partial.decode("utf-8", "replace"))
-        child.wait()
-    finally:
-        for number, handler in forwarded.items():
-            signal.signal(number, handler)
-    return child.returncode, tail
+def _child_env(args):
+    """The training process's environment: with -q and no GLOG_minloglevel of the user's,
+    Caffe's own INFO and WARNING lines are left out too (GLOG_minloglevel=2)."""
+    if not args.quiet or "GLOG_minloglevel" in os.environ:
+        return None
+    env = dict(os.environ)
+    env["GLOG_minloglevel"] = str(ERROR)
+    return env
 
 
 def _read_events(path):
