@@ -93,7 +93,7 @@ def test_solver_and_event_lines_parse_back():
                                                                "path": "/r/iter3.json"}
     assert parse_line(watch_lines.summary_line(3, {"producer": 2, "loss": 1}, 1, 0, 2, 0)) == {
         "kind": "summary", "faults": 3, "counts": {"producer": 2, "loss": 1}, "skipped": 1,
-        "rollbacks": 0, "checkpoints": 2, "clips": 0}
+        "rollbacks": 0, "checkpoints": 2, "clips": 0, "ended_dead": None}
 
 
 def test_multistep_steps_replays_caffes_counter():
