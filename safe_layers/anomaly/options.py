@@ -72,10 +72,8 @@ REQUIRES = {
     "max_rollbacks": _ROLLBACK,
     "max_skips": (lambda o: o.on_nonfinite == "skip",
                   "on_nonfinite: skip (it bounds the skips, and only skip skips)"),
-    "growth_window": (lambda o: o.warn_growth or o.rollback_after,
-                      "warn_growth or rollback_after (the early warning and the checkpoints' "
-                      "loss gate measure over it)"),
 }
+# growth_window is not there: the loss-at-chance check (always on) measures over it too.
 
 
 class WatchOptions:
@@ -109,13 +107,14 @@ class WatchOptions:
 def _check_pairs(given, options):
     """ValueError for an option that would silently do nothing beside the others
     (``given``: the options the caller set; ``options``: all of them, defaults filled)."""
-    if options.rollback_after and options.on_nonfinite == "stop":
+    if options.rollback_after and options.on_nonfinite == "stop" and options.on_dead != "rollback":
         raise ValueError(
             "watch: rollback_after %d never rolls back with on_nonfinite: stop (the default): the "
             "first non-finite loss or gradient stops the run before %d bad iterations in a row "
             "can come; set on_nonfinite: skip (skip bad iterations, roll back after %d in a row; "
             "safe-layers train: --on-nonfinite skip) or on_nonfinite: warn (report, let Caffe "
-            "update, roll back after %d in a row)" % ((options.rollback_after,) * 4))
+            "update, roll back after %d in a row); on_dead: rollback to roll back dead nets only"
+            % ((options.rollback_after,) * 4))
     for name, (acts, needed) in REQUIRES.items():
         if name in given and not acts(options):
             raise ValueError("watch: %s %s does nothing without %s: set that too, or leave %s "

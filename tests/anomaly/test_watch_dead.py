@@ -137,8 +137,8 @@ def test_on_dead_rollback_needs_rollback_after(caffe, write_solver):
 
 def test_a_net_dead_from_its_start_has_no_checkpoint_to_return_to(caffe, write_solver, tmp_path):
     path = write_solver(dead_relu(), base_lr=0.1, snapshot_prefix='"%s"' % (tmp_path / "ck"))
-    w = watch(str(path), rollback_after=2, dead_after=3)
-    assert w.checks.on_dead == "rollback"  # the default with rollback_after
+    w = watch(str(path), rollback_after=2, dead_after=3, on_dead="rollback")
+    assert w.checks.on_dead == "rollback"
     with pytest.raises(NonFiniteError) as caught:
         w.solver.step(10)
     assert "no checkpoint from before iteration 0, when the net died" in caught.value.report.message

@@ -17,7 +17,6 @@ ALONE = [
     ({"max_rollbacks": 2}, "without rollback_after"),
     ({"max_skips": 5}, "without on_nonfinite: skip"),
     ({"max_skips": 5, "on_nonfinite": "warn", "rollback_after": 2}, "without on_nonfinite: skip"),
-    ({"growth_window": 5}, "without warn_growth or rollback_after"),
 ]
 
 # The same options beside what they act with: accepted.
@@ -25,6 +24,8 @@ TOGETHER = [
     {"on_nonfinite": "skip", "rollback_after": 3, "checkpoint_every": 10, "checkpoint_loss_ratio": 2.0,
      "keep_checkpoints": 2, "lr_factor": 0.1, "max_rollbacks": 2, "max_skips": 5},
     {"on_nonfinite": "warn", "rollback_after": 2},
+    {"rollback_after": 2, "on_dead": "rollback"},  # under stop: rolls back dead nets only
+    {"growth_window": 5},  # the loss-at-chance check measures over it
     {"warn_growth": 10.0, "growth_window": 5},
     {"on_nonfinite": "skip", "rollback_after": 2, "growth_window": 5},
 ]
