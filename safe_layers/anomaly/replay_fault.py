@@ -58,6 +58,8 @@ class FaultReplay:
                               and hasattr(layer, "__dict__")]
         self.layer_states = []
         self.trained = set()       # param labels whose diff was ever non-zero
+        self.first_iteration = None
+        self.dead_after = 1
 
     # -- each iteration ----------------------------------------------------------------
     def start(self):
@@ -142,11 +144,16 @@ class FaultReplay:
         before it) with zero diffs, so only where a param that had learned has a zero diff
         now is the iteration replayed, its tops checked as the always-on probes check them
         (``probe.zero_producers``); no fault can be found there (it is finite)."""
+        if self.first_iteration is None:
+            self.first_iteration = iteration
+        # A param whose diff was always zero may be frozen (lr_mult 0: no diff computed),
+        # or dead from the start: looked at over the first dead_after iterations only.
+        early = iteration - self.first_iteration < self.dead_after
         zero = False
         for label, size in sizes.items():
             if size:
                 self.trained.add(label)
-            elif label in self.trained:
+            elif early or label in self.trained:
                 zero = True
         if zero:
             self.replay(iteration)
@@ -200,6 +207,7 @@ def attach(watch, options):
     probe = watch.probes[0]
     probe.check_layers = False
     replay = FaultReplay(watch.net, probe, watch.producers, watch.iter_size)
+    replay.dead_after = options.dead_after
 
     def on_fault(iteration):
         replay.last = None
@@ -207,7 +215,8 @@ def attach(watch, options):
             replay.replay(iteration)  # a producer to stop on raises NonFiniteError
         finally:
             if replay.last is not None:
-                watch.reports.event(replay_event(replay.last))
+                keep_event(watch.reports, replay_event(replay.last),
+                           printed=not replay.last["reproduced"])
         return None if replay.last["reproduced"] else not_reproduced(replay.last)
     watch.checks.on_fault = on_fault
     watch.checks.on_sizes = replay.zeros
@@ -223,3 +232,15 @@ def replay_event(last):
                  {"reproduced": last["reproduced"], "seconds": last["seconds"],
                   "random_layers": last["random_layers"],
                   "stateful_layers": last["stateful_layers"]})
+
+
+def keep_event(reports, event, printed):
+    """Keep ``event`` among the watch's events (and hand it to its listener); print it
+    only when ``printed``: a replay that named the producer adds no line to the log."""
+    if printed:
+        reports.event(event)
+        return
+    reports.events.append(event)
+    reports.counts[event.kind] += 1
+    if reports.listener:
+        reports.listener(event)

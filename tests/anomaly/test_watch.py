@@ -345,7 +345,8 @@ def test_no_checkpoint_of_a_state_worse_than_the_start(caffe, write_solver, tmp_
     outcome = {}
     for ratio in (1.5, 1e9):
         w = watch(str(path), on_nonfinite="skip", rollback_after=2, checkpoint_every=1,
-                  lr_factor=0.01, log_first=0, checkpoint_loss_ratio=ratio)
+                  lr_factor=0.01, log_first=0, checkpoint_loss_ratio=ratio,
+                  check_layers="always")  # the dead-layer evidence of every iteration
         try:
             w.solver.step(30)
             outcome[ratio] = ("done", w.solver.iter, all_finite(w.solver.net))
