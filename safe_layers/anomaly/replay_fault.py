@@ -125,6 +125,7 @@ class FaultReplay:
                 probe.check_layers = check_layers
                 self.producers.stop_held()
         finally:
+            faulty = faulty or probe.faulty  # a stop raised in the pass: reproduced
             self.replaying = False
             for layer, attributes in layers:
                 vars(layer).clear()
