@@ -5,9 +5,10 @@
 
 1. One CPU training iteration (`solver.step(1)`) of the published nets (tests/data;
    DummyData in place of their LMDBs), five ways, interleaved round by round:
-   plain; `safe_layers.watch` with every layer checked (forward tops, backward bottom and
-   param diffs, the rate, the loss, every param diff and weight); the watch with the
-   solver-level checks only (check_layers false); a NaNGuard after every layer; Caffe's
+   plain; `safe_layers.watch` as it comes (check_layers replay: the rate, the loss, every
+   param diff and weight; a layer probe only in the replay of a bad iteration); the watch
+   with every layer checked on every iteration (check_layers always: forward tops,
+   backward bottom and param diffs); the solver-level checks only (check_layers off); a NaNGuard after every layer; Caffe's
    `debug_info: true` in the SOLVER (with display: 1, the only way it runs every
    iteration; its log lines go to /dev/null). Target: the watch costs less than debug_info.
    One BLAS thread (see below).
@@ -44,7 +45,7 @@ NETS = {
     "resnet50": ("resnet50_train_val.prototxt", None, 4, 1),
 }
 
-VARIANTS = ("plain", "watch", "watch_solver_only", "nan_guards", "debug_info")
+VARIANTS = ("plain", "watch", "watch_always", "watch_solver_only", "nan_guards", "debug_info")
 
 
 def write_solver(folder, tag, net_path, solver_fields, debug_info):
@@ -101,10 +102,12 @@ def bench_net(name, rounds, folder):
                             variant == "debug_info")
         with Quiet():
             solver = caffe.get_solver(path)
-        if variant == "watch":
+        if variant == "watch":  # the default: check_layers replay
             safe_layers.watch(solver, solver_file=path, on_nonfinite="skip")
+        elif variant == "watch_always":
+            safe_layers.watch(solver, solver_file=path, on_nonfinite="skip", check_layers="always")
         elif variant == "watch_solver_only":
-            safe_layers.watch(solver, solver_file=path, on_nonfinite="skip", check_layers=False)
+            safe_layers.watch(solver, solver_file=path, on_nonfinite="skip", check_layers="off")
         with Quiet():
             solver.step(2)  # warm up: allocations, BLAS threads
         solvers[variant] = solver

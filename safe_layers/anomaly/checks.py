@@ -143,6 +143,11 @@ class SolverChecks:
         self.weight_size = None                 # the weights' norm after the last update
         self.liveness = Liveness(probe, options) if solver is not None else None
         self.on_dead = options.on_dead or ("rollback" if options.rollback_after else "warn")
+        # check_layers 'replay': called with a bad iteration before anything is done about
+        # it; returns what its report adds where the replay named no producer, or None.
+        self.on_fault = None
+        self.on_sizes = None  # and with the param diffs' magnitudes of a good iteration
+        self.replay_note = None
 
     def restart(self):
         """After a rollback: no bad iteration in a row, no update to check, the growth
@@ -210,7 +215,7 @@ class SolverChecks:
             loss = numpy.float32(loss + value)
         self.loss = float(numpy.float32(loss / numpy.float32(len(losses))))
         o = self.options
-        need_norms = not (o.check_layers and self.probed) or o.warn_growth or o.clip_gradients
+        need_norms = not (o.check_layers == "always" and self.probed) or o.warn_growth or o.clip_gradients
         bad = sorted(label for (layer, k), what in probe.bad_params.items() if what == "diff"
                      for label in ["%s[%d]" % (layer, k)])
         norms = None
@@ -234,11 +239,14 @@ class SolverChecks:
         self.pending_update = True
 
     def _bad_iteration(self, iteration, bad_params):
+        self.replay_note = self.on_fault(iteration) if self.on_fault is not None else None
         self.consecutive_bad += 1
         message = self._bad_message(bad_params)
         kind = "gradients" if bad_params else "loss"
         o = self.options
         details = {"loss": self.loss, "lr": self.lr}
+        if self.replay_note:
+            details["replay"] = "not reproduced"
         if self.after_update:
             self._bad_step(iteration, kind, message, bad_params, details)
             return
@@ -270,12 +278,14 @@ class SolverChecks:
         ``on_dead`` says to do when the net is found dead."""
         if norms is not None:
             sizes = {label: math.sqrt(s) for label, s in norms}
-        elif self.probed and self.options.check_layers:
+        elif self.probed and self.options.check_layers == "always":
             names = self.probe.names
             sizes = {"%s[%d]" % (names[i], k): size  # in the net's order, not backward's
                      for (i, k), size in sorted(self.probe.diff_sizes.items())}
         else:
             sizes = None
+        if self.on_sizes is not None and sizes is not None:
+            self.on_sizes(iteration, sizes)
         # After solver.step(1) the diffs hold the update itself, lr applied.
         lr = 1.0 if self.after_update else self.lr
         state = self.liveness.observe(iteration, self.loss, lr, sizes, self.weight_size)
@@ -331,6 +341,8 @@ class SolverChecks:
         elif self.guard_reports:
             first = self.guard_reports[0]
             message += "; first flagged by %s in %s" % (first.where, first.pass_)
+        elif self.replay_note:
+            message += "; " + self.replay_note
         elif self.unnamed:
             message += "; " + self.unnamed
         return message

@@ -5,6 +5,9 @@ from safe_layers.core.params import Field
 
 ON_NONFINITE = ("stop", "skip", "warn")
 ON_DEAD = ("warn", "stop", "rollback")
+CHECK_LAYERS = ("replay", "always", "off")
+# The booleans check_layers once was: true checked every layer on every iteration.
+_CHECK_LAYERS_BOOLEANS = {True: "always", False: "off"}
 
 OPTIONS = [
     Field("on_nonfinite", str, "stop", "an iteration with a non-finite loss or param diff: stop "
@@ -49,8 +52,12 @@ OPTIONS = [
           low=0.0, low_open=True),
     Field("record_dir", str, None, "on the first fault, write the batch, the weights and the "
           "report here (replay with safe_layers.anomaly.replay)"),
-    Field("check_layers", bool, True, "check every layer's outputs (producer localization); "
-          "false: only the loss, the param diffs, the weights and the rate"),
+    Field("check_layers", str, "replay", "replay: per iteration only the solver-level checks "
+          "(the loss, the param diffs, the weights, the rate); on a fault, the iteration is "
+          "replayed before its update with every layer checked, to name its producer; always: "
+          "every layer's outputs checked on every iteration (for nets whose faults do not "
+          "replay: Dropout, random or stateful data layers); off: solver-level checks only "
+          "(true and false mean always and off)", choices=CHECK_LAYERS),
     Field("check_test_nets", bool, True, "check the test nets' forward passes too (reported, "
           "never stopped or skipped)"),
     Field("log_first", int, 5, "reports of each kind printed in full before the log switches "
@@ -90,6 +97,8 @@ class WatchOptions:
         self.given = {name for name, value in values.items() if value is not None}
         for name, field in _OPTION_FIELDS.items():
             value = values.get(name)
+            if name == "check_layers" and isinstance(value, bool):
+                value = _CHECK_LAYERS_BOOLEANS[value]
             if value is None:
                 setattr(self, name, field.default)
                 continue

@@ -40,6 +40,7 @@ import time
 
 from safe_layers import reporting
 from safe_layers.anomaly.checkpoints import Checkpoints, LossGate, Rollback, check_snapshot_folder
+from safe_layers.anomaly import replay_fault
 from safe_layers.anomaly.checks import RollbackRequest, Skip, SolverChecks
 from safe_layers.anomaly.options import WatchOptions
 from safe_layers.anomaly.probe import NetProbe
@@ -110,7 +111,7 @@ class Watch:
         self.stepped = None  # the iteration whose update a step-by-step watch checks
         self.iter_size = int(solver_param.iter_size) if solver_param is not None else 1
         train = NetProbe(self.net, "TRAIN" if solver is not None else phase, self._on_producer,
-                         self.iteration, o.check_layers)
+                         self.iteration, o.check_layers != "off")
         train.track_zeros = solver is not None  # the dead-layer check (.liveness)
         self.probes = [train]
         self.reports = Reports(o, stream, listener, self.iteration, train, self._net_name,
@@ -118,6 +119,7 @@ class Watch:
         self.producers = Producers(train, o, self.reports, under_solver=solver is not None)
         self.checks = SolverChecks(solver, solver_param, self.net, train, o, self.reports,
                                    LossGate(o.growth_window, o.checkpoint_loss_ratio), hooks)
+        self.replay = replay_fault.attach(self, o) if solver is not None and hooks.probed else None
         # Before any hook: a prefix another watch holds refuses this one here.
         checkpoints = (Checkpoints(solver, solver_param, o.checkpoint_every, self.started,
                                    o.keep_checkpoints, self.reports.event, resumed_from)
@@ -125,8 +127,10 @@ class Watch:
         self.rollback = Rollback(solver, solver_param, o, self.reports, checkpoints)
         self.boards = []
         try:
-            if hooks.probed:
+            if hooks.probed and self.replay is None:
                 self._hook(self.net, train, backward=True)
+            elif self.replay is not None and self.replay.keep:
+                self.net.after_forward(lambda i: self.closed or self.replay.after_forward(i))
             if solver is not None:
                 self._attach(solver)
         except BaseException:
@@ -252,6 +256,8 @@ class Watch:
         train.bad_params = {}
         train.diff_sizes = {}
         train.zero_producers = None
+        if self.replay is not None:
+            self.replay.start()
 
     def _on_gradients_ready(self):
         if self.closed:
@@ -260,12 +266,15 @@ class Watch:
         guard_reports = self._read_boards()
         if not self.hooks.probed:  # no probe summed the passes: the loss tops hold the last
             self.probes[0].pass_losses = [self.probes[0].read_loss()]
+        elif self.replay is not None:
+            self.probes[0].pass_losses = self.replay.losses()
         self.checks.gradients(self.iteration(), guard_reports)
 
     def forward_loss(self):
         """The loss of the training net's last forward."""
         probe = self.probes[0]
-        return probe.loss if self.hooks.probed else probe.read_loss()
+        kept = self.hooks.probed and (self.replay is None or self.replay.keep)
+        return probe.loss if kept else probe.read_loss()
 
     # -- stepping --------------------------------------------------------------------
     def step(self, iters=1, until_rollback=False):

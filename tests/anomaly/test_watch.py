@@ -108,7 +108,9 @@ def test_stop_leaves_a_repair_in_place_to_the_guard(caffe, write_solver, batches
     values = published_solver_fields("lenet_solver.prototxt")
     path = write_solver(net, **values)
     solver = caffe.get_solver(str(path))
-    w = watch(solver, solver_file=path, log_first=0)
+    # Always on: a fault the guard repairs never reaches the loss or the diffs, so the
+    # default mode has nothing to replay (the guard's own report names the layer it follows).
+    w = watch(solver, solver_file=path, log_first=0, check_layers="always")
     solver.step(3)
     before = weights(solver.net)
     if action == "clamp":
@@ -343,7 +345,8 @@ def test_no_checkpoint_of_a_state_worse_than_the_start(caffe, write_solver, tmp_
     outcome = {}
     for ratio in (1.5, 1e9):
         w = watch(str(path), on_nonfinite="skip", rollback_after=2, checkpoint_every=1,
-                  lr_factor=0.01, log_first=0, checkpoint_loss_ratio=ratio)
+                  lr_factor=0.01, log_first=0, checkpoint_loss_ratio=ratio,
+                  check_layers="always")  # the dead-layer evidence of every iteration
         try:
             w.solver.step(30)
             outcome[ratio] = ("done", w.solver.iter, all_finite(w.solver.net))

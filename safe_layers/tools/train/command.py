@@ -49,8 +49,6 @@ WATCH_FLAGS = {"on_nonfinite": None, "rollback_after": "K", "checkpoint_every": 
                "max_rollbacks": "M", "max_skips": "M", "on_dead": None, "dead_after": "K",
                "dead_update_ratio": "R", "chance_band": "F", "chance_after": "N",
                "warn_growth": "F", "clip_gradients": "C", "record_dir": "DIR", "check_layers": None}
-# Boolean options that default to true, and the flag that turns each off.
-WATCH_SWITCHES = {"check_layers": "--no-layer-checks"}
 
 
 def add_arguments(parser):
@@ -72,7 +70,11 @@ def add_arguments(parser):
                             "snapshot)")
     caffe.add_argument("-sighup_effect", "--sighup_effect", default="snapshot", choices=EFFECTS,
                        help="what SIGHUP does (default snapshot)")
-    _add_watch_flags(parser.add_argument_group("the watch (see safe_layers.watch)"))
+    watch_flags = parser.add_argument_group("the watch (see safe_layers.watch)")
+    _add_watch_flags(watch_flags)
+    # The flag of the days check_layers was a boolean, so that older command lines still run.
+    watch_flags.add_argument("--no-layer-checks", dest="check_layers", action="store_const",
+                             const="off", help="the same as --check-layers off")
     tool = parser.add_argument_group("this tool")
     tool.add_argument("--no-lint", action="store_true",
                       help="train even when `safe-layers lint` finds errors in the solver or net")
@@ -95,10 +97,6 @@ def _add_watch_flags(group):
     for name, metavar in WATCH_FLAGS.items():
         field = fields[name]
         doc = field.doc.replace("%", "%%")
-        if field.kind is bool:
-            group.add_argument(WATCH_SWITCHES[name], dest=name, action="store_false",
-                               help="%s, set to false: %s" % (name, doc))
-            continue
         if field.default is not None:
             doc += " (default %s)" % field.default
         # None when not given: the watch applies the default. It must see which were
