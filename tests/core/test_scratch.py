@@ -39,7 +39,9 @@ def test_a_killed_train_leaves_nothing_the_next_run_keeps(tmp_path):
     next command that makes one."""
     import signal
     import time
-    env = dict(os.environ, TMPDIR=str(tmp_path))
+    import threading
+    # Our INFO lines (the "Starting Optimization" waited for) print at GLOG_minloglevel 0.
+    env = dict(os.environ, TMPDIR=str(tmp_path), GLOG_minloglevel="0")
     solver = tmp_path / "solver.prototxt"
     net = tmp_path / "net.prototxt"
     net.write_text(classifier_net())
@@ -48,9 +50,13 @@ def test_a_killed_train_leaves_nothing_the_next_run_keeps(tmp_path):
     run = subprocess.Popen([sys.executable, "-m", "safe_layers.tools.cli", "train", "-solver",
                             str(solver), "--no-lint", "--progress", "never"], env=env, cwd=tmp_path,
                            stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(120, run.kill)  # a line that never comes fails, never hangs
+    guard.start()
     for line in run.stderr:
         if "Starting Optimization" in line:
             break
+    guard.cancel()
+    assert run.poll() is None, "the run ended before training started"
     folders = [p for p in tmp_path.iterdir() if p.name.startswith("safe-layers-train-%d-" % run.pid)]
     assert len(folders) == 1
     run.send_signal(signal.SIGKILL)
