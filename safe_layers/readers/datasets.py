@@ -38,6 +38,7 @@ import struct
 
 from safe_layers.core import scratch
 from safe_layers.core.errors import InputError
+from safe_layers.readers import lmdb_keys
 from safe_layers.readers.prototxt import caffe_pb2, resolve_reference
 
 BACKENDS = ("lmdb", "leveldb", "hdf5")
@@ -185,6 +186,14 @@ class LMDBDatabase(Database):
                          readahead=False, max_readers=1, max_dbs=0)
 
     def records(self, limit=None):
+        broken = lmdb_keys.walk_apart(self.path, os.path.isdir(self.path), limit)
+        if broken is not None:
+            position, last_key, why = broken
+            if position is None:
+                raise InputError("%s: LMDB corrupt: %s" % (self.path, why))
+            raise InputError("%s: LMDB corrupt after %d records (last good key %s): %s"
+                             % (self.path, position, key_text(last_key) if last_key is not None
+                                else "none", why))
         position = 0
         last_key = None
         try:
@@ -193,12 +202,6 @@ class LMDBDatabase(Database):
                 for key, value in cursor:
                     if limit is not None and position >= limit:
                         return
-                    if last_key is not None and key <= last_key:
-                        # LMDB keeps keys sorted; a leaf page of garbage is walked by some
-                        # liblmdb versions without an error, as keys out of order.
-                        raise InputError("%s: LMDB corrupt after %d records (last good key %s): "
-                                         "key %s out of order" % (self.path, position,
-                                                                  key_text(last_key), key_text(key)))
                     yield Record(position, key, value)
                     last_key = key
                     position += 1
