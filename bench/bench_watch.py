@@ -1,21 +1,26 @@
 """What a watch costs, as ratios measured in one run (these machines are noisy).
 
-    .venv/bin/python bench/bench_watch.py                    # LeNet, CIFAR-10 quick, ResNet-50
-    .venv/bin/python bench/bench_watch.py --nets lenet --rounds 9
+    .venv/bin/python bench/bench_watch.py        # LeNet, CIFAR-10 quick, ResNet-50, digits
+    .venv/bin/python bench/bench_watch.py --nets lenet,digits --rounds 9
 
-1. One CPU training iteration (`solver.step(1)`) of the published nets (tests/data;
-   DummyData in place of their LMDBs), five ways, interleaved round by round:
-   plain; `safe_layers.watch` as it comes (check_layers replay: the rate, the loss, every
-   param diff and weight; a layer probe only in the replay of a bad iteration); the watch
-   with every layer checked on every iteration (check_layers always: forward tops,
-   backward bottom and param diffs); the solver-level checks only (check_layers off); a NaNGuard after every layer; Caffe's
-   `debug_info: true` in the SOLVER (with display: 1, the only way it runs every
-   iteration; its log lines go to /dev/null). Target: the watch costs less than debug_info.
-   One BLAS thread (see below).
-   Timed in CPU seconds of this process (time.process_time), rounds interleaved in a
-   rotating order; ratios are the best round of each against the best plain round, and
-   the median over rounds of each against the plain round beside it.
-2. Rollback checkpoints: `solver.snapshot()` + `solver.restore()` (the only way stock
+1. CPU training iterations (one ``solver.step(n)`` per round, as Caffe's Solve runs
+   Step) of the published nets (tests/data; DummyData in place of their LMDBs) and of
+   the demo's digits net (its LMDBs written by examples/digits.py; about a millisecond
+   an iteration), six ways, interleaved round by round: plain; ``safe_layers.watch`` as it
+   comes (check_layers replay: the rate, the loss, every param diff and weight, in two
+   host reads; a layer probe only in the replay of a bad iteration); every layer checked
+   on every iteration (check_layers always); the solver-level checks only (check_layers
+   off); a NaNGuard after every layer; Caffe's ``debug_info: true`` in the SOLVER (with
+   display: 1, the only way it runs every iteration; its log lines go to /dev/null).
+   Targets: the default within 1 % of plain (5 % on the digits net) and below debug_info.
+   One BLAS thread (see below). Timed in CPU seconds of this process
+   (time.process_time), rounds interleaved in a rotating order; printed: the median
+   round, the best round against the best plain round, and the median with the
+   interquartile range of the per-round ratios (each against the plain round beside it)
+   and of the per-round extra time per iteration in microseconds.
+2. The replay's own cost per fault: one bad iteration (a NaN put in the last layer's weights),
+   the replay timed by the watch.
+3. Rollback checkpoints: ``solver.snapshot()`` + ``solver.restore()`` (the only way stock
    pycaffe saves and restores the momentum history and iter), on disk and on /dev/shm,
    against a plain in-memory copy of the weights (which could restore neither).
 """
@@ -43,9 +48,14 @@ NETS = {
     "lenet": ("lenet_train_test.prototxt", "lenet_solver.prototxt", 64, 5),
     "cifar10_quick": ("cifar10_quick_train_test.prototxt", "cifar10_quick_solver.prototxt", 100, 5),
     "resnet50": ("resnet50_train_val.prototxt", None, 4, 1),
+    # The demo's digits net (conv 16 + conv 32 + ip 64 + ip 10, batch 50, LMDB written by
+    # examples/digits.py): an iteration of about a millisecond, as on a GPU.
+    "digits": (None, None, 50, 20),
 }
 
-VARIANTS = ("plain", "watch", "watch_always", "watch_solver_only", "nan_guards", "debug_info")
+VARIANTS = ("plain", "replay", "always", "off", "nan_guards", "debug_info")
+LABELS = {"plain": "plain", "replay": "watch (default: replay)", "always": "watch always",
+          "off": "watch off", "nan_guards": "NaNGuard every layer", "debug_info": "debug_info"}
 
 
 def write_solver(folder, tag, net_path, solver_fields, debug_info):
@@ -79,15 +89,49 @@ class Quiet:
         os.close(self.saved)
 
 
-def bench_net(name, rounds, folder):
-    import caffe
-    import safe_layers
+def net_text(name, folder):
+    """(the TRAIN net's prototxt text, its solver fields)."""
     from support.published import published_net, published_solver_fields
-    net_file, solver_file, batch, iterations = NETS[name]
+    net_file, solver_file, batch, _ = NETS[name]
+    if name == "digits":
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            "digits", os.path.join(ROOT, "examples", "digits.py"))
+        digits = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(digits)
+        digits.write_digits(folder)
+        with open(os.path.join(ROOT, "examples", "demo", "digits_train_test.prototxt")) as f:
+            text = f.read().replace('source: "digits_', 'source: "%s/digits_' % folder)
+        return text, {"base_lr": 0.1, "lr_policy": '"fixed"', "momentum": 0.9,
+                      "weight_decay": 0.0005}
     text = published_net(net_file, data="dummy", batch=batch, phase_only="TRAIN")
     fields = published_solver_fields(solver_file) if solver_file else {
         "base_lr": 0.1, "lr_policy": '"step"', "stepsize": 100000, "gamma": 0.1, "momentum": 0.9,
         "weight_decay": 0.0001}
+    return text, fields
+
+
+def attach(variant, solver, path):
+    import safe_layers
+    modes = {"replay": "replay", "always": "always", "off": "off"}
+    if variant in modes:
+        return safe_layers.watch(solver, solver_file=path, on_nonfinite="skip",
+                                 check_layers=modes[variant])
+    return None
+
+
+def quartiles(values):
+    """(first quartile, median, third quartile)."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def bench_net(name, rounds, folder):
+    import caffe
+    _, _, batch, iterations = NETS[name]
+    text, fields = net_text(name, folder)
     plain_net = os.path.join(folder, name + ".prototxt")
     with open(plain_net, "w") as f:
         f.write(text)
@@ -102,44 +146,81 @@ def bench_net(name, rounds, folder):
                             variant == "debug_info")
         with Quiet():
             solver = caffe.get_solver(path)
-        if variant == "watch":  # the default: check_layers replay
-            safe_layers.watch(solver, solver_file=path, on_nonfinite="skip")
-        elif variant == "watch_always":
-            safe_layers.watch(solver, solver_file=path, on_nonfinite="skip", check_layers="always")
-        elif variant == "watch_solver_only":
-            safe_layers.watch(solver, solver_file=path, on_nonfinite="skip", check_layers="off")
+        w = attach(variant, solver, path)
+        # Warm up: allocations, BLAS threads; the default mode past its first dead_after
+        # iterations, each of which it replays to look for a dead layer (a start-up cost,
+        # not one of every iteration: see replay_fault.FaultReplay.zeros).
+        warm = 2 if variant != "replay" else w.options.dead_after + 1
         with Quiet():
-            solver.step(2)  # warm up: allocations, BLAS threads
+            solver.step(warm)
         solvers[variant] = solver
     times = {variant: [] for variant in VARIANTS}
     for r in range(rounds):
         # Interleaved, in a rotating order, so drift and position hit every variant alike.
         # CPU time of this process (all its threads): what other processes on the machine
-        # do inflates wall time, much less this.
+        # do inflates wall time, much less this. One step() call per round, as Caffe's
+        # Solve runs Step(max_iter).
         order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
         for variant in order:
             solver = solvers[variant]
             with Quiet():
                 start = time.process_time()
-                for _ in range(iterations):
-                    solver.step(1)
+                solver.step(iterations)
                 times[variant].append((time.process_time() - start) / iterations)
     layers = len(solvers["plain"].net.layers)
     print("== %s (batch %d, %d layers in TRAIN, %d NaNGuards), CPU seconds (process time) per "
-          "iteration, %d interleaved rounds x %d iterations" % (name, batch, layers, guards, rounds, iterations))
-    print("  %-18s %10s %12s %14s" % ("", "best s/it", "best/plain", "paired median"))
-    plain = min(times["plain"])
+          "iteration, %d interleaved rounds x %d iterations"
+          % (name, batch, layers, guards, rounds, iterations))
+    print("  %-24s %10s %9s %26s %22s" % ("", "median s/it", "best/plain",
+                                         "paired ratio: median [IQR]", "extra us/it [IQR]"))
+    plain = times["plain"]
     result = {}
     for variant in VARIANTS:
-        best = min(times[variant])
-        paired = statistics.median(t / p for t, p in zip(times[variant], times["plain"]))
-        result[variant] = (best / plain, paired)
-        print("  %-18s %10.4f %11.3fx %13.3fx" % (variant, best, best / plain, paired))
-    print("  watch / debug_info: %.3f best, %.3f paired median (target < 1)"
-          % (result["watch"][0] / result["debug_info"][0],
-             result["watch"][1] / result["debug_info"][1]))
-    checkpoints(name, plain_net, fields, plain, folder)
+        ratios = [t / p for t, p in zip(times[variant], plain)]
+        extra = [(t - p) * 1e6 for t, p in zip(times[variant], plain)]
+        r1, r2, r3 = quartiles(ratios)
+        e1, e2, e3 = quartiles(extra)
+        result[variant] = (min(times[variant]) / min(plain), r2, r1, r3, e2)
+        print("  %-24s %10.5f %9.3fx %9.3fx [%.3f, %.3f] %9.0f [%.0f, %.0f]"
+              % (LABELS[variant], statistics.median(times[variant]), result[variant][0],
+                 r2, r1, r3, e2, e1, e3))
+    print("  default / debug_info: %.3f (paired medians; target < 1)"
+          % (result["replay"][1] / result["debug_info"][1]))
+    replay_cost(name, plain_net, fields, statistics.median(plain), folder)
+    if name != "digits":
+        checkpoints(name, plain_net, fields, statistics.median(plain), folder)
     return result
+
+
+def replay_cost(name, net_path, fields, step_seconds, folder, repeat=3):
+    """What one fault costs the default mode: its replay (one more forward and backward,
+    every layer checked), timed by the watch itself (FaultReplay.last['seconds']). The
+    fault: a NaN put into the first param blob (every blob after it non-finite: the most
+    the probes have to describe)."""
+    import caffe
+    import numpy
+    import safe_layers
+    path = write_solver(folder, name + "_fault", net_path, fields, False)
+    with Quiet():
+        solver = caffe.get_solver(path)
+        solver.step(1)
+    with open(os.devnull, "w") as null:
+        w = safe_layers.watch(solver, solver_file=path, on_nonfinite="warn", stream=null)
+        last = list(solver.net.params.values())[-1][0]
+        weights = {key: [b.data.copy() for b in blobs] for key, blobs in solver.net.params.items()}
+        seconds = []
+        for _ in range(repeat):
+            for key, blobs in solver.net.params.items():
+                for b, saved in zip(blobs, weights[key]):
+                    b.data[...] = saved
+            last.data.flat[0] = numpy.nan
+            with Quiet():
+                solver.step(1)
+            seconds.append(w.replay.last["seconds"])
+        w.close()
+    best = min(seconds)
+    print("  replay of one bad iteration: %.4f s = %.2f plain iterations (best of %d; "
+          "reproduced: %s)" % (best, best / step_seconds, repeat, w.replay.last["reproduced"]))
 
 
 def checkpoints(name, net_path, fields, step_seconds, folder, repeat=3):
@@ -189,8 +270,10 @@ def shutil_rm(path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nets", default="lenet,cifar10_quick,resnet50")
+    parser.add_argument("--nets", default="lenet,cifar10_quick,resnet50,digits")
     parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--resnet-rounds", type=int, default=None,
+                        help="rounds of ResNet-50 (default: half of --rounds, at least 3)")
     args = parser.parse_args()
     os.environ.setdefault("GLOG_minloglevel", "0")  # debug_info's lines are really written
     import caffe
@@ -200,7 +283,9 @@ def main():
                                                 os.cpu_count(), platform.python_version()))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.nets.split(","):
-            rounds = args.rounds if name != "resnet50" else max(3, args.rounds // 2)
+            rounds = args.rounds
+            if name == "resnet50":
+                rounds = args.resnet_rounds or max(3, args.rounds // 2)
             bench_net(name, rounds, folder)
 
 

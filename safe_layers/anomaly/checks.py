@@ -14,13 +14,13 @@ import math
 
 import numpy
 
+from safe_layers.anomaly.fused_read import FusedReads
 from safe_layers.anomaly.liveness import Liveness
-from safe_layers.anomaly.probe import accessors, blob_check, blob_fault
+from safe_layers.anomaly.probe import accessors, blob_fault
 from safe_layers.anomaly.pycaffe_hooks import STEP
 from safe_layers.core import lr_policy
 from safe_layers.core.float_text import six_digits
 from safe_layers.kernels import clip as clip_kernels
-from safe_layers.kernels.xp import host_scalar
 from safe_layers.reporting import watch_lines
 from safe_layers.reporting.watch_lines import Event, SolverFault
 
@@ -44,21 +44,6 @@ def param_blobs(net):
         for k in range(len(layer.blobs)):
             out.append(("%s[%d]" % (name, k), i, k, layer.blobs[k]))
     return out
-
-
-def sumsq(array):
-    """Sum of squares: finite when every element is, NaN/Inf when one is not. One BLAS
-    dot in the array's float32; only where that overflows (elements past ~1.8e19) is it
-    redone in float64, to tell a large finite blob from a non-finite one."""
-    flat = array.reshape(-1)
-    if flat.size == 0:
-        return 0.0
-    with numpy.errstate(over="ignore", invalid="ignore"):
-        total = host_scalar(flat.dot(flat))
-        if not math.isfinite(total):
-            wide = flat.astype("float64")
-            total = host_scalar(wide.dot(wide))
-    return total
 
 
 class Growth:
@@ -127,6 +112,7 @@ class SolverChecks:
         self.growth = Growth(options, reports)
         self.data, self.diff = accessors()
         self.params = param_blobs(net)
+        self.reads = FusedReads(probe, self.params, self.data, self.diff)
         self.loss = None
         self.lr = None
         self.grad_norm = None
@@ -204,23 +190,28 @@ class SolverChecks:
                                       details={"lr": lr, "lr_policy": self.param.lr_policy
                                                if self.param is not None else None}))
 
-    def gradients(self, iteration, guard_reports):
+    def gradients(self, iteration, guard_reports, loss_from_tops=False):
         """Before the update: the loss and the param diffs (their norm, the clip and the
-        growth warning where an option asks for it)."""
+        growth warning where an option asks for it). ``loss_from_tops``: no probe summed
+        the passes' losses, the loss tops hold the last one; it is read with the diffs'
+        norms, in one host read (:mod:`.fused_read`)."""
         self.guard_reports = guard_reports
         probe = self.probe
+        o = self.options
+        need_norms = not (o.check_layers == "always" and self.probed) or o.warn_growth or o.clip_gradients
+        norms = None
+        if need_norms or loss_from_tops:
+            loss, norms = self.reads.gradients(loss_from_tops, need_norms)
+            if loss_from_tops:
+                probe.pass_losses = [loss]
         losses = probe.pass_losses or [numpy.float32("nan")]
         loss = numpy.float32(0)
         for value in losses:
             loss = numpy.float32(loss + value)
         self.loss = float(numpy.float32(loss / numpy.float32(len(losses))))
-        o = self.options
-        need_norms = not (o.check_layers == "always" and self.probed) or o.warn_growth or o.clip_gradients
         bad = sorted(label for (layer, k), what in probe.bad_params.items() if what == "diff"
                      for label in ["%s[%d]" % (layer, k)])
-        norms = None
-        if need_norms:
-            norms = [(label, sumsq(self.diff(blob))) for label, _, _, blob in self.params]
+        if norms is not None:
             bad = sorted(set(bad) | {label for label, s in norms if not math.isfinite(s)})
         if bad or not math.isfinite(self.loss):
             self._bad_iteration(iteration, bad)
@@ -352,18 +343,12 @@ class SolverChecks:
         self.pending_update = False
         o = self.options
         bad, total = [], 0.0
-        for label, _, _, blob in self.params:
-            data = self.data(blob)
-            if o.warn_growth:
-                s = sumsq(data)
-                ok = math.isfinite(s)
-            else:  # the finite check's own reduction gives the magnitude (.liveness)
-                ok, size = blob_check(data)
-                s = size * size
-            if ok:
+        # One host read for every weight (:mod:`.fused_read`): the L2 norm, on a device too.
+        for (label, _, _, blob), (_, s) in zip(self.params, self.reads.weights()):
+            if math.isfinite(s):
                 total += s
             else:
-                bad.append((label, data))
+                bad.append((label, self.data(blob)))
         if not bad:
             self.weight_size = math.sqrt(total)
         if o.warn_growth and not bad:

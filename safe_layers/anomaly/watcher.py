@@ -264,11 +264,11 @@ class Watch:
             return
         self.producers.stop_held()
         guard_reports = self._read_boards()
-        if not self.hooks.probed:  # no probe summed the passes: the loss tops hold the last
-            self.probes[0].pass_losses = [self.probes[0].read_loss()]
-        elif self.replay is not None:
+        # No probe summed the passes: the loss tops hold the last, read with the diffs.
+        from_tops = not self.hooks.probed or (self.replay is not None and not self.replay.keep)
+        if not from_tops and self.replay is not None:
             self.probes[0].pass_losses = self.replay.losses()
-        self.checks.gradients(self.iteration(), guard_reports)
+        self.checks.gradients(self.iteration(), guard_reports, loss_from_tops=from_tops)
 
     def forward_loss(self):
         """The loss of the training net's last forward."""

@@ -1,0 +1,86 @@
+"""The solver-level checks' host reads, fused: everything they need of an iteration is
+reduced on the arrays' own device into one small array and read to the host at once.
+
+Before the update (``on_gradients_ready``) that is the sum of each loss top (the loss, as
+Layer::Forward sums it) and every param diff's sum of squares (its finiteness and its L2
+norm, for the clip, the growth warning and the vanished-update check); after the update
+(checked when the next iteration starts, or when ``step`` returns: Caffe offers no hook
+after ``ApplyUpdate``, src/caffe/solver.cpp:267), every weight's sum of squares. So a
+healthy iteration costs two host reads on a GPU, whatever the number of param blobs; a
+sum of squares that is not finite costs one more read for that blob (see :func:`wide`).
+"""
+
+import math
+
+import numpy
+
+from safe_layers.kernels.xp import array_module, host_scalar, to_numpy
+
+
+def wide(array):
+    """The sum of squares of ``array`` in float64 (one host read): the float32 one of a
+    finite array overflows for elements past ~1.8e19, the float64 one never does, so it
+    is non-finite exactly when an element is."""
+    flat = array.reshape(-1).astype("float64")
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        return host_scalar(flat.dot(flat))
+
+
+def read_reductions(summed, squared):
+    """([sum of each array of ``summed``], [sum of squares of each of ``squared``]) as
+    Python floats, from one host read (plus one per non-finite float32 sum of squares,
+    redone by :func:`wide`). The float32 reductions are those of a lone ``x.sum()`` and
+    ``x.dot(x)``: the same values as when each was read alone."""
+    arrays = list(summed) + list(squared)
+    if not arrays:
+        return [], []
+    xp = array_module(arrays[0])
+    out = xp.empty(len(arrays), numpy.float64)
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        for m, array in enumerate(summed):
+            out[m] = array.sum()
+        for m, array in enumerate(squared, len(summed)):
+            flat = array.reshape(-1)
+            out[m] = flat.dot(flat) if flat.size else 0
+    host = [float(v) for v in to_numpy(out)]  # the one read
+    sums, squares = host[:len(summed)], host[len(summed):]
+    for m, value in enumerate(squares):
+        if not math.isfinite(value):
+            squares[m] = wide(squared[m])
+    return sums, squares
+
+
+class FusedReads:
+    """The fused reads of one watched training net: ``probe`` (its loss tops), ``params``
+    (:func:`~.checks.param_blobs`), ``data`` / ``diff`` (the blob accessors)."""
+
+    def __init__(self, probe, params, data, diff):
+        self.probe = probe
+        self.params = params
+        self.data, self.diff = data, diff
+        # Every loss top with its weight, in the net's order (Net::ForwardFromTo sums them so).
+        self.loss_tops = ([pair for tops in probe.loss_tops for pair in tops]
+                          if probe is not None else [])
+
+    def gradients(self, with_loss, with_diffs):
+        """(the loss of the net's last forward as a float32, or None without
+        ``with_loss``; [(label, sum of squares of its diff)], or None without
+        ``with_diffs``): one host read."""
+        probe = self.probe
+        tops = [probe.data(probe.blobs[j]) for j, _ in self.loss_tops] if with_loss else []
+        diffs = [self.diff(blob) for _, _, _, blob in self.params] if with_diffs else []
+        sums, squares = read_reductions(tops, diffs)
+        loss = None
+        if with_loss:
+            loss = numpy.float32(0)
+            for (_, weight), value in zip(self.loss_tops, sums):
+                loss = numpy.float32(loss + numpy.float32(value * weight))  # probe._add_loss
+        norms = None
+        if with_diffs:
+            norms = [(label, s) for (label, _, _, _), s in zip(self.params, squares)]
+        return loss, norms
+
+    def weights(self):
+        """[(label, sum of squares of its data)] of every param blob: one host read."""
+        _, squares = read_reductions([], [self.data(blob) for _, _, _, blob in self.params])
+        return [(label, s) for (label, _, _, _), s in zip(self.params, squares)]

@@ -1,0 +1,74 @@
+"""Host reads of the watch's default mode (each one a drain of the stream on a GPU; counted
+on the CPU alike, safe_layers.kernels.xp.HOST_READS): the solver-level checks read the
+loss and every param diff at once, and every weight at once after the update."""
+
+import math
+
+import numpy as np
+import pytest
+
+from safe_layers.anomaly import watch
+from safe_layers.anomaly.fused_read import read_reductions
+from safe_layers.kernels.xp import HOST_READS
+
+# Six param blobs (conv, ip1, ip2: weights and biases) and two loss tops (weights 1 and
+# 0.5): before the fused reads, 1 + 2 + 6 + 6 host reads per iteration.
+NET = """
+layer { name: "data" type: "DummyData" top: "x" top: "label" top: "t"
+  dummy_data_param { shape { dim: 8 dim: 2 dim: 6 dim: 6 } shape { dim: 8 } shape { dim: 8 dim: 3 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "uniform" min: 0 max: 3.99 }
+    data_filler { type: "gaussian" std: 1 } } }
+layer { name: "conv" type: "Convolution" bottom: "x" top: "c"
+  convolution_param { num_output: 4 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "relu" type: "ReLU" bottom: "c" top: "c" }
+layer { name: "ip1" type: "InnerProduct" bottom: "c" top: "score"
+  inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }
+layer { name: "ip2" type: "InnerProduct" bottom: "c" top: "y"
+  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "l1" }
+layer { name: "l2" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l2" loss_weight: 0.5 }
+"""
+
+# Per healthy iteration: one read in on_gradients_ready (the two loss tops' sums and the
+# six diffs' sums of squares) and one of the six weights' sums of squares after the update
+# (when the next iteration starts, or when step() returns: Caffe has no hook after
+# ApplyUpdate).
+READS_PER_ITERATION = 2
+
+
+@pytest.mark.parametrize("steps", ["one call", "one call per iteration"])
+def test_a_healthy_iteration_reads_the_host_twice(make_solver, steps):
+    w = watch(make_solver(NET, base_lr=0.01, momentum=0.9, random_seed=1))
+    assert w.options.check_layers == "replay"  # the default
+    w.solver.step(2)
+    with HOST_READS.recording() as reads:
+        if steps == "one call":
+            w.solver.step(5)
+        else:
+            for _ in range(5):
+                w.solver.step(1)
+    assert reads.count == 5 * READS_PER_ITERATION, reads.sites
+    assert w.faults == []
+    w.close()
+
+
+def test_the_loss_read_with_the_diffs_is_caffes(make_solver):
+    """The loss of the fused read is the one Caffe's Net::Forward returns for the batch."""
+    w = watch(make_solver(NET, base_lr=0.01, random_seed=1))
+    w.solver.step(3)
+    blobs = w.solver.net.blobs
+    expected = np.float32(float(blobs["l1"].data) + np.float32(float(blobs["l2"].data) * 0.5))
+    assert w.loss == pytest.approx(float(expected), rel=1e-6)
+    w.close()
+
+
+def test_one_read_tells_finite_from_not_and_confirms_only_the_overflowed():
+    big = np.full(10, 1e20, np.float32)      # finite, but its float32 squares overflow
+    bad = np.array([1, np.nan, 2], np.float32)
+    tops = [np.array([0.25, 0.5], np.float32)]
+    with HOST_READS.recording() as reads:
+        sums, squares = read_reductions(tops, [np.ones(4, np.float32), big, bad])
+    assert sums == [0.75]
+    assert squares[0] == 4 and squares[1] == pytest.approx(1e41, rel=1e-6)
+    assert math.isnan(squares[2])
+    assert reads.count == 1 + 2  # the fused read, then one each for the two non-finite sums
