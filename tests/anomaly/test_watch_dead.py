@@ -9,22 +9,8 @@ import pytest
 from safe_layers.anomaly import NonFiniteError, SolverFault, parse_line, watch
 from safe_layers.kernels.xp import HOST_READS
 from safe_layers.reporting import watch_lines
+from support.nets import dead_relu
 from support.paths import ROOT
-
-# A ReLU after an fc whose bias is -100 (the inputs are N(0, 1)): its top is all zeros
-# from the first iteration, while its bottom is not.
-DEAD_RELU_NET = """
-layer { name: "data" type: "DummyData" top: "x" top: "label"
-  dummy_data_param { shape { dim: 16 dim: 8 } shape { dim: 16 }
-    data_filler { type: "gaussian" std: 1 } data_filler { type: "uniform" min: 0 max: 3.99 } } }
-layer { name: "fc1" type: "InnerProduct" bottom: "x" top: "h"
-  inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.1 }
-    bias_filler { type: "constant" value: BIAS } } }
-layer { name: "relu" type: "ReLU" bottom: "h" top: "h" }
-layer { name: "fc2" type: "InnerProduct" bottom: "h" top: "score"
-  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 0.1 } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss" }
-"""
 
 # Every unit of a Sigmoid saturated (z = 100 * 8 for inputs of 1), the fc after it frozen
 # (lr_mult 0): every param diff is exactly zero, the loss stays where it started, and no
@@ -52,10 +38,6 @@ layer { name: "fc" type: "InnerProduct" bottom: "x" top: "score"
   inner_product_param { num_output: 10 } }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss" }
 """
-
-
-def dead_relu(bias=-100):
-    return DEAD_RELU_NET.replace("BIAS", str(bias))
 
 
 def dead_faults(w):

@@ -5,6 +5,8 @@
 * :func:`classifier_net`: DummyData (zeros) -> InnerProduct ``fc`` -> SoftmaxWithLoss.
 * :func:`log_net`: x -> Log -> the test's layers on ``y`` -> EuclideanLoss: an x <= 0
   gives NaN / -Inf in ``y``.
+* :func:`dead_relu`: DummyData -> fc1 (bias -100) -> ReLU (all zeros) -> fc2 ->
+  SoftmaxWithLoss: a net dead without a NaN.
 """
 
 from support.switches import TEST_MODE
@@ -85,3 +87,24 @@ layer { name: "fc" type: "InnerProduct" bottom: "pool1" top: "fc"
   inner_product_param { num_output: 2 weight_filler { type: "xavier" } } }
 layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc" bottom: "label" top: "loss" }
 """
+
+
+# A ReLU after an fc whose bias is -100 (the inputs are N(0, 1)): its top is all zeros
+# from the first iteration, while its bottom is not.
+DEAD_RELU_NET = """
+layer { name: "data" type: "DummyData" top: "x" top: "label"
+  dummy_data_param { shape { dim: 16 dim: 8 } shape { dim: 16 }
+    data_filler { type: "gaussian" std: 1 } data_filler { type: "uniform" min: 0 max: 3.99 } } }
+layer { name: "fc1" type: "InnerProduct" bottom: "x" top: "h"
+  inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.1 }
+    bias_filler { type: "constant" value: BIAS } } }
+layer { name: "relu" type: "ReLU" bottom: "h" top: "h" }
+layer { name: "fc2" type: "InnerProduct" bottom: "h" top: "score"
+  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 0.1 } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss" }
+"""
+
+
+def dead_relu(bias=-100):
+    """DEAD_RELU_NET with fc1's bias ``bias`` (-100: the ReLU dead from the start)."""
+    return DEAD_RELU_NET.replace("BIAS", str(bias))

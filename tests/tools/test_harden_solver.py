@@ -5,7 +5,6 @@ import re
 
 import pytest
 
-from safe_layers.tools import cli
 from support.nets import POOLING_NET
 
 SOLVER = """\
@@ -26,21 +25,13 @@ snapshot_after_train: false
 
 
 @pytest.fixture
-def harden(caffe, tmp_path, monkeypatch, capsys):
-    """harden(*argv) -> (status, stdout, stderr), run in tmp_path, in this process."""
-    monkeypatch.chdir(tmp_path)
+def harden(harden, tmp_path):
+    """tests/tools/conftest.py's harden, in a tmp_path holding a solver and its two nets."""
     (tmp_path / "nets").mkdir()
     (tmp_path / "nets" / "net.prototxt").write_text(POOLING_NET)
     (tmp_path / "nets" / "test.prototxt").write_text(POOLING_NET.replace('"pooling_nan"', '"test"'))
     (tmp_path / "solver.prototxt").write_text(SOLVER)
-
-    def run(*argv):
-        capsys.readouterr()
-        status = cli.main(["harden"] + [str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
+    return harden
 
 
 def losses(result):

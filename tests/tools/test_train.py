@@ -101,13 +101,21 @@ def test_same_losses_as_caffe_train_and_caffes_parser_reads_the_log(caffe_bin, l
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_fault_exits_1_with_the_report_last_and_skip_trains_on(lenet, tmp_path):
+@pytest.fixture
+def diverging(tmp_path):
+    """A solver whose loss grows (a WATCH growth warning with --warn-growth 10) and then
+    goes non-finite (a WATCH stop, an error)."""
     net = tmp_path / "diverging.prototxt"
     net.write_text(DIVERGING_NET.replace("LAYER", ""))
     solver = tmp_path / "solver.prototxt"
     solver.write_text('net: "%s"\nbase_lr: 0.1\nmomentum: 0.9\nlr_policy: "fixed"\nmax_iter: 200\n'
                       'display: 10\nrandom_seed: 1\nsolver_mode: CPU\nsnapshot_prefix: "%s"\n'
                       % (net, tmp_path / "div"))
+    return solver
+
+
+def test_a_fault_exits_1_with_the_report_last_and_skip_trains_on(lenet, diverging, tmp_path):
+    solver = diverging
     run = safe_layers_train("-solver", solver, "--warn-growth", "10", cwd=tmp_path)
     assert run.returncode == 1, run.stderr[-3000:]
     lines = run.stderr.strip().splitlines()

@@ -13,21 +13,8 @@ import pytest
 from safe_layers.anomaly import parse_line
 from safe_layers.reporting import watch_lines
 from safe_layers.tools.train import plot
+from support.nets import dead_relu
 from support.paths import ROOT, TESTS
-
-DEAD_RELU_NET = """
-layer { name: "data" type: "DummyData" top: "x" top: "label"
-  dummy_data_param { shape { dim: 16 dim: 8 } shape { dim: 16 }
-    data_filler { type: "gaussian" std: 1 } data_filler { type: "uniform" min: 0 max: 3.99 } } }
-layer { name: "fc1" type: "InnerProduct" bottom: "x" top: "h"
-  inner_product_param { num_output: 6 weight_filler { type: "gaussian" std: 0.1 }
-    bias_filler { type: "constant" value: -100 } } }
-layer { name: "relu" type: "ReLU" bottom: "h" top: "h" }
-layer { name: "fc2" type: "InnerProduct" bottom: "h" top: "score"
-  inner_product_param { num_output: 4 weight_filler { type: "gaussian" std: 0.1 } } }
-layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top: "loss" }
-"""
-
 
 def env():
     values = dict(os.environ, GLOG_minloglevel="0")
@@ -43,7 +30,7 @@ def train(*args, cwd):
 
 
 def test_a_run_that_ends_dead_says_so_and_exits_1(tmp_path):
-    (tmp_path / "net.prototxt").write_text(DEAD_RELU_NET)
+    (tmp_path / "net.prototxt").write_text(dead_relu())
     (tmp_path / "solver.prototxt").write_text(
         'net: "net.prototxt"\nbase_lr: 0.1\nlr_policy: "fixed"\nmax_iter: 40\ndisplay: 10\n'
         'random_seed: 1\nsolver_mode: CPU\nsnapshot_prefix: "run"\nsnapshot_after_train: false\n')

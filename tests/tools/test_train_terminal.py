@@ -16,9 +16,8 @@ import termios
 import time
 
 import pytest
-from test_train import env, lenet, safe_layers_train  # noqa: F401 - fixture, runner
+from test_train import diverging, env, lenet, safe_layers_train  # noqa: F401 - fixtures, runner
 
-from support.nets import DIVERGING_NET
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 # A glog line (Caffe's, or ours: tagged "safe_layers]" or with Caffe's file:line).
@@ -107,19 +106,6 @@ def test_no_line_shares_the_bars_line_and_a_status_line_while_it_starts(lenet, t
                               tmp_path / "p2.png", cwd=tmp_path)
     assert piped.returncode == 0, piped.stderr[-2000:]
     assert "linting" not in piped.stderr and "\r" not in piped.stderr
-
-
-@pytest.fixture
-def diverging(tmp_path):
-    """A solver whose loss grows (a WATCH growth warning with --warn-growth 10) and then
-    goes non-finite (a WATCH stop, an error)."""
-    net = tmp_path / "diverging.prototxt"
-    net.write_text(DIVERGING_NET.replace("LAYER", ""))
-    solver = tmp_path / "solver.prototxt"
-    solver.write_text('net: "%s"\nbase_lr: 0.1\nmomentum: 0.9\nlr_policy: "fixed"\nmax_iter: 200\n'
-                      'display: 10\nrandom_seed: 1\nsolver_mode: CPU\nsnapshot_prefix: "%s"\n'
-                      % (net, tmp_path / "div"))
-    return solver
 
 
 def _run_levels(solver, tmp_path, *flags, **environ):
