@@ -277,3 +277,46 @@ def test_ctrl_c_while_the_plot_is_written(lenet, tmp_path):
     assert len(sent) >= 3  # the signals kept coming while the run ended
     _ended_like_caffe(status, raw)
     _what_ran_is_kept(raw, tmp_path)
+
+
+# The state the race above can leave: a SIGINT sent to the terminal's process group
+# reaches the training process after fork, before it is in a group of its own and before
+# its handlers, where SIGINT's action is the default (kill). Made certain here: the
+# training process's Python, at its start, puts back the default action and sends
+# itself a SIGINT.
+SIGINT_BEFORE_HANDLERS = '''
+import os, signal
+with open("/proc/self/cmdline", "rb") as f:
+    command = f.read().split(b"\\0")
+if b"safe_layers.tools.train.child" in command:
+    with open("/proc/self/status") as f:
+        blocked = int(next(l for l in f if l.startswith("SigBlk:")).split()[1], 16)
+    with open(os.path.join(%r, "sigblk"), "w") as f:
+        f.write(str(blocked))
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+'''
+
+
+def test_a_ctrl_c_before_the_training_process_has_its_handlers_stops_it_as_caffe_would(
+        lenet, tmp_path):
+    solver = lenet(max_iter=100000, display=10, test_interval=100000)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SIGINT_BEFORE_HANDLERS % str(tmp_path))
+    environ = env()
+    environ["PYTHONPATH"] = os.pathsep.join([str(site), environ["PYTHONPATH"]])
+    run = subprocess.run([sys.executable, "-m", "safe_layers.tools.cli", "train", "-solver",
+                          str(solver)], cwd=tmp_path, env=environ, capture_output=True,
+                         text=True, timeout=300)
+    blocked = int((tmp_path / "sigblk").read_text())
+    assert blocked & (1 << (signal.SIGINT - 1)) and blocked & (1 << (signal.SIGHUP - 1))
+    # Not killed: stopped after its first iteration, the weights snapshotted, as
+    # `caffe train -sigint_effect stop` does.
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "killed by signal" not in run.stderr and "Traceback" not in run.stderr
+    assert run.stderr.count("Optimization stopped early.") == 1, run.stderr[-3000:]
+    events = [json.loads(l) for l in (tmp_path / "lenet_events.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "summary"
+    assert len([e for e in events if e["event"] == "iteration"]) <= 1
+    assert list(tmp_path.glob("*.caffemodel")), sorted(p.name for p in tmp_path.iterdir())

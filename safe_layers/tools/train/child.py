@@ -202,6 +202,9 @@ class Signals:
         self.pending = []
         for number, effect in self.effects.items():
             signal.signal(number, signal.SIG_IGN if effect == "none" else self._handle)
+        # Blocked since before this process existed (terminal.supervise): one sent in
+        # the meantime is taken now, as the effect it asks for.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, list(self.effects))
 
     def _handle(self, number, frame):
         self.pending.append(self.effects[number])

@@ -108,11 +108,18 @@ def supervise(command, terminal, early=None, env=None):
     # Its own process group, so that a Ctrl-C at the terminal reaches it only through
     # this process (forwarded below); Popen's process_group is Python 3.11's.
     group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+    # A Ctrl-C sent to the terminal's process group while the child is forked but not yet
+    # in its own group would reach it with SIGINT's default action (CPython's vfork path
+    # resets handlers before setpgid) and kill it. Blocked here, the signals are blocked
+    # in the child too (the mask survives fork and exec) until it has its handlers
+    # (child.Signals unblocks them); this process gets them as soon as Popen returns.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
     try:
         child = subprocess.Popen(command + [str(progress_write)], stderr=subprocess.PIPE,
                                  pass_fds=(progress_write,), env=env, **group)
     finally:
         os.close(progress_write)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     held, ready = [], [False]
 
     def send(number):
