@@ -113,7 +113,14 @@ def _signal_during_preflight(solver, number, tmp_path):
     values = dict(env(), TMPDIR=str(temp))
     child = subprocess.Popen([sys.executable, "-m", "safe_layers.tools.cli", "train", "-solver",
                               str(solver)], cwd=tmp_path, env=values, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)  # past argument parsing, inside the checks and lint (seconds)
+    # Inside the checks: once the tool has started a process of its own (lint builds the
+    # net in one), its handlers are in. A fixed sleep was either too short (a loaded
+    # machine: still importing, Python's KeyboardInterrupt) or too long (training begun).
+    children = "/proc/%d/task/%d/children" % (child.pid, child.pid)
+    deadline = time.time() + 120
+    while child.poll() is None and not open(children).read().split():
+        assert time.time() < deadline, "the tool started no process of its own"
+        time.sleep(0.01)
     child.send_signal(number)
     err = child.stderr.read()
     return child.wait(timeout=240), err, temp
