@@ -164,26 +164,10 @@ class LMDBDatabase(Database):
         subdir = os.path.isdir(self.path)
         _check_lmdb_size(os.path.join(self.path, "data.mdb") if subdir else self.path)
         try:
-            self._env = self._open(lmdb, subdir)
+            self._env = lmdb_keys.open_readonly(lmdb, self.path, subdir)
             self.count = self._env.stat()["entries"]
         except lmdb.Error as exc:
             raise InputError("%s: not a readable LMDB: %s" % (self.path, _lmdb_message(exc))) from None
-
-    def _open(self, lmdb, subdir):
-        """The environment, read-only, in LMDB's reader table (lock=True) so that a
-        process writing the database meanwhile never reuses the pages read here; without
-        the lock only where the lock file cannot be made (read-only media, where no one
-        writes). readahead=False: a cursor walk should not fault in pages it will not read."""
-        try:
-            return lmdb.open(self.path, subdir=subdir, readonly=True, lock=True,
-                             readahead=False, max_dbs=0)
-        except lmdb.ReadonlyError:
-            pass  # liblmdb's EACCES/EROFS on making or opening lock.mdb
-        except lmdb.Error as exc:
-            if "Read-only file system" not in str(exc):
-                raise
-        return lmdb.open(self.path, subdir=subdir, readonly=True, lock=False,
-                         readahead=False, max_readers=1, max_dbs=0)
 
     def records(self, limit=None):
         broken = lmdb_keys.walk_apart(self.path, os.path.isdir(self.path), limit)

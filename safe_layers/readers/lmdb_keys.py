@@ -36,10 +36,27 @@ def walk_apart(path, subdir, limit=None):
     return None, None, why
 
 
+def open_readonly(lmdb, path, subdir):
+    """The environment, read-only, in LMDB's reader table (lock=True) so that a process
+    writing the database meanwhile never reuses the pages read here (a walk without it
+    meets MDB_PAGE_NOTFOUND in a database that is fine); without the lock only where
+    the lock file cannot be made (read-only media, where no one writes).
+    readahead=False: a cursor walk should not fault in pages it will not read."""
+    try:
+        return lmdb.open(path, subdir=subdir, readonly=True, lock=True, readahead=False,
+                         max_dbs=0)
+    except lmdb.ReadonlyError:
+        pass  # liblmdb's EACCES/EROFS on making or opening lock.mdb
+    except lmdb.Error as exc:
+        if "Read-only file system" not in str(exc):
+            raise
+    return lmdb.open(path, subdir=subdir, readonly=True, lock=False, readahead=False,
+                     max_readers=1, max_dbs=0)
+
+
 def _walk(path, subdir, limit):
     import lmdb
-    env = lmdb.open(path, subdir=subdir, readonly=True, lock=False, readahead=False,
-                    max_readers=1, max_dbs=0)
+    env = open_readonly(lmdb, path, subdir)
     position, last = 0, None
     try:
         with env.begin(buffers=True) as txn:
