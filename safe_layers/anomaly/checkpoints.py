@@ -179,9 +179,13 @@ class Checkpoints:
         return None
 
     # -- taking -----------------------------------------------------------------------
+    def due(self, iteration):
+        """Whether a checkpoint of the state at the start of ``iteration`` is to be taken."""
+        return not (iteration % self.every or (self.latest and self.latest.iteration == iteration))
+
     def maybe_save(self, iteration):
         """Take (or adopt) the checkpoint of ``iteration`` when one is due."""
-        if iteration % self.every or (self.latest and self.latest.iteration == iteration):
+        if not self.due(iteration):
             return
         model, state = self.paths(iteration)
         if os.path.lexists(model) or os.path.lexists(state):

@@ -1,6 +1,8 @@
 """The solver-level checks of a watch, once per iteration: the learning rate before the
 forward, the loss and every param diff before the update (with a NaN-aware clip of the
-diffs, optionally), every weight after it, and the early warning of growing norms.
+diffs, optionally) and the params a forward writes (BatchNorm's statistics), every weight
+after the update where it could have made one non-finite, and the early warning of
+growing norms.
 
 A bad iteration is stopped (NonFiniteError), skipped (:class:`Skip`: the watch abandons
 ``Solver::Step`` before its update), rolled back (:class:`RollbackRequest`) or only reported,
@@ -14,7 +16,7 @@ import math
 
 import numpy
 
-from safe_layers.anomaly.fused_read import FusedReads
+from safe_layers.anomaly.fused_read import FusedReads, forward_written
 from safe_layers.anomaly.liveness import Liveness
 from safe_layers.anomaly.probe import accessors, blob_fault
 from safe_layers.anomaly.pycaffe_hooks import STEP
@@ -23,6 +25,21 @@ from safe_layers.core.float_text import six_digits
 from safe_layers.kernels import clip as clip_kernels
 from safe_layers.reporting import watch_lines
 from safe_layers.reporting.watch_lines import Event, SolverFault
+
+
+# The weights after an update are read when the update could have made a finite weight
+# non-finite, and every WEIGHTS_EVERY iterations besides (a weight set between steps by
+# the caller). An update from finite ingredients (rate, diffs, weights, the solver's
+# history, built from the same) is non-finite only where a product or a sum overflows
+# float32 (3.4e38); below these bounds none can: the update of one iteration is at most
+# about lr * (|diff| + decay_mult * weight_decay * |w|) / (1 - momentum), a momentum
+# of 0.999 and a decay_mult of 100 allowed for, and WEIGHTS_EVERY of them add up to far
+# less than float32's largest value. |diff| < 1e18 also keeps diff² (AdaGrad, RMSProp,
+# AdaDelta and Adam's history, src/caffe/solvers/*.cpp) finite.
+WEIGHTS_EVERY = 100
+DIFF_BOUND = 1e18
+STEP_BOUND = 1e28
+WEIGHT_BOUND = 1e30
 
 
 class Skip(Exception):
@@ -112,7 +129,9 @@ class SolverChecks:
         self.growth = Growth(options, reports)
         self.data, self.diff = accessors()
         self.params = param_blobs(net)
-        self.reads = FusedReads(probe, self.params, self.data, self.diff)
+        self.reads = FusedReads(probe, self.params, forward_written(net, self.params),
+                                self.data, self.diff)
+        self.weight_decay = float(solver_param.weight_decay) if solver_param is not None else 0.0
         self.loss = None
         self.lr = None
         self.grad_norm = None
@@ -121,6 +140,7 @@ class SolverChecks:
         self.skipped = []
         self.guard_reports = []
         self.pending_update = False  # gradients checked, the weights after the update not yet
+        self.weights_due = True      # that update may have made a weight non-finite: read them
         self.lr_zero_warned = False
         self.probed = hooks.probed             # the layer probes checked this iteration's diffs
         self.after_update = hooks.mode == STEP  # checked after solver.step(1), update applied
@@ -140,6 +160,7 @@ class SolverChecks:
         and the recent losses measured anew."""
         self.consecutive_bad = 0
         self.pending_update = False
+        self.weights_due = True
         self.growth.restart()
         self.losses.restart()
         if self.liveness is not None:
@@ -155,10 +176,25 @@ class SolverChecks:
                 and self.losses.no_worse_than_at_start()
                 and not (self.liveness is not None and self.liveness.suspect()))
 
-    def settle(self, updated_iteration):
-        """Check the weights after the update of ``updated_iteration``, if not done yet."""
-        if self.pending_update:
+    def settle(self, updated_iteration, force=False):
+        """Check the weights after the update of ``updated_iteration``, if not done yet,
+        where it is due (see WEIGHTS_EVERY) or ``force`` (a checkpoint is taken of them)."""
+        if not self.pending_update:
+            return
+        if force or self.weights_due or updated_iteration % WEIGHTS_EVERY == 0:
             self.weights(updated_iteration)
+        else:
+            self.pending_update = False
+
+    def _update_is_bounded(self):
+        """Whether the update about to be applied cannot make a finite weight non-finite
+        (the bounds above WEIGHTS_EVERY), from the rate, the diffs' norm and the weights'
+        norm last read."""
+        lr, diff, weights = self.lr, self.grad_norm, self.weight_size
+        if lr is None or diff is None or weights is None or not math.isfinite(lr):
+            return False
+        step = lr * (diff + 100 * self.weight_decay * weights) * 1000
+        return diff < DIFF_BOUND and weights < WEIGHT_BOUND and step < STEP_BOUND
 
     def learning_rate(self, iteration):
         """The rate of ``iteration``: non-finite or negative stops; 0 warns once. Without
@@ -199,9 +235,9 @@ class SolverChecks:
         probe = self.probe
         o = self.options
         need_norms = not (o.check_layers == "always" and self.probed) or o.warn_growth or o.clip_gradients
-        norms = None
+        norms = written = None
         if need_norms or loss_from_tops:
-            loss, norms = self.reads.gradients(loss_from_tops, need_norms)
+            loss, norms, written = self.reads.gradients(loss_from_tops, need_norms)
             if loss_from_tops:
                 probe.pass_losses = [loss]
         losses = probe.pass_losses or [numpy.float32("nan")]
@@ -213,7 +249,10 @@ class SolverChecks:
                      for label in ["%s[%d]" % (layer, k)])
         if norms is not None:
             bad = sorted(set(bad) | {label for label, s in norms if not math.isfinite(s)})
-        if bad or not math.isfinite(self.loss):
+        # Read in full after this update unless shown harmless below.
+        self.weights_due = self.pending_update = True
+        faulty = bool(bad) or not math.isfinite(self.loss)
+        if faulty:
             self._bad_iteration(iteration, bad)
         else:
             self.consecutive_bad = 0
@@ -227,7 +266,21 @@ class SolverChecks:
                 self._clip(iteration, total, bool(bad))
             if o.warn_growth:
                 self.growth.gradients(iteration, total)
-        self.pending_update = True
+        if written:
+            self._written(iteration, written)
+        # An update Caffe applies over a fault (on_nonfinite warn) is no bounded one.
+        self.weights_due = (faulty or norms is None or self.after_update or bool(o.warn_growth)
+                            or not self._update_is_bounded())
+
+    def _written(self, iteration, written):
+        """The params this iteration's forward wrote (BatchNorm's statistics): a good
+        iteration's loss and diffs say nothing of them (a variance that overflowed
+        normalizes to zeros, and the loss stays finite)."""
+        bad = [label for label, s in written if not math.isfinite(s)]
+        if bad:
+            blobs = {label: blob for label, _, _, blob in self.params}
+            self._data_fault(iteration, [(label, self.data(blobs[label])) for label in bad],
+                             "after the forward of iteration %d" % iteration)
 
     def _bad_iteration(self, iteration, bad_params):
         self.replay_note = self.on_fault(iteration) if self.on_fault is not None else None
@@ -354,24 +407,29 @@ class SolverChecks:
         if o.warn_growth and not bad:
             self.weight_norm = math.sqrt(total)
             self.growth.weights(updated_iteration, self.weight_norm)
-        if not bad:
-            return
+        if bad:
+            self._data_fault(updated_iteration, bad,
+                             "after the update of iteration %d" % updated_iteration)
+
+    def _data_fault(self, iteration, bad, when):
+        """Non-finite param data, [(label, data)] ``bad``: rolled back (rollback_after),
+        reported (on_nonfinite warn) or stopped; a skip cannot mend it."""
+        o = self.options
         label, data = bad[0]
         fault_text = blob_fault(data).text()
-        message = ("non-finite param data after the update of iteration %d: %s %s (%d param blobs: "
-                   "%s)" % (updated_iteration, label, fault_text, len(bad),
-                            ", ".join(b[0] for b in bad[:8]) + (" ..." if len(bad) > 8 else "")))
+        message = ("non-finite param data %s: %s %s (%d param blobs: %s)"
+                   % (when, label, fault_text, len(bad),
+                      ", ".join(b[0] for b in bad[:8]) + (" ..." if len(bad) > 8 else "")))
         params = [b[0] for b in bad]
         if o.rollback_after:
-            fault = SolverFault("weights", "TRAIN", updated_iteration, message, "rollback", params)
+            fault = SolverFault("weights", "TRAIN", iteration, message, "rollback", params)
             self.reports.fault(fault, "E")
             raise RollbackRequest(fault)
         if o.on_nonfinite == "warn":
-            self.reports.fault(SolverFault("weights", "TRAIN", updated_iteration, message, "warn",
+            self.reports.fault(SolverFault("weights", "TRAIN", iteration, message, "warn",
                                            params), "W")
             return
-        self.reports.stop(SolverFault("weights", "TRAIN", updated_iteration, message, "stop",
-                                      params))
+        self.reports.stop(SolverFault("weights", "TRAIN", iteration, message, "stop", params))
 
     def _clip(self, iteration, norm, has_nonfinite):
         limit = self.options.clip_gradients

@@ -2,12 +2,15 @@
 reduced on the arrays' own device into one small array and read to the host at once.
 
 Before the update (``on_gradients_ready``) that is the sum of each loss top (the loss, as
-Layer::Forward sums it) and every param diff's sum of squares (its finiteness and its L2
-norm, for the clip, the growth warning and the vanished-update check); after the update
-(checked when the next iteration starts, or when ``step`` returns: Caffe offers no hook
-after ``ApplyUpdate``, src/caffe/solver.cpp:267), every weight's sum of squares. So a
-healthy iteration costs two host reads on a GPU, whatever the number of param blobs; a
-sum of squares that is not finite costs one more read for that blob (see :func:`wide`).
+Layer::Forward sums it), every param diff's sum of squares (its finiteness and its L2
+norm, for the clip, the growth warning and the vanished-update check) and the sum of
+squares of the params a forward writes (BatchNorm's mean, variance and scale factor,
+src/caffe/layers/batch_norm_layer.cpp: Forward_cpu; a Python layer's or an unknown
+type's, which may): one host read per healthy iteration on a GPU, whatever the number
+of param blobs. Every weight's sum of squares (:meth:`FusedReads.weights`) is read after
+an update only where the update could have made a finite weight non-finite (see
+checks.SolverChecks.settle). A sum of squares that is not finite costs one more read
+for that blob (see :func:`wide`).
 """
 
 import math
@@ -50,13 +53,27 @@ def read_reductions(summed, squared):
     return sums, squares
 
 
+# Layer types whose param blobs only the solver's update changes (their Forward reads
+# them): the forward-written params are those of every other type, a fork's included.
+SOLVER_WRITTEN = frozenset(("Convolution", "Deconvolution", "InnerProduct", "Scale", "Bias",
+                            "PReLU", "Embed", "RNN", "LSTM"))
+
+
+def forward_written(net, params):
+    """The entries of ``params`` (:func:`~.checks.param_blobs`) whose layer may write them
+    in its Forward."""
+    return [p for p in params if net.layers[p[1]].type not in SOLVER_WRITTEN]
+
+
 class FusedReads:
     """The fused reads of one watched training net: ``probe`` (its loss tops), ``params``
-    (:func:`~.checks.param_blobs`), ``data`` / ``diff`` (the blob accessors)."""
+    (:func:`~.checks.param_blobs`), ``written`` (those a forward writes), ``data`` /
+    ``diff`` (the blob accessors)."""
 
-    def __init__(self, probe, params, data, diff):
+    def __init__(self, probe, params, written, data, diff):
         self.probe = probe
         self.params = params
+        self.written = written
         self.data, self.diff = data, diff
         # Every loss top with its weight, in the net's order (Net::ForwardFromTo sums them so).
         self.loss_tops = ([pair for tops in probe.loss_tops for pair in tops]
@@ -64,21 +81,25 @@ class FusedReads:
 
     def gradients(self, with_loss, with_diffs):
         """(the loss of the net's last forward as a float32, or None without
-        ``with_loss``; [(label, sum of squares of its diff)], or None without
+        ``with_loss``; [(label, sum of squares of its diff)] and [(label, sum of squares
+        of its data)] of the forward-written params, or None and None without
         ``with_diffs``): one host read."""
         probe = self.probe
         tops = [probe.data(probe.blobs[j]) for j, _ in self.loss_tops] if with_loss else []
         diffs = [self.diff(blob) for _, _, _, blob in self.params] if with_diffs else []
-        sums, squares = read_reductions(tops, diffs)
+        written = [self.data(blob) for _, _, _, blob in self.written] if with_diffs else []
+        sums, squares = read_reductions(tops, diffs + written)
         loss = None
         if with_loss:
             loss = numpy.float32(0)
             for (_, weight), value in zip(self.loss_tops, sums):
                 loss = numpy.float32(loss + numpy.float32(value * weight))  # probe._add_loss
-        norms = None
+        norms = data = None
         if with_diffs:
             norms = [(label, s) for (label, _, _, _), s in zip(self.params, squares)]
-        return loss, norms
+            data = [(label, s) for (label, _, _, _), s in zip(self.written,
+                                                              squares[len(self.params):])]
+        return loss, norms, data
 
     def weights(self):
         """[(label, sum of squares of its data)] of every param blob: one host read."""

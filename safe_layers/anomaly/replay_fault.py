@@ -58,6 +58,7 @@ class FaultReplay:
                               and hasattr(layer, "__dict__")]
         self.layer_states = []
         self.trained = set()       # param labels whose diff was ever non-zero
+        self.frozen = set()        # param labels Caffe computes no diff for (see frozen_params)
         self.first_iteration = None
         self.dead_after = 1
 
@@ -151,10 +152,11 @@ class FaultReplay:
         # or dead from the start: looked at over the first dead_after iterations only.
         early = iteration - self.first_iteration < self.dead_after
         zero = False
+        frozen = self.frozen
         for label, size in sizes.items():
             if size:
                 self.trained.add(label)
-            elif early or label in self.trained:
+            elif (early and label not in frozen) or label in self.trained:
                 zero = True
         if zero:
             self.replay(iteration)
@@ -209,6 +211,7 @@ def attach(watch, options):
     probe.check_layers = False
     replay = FaultReplay(watch.net, probe, watch.producers, watch.iter_size)
     replay.dead_after = options.dead_after
+    replay.frozen = frozen_params(watch.net, watch.train_net_param())
 
     def on_fault(iteration):
         replay.last = None
@@ -222,6 +225,26 @@ def attach(watch, options):
     watch.checks.on_fault = on_fault
     watch.checks.on_sizes = replay.zeros
     return replay
+
+
+def frozen_params(net, net_param):
+    """The labels ('layer[k]') of the params of ``net`` whose diff Caffe never computes:
+    lr_mult 0 (Net::AppendParam: set_param_propagate_down(false), src/caffe/net.cpp), as
+    every BatchNorm's statistics are (its LayerSetUp forces it,
+    src/caffe/layers/batch_norm_layer.cpp), and as ``net_param`` (the solver's training
+    net, or None) says of the others. Their zero diffs are no sign of a dead layer."""
+    specs = {}
+    if net_param is not None:
+        for layer in net_param.layer:
+            specs.setdefault(layer.name, [spec.lr_mult if spec.HasField("lr_mult") else 1.0
+                                          for spec in layer.param])
+    frozen = set()
+    for name, layer in zip(net._layer_names, net.layers):
+        mults = specs.get(name, [])
+        for k in range(len(layer.blobs)):
+            if layer.type == "BatchNorm" or (k < len(mults) and mults[k] == 0):
+                frozen.add("%s[%d]" % (name, k))
+    return frozen
 
 
 def replay_event(last):

@@ -222,17 +222,23 @@ class Watch:
     def _net_name(self):
         """The name in the solver's net prototxt, or None: what the watch's lines are
         tagged with where another watch runs beside it."""
+        net_param = self.train_net_param()
+        return net_param.name or None if net_param is not None else None
+
+    def train_net_param(self):
+        """The training net's NetParameter as the solver names it, or None (no solver
+        prototxt, or one that does not read)."""
         param = self.param
         if param is None:
             return None
         for field in ("net_param", "train_net_param"):
             if param.HasField(field):
-                return getattr(param, field).name or None
+                return getattr(param, field)
         for field in ("net", "train_net"):
             if param.HasField(field):
                 try:
-                    return prototxt.read_net(getattr(param, field)).message.name or None
-                except Exception:  # noqa: BLE001 - a name is a nicety: the count stands in
+                    return prototxt.read_net(getattr(param, field)).message
+                except Exception:  # noqa: BLE001 - what it gives is a nicety (a name, a hint)
                     return None
         return None
 
@@ -244,9 +250,10 @@ class Watch:
         solver_iteration.activate(self)
         self._read_boards()  # left by a net.forward() of the caller's between steps
         iteration = self.iteration()
-        self.checks.settle(iteration - 1)
-        self.checks.learning_rate(iteration)
         checkpoints = self.rollback.checkpoints
+        # A checkpoint is of weights read and found finite.
+        self.checks.settle(iteration - 1, force=checkpoints is not None and checkpoints.due(iteration))
+        self.checks.learning_rate(iteration)
         if checkpoints is not None and self.checks.worth_keeping(iteration):
             checkpoints.maybe_save(iteration)
         for probe in self.probes:

@@ -1,6 +1,8 @@
 """Host reads of the watch's default mode (each one a drain of the stream on a GPU; counted
 on the CPU alike, safe_layers.kernels.xp.HOST_READS): the solver-level checks read the
-loss and every param diff at once, and every weight at once after the update."""
+loss, every param diff and the params a forward writes at once; every weight, at once, only
+after an update that could have made one non-finite and every WEIGHTS_EVERY iterations
+(tests/anomaly/test_watch_weights.py)."""
 
 import math
 
@@ -29,16 +31,25 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "score" bottom: "label" top
 layer { name: "l2" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "l2" loss_weight: 0.5 }
 """
 
-# Per healthy iteration: one read in on_gradients_ready (the two loss tops' sums and the
-# six diffs' sums of squares) and one of the six weights' sums of squares after the update
-# (when the next iteration starts, or when step() returns: Caffe has no hook after
-# ApplyUpdate).
-READS_PER_ITERATION = 2
+# The same with a BatchNorm (three blobs its forward writes: read with the diffs).
+BN_NET = NET.replace('layer { name: "relu"', 'layer { name: "bn" type: "BatchNorm" bottom: "c" '
+                     'top: "c" }\nlayer { name: "relu"')
+
+# And with ip2 frozen (lr_mult 0: Caffe computes no diff for it, a zero diff is no dead layer).
+FROZEN_NET = NET.replace('top: "y"\n  inner_product_param', 'top: "y"\n  param { lr_mult: 0 } '
+                         'param { lr_mult: 0 }\n  inner_product_param')
+
+# Per healthy iteration: one read in on_gradients_ready (the two loss tops' sums, the six
+# diffs' sums of squares, and BatchNorm's statistics' where there is one).
+READS_PER_ITERATION = 1
 
 
 @pytest.mark.parametrize("steps", ["one call", "one call per iteration"])
-def test_a_healthy_iteration_reads_the_host_twice(make_solver, steps):
-    w = watch(make_solver(NET, base_lr=0.01, momentum=0.9, random_seed=1))
+@pytest.mark.parametrize("net", [NET, BN_NET, FROZEN_NET],
+                         ids=["conv-ip", "with BatchNorm", "with a frozen layer"])
+def test_a_healthy_iteration_reads_the_host_once(write_solver, steps, net):
+    assert net.count("lr_mult: 0") == (2 if net is FROZEN_NET else 0)
+    w = watch(str(write_solver(net, base_lr=0.01, momentum=0.9, random_seed=1)))
     assert w.options.check_layers == "replay"  # the default
     w.solver.step(2)
     with HOST_READS.recording() as reads:
