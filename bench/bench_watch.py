@@ -7,8 +7,9 @@
    Step) of the published nets (tests/data; DummyData in place of their LMDBs) and of
    the demo's digits net (its LMDBs written by examples/digits.py; about a millisecond
    an iteration), six ways, interleaved round by round: plain; ``safe_layers.watch`` as it
-   comes (check_layers replay: the rate, the loss, every param diff and weight, in two
-   host reads; a layer probe only in the replay of a bad iteration); every layer checked
+   comes (check_layers replay: the rate, the loss and every param diff in one host read,
+   every weight after an update that could overflow and every 100 iterations; a layer
+   probe only in the replay of a bad iteration); every layer checked
    on every iteration (check_layers always); the solver-level checks only (check_layers
    off); a NaNGuard after every layer; Caffe's ``debug_info: true`` in the SOLVER (with
    display: 1, the only way it runs every iteration; its log lines go to /dev/null).
@@ -52,6 +53,9 @@ NETS = {
     # examples/digits.py): an iteration of about a millisecond, as on a GPU.
     "digits": (None, None, 50, 20),
 }
+
+# Iterations run by every variant before timing: past the default dead_after (20).
+WARM_UP = 21
 
 VARIANTS = ("plain", "replay", "always", "off", "nan_guards", "debug_info")
 LABELS = {"plain": "plain", "replay": "watch (default: replay)", "always": "watch always",
@@ -146,13 +150,13 @@ def bench_net(name, rounds, folder):
                             variant == "debug_info")
         with Quiet():
             solver = caffe.get_solver(path)
-        w = attach(variant, solver, path)
-        # Warm up: allocations, BLAS threads; the default mode past its first dead_after
-        # iterations, each of which it replays to look for a dead layer (a start-up cost,
+        attach(variant, solver, path)
+        # Warm up, every variant alike: allocations, caches, and the default mode past
+        # its first dead_after iterations, in which a param with a zero diff (one not
+        # frozen) has the iteration replayed to look for a dead layer (a start-up cost,
         # not one of every iteration: see replay_fault.FaultReplay.zeros).
-        warm = 2 if variant != "replay" else w.options.dead_after + 1
         with Quiet():
-            solver.step(warm)
+            solver.step(WARM_UP)
         solvers[variant] = solver
     times = {variant: [] for variant in VARIANTS}
     for r in range(rounds):

@@ -284,19 +284,20 @@ class Watch:
         return probe.loss if kept else probe.read_loss()
 
     # -- stepping --------------------------------------------------------------------
-    def step(self, iters=1, until_rollback=False):
+    def step(self, iters=1, until_rollback=False, check_weights=False):
         """``solver.step(iters)`` under the watch: runs until ``iter`` reaches its value
         at the call plus ``iters``; skipped iterations are retried with the next batch; a
         rollback moves ``iter`` back to the checkpoint and training goes on from there
         (``until_rollback``: returns right after it instead, for a caller that accounts
-        for every iteration itself)."""
+        for every iteration itself). ``check_weights``: every weight is read before it
+        returns (the caller snapshots them next), not only where an update was suspect."""
         if self.closed:
             return self._step(iters)
         target = int(self.solver.iter) + int(iters)
         while True:
             try:
                 if int(self.solver.iter) >= target:
-                    self.checks.settle(int(self.solver.iter) - 1)
+                    self.checks.settle(int(self.solver.iter) - 1, force=check_weights)
                     return
                 if self.hooks.mode == STEP:
                     self._step_once()

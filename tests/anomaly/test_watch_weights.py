@@ -110,3 +110,21 @@ def test_a_weight_set_non_finite_between_steps_is_never_kept_as_a_checkpoint(
     assert fault.iteration == 9 and fault.params == ["side[0]"], fault.line()
     assert w.rollbacks == 1 and all_finite(w.solver.net)
     w.close()
+
+
+def test_a_step_before_a_snapshot_reads_every_weight(caffe, write_solver):
+    # safe-layers train steps so before each snapshot: none is written of weights unread.
+    w = watch(str(write_solver(SIDE_BRANCH_NET, base_lr=0.01)), log_first=0)
+    # Past dead_after (20): in the first iterations a zero diff (the silenced branch's)
+    # has the iteration replayed, which would name the inf top.
+    w.solver.step(w.options.dead_after + 5)
+    calls = _count_weight_reads(w)
+    w.step(1)
+    assert calls == []
+    w.solver.net.params["side"][0].data[0, 0] = np.inf
+    w.step(1)
+    assert calls == []  # the loss and the diffs say nothing of it
+    with pytest.raises(NonFiniteError) as caught:
+        w.step(1, check_weights=True)
+    assert calls == [w.options.dead_after + 8] and caught.value.report.params == ["side[0]"]
+    w.close()

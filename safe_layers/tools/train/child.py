@@ -354,7 +354,12 @@ class Trainer:
                 if self.stop_requested:
                     break
             rollbacks = watch.rollbacks
-            watch.step(1, until_rollback=True)
+            # No snapshot of weights the watch has not read (it reads them after an update
+            # only where one could have gone non-finite).
+            ends = it + 1
+            snapshots = (snapshot and ends % snapshot == 0) or (
+                ends >= max_iter and param.snapshot_after_train)
+            watch.step(1, until_rollback=True, check_weights=bool(snapshots))
             if watch.rollbacks != rollbacks:
                 # Back at a checkpoint: the smoothing starts over, as a new Step() would.
                 smoothed = SmoothedLoss(max(1, param.average_loss), int(solver.iter))
