@@ -16,12 +16,16 @@ their recorded tops put back, the probes and the hold of a producer to stop on
 (:mod:`.producers`) called where the layer hooks would call them. The param data (a
 BatchNorm's running statistics move in every TRAIN forward) and the param diffs (a backward
 adds to them) are put back as they were afterwards, so the policy then acts on the
-iteration Caffe computed. Where the replay finds no non-finite value, the fault did not
+iteration Caffe computed. Our own layers in the net (NaNGuard, GradientClip, ...) run
+again as they ran, repairs included, but report and count nothing (their reports of the
+iteration were made when it ran: ``reporting.replaying``). Where the replay finds no non-finite value, the fault did not
 reproduce: a random layer (Dropout) drew anew, or a Python layer with state behaved
 otherwise; the report says so and names those layers.
 """
 
 import time
+
+from safe_layers.reporting.fault_log import replaying
 
 # Layers that draw random numbers in a TRAIN forward: a replay draws anew.
 RANDOM_TYPES = ("Dropout", "DummyData", "RReLU")
@@ -61,6 +65,7 @@ class FaultReplay:
         self.frozen = set()        # param labels Caffe computes no diff for (see frozen_params)
         self.first_iteration = None
         self.dead_after = 1
+        self.read_boards = lambda: None  # the watch's: reads its net's deferred checks
 
     # -- each iteration ----------------------------------------------------------------
     def start(self):
@@ -118,10 +123,13 @@ class FaultReplay:
                 blob.diff[...] = 0  # Solver::Step's ClearParamDiffs
             check_layers, probe.check_layers = probe.check_layers, True
             try:
-                for k, batch in enumerate(batches):
-                    probe.forward_calls = probe.backward_calls = first + k
-                    self._pass(batch)
-                    faulty = faulty or probe.faulty
+                with replaying():
+                    for k, batch in enumerate(batches):
+                        probe.forward_calls = probe.backward_calls = first + k
+                        self._pass(batch)
+                        faulty = faulty or probe.faulty
+                    # Our layers' deferred checks of the replay, read while they are muted.
+                    self.read_boards()
             finally:
                 probe.check_layers = check_layers
                 self.producers.stop_held()
@@ -212,6 +220,7 @@ def attach(watch, options):
     replay = FaultReplay(watch.net, probe, watch.producers, watch.iter_size)
     replay.dead_after = options.dead_after
     replay.frozen = frozen_params(watch.net, watch.train_net_param())
+    replay.read_boards = watch._read_boards
 
     def on_fault(iteration):
         replay.last = None

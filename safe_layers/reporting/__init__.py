@@ -22,8 +22,8 @@ One format, one owner: every line our layers print is made in this package, and
 
 from safe_layers.reporting import watch_lines
 from safe_layers.reporting.array_faults import PendingFault, inspect, report_from_row
-from safe_layers.reporting.fault_log import (PHASES, REPAIRS, FaultAbort, FaultLog, iteration,
-                                             phase_name)
+from safe_layers.reporting.fault_log import (PHASES, REPAIRS, FaultAbort, FaultLog,
+                                             is_replaying, iteration, phase_name, replaying)
 from safe_layers.reporting.flight_records import (FlightRecorder, flight_record_stem,
                                                   safe_file_name, write_flight_record)
 from safe_layers.reporting.glog import glog_prefix
@@ -37,7 +37,8 @@ from safe_layers.reporting.report_lines import _same  # noqa: F401 - tests compa
 __all__ = [
     "watch_lines",
     "PendingFault", "inspect", "report_from_row",
-    "PHASES", "REPAIRS", "FaultAbort", "FaultLog", "iteration", "phase_name",
+    "PHASES", "REPAIRS", "FaultAbort", "FaultLog", "is_replaying", "iteration", "phase_name",
+    "replaying",
     "FlightRecorder", "flight_record_stem", "safe_file_name", "write_flight_record",
     "glog_prefix",
     "LIVE", "LiveLayers", "clear_fault_logs", "fault_logs", "layers_of",

@@ -8,6 +8,7 @@ flight recorder. :func:`iteration` turns a layer's call count into the solver it
 every report names.
 """
 
+import contextlib
 import sys
 import threading
 
@@ -46,6 +47,26 @@ def iteration(phase, call, iter_size=1):
 
 
 # ---- the log of one layer ------------------------------------------------------------------------
+
+_replays = [0]  # how many replays (safe_layers.anomaly.replay_fault) are running
+
+
+@contextlib.contextmanager
+def replaying():
+    """While a watch runs an iteration again to name its producer: our layers act as they
+    did when it ran (a repair repairs again, so the replay computes what the iteration
+    computed) but count, print and record nothing and raise no abort: the iteration's
+    reports were made when it ran, and a second would double every count."""
+    _replays[0] += 1
+    try:
+        yield
+    finally:
+        _replays[0] -= 1
+
+
+def is_replaying():
+    return _replays[0] > 0
+
 
 class FaultAbort(FloatingPointError):
     """A layer stopped training on a fault; ``.report`` is its :class:`FaultReport`."""
@@ -203,6 +224,8 @@ class FaultLog:
     def handle(self, report, arrays=None):
         """:meth:`resolve_action`, :meth:`report`, and raise for 'abort'/'error'. Returns the
         action to carry out (a repair, or 'warn')."""
+        if _replays[0]:
+            return "warn" if report.action in ("abort", "error") else report.action
         action = self.resolve_action(report)
         if action == "error":
             report.action = action = "abort"

@@ -8,7 +8,7 @@ import pytest
 
 from safe_layers.anomaly import NonFiniteError, watch
 from safe_layers.core.float_text import jsonable
-from support.nets import POOLING_NET
+from support.nets import POOLING_NET, regression_net
 from support.published import published_net, published_solver_fields
 from support.weights import assert_bit_equal, weights
 
@@ -168,4 +168,43 @@ def test_a_fault_the_replay_cannot_reproduce_is_said_so(caffe, write_solver):
     assert "the replay of this iteration with every layer checked found every value finite" \
         in fault.message and "random layers drew anew (drop)" in fault.message
     assert fault.details["replay"] == "not reproduced"
+    w.close()
+
+
+# A poisoned sample caught by a NaNGuard (warn) and a GradientClip on the way back: the
+# watch's replay of the iteration runs both again.
+GUARDED_NET = regression_net("guarded_replay", fc_bottom="xp", before_fc=(
+    'layer { name: "poison" type: "Python" bottom: "x" top: "xp"\n'
+    '  python_param { module: "support.poison" layer: "PoisonAtCall" param_str: "{calls: [3], sample: 1}" } }\n'
+    'layer { name: "guard" type: "Python" bottom: "xp" top: "xp"\n'
+    '  python_param { module: "safe_layers" layer: "NaNGuard" param_str: "{name: guard, follows: poison}" } }\n'),
+    after_fc=('layer { name: "clip" type: "Python" bottom: "y" top: "y"\n'
+              '  python_param { module: "safe_layers" layer: "GradientClip" '
+              'param_str: "{max_norm: 1, log_every: 0, nonfinite: keep}" } }\n'))
+
+
+@pytest.fixture
+def checks():
+    from safe_layers.core import backend
+    yield backend.set_checks
+    backend.set_checks(None)
+
+
+@pytest.mark.parametrize("policy", ["immediate", "deferred"])
+@pytest.mark.parametrize("mode", ["always", "replay"])
+def test_our_layers_report_and_count_a_replayed_iteration_once(caffe, write_solver, capfd, checks,
+                                                               policy, mode):
+    from safe_layers import reporting
+    checks(policy)
+    w = watch(str(write_solver(GUARDED_NET)), check_layers=mode, on_nonfinite="skip", log_first=0)
+    w.solver.step(5)
+    assert w.skipped == [2]
+    assert [e.kind for e in w.events if e.kind == "replay"] == (["replay"] if mode == "replay" else [])
+    guard = reporting.fault_logs("guard", net=w.solver)[-1]
+    clip = next(layer for layer in reporting.layers_of(w.solver.net)
+                if layer.fault_log.layer_type == "GradientClip")
+    assert guard.count == 1 and guard.first.iteration == 2
+    assert clip.stats.calls == 6  # 6 backward calls: 5 iterations and the skipped one's retry
+    lines = [l for l in capfd.readouterr().err.splitlines() if "NaNGuard guard (after poison)" in l]
+    assert len(lines) == 1, lines
     w.close()
