@@ -17,7 +17,7 @@ import math
 
 import numpy
 
-from safe_layers.kernels.xp import array_module, host_scalar, to_numpy
+from safe_layers.kernels.xp import HOST_READS, array_module, host_scalar, to_numpy
 
 
 def wide(array):
@@ -38,6 +38,17 @@ def read_reductions(summed, squared):
     if not arrays:
         return [], []
     xp = array_module(arrays[0])
+    if xp is numpy:
+        # On the host there is nothing to fuse: each value is there already (counted as
+        # the one read), and an array to gather them costs more than the reductions of a
+        # small net (a millisecond iteration's watch, bench/bench_watch.py).
+        HOST_READS.add()
+        with numpy.errstate(over="ignore", invalid="ignore"):
+            sums = [float(array.sum()) for array in summed]
+            squares = [float(numpy.vdot(array, array)) if array.size else 0.0
+                       for array in squared]
+        return sums, [value if math.isfinite(value) else wide(array)
+                      for value, array in zip(squares, squared)]
     out = xp.empty(len(arrays), numpy.float64)
     with numpy.errstate(over="ignore", invalid="ignore"):
         for m, array in enumerate(summed):

@@ -12,6 +12,7 @@ import pytest
 from safe_layers.anomaly import watch
 from safe_layers.anomaly.fused_read import read_reductions
 from safe_layers.kernels.xp import HOST_READS
+from support import devices
 
 # Six param blobs (conv, ip1, ip2: weights and biases) and two loss tops (weights 1 and
 # 0.5): before the fused reads, 1 + 2 + 6 + 6 host reads per iteration.
@@ -73,13 +74,24 @@ def test_the_loss_read_with_the_diffs_is_caffes(make_solver):
     w.close()
 
 
-def test_one_read_tells_finite_from_not_and_confirms_only_the_overflowed():
-    big = np.full(10, 1e20, np.float32)      # finite, but its float32 squares overflow
-    bad = np.array([1, np.nan, 2], np.float32)
-    tops = [np.array([0.25, 0.5], np.float32)]
+@pytest.mark.parametrize("xp", devices.array_modules())
+def test_one_read_tells_finite_from_not_and_confirms_only_the_overflowed(xp):
+    # On a device the reductions are gathered into one array read at once; on the host
+    # they are the values themselves: one read either way.
+    big = xp.full(10, 1e20, np.float32)      # finite, but its float32 squares overflow
+    bad = xp.asarray(np.array([1, np.nan, 2], np.float32))
+    tops = [xp.asarray(np.array([0.25, 0.5], np.float32))]
     with HOST_READS.recording() as reads:
-        sums, squares = read_reductions(tops, [np.ones(4, np.float32), big, bad])
+        sums, squares = read_reductions(tops, [xp.ones(4, np.float32), big, bad, xp.ones(0, np.float32)])
     assert sums == [0.75]
     assert squares[0] == 4 and squares[1] == pytest.approx(1e41, rel=1e-6)
-    assert math.isnan(squares[2])
+    assert math.isnan(squares[2]) and squares[3] == 0
     assert reads.count == 1 + 2  # the fused read, then one each for the two non-finite sums
+
+
+def test_the_host_reductions_are_a_lone_sum_and_dot():
+    rng = np.random.RandomState(0)
+    arrays = [rng.randn(*shape).astype(np.float32) for shape in ((16, 1, 3, 3), (500, 800), (7,))]
+    sums, squares = read_reductions(arrays[:1], arrays)
+    assert sums == [float(arrays[0].sum())]
+    assert squares == [float(a.reshape(-1).dot(a.reshape(-1))) for a in arrays]
