@@ -21,8 +21,9 @@ architecture, as CuPy would (``-ftz=true``, ``-arch=sm_XX``,
 so is a negative control (a kernel with an undefined identifier) that does. One line per
 kernel, dtype, path and architecture. Kernels must be declared with
 ``safe_layers.kernels.xp.declare``: a CuPy kernel made anywhere else is reported as an
-error, so none escapes this check. The GPU test ``tests/test_gpu_kernels.py`` checks
-on a real device that CuPy compiles exactly these sources.
+error, so none escapes this check. On a real device, the GPU test
+``test_compile_check_sources_are_what_cupy_compiles`` (tests/gpu/test_gpu_path.py) checks
+that CuPy compiles exactly these sources.
 """
 
 import argparse
