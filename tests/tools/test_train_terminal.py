@@ -217,6 +217,17 @@ def test_ctrl_c_while_lint_builds_the_net(tmp_path):
                      "started"], shown
 
 
+def with_sitecustomize(code, tmp_path):
+    """The tool's environment with ``code`` as a sitecustomize on its PYTHONPATH: run by
+    every Python it starts, before that Python's own code."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(code)
+    environ = env()
+    environ["PYTHONPATH"] = os.pathsep.join([str(site), environ["PYTHONPATH"]])
+    return environ
+
+
 # Run by the training process's Python at its start (a sitecustomize on its PYTHONPATH):
 # it says so and takes two seconds, before any of its own code runs.
 SLOW_START = '''
@@ -233,11 +244,7 @@ if b"safe_layers.tools.train.child" in command:
                                    "training"])
 def test_ctrl_c_while_the_net_is_built_or_trains(lenet, tmp_path, phase):
     solver = lenet(max_iter=100000, display=10, test_interval=100000)
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SLOW_START % str(tmp_path))
-    environ = env()
-    environ["PYTHONPATH"] = os.pathsep.join([str(site), environ["PYTHONPATH"]])
+    environ = with_sitecustomize(SLOW_START % str(tmp_path), tmp_path)
     seen = {}
 
     def watch(out, process):
@@ -301,11 +308,7 @@ if b"safe_layers.tools.train.child" in command:
 def test_a_ctrl_c_before_the_training_process_has_its_handlers_stops_it_as_caffe_would(
         lenet, tmp_path):
     solver = lenet(max_iter=100000, display=10, test_interval=100000)
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SIGINT_BEFORE_HANDLERS % str(tmp_path))
-    environ = env()
-    environ["PYTHONPATH"] = os.pathsep.join([str(site), environ["PYTHONPATH"]])
+    environ = with_sitecustomize(SIGINT_BEFORE_HANDLERS % str(tmp_path), tmp_path)
     run = subprocess.run([sys.executable, "-m", "safe_layers.tools.cli", "train", "-solver",
                           str(solver)], cwd=tmp_path, env=environ, capture_output=True,
                          text=True, timeout=300)
