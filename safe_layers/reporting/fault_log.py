@@ -144,6 +144,8 @@ class FaultLog:
         self._final_hooks.append(hook)
 
     def _write(self, severity, text):
+        if _replays[0]:
+            return  # said when the iteration ran (a once-only warning included)
         stream = self.stream or sys.stderr
         stream.write(glog_prefix(severity) + text + "\n")
         stream.flush()

@@ -205,6 +205,26 @@ def test_our_layers_report_and_count_a_replayed_iteration_once(caffe, write_solv
                 if layer.fault_log.layer_type == "GradientClip")
     assert guard.count == 1 and guard.first.iteration == 2
     assert clip.stats.calls == 6  # 6 backward calls: 5 iterations and the skipped one's retry
-    lines = [l for l in capfd.readouterr().err.splitlines() if "NaNGuard guard (after poison)" in l]
-    assert len(lines) == 1, lines
+    ours = [l.split("] ", 1)[1] for l in capfd.readouterr().err.splitlines()
+            if "safe_layers] " in l and "] WATCH " not in l]
+    assert len([l for l in ours if l.startswith("NaNGuard guard (after poison)")]) == 1, ours
+    assert len(ours) == len(set(ours)), ours  # no line of our layers said twice
+    w.close()
+
+
+def test_a_once_only_warning_of_the_replayed_iteration_is_said_once(caffe, write_solver, capfd):
+    # StableBatchNorm with use_global_stats on fresh (zero) statistics warns once, in the
+    # first forward; that forward's iteration is the poisoned one, so the replay runs it
+    # again from the layer's state before its warning.
+    net = regression_net("once_replay", fc_bottom="xn", before_fc=(
+        'layer { name: "poison" type: "Python" bottom: "x" top: "xp"\n'
+        '  python_param { module: "support.poison" layer: "PoisonAtCall" param_str: "{calls: [1], sample: 1}" } }\n'
+        'layer { name: "bn" type: "Python" bottom: "xp" top: "xn"\n'
+        '  python_param { module: "safe_layers" layer: "StableBatchNorm" '
+        'param_str: "{use_global_stats: true}" } }\n'))
+    w = watch(str(write_solver(net)), on_nonfinite="skip", log_first=0)
+    w.solver.step(2)
+    assert w.skipped == [0] and [e.kind for e in w.events if e.kind == "replay"] == ["replay"]
+    err = capfd.readouterr().err
+    assert err.count("stored statistics unusable under use_global_stats") == 1, err[-3000:]
     w.close()
