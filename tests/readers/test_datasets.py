@@ -104,3 +104,25 @@ def test_the_key_walk_reads_in_lmdbs_reader_table_as_the_record_reader_does(tmp_
     (db / "lock.mdb").unlink()
     assert lmdb_keys.walk_apart(str(db), True) is None
     assert (db / "lock.mdb").exists()
+
+
+def test_an_lmdb_on_read_only_media_is_walked_and_read_without_the_lock(tmp_path):
+    # A dataset on a read-only mount (EROFS on making lock.mdb): the key walk and the
+    # record reader both read it, and write nothing there. (liblmdb opens a read-only
+    # environment without its lock on EROFS itself; lmdb_keys.open_readonly's own fallback
+    # is for EACCES, a folder of another user's, which a test run as root cannot meet.)
+    import numpy as np
+    from support.mounts import private_mount_command
+    command = private_mount_command()
+    if command is None:
+        pytest.skip("no mount namespace here to mount a folder read-only in")
+    db = write_lmdb(tmp_path / "ro_lmdb", [(b"%08d" % i, datum(np.zeros((1, 2, 2), np.uint8), i % 2))
+                                           for i in range(20)])
+    (db / "lock.mdb").unlink()
+    shell = ('mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && ! touch "$1/probe" '
+             '2>/dev/null && exec "$2" -m safe_layers.tools.cli scan "$1"')
+    run = subprocess.run(command + ["sh", "-c", shell, "sh", str(db), sys.executable],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "20 records scanned" in run.stdout and "no faulty record" in run.stdout
+    assert sorted(p.name for p in db.iterdir()) == ["data.mdb"]
