@@ -32,10 +32,12 @@ from safe_layers.reporting.watch_lines import Event, SolverFault
 # the caller). An update from finite ingredients (rate, diffs, weights, the solver's
 # history, built from the same) is non-finite only where a product or a sum overflows
 # float32 (3.4e38); below these bounds none can: the update of one iteration is at most
-# about lr * (|diff| + decay_mult * weight_decay * |w|) / (1 - momentum), a momentum
-# of 0.999 and a decay_mult of 100 allowed for, and WEIGHTS_EVERY of them add up to far
-# less than float32's largest value. |diff| < 1e18 also keeps diff² (AdaGrad, RMSProp,
-# AdaDelta and Adam's history, src/caffe/solvers/*.cpp) finite.
+# about lr * lr_mult * (max(|diff|, 1) + decay_mult * weight_decay * |w|) / (1 - momentum)
+# (max(|diff|, 1): Adam's, RMSProp's and AdaDelta's steps are about lr whatever the diff),
+# an lr_mult of 100, a momentum of 0.999 and a decay_mult of 100 allowed for, and
+# WEIGHTS_EVERY of them add up to far less than float32's largest value. |diff| < 1e18
+# also keeps diff² (AdaGrad, RMSProp, AdaDelta and Adam's history,
+# src/caffe/solvers/*.cpp) finite.
 WEIGHTS_EVERY = 100
 DIFF_BOUND = 1e18
 STEP_BOUND = 1e28
@@ -146,7 +148,8 @@ class SolverChecks:
         self.after_update = hooks.mode == STEP  # checked after solver.step(1), update applied
         self.read_rate = hooks.solver_lr        # solver.lr exists (pycaffe since 2017-12)
         self.unnamed = hooks.unnamed()          # why a fault names no layer, or None
-        self.weight_size = None                 # the weights' norm after the last update
+        self.weight_size = None                 # the weights' norm when last read
+        self.written_reported = set()           # forward-written labels reported this iteration
         self.liveness = Liveness(probe, options) if solver is not None else None
         self.on_dead = options.on_dead or ("rollback" if options.rollback_after else "warn")
         # check_layers 'replay': called with a bad iteration before anything is done about
@@ -160,7 +163,7 @@ class SolverChecks:
         and the recent losses measured anew."""
         self.consecutive_bad = 0
         self.pending_update = False
-        self.weights_due = True
+        self.weight_size = None  # read anew before the first bounded update counts on it
         self.growth.restart()
         self.losses.restart()
         if self.liveness is not None:
@@ -193,7 +196,7 @@ class SolverChecks:
         lr, diff, weights = self.lr, self.grad_norm, self.weight_size
         if lr is None or diff is None or weights is None or not math.isfinite(lr):
             return False
-        step = lr * (diff + 100 * self.weight_decay * weights) * 1000
+        step = lr * (max(diff, 1.0) + 100 * self.weight_decay * weights) * 1e5
         return diff < DIFF_BOUND and weights < WEIGHT_BOUND and step < STEP_BOUND
 
     def learning_rate(self, iteration):
@@ -277,6 +280,7 @@ class SolverChecks:
         iteration's loss and diffs say nothing of them (a variance that overflowed
         normalizes to zeros, and the loss stays finite)."""
         bad = [label for label, s in written if not math.isfinite(s)]
+        self.written_reported = set(bad)  # not again by the full read after this update
         if bad:
             blobs = {label: blob for label, _, _, blob in self.params}
             self._data_fault(iteration, [(label, self.data(blobs[label])) for label in bad],
@@ -400,8 +404,9 @@ class SolverChecks:
         for (label, _, _, blob), (_, s) in zip(self.params, self.reads.weights()):
             if math.isfinite(s):
                 total += s
-            else:
+            elif label not in self.written_reported:
                 bad.append((label, self.data(blob)))
+        self.written_reported = set()
         if not bad:
             self.weight_size = math.sqrt(total)
         if o.warn_growth and not bad:

@@ -124,12 +124,15 @@ class FaultReplay:
             check_layers, probe.check_layers = probe.check_layers, True
             try:
                 with replaying():
-                    for k, batch in enumerate(batches):
-                        probe.forward_calls = probe.backward_calls = first + k
-                        self._pass(batch)
-                        faulty = faulty or probe.faulty
-                    # Our layers' deferred checks of the replay, read while they are muted.
-                    self.read_boards()
+                    try:
+                        for k, batch in enumerate(batches):
+                            probe.forward_calls = probe.backward_calls = first + k
+                            self._pass(batch)
+                            faulty = faulty or probe.faulty
+                    finally:
+                        # Our layers' deferred checks of the replay (a stop cut it short
+                        # too), read while they are muted.
+                        self.read_boards()
             finally:
                 probe.check_layers = check_layers
                 self.producers.stop_held()

@@ -48,7 +48,11 @@ def iteration(phase, call, iter_size=1):
 
 # ---- the log of one layer ------------------------------------------------------------------------
 
-_replays = [0]  # how many replays (safe_layers.anomaly.replay_fault) are running
+class _Replays(threading.local):
+    depth = 0  # replays (safe_layers.anomaly.replay_fault) running on this thread
+
+
+_replays = _Replays()
 
 
 @contextlib.contextmanager
@@ -57,15 +61,15 @@ def replaying():
     did when it ran (a repair repairs again, so the replay computes what the iteration
     computed) but count, print and record nothing and raise no abort: the iteration's
     reports were made when it ran, and a second would double every count."""
-    _replays[0] += 1
+    _replays.depth += 1
     try:
         yield
     finally:
-        _replays[0] -= 1
+        _replays.depth -= 1
 
 
 def is_replaying():
-    return _replays[0] > 0
+    return _replays.depth > 0
 
 
 class FaultAbort(FloatingPointError):
@@ -144,7 +148,7 @@ class FaultLog:
         self._final_hooks.append(hook)
 
     def _write(self, severity, text):
-        if _replays[0]:
+        if _replays.depth:
             return  # said when the iteration ran (a once-only warning included)
         stream = self.stream or sys.stderr
         stream.write(glog_prefix(severity) + text + "\n")
@@ -226,7 +230,7 @@ class FaultLog:
     def handle(self, report, arrays=None):
         """:meth:`resolve_action`, :meth:`report`, and raise for 'abort'/'error'. Returns the
         action to carry out (a repair, or 'warn')."""
-        if _replays[0]:
+        if _replays.depth:
             return "warn" if report.action in ("abort", "error") else report.action
         action = self.resolve_action(report)
         if action == "error":

@@ -228,3 +228,21 @@ def test_a_once_only_warning_of_the_replayed_iteration_is_said_once(caffe, write
     err = capfd.readouterr().err
     assert err.count("stored statistics unusable under use_global_stats") == 1, err[-3000:]
     w.close()
+
+
+def test_a_replay_cut_short_by_a_stop_still_leaves_no_second_report(caffe, write_solver, capfd,
+                                                                     checks):
+    # Deferred: the replay's rows of our layers are read inside it even when the producer
+    # it finds stops the run from within the pass.
+    from safe_layers import reporting
+    from safe_layers.core import deferred
+    checks("deferred")
+    w = watch(str(write_solver(GUARDED_NET)), log_first=0)
+    with pytest.raises(NonFiniteError):
+        w.solver.step(5)
+    deferred.BOARDS.read_all()  # what the process's exit would read
+    guard = reporting.fault_logs("guard", net=w.solver)[-1]
+    assert guard.count == 1
+    err = capfd.readouterr().err
+    assert err.count("NaNGuard guard (after poison) in TRAIN: non-finite") == 1, err[-3000:]
+    w.close()

@@ -128,3 +128,15 @@ def test_a_step_before_a_snapshot_reads_every_weight(caffe, write_solver):
         w.step(1, check_weights=True)
     assert calls == [w.options.dead_after + 8] and caught.value.report.params == ["side[0]"]
     w.close()
+
+
+def test_an_overflowed_statistic_under_warn_is_reported_once_an_iteration(caffe, write_solver):
+    # warn_growth reads every weight after every update too: that read leaves out what the
+    # iteration's forward-written check reported already.
+    w = watch(str(write_solver(BN_OVERFLOW_NET, base_lr=0.01)), on_nonfinite="warn",
+              warn_growth=10, log_first=0)
+    w.solver.step(3)
+    reports = [(f.iteration, f.message.split(":")[0]) for f in w.faults if f.kind == "weights"]
+    assert reports == [(i, "non-finite param data after the forward of iteration %d" % i)
+                       for i in range(3)], reports
+    w.close()

@@ -354,8 +354,9 @@ class Trainer:
                 if self.stop_requested:
                     break
             rollbacks = watch.rollbacks
-            # No snapshot of weights the watch has not read (it reads them after an update
-            # only where one could have gone non-finite).
+            # No scheduled or final snapshot of weights the watch has not read (it reads
+            # them after an update only where one could have gone non-finite; a snapshot a
+            # signal asks for relies on that bound, as every iteration does).
             ends = it + 1
             snapshots = (snapshot and ends % snapshot == 0) or (
                 ends >= max_iter and param.snapshot_after_train)

@@ -118,8 +118,8 @@ def supervise(command, terminal, early=None, env=None):
         child = subprocess.Popen(command + [str(progress_write)], stderr=subprocess.PIPE,
                                  pass_fds=(progress_write,), env=env, **group)
     finally:
-        os.close(progress_write)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(progress_write)
     held, ready = [], [False]
 
     def send(number):
