@@ -47,21 +47,18 @@ def read_reductions(summed, squared):
             sums = [float(array.sum()) for array in summed]
             squares = [float(numpy.vdot(array, array)) if array.size else 0.0
                        for array in squared]
-        return sums, [value if math.isfinite(value) else wide(array)
-                      for value, array in zip(squares, squared)]
-    out = xp.empty(len(arrays), numpy.float64)
-    with numpy.errstate(over="ignore", invalid="ignore"):
-        for m, array in enumerate(summed):
-            out[m] = array.sum()
-        for m, array in enumerate(squared, len(summed)):
-            flat = array.reshape(-1)
-            out[m] = flat.dot(flat) if flat.size else 0
-    host = [float(v) for v in to_numpy(out)]  # the one read
-    sums, squares = host[:len(summed)], host[len(summed):]
-    for m, value in enumerate(squares):
-        if not math.isfinite(value):
-            squares[m] = wide(squared[m])
-    return sums, squares
+    else:
+        out = xp.empty(len(arrays), numpy.float64)
+        with numpy.errstate(over="ignore", invalid="ignore"):
+            for m, array in enumerate(summed):
+                out[m] = array.sum()
+            for m, array in enumerate(squared, len(summed)):
+                flat = array.reshape(-1)
+                out[m] = flat.dot(flat) if flat.size else 0
+        host = [float(v) for v in to_numpy(out)]  # the one read
+        sums, squares = host[:len(summed)], host[len(summed):]
+    return sums, [value if math.isfinite(value) else wide(array)
+                  for value, array in zip(squares, squared)]
 
 
 # Layer types whose param blobs only the solver's update changes (their Forward reads

@@ -175,9 +175,7 @@ class LMDBDatabase(Database):
             position, last_key, why = broken
             if position is None:
                 raise InputError("%s: LMDB corrupt: %s" % (self.path, why))
-            raise InputError("%s: LMDB corrupt after %d records (last good key %s): %s"
-                             % (self.path, position, key_text(last_key) if last_key is not None
-                                else "none", why))
+            raise self._corrupt(position, last_key, why)
         position = 0
         last_key = None
         try:
@@ -190,9 +188,13 @@ class LMDBDatabase(Database):
                     last_key = key
                     position += 1
         except self._lmdb.Error as exc:
-            raise InputError("%s: LMDB corrupt after %d records (last good key %s): %s"
-                             % (self.path, position, key_text(last_key) if last_key is not None
-                                else "none", _lmdb_message(exc))) from None
+            raise self._corrupt(position, last_key, _lmdb_message(exc)) from None
+
+    def _corrupt(self, position, last_key, why):
+        """The error of a database found corrupt after ``position`` good records."""
+        return InputError("%s: LMDB corrupt after %d records (last good key %s): %s"
+                          % (self.path, position, key_text(last_key) if last_key is not None
+                             else "none", why))
 
     def close(self):
         self._env.close()
