@@ -8,7 +8,7 @@ import pytest
 
 from safe_layers import reporting
 from safe_layers.anomaly import NonFiniteError, parse_line, replay, watch
-from support.nets import DIVERGING_NET, POOLING_NET, regression_net
+from support.nets import DIVERGING_NET, POOLING_NET, guarded_poison_net, regression_net
 from support.published import published_net, published_solver_fields
 from support.weights import all_finite, assert_bit_equal, weights
 
@@ -439,11 +439,7 @@ def test_resume_under_pycaffe_and_iter_size_report_the_true_iteration(lenet_solv
     assert w.skipped == [34]
 
 
-GUARDED_ITER_SIZE_NET = regression_net("guarded", fc_bottom="xp", before_fc=(
-    'layer { name: "poison" type: "Python" bottom: "x" top: "xp"\n'
-    '  python_param { module: "support.poison" layer: "PoisonAtCall" param_str: "{calls: [7], sample: 1}" } }\n'
-    'layer { name: "guard" type: "Python" bottom: "xp" top: "xp"\n'
-    '  python_param { module: "safe_layers" layer: "NaNGuard" param_str: "{name: guard, follows: poison}" } }\n'))
+GUARDED_ITER_SIZE_NET = guarded_poison_net("guarded", calls=[7])
 
 
 def test_layer_reports_use_the_watched_iteration_with_iter_size(caffe, write_solver):

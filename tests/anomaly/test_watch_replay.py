@@ -8,7 +8,7 @@ import pytest
 
 from safe_layers.anomaly import NonFiniteError, watch
 from safe_layers.core.float_text import jsonable
-from support.nets import POOLING_NET, regression_net
+from support.nets import POOLING_NET, guarded_poison_net, poison_layer, regression_net
 from support.published import published_net, published_solver_fields
 from support.weights import assert_bit_equal, weights
 
@@ -173,14 +173,10 @@ def test_a_fault_the_replay_cannot_reproduce_is_said_so(caffe, write_solver):
 
 # A poisoned sample caught by a NaNGuard (warn) and a GradientClip on the way back: the
 # watch's replay of the iteration runs both again.
-GUARDED_NET = regression_net("guarded_replay", fc_bottom="xp", before_fc=(
-    'layer { name: "poison" type: "Python" bottom: "x" top: "xp"\n'
-    '  python_param { module: "support.poison" layer: "PoisonAtCall" param_str: "{calls: [3], sample: 1}" } }\n'
-    'layer { name: "guard" type: "Python" bottom: "xp" top: "xp"\n'
-    '  python_param { module: "safe_layers" layer: "NaNGuard" param_str: "{name: guard, follows: poison}" } }\n'),
-    after_fc=('layer { name: "clip" type: "Python" bottom: "y" top: "y"\n'
-              '  python_param { module: "safe_layers" layer: "GradientClip" '
-              'param_str: "{max_norm: 1, log_every: 0, nonfinite: keep}" } }\n'))
+GUARDED_NET = guarded_poison_net("guarded_replay", calls=[3], after_fc=(
+    'layer { name: "clip" type: "Python" bottom: "y" top: "y"\n'
+    '  python_param { module: "safe_layers" layer: "GradientClip" '
+    'param_str: "{max_norm: 1, log_every: 0, nonfinite: keep}" } }\n'))
 
 
 @pytest.fixture
@@ -217,9 +213,8 @@ def test_a_once_only_warning_of_the_replayed_iteration_is_said_once(caffe, write
     # first forward; that forward's iteration is the poisoned one, so the replay runs it
     # again from the layer's state before its warning.
     net = regression_net("once_replay", fc_bottom="xn", before_fc=(
-        'layer { name: "poison" type: "Python" bottom: "x" top: "xp"\n'
-        '  python_param { module: "support.poison" layer: "PoisonAtCall" param_str: "{calls: [1], sample: 1}" } }\n'
-        'layer { name: "bn" type: "Python" bottom: "xp" top: "xn"\n'
+        poison_layer([1])
+        + 'layer { name: "bn" type: "Python" bottom: "xp" top: "xn"\n'
         '  python_param { module: "safe_layers" layer: "StableBatchNorm" '
         'param_str: "{use_global_stats: true}" } }\n'))
     w = watch(str(write_solver(net)), on_nonfinite="skip", log_first=0)

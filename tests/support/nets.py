@@ -29,6 +29,24 @@ def regression_net(name=None, batch=4, inputs=3, data_std=1, before_fc="", fc_bo
             + 'layer { name: "loss" type: "EuclideanLoss" bottom: "y" bottom: "t" top: "loss" }\n')
 
 
+def poison_layer(calls, sample=1, bottom="x", top="xp"):
+    """A layer line of support.poison's PoisonAtCall named ``poison``: NaN into
+    ``sample`` of ``bottom`` at the forward ``calls`` (counted from 1)."""
+    return ('layer { name: "poison" type: "Python" bottom: "%s" top: "%s"\n'
+            '  python_param { module: "support.poison" layer: "PoisonAtCall" '
+            'param_str: "{calls: %s, sample: %d}" } }\n' % (bottom, top, list(calls), sample))
+
+
+def guarded_poison_net(name, calls, after_fc=""):
+    """The regression net with a sample poisoned at the forward ``calls`` and a NaNGuard
+    ``guard`` (action warn) right after the poison, on ``fc``'s input ``xp``."""
+    return regression_net(name, fc_bottom="xp", after_fc=after_fc, before_fc=(
+        poison_layer(calls)
+        + 'layer { name: "guard" type: "Python" bottom: "xp" top: "xp"\n'
+        '  python_param { module: "safe_layers" layer: "NaNGuard" '
+        'param_str: "{name: guard, follows: poison}" } }\n'))
+
+
 # Linear regression that SGD with base_lr 0.1 makes diverge: inputs of std 10 put the
 # curvature near 100, so every step multiplies the error by about |1 - 0.1 * 100| = 9.
 # LAYER is where a test puts the layer that should keep it finite (on the fc output "y").
