@@ -20,7 +20,7 @@ from safe_layers.anomaly.fused_read import FusedReads, forward_written
 from safe_layers.anomaly.liveness import Liveness
 from safe_layers.anomaly.probe import accessors, blob_fault
 from safe_layers.anomaly.pycaffe_hooks import STEP
-from safe_layers.core import lr_policy
+from safe_layers.core import backend, lr_policy
 from safe_layers.core.float_text import six_digits
 from safe_layers.kernels import clip as clip_kernels
 from safe_layers.reporting import watch_lines
@@ -56,12 +56,20 @@ class RollbackRequest(Exception):
         self.fault = fault
 
 
-def param_blobs(net):
-    """[(label 'layer[k]', layer index, k, Blob)] of every param blob of ``net``."""
-    out = []
+def param_blobs(net, diff):
+    """[(label 'layer[k]', layer index, k, Blob)] of every param blob of ``net`` that
+    Caffe's update sees (its learnable params, Net::AppendParam, src/caffe/net.cpp): a
+    blob shared by name (``param { name }``) is one, its first layer's; ``diff``: the blob
+    accessor of the mode (shared blobs share their diff)."""
+    out, seen = [], set()
     for i, (name, layer) in enumerate(zip(net._layer_names, net.layers)):
         for k in range(len(layer.blobs)):
-            out.append(("%s[%d]" % (name, k), i, k, layer.blobs[k]))
+            blob = layer.blobs[k]
+            array = diff(blob)
+            where = backend.address(array) if array.size else None  # empty: no memory
+            if where is None or where not in seen:
+                seen.add(where)
+                out.append(("%s[%d]" % (name, k), i, k, blob))
     return out
 
 
@@ -130,9 +138,10 @@ class SolverChecks:
         self.losses = losses      # the checkpoint gate's loss history (checkpoints.LossGate)
         self.growth = Growth(options, reports)
         self.data, self.diff = accessors()
-        self.params = param_blobs(net)
+        self.params = param_blobs(net, self.diff)
+        self.labels = [label for label, _, _, _ in self.params]
         self.reads = FusedReads(probe, self.params, forward_written(net, self.params),
-                                self.data, self.diff)
+                                self.data, self.diff, host=backend.mode() == "cpu")
         self.weight_decay = float(solver_param.weight_decay) if solver_param is not None else 0.0
         self.loss = None
         self.lr = None
@@ -147,6 +156,11 @@ class SolverChecks:
         self.probed = hooks.probed             # the layer probes checked this iteration's diffs
         self.after_update = hooks.mode == STEP  # checked after solver.step(1), update applied
         self.read_rate = hooks.solver_lr        # solver.lr exists (pycaffe since 2017-12)
+        # The rate computed as Caffe computes it: without solver.lr, and for multistep, where
+        # reading solver.lr would move Caffe's step counter (SGDSolver::GetLearningRate,
+        # src/caffe/solvers/sgd_solver.cpp: current_step_++).
+        self.rate_from_param = solver_param is not None and (
+            solver_param.lr_policy == "multistep" or not self.read_rate)
         self.unnamed = hooks.unnamed()          # why a fault names no layer, or None
         self.weight_size = None                 # the weights' norm when last read
         self.written_reported = set()           # forward-written labels reported this iteration
@@ -155,7 +169,7 @@ class SolverChecks:
         # check_layers 'replay': called with a bad iteration before anything is done about
         # it; returns what its report adds where the replay named no producer, or None.
         self.on_fault = None
-        self.on_sizes = None  # and with the param diffs' magnitudes of a good iteration
+        self.on_sizes = None  # and with a good iteration's labels and diffs' sums of squares
         self.replay_note = None
 
     def restart(self):
@@ -203,7 +217,7 @@ class SolverChecks:
         """The rate of ``iteration``: non-finite or negative stops; 0 warns once. Without
         ``solver.lr`` (pycaffe before 2017-12) it is computed from the solver's prototxt,
         as Caffe computes it, and without that too it is not checked (``lr`` None)."""
-        if self.param is not None and (self.param.lr_policy == "multistep" or not self.read_rate):
+        if self.rate_from_param:
             lr = lr_policy.rate(self.param, iteration)
         elif self.read_rate:
             lr = float(self.solver.lr)
@@ -238,20 +252,31 @@ class SolverChecks:
         probe = self.probe
         o = self.options
         need_norms = not (o.check_layers == "always" and self.probed) or o.warn_growth or o.clip_gradients
-        norms = written = None
+        squares = written = None  # sums of squares, in the order of self.params
         if need_norms or loss_from_tops:
-            loss, norms, written = self.reads.gradients(loss_from_tops, need_norms)
+            loss, squares, written = self.reads.gradients(loss_from_tops, need_norms)
             if loss_from_tops:
                 probe.pass_losses = [loss]
         losses = probe.pass_losses or [numpy.float32("nan")]
-        loss = numpy.float32(0)
-        for value in losses:
-            loss = numpy.float32(loss + value)
-        self.loss = float(numpy.float32(loss / numpy.float32(len(losses))))
-        bad = sorted(label for (layer, k), what in probe.bad_params.items() if what == "diff"
-                     for label in ["%s[%d]" % (layer, k)])
-        if norms is not None:
-            bad = sorted(set(bad) | {label for label, s in norms if not math.isfinite(s)})
+        if len(losses) == 1:
+            self.loss = float(numpy.float32(losses[0])) + 0.0  # as the sum from 0 below gives it
+        else:
+            loss = numpy.float32(0)
+            for value in losses:
+                loss = numpy.float32(loss + value)
+            self.loss = float(numpy.float32(loss / numpy.float32(len(losses))))
+        bad = []
+        if probe.bad_params:
+            bad = sorted(label for (layer, k), what in probe.bad_params.items() if what == "diff"
+                         for label in ["%s[%d]" % (layer, k)])
+        total = None
+        if squares is not None:
+            total = sum(squares)
+            if not math.isfinite(total):
+                labels = self.labels
+                bad = sorted(set(bad) | {labels[m] for m, s in enumerate(squares)
+                                         if not math.isfinite(s)})
+                total = sum(s for s in squares if math.isfinite(s))
         # Read in full after this update unless shown harmless below.
         self.weights_due = self.pending_update = True
         faulty = bool(bad) or not math.isfinite(self.loss)
@@ -261,30 +286,30 @@ class SolverChecks:
             self.consecutive_bad = 0
             self.losses.add(self.loss)
             if self.liveness is not None:
-                self._liveness(iteration, norms)
-        if norms is not None and not self.after_update:  # after it, the diffs hold the update
-            total = math.sqrt(sum(s for _, s in norms if math.isfinite(s)))
-            self.grad_norm = total
+                self._liveness(iteration, squares)
+        if total is not None and not self.after_update:  # after it, the diffs hold the update
+            norm = self.grad_norm = math.sqrt(total)
             if o.clip_gradients:
-                self._clip(iteration, total, bool(bad))
+                self._clip(iteration, norm, bool(bad))
             if o.warn_growth:
-                self.growth.gradients(iteration, total)
+                self.growth.gradients(iteration, norm)
         if written:
             self._written(iteration, written)
         # An update Caffe applies over a fault (on_nonfinite warn) is no bounded one.
-        self.weights_due = (faulty or norms is None or self.after_update or bool(o.warn_growth)
+        self.weights_due = (faulty or squares is None or self.after_update or bool(o.warn_growth)
                             or not self._update_is_bounded())
 
     def _written(self, iteration, written):
-        """The params this iteration's forward wrote (BatchNorm's statistics): a good
-        iteration's loss and diffs say nothing of them (a variance that overflowed
-        normalizes to zeros, and the loss stays finite)."""
-        bad = [label for label, s in written if not math.isfinite(s)]
-        self.written_reported = set(bad)  # not again by the full read after this update
-        if bad:
-            blobs = {label: blob for label, _, _, blob in self.params}
-            self._data_fault(iteration, [(label, self.data(blobs[label])) for label in bad],
-                             "after the forward of iteration %d" % iteration)
+        """The params this iteration's forward wrote (BatchNorm's statistics; ``written``:
+        the sums of squares of their data): a good iteration's loss and diffs say nothing
+        of them (a variance that overflowed normalizes to zeros, and the loss stays finite)."""
+        if math.isfinite(sum(written)):
+            self.written_reported = set()
+            return
+        bad = [(label, self.data(blob)) for (label, _, _, blob), s in zip(self.reads.written, written)
+               if not math.isfinite(s)]
+        self.written_reported = {label for label, _ in bad}  # not again by the full read
+        self._data_fault(iteration, bad, "after the forward of iteration %d" % iteration)
 
     def _bad_iteration(self, iteration, bad_params):
         self.replay_note = self.on_fault(iteration) if self.on_fault is not None else None
@@ -320,23 +345,22 @@ class SolverChecks:
         self.reports.fault(SolverFault(kind, "TRAIN", iteration, message + "; Caffe applies this "
                                        "update", "warn", bad_params, details), "W")
 
-    def _liveness(self, iteration, norms):
+    def _liveness(self, iteration, squares):
         """The dead-net checks of a good iteration (:mod:`.liveness`), from the magnitudes
-        the finite checks read (the probe's, or the norms computed here), and what
-        ``on_dead`` says to do when the net is found dead."""
-        if norms is not None:
-            sizes = {label: math.sqrt(s) for label, s in norms}
-        elif self.probed and self.options.check_layers == "always":
+        the finite checks read (the probe's, or ``squares``: the sums of squares read
+        here), and what ``on_dead`` says to do when the net is found dead."""
+        labels = self.labels
+        if squares is None and self.probed and self.options.check_layers == "always":
             names = self.probe.names
-            sizes = {"%s[%d]" % (names[i], k): size  # in the net's order, not backward's
-                     for (i, k), size in sorted(self.probe.diff_sizes.items())}
-        else:
-            sizes = None
-        if self.on_sizes is not None and sizes is not None:
-            self.on_sizes(iteration, sizes)
+            found = sorted(self.probe.diff_sizes.items())  # in the net's order, not backward's
+            labels = ["%s[%d]" % (names[i], k) for (i, k), _ in found]
+            squares = [size * size for _, size in found]
+        if self.on_sizes is not None and squares is not None:
+            self.on_sizes(iteration, labels, squares)
         # After solver.step(1) the diffs hold the update itself, lr applied.
         lr = 1.0 if self.after_update else self.lr
-        state = self.liveness.observe(iteration, self.loss, lr, sizes, self.weight_size)
+        state = self.liveness.observe(iteration, self.loss, lr, labels, squares,
+                                      self.weight_size)
         if state is None:
             return
         details = dict(state.details(), loss=self.loss, lr=self.lr)
@@ -399,13 +423,13 @@ class SolverChecks:
         """The weights after the update of ``updated_iteration``."""
         self.pending_update = False
         o = self.options
-        bad, total = [], 0.0
-        # One host read for every weight (:mod:`.fused_read`): the L2 norm, on a device too.
-        for (label, _, _, blob), (_, s) in zip(self.params, self.reads.weights()):
-            if math.isfinite(s):
-                total += s
-            elif label not in self.written_reported:
-                bad.append((label, self.data(blob)))
+        squares = self.reads.weights()
+        total = sum(squares)
+        bad = []
+        if not math.isfinite(total):
+            bad = [(label, self.data(blob)) for (label, _, _, blob), s in zip(self.params, squares)
+                   if not math.isfinite(s) and label not in self.written_reported]
+            total = sum(s for s in squares if math.isfinite(s))
         self.written_reported = set()
         if not bad:
             self.weight_size = math.sqrt(total)

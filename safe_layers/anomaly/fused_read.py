@@ -29,36 +29,52 @@ def wide(array):
         return host_scalar(flat.dot(flat))
 
 
+def _host_sum(array):
+    """``array.sum()`` as a float, an overflow to inf or nan without a warning."""
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        return float(array.sum())
+
+
 def read_reductions(summed, squared):
     """([sum of each array of ``summed``], [sum of squares of each of ``squared``]) as
     Python floats, from one host read (plus one per non-finite float32 sum of squares,
     redone by :func:`wide`). The float32 reductions are those of a lone ``x.sum()`` and
     ``x.dot(x)``: the same values as when each was read alone."""
-    arrays = list(summed) + list(squared)
-    if not arrays:
+    first = summed[0] if summed else squared[0] if squared else None
+    if first is None:
         return [], []
-    xp = array_module(arrays[0])
-    if xp is numpy:
-        # On the host there is nothing to fuse: each value is there already (counted as
-        # the one read), and an array to gather them costs more than the reductions of a
-        # small net (a millisecond iteration's watch, bench/bench_watch.py).
-        HOST_READS.add()
-        with numpy.errstate(over="ignore", invalid="ignore"):
-            sums = [float(array.sum()) for array in summed]
-            squares = [float(numpy.vdot(array, array)) if array.size else 0.0
-                       for array in squared]
-    else:
-        out = xp.empty(len(arrays), numpy.float64)
-        with numpy.errstate(over="ignore", invalid="ignore"):
-            for m, array in enumerate(summed):
-                out[m] = array.sum()
-            for m, array in enumerate(squared, len(summed)):
-                flat = array.reshape(-1)
-                out[m] = flat.dot(flat) if flat.size else 0
-        host = [float(v) for v in to_numpy(out)]  # the one read
-        sums, squares = host[:len(summed)], host[len(summed):]
-    return sums, [value if math.isfinite(value) else wide(array)
-                  for value, array in zip(squares, squared)]
+    if array_module(first) is numpy:
+        return host_reductions(summed, squared)
+    xp = array_module(first)
+    out = xp.empty(len(summed) + len(squared), numpy.float64)
+    with numpy.errstate(over="ignore", invalid="ignore"):
+        for m, array in enumerate(summed):
+            out[m] = array.sum()
+        for m, array in enumerate(squared, len(summed)):
+            flat = array.reshape(-1)
+            out[m] = flat.dot(flat) if flat.size else 0
+    host = [float(v) for v in to_numpy(out)]  # the one read
+    return host[:len(summed)], _finite_or_wide(host[len(summed):], squared)
+
+
+def host_reductions(summed, squared):
+    """:func:`read_reductions` of NumPy arrays. On the host there is nothing to fuse: each
+    value is there already (counted as the one read), and an array to gather them costs
+    more than the reductions of a small net (a millisecond iteration's watch,
+    bench/bench_watch.py)."""
+    HOST_READS.add()
+    sums = [array.item() if array.size == 1 else _host_sum(array) for array in summed]
+    # vdot (BLAS) raises no floating-point warning: an overflow gives inf quietly.
+    squares = [float(numpy.vdot(array, array)) for array in squared]
+    return sums, _finite_or_wide(squares, squared)
+
+
+def _finite_or_wide(squares, arrays):
+    """``squares``, each non-finite one redone by :func:`wide`."""
+    if math.isfinite(sum(squares)):
+        return squares
+    return [value if math.isfinite(value) else wide(array)
+            for value, array in zip(squares, arrays)]
 
 
 # Layer types whose param blobs only the solver's update changes (their Forward reads
@@ -76,40 +92,42 @@ def forward_written(net, params):
 class FusedReads:
     """The fused reads of one watched training net: ``probe`` (its loss tops), ``params``
     (:func:`~.checks.param_blobs`), ``written`` (those a forward writes), ``data`` /
-    ``diff`` (the blob accessors)."""
+    ``diff`` (the blob accessors), ``host``: they give NumPy arrays (the CPU mode). Sums
+    of squares come as lists in the order of ``params`` (``written``)."""
 
-    def __init__(self, probe, params, written, data, diff):
+    def __init__(self, probe, params, written, data, diff, host):
         self.probe = probe
         self.params = params
         self.written = written
         self.data, self.diff = data, diff
+        self.param_blobs = [blob for _, _, _, blob in params]
+        self.written_blobs = [blob for _, _, _, blob in written]
         # Every loss top with its weight, in the net's order (Net::ForwardFromTo sums them so).
-        self.loss_tops = ([pair for tops in probe.loss_tops for pair in tops]
-                          if probe is not None else [])
+        loss_tops = [pair for tops in probe.loss_tops for pair in tops] if probe is not None else []
+        self.top_blobs = [probe.blobs[j] for j, _ in loss_tops]
+        self.top_weights = [weight for _, weight in loss_tops]
+        self.reductions = host_reductions if host else read_reductions
 
     def gradients(self, with_loss, with_diffs):
         """(the loss of the net's last forward as a float32, or None without
-        ``with_loss``; [(label, sum of squares of its diff)] and [(label, sum of squares
-        of its data)] of the forward-written params, or None and None without
-        ``with_diffs``): one host read."""
-        probe = self.probe
-        tops = [probe.data(probe.blobs[j]) for j, _ in self.loss_tops] if with_loss else []
-        diffs = [self.diff(blob) for _, _, _, blob in self.params] if with_diffs else []
-        written = [self.data(blob) for _, _, _, blob in self.written] if with_diffs else []
-        sums, squares = read_reductions(tops, diffs + written)
+        ``with_loss``; the sums of squares of every param diff and of the forward-written
+        params' data, or None and None without ``with_diffs``): one host read."""
+        tops = [self.data(blob) for blob in self.top_blobs] if with_loss else []
+        squared = []
+        if with_diffs:
+            squared = ([self.diff(blob) for blob in self.param_blobs]
+                       + [self.data(blob) for blob in self.written_blobs])
+        sums, squares = self.reductions(tops, squared)
         loss = None
         if with_loss:
             loss = numpy.float32(0)
-            for (_, weight), value in zip(self.loss_tops, sums):
+            for weight, value in zip(self.top_weights, sums):
                 loss = numpy.float32(loss + numpy.float32(value * weight))  # probe._add_loss
-        norms = data = None
-        if with_diffs:
-            norms = [(label, s) for (label, _, _, _), s in zip(self.params, squares)]
-            data = [(label, s) for (label, _, _, _), s in zip(self.written,
-                                                              squares[len(self.params):])]
-        return loss, norms, data
+        if not with_diffs:
+            return loss, None, None
+        count = len(self.params)
+        return loss, squares[:count], squares[count:]
 
     def weights(self):
-        """[(label, sum of squares of its data)] of every param blob: one host read."""
-        _, squares = read_reductions([], [self.data(blob) for _, _, _, blob in self.params])
-        return [(label, s) for (label, _, _, _), s in zip(self.params, squares)]
+        """The sums of squares of every param blob's data: one host read."""
+        return self.reductions([], [self.data(blob) for blob in self.param_blobs])[1]

@@ -98,17 +98,18 @@ class Liveness:
         return (self.state is not None or bool(self.zero_since) or self.vanish_since is not None
                 or (self.learned and self.chance_since is not None))
 
-    def observe(self, iteration, loss, lr, diff_sizes, weight_size):
-        """One good iteration: its loss, rate, the magnitudes of the param diffs ({label:
-        magnitude}) and of the weights before its update (None: not known yet). Returns a
-        new DeadState when the net is found dead now, else None."""
+    def observe(self, iteration, loss, lr, labels, diff_squares, weight_size):
+        """One good iteration: its loss, rate, the param diffs' sums of squares
+        (``diff_squares``, in the order of ``labels``; None: not read) and the weights'
+        magnitude before its update (None: not known yet). Returns a new DeadState when
+        the net is found dead now, else None."""
         if self.terms is None:
             self.terms = chance_terms(self.probe) or []
             self.level = sum(w * math.log(c) for w, c in self.terms) if self.terms else None
         if self.first_loss is None:
             self.first_loss = loss
         layers = self._layers(iteration)
-        vanished = self._vanished(iteration, loss, lr, diff_sizes, weight_size)
+        vanished = self._vanished(iteration, loss, lr, labels, diff_squares, weight_size)
         chance = self._chance(iteration, loss)
         if not (layers or vanished or chance):
             if self.state is not None and not self._still_dead():
@@ -135,6 +136,8 @@ class Liveness:
 
     def _layers(self, iteration):
         probe = self.probe
+        if not probe.zero_producers and not self.zero_since:
+            return []
         zero = set(probe.zero_producers or ())
         for key in list(self.zero_since):
             if key not in zero:
@@ -150,11 +153,11 @@ class Liveness:
                             "since": since})
         return out
 
-    def _vanished(self, iteration, loss, lr, diff_sizes, weight_size):
-        if not diff_sizes:
+    def _vanished(self, iteration, loss, lr, labels, diff_squares, weight_size):
+        if not diff_squares:
             self.vanish_since = None
             return None
-        total = math.sqrt(sum(s * s for s in diff_sizes.values()))
+        total = math.sqrt(sum(diff_squares))
         ratio = None
         if total > 0 and lr and lr > 0 and weight_size:
             ratio = self.last_ratio = lr * total / weight_size
@@ -169,9 +172,9 @@ class Liveness:
         if count < self.options.dead_after:
             return None
         zero_layers = []
-        for label, size in diff_sizes.items():
+        for label, square in zip(labels, diff_squares):
             layer = label.rsplit("[", 1)[0]
-            if size == 0 and layer not in zero_layers:
+            if square == 0 and layer not in zero_layers:
                 zero_layers.append(layer)
         return {"ratio": ratio, "threshold": self.options.dead_update_ratio, "iterations": count,
                 "loss": loss, "zero_layers": zero_layers, "since": self.vanish_since}

@@ -151,21 +151,26 @@ class FaultReplay:
                          "stateful_layers": list(self.stateful_layers)}
         return self.last
 
-    def zeros(self, iteration, sizes):
-        """The dead-layer check's evidence on a good iteration (``sizes``: {param label:
-        diff magnitude}): a layer whose top is all zeros leaves the params after it (and
-        before it) with zero diffs, so only where a param that had learned has a zero diff
-        now is the iteration replayed, its tops checked as the always-on probes check them
-        (``probe.zero_producers``); no fault can be found there (it is finite)."""
+    def zeros(self, iteration, labels, squares):
+        """The dead-layer check's evidence on a good iteration (``squares``: the param
+        diffs' sums of squares, in the order of ``labels``): a layer whose top is all
+        zeros leaves the params after it (and before it) with zero diffs, so only where a
+        param that had learned has a zero diff now is the iteration replayed, its tops
+        checked as the always-on probes check them (``probe.zero_producers``); no fault
+        can be found there (it is finite)."""
         if self.first_iteration is None:
             self.first_iteration = iteration
+        if 0.0 not in squares:  # every param learns (-0.0 == 0.0 counts too)
+            if len(self.trained) < len(labels):
+                self.trained.update(labels)
+            return
         # A param whose diff was always zero may be frozen (lr_mult 0: no diff computed),
         # or dead from the start: looked at over the first dead_after iterations only.
         early = iteration - self.first_iteration < self.dead_after
         zero = False
         frozen = self.frozen
-        for label, size in sizes.items():
-            if size:
+        for label, square in zip(labels, squares):
+            if square:
                 self.trained.add(label)
             elif (early and label not in frozen) or label in self.trained:
                 zero = True

@@ -120,6 +120,8 @@ class Watch:
         self.checks = SolverChecks(solver, solver_param, self.net, train, o, self.reports,
                                    LossGate(o.growth_window, o.checkpoint_loss_ratio), hooks)
         self.replay = replay_fault.attach(self, o) if solver is not None and hooks.probed else None
+        # No probe sums the passes' losses: the loss tops hold the last, read with the diffs.
+        self.loss_from_tops = not hooks.probed or (self.replay is not None and not self.replay.keep)
         # Before any hook: a prefix another watch holds refuses this one here.
         checkpoints = (Checkpoints(solver, solver_param, o.checkpoint_every, self.started,
                                    o.keep_checkpoints, self.reports.event, resumed_from)
@@ -271,17 +273,14 @@ class Watch:
             return
         self.producers.stop_held()
         guard_reports = self._read_boards()
-        # No probe summed the passes: the loss tops hold the last, read with the diffs.
-        from_tops = not self.hooks.probed or (self.replay is not None and not self.replay.keep)
-        if not from_tops and self.replay is not None:
+        if not self.loss_from_tops and self.replay is not None:
             self.probes[0].pass_losses = self.replay.losses()
-        self.checks.gradients(self.iteration(), guard_reports, loss_from_tops=from_tops)
+        self.checks.gradients(self.iteration(), guard_reports, loss_from_tops=self.loss_from_tops)
 
     def forward_loss(self):
         """The loss of the training net's last forward."""
         probe = self.probes[0]
-        kept = self.hooks.probed and (self.replay is None or self.replay.keep)
-        return probe.loss if kept else probe.read_loss()
+        return probe.read_loss() if self.loss_from_tops else probe.loss
 
     # -- stepping --------------------------------------------------------------------
     def step(self, iters=1, until_rollback=False, check_weights=False):

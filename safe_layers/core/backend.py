@@ -260,8 +260,12 @@ def diff(blob):
     return _blob_array(blob, "diff")
 
 
+def address(array):
+    """The address an array (NumPy or CuPy) starts at."""
+    return (array.__array_interface__["data"][0] if isinstance(array, numpy.ndarray)
+            else array.data.ptr)
+
+
 def same_memory(a, b):
     """Whether two arrays start at the same address (an in-place layer's top and bottom)."""
-    def address(x):
-        return x.__array_interface__["data"][0] if isinstance(x, numpy.ndarray) else x.data.ptr
     return address(a) == address(b)

@@ -61,6 +61,21 @@ def test_a_dead_relu_is_found_and_named(caffe, write_solver, capfd):
     w.close()
 
 
+def test_a_relu_that_dies_after_learning_is_found_and_named(caffe, write_solver):
+    """Its params had non-zero diffs on every iteration before (the default mode reads no
+    layer then); a bias set by hand kills the ReLU at iteration 5: the zero diffs of
+    params that had learned make the watch look at the layers, and it names the ReLU."""
+    w = watch(str(write_solver(dead_relu(bias=0), base_lr=0.1)), on_dead="warn", dead_after=5)
+    w.solver.step(5)
+    assert dead_faults(w) == []
+    w.solver.net.params["fc1"][1].data[...] = -100
+    w.solver.step(8)
+    faults = dead_faults(w)
+    assert len(faults) == 1 and faults[0].iteration == 9
+    assert [(l["layer"], l["since"]) for l in faults[0].details["layers"]] == [("relu", 5)]
+    w.close()
+
+
 def fault_state(w):
     return w.checks.liveness.state
 

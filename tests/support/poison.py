@@ -1,8 +1,10 @@
 """A test-only Python layer (module ``support.poison``): copies its bottom to its top and
 writes NaN into one sample at chosen forward calls, so a test can place a fault at an
-exact pass.
+exact pass; or into the diff it passes down at chosen backward calls (a finite loss over
+non-finite gradients).
 
     param_str: "{calls: [18], sample: 2}"   # NaN into sample 2 at the 18th forward call
+    param_str: "{backward_calls: [3]}"      # NaN into sample 0's diff at the 3rd backward
 """
 
 import caffe
@@ -16,7 +18,8 @@ class PoisonAtCall(caffe.Layer):
         self.calls = set(params.get("calls", []))
         self.sample = int(params.get("sample", 0))
         self.value = float(params.get("value", "nan"))
-        self.count = 0
+        self.backward_calls = set(params.get("backward_calls", []))
+        self.count = self.backward_count = 0
 
     def reshape(self, bottom, top):
         top[0].reshape(*bottom[0].shape)
@@ -28,8 +31,11 @@ class PoisonAtCall(caffe.Layer):
             top[0].data[self.sample].flat[0] = self.value
 
     def backward(self, top, propagate_down, bottom):
+        self.backward_count += 1
         if propagate_down[0]:
             bottom[0].diff[...] = top[0].diff
+            if self.backward_count in self.backward_calls:
+                bottom[0].diff[self.sample].flat[0] = self.value
 
 
 class ArrayData(caffe.Layer):
