@@ -1,24 +1,29 @@
 """What a watch costs, as ratios measured in one run (these machines are noisy).
 
     .venv/bin/python bench/bench_watch.py        # LeNet, CIFAR-10 quick, ResNet-50, digits
-    .venv/bin/python bench/bench_watch.py --nets lenet,digits --rounds 9
+    .venv/bin/python bench/bench_watch.py --nets lenet,digits --seconds 30
 
-1. CPU training iterations (one ``solver.step(n)`` per round, as Caffe's Solve runs
-   Step) of the published nets (tests/data; DummyData in place of their LMDBs) and of
-   the demo's digits net (its LMDBs written by examples/digits.py; about a millisecond
-   an iteration), six ways, interleaved round by round: plain; ``safe_layers.watch`` as it
-   comes (check_layers replay: the rate, the loss and every param diff in one host read,
-   every weight after an update that could overflow and every 100 iterations; a layer
-   probe only in the replay of a bad iteration); every layer checked
-   on every iteration (check_layers always); the solver-level checks only (check_layers
-   off); a NaNGuard after every layer; Caffe's ``debug_info: true`` in the SOLVER (with
-   display: 1, the only way it runs every iteration; its log lines go to /dev/null).
-   Targets: the default within 1 % of plain (5 % on the digits net) and below debug_info.
+1. CPU training iterations of the published nets (tests/data; DummyData in place of
+   their LMDBs) and of the demo's digits net (its LMDBs written by examples/digits.py;
+   about a millisecond an iteration), seven ways, interleaved round by round: plain; a
+   second plain solver (the A/A control: what the measurement itself cannot tell apart);
+   ``safe_layers.watch`` as it comes (check_layers replay: the rate, the loss and every
+   param diff in one host read, every weight after an update that could overflow and
+   every 100 iterations; a layer probe only in the replay of a bad iteration); every
+   layer checked on every iteration (check_layers always); the solver-level checks only
+   (check_layers off); a NaNGuard after every layer; Caffe's ``debug_info: true`` in the
+   SOLVER (with display: 1, the only way it runs every iteration; its log lines go to
+   /dev/null). Targets: the default within 1 % of plain (5 % on the digits net) and
+   below debug_info.
    One BLAS thread (see below). Timed in CPU seconds of this process
-   (time.process_time), rounds interleaved in a rotating order; printed: the median
-   round, the best round against the best plain round, and the median with the
-   interquartile range of the per-round ratios (each against the plain round beside it)
-   and of the per-round extra time per iteration in microseconds.
+   (time.process_time). A round is one ``solver.step(n)`` of every variant, in a
+   rotating order, n small (1 or 2 iterations; 10 of the digits net's): noise from the
+   rest of the machine comes and goes over seconds, and short rounds pair each variant
+   with a plain round run under the same conditions. Rounds run until ``--seconds`` (per
+   net) are spent, or ``--rounds``. Printed per variant: the median round, the best
+   round against the best plain round, the median of the per-round ratios (each against
+   the plain round beside it) with its 95 % confidence interval (order statistics) and
+   interquartile range, and the same of the extra time per iteration in microseconds.
 2. The replay's own cost per fault: one bad iteration (a NaN put in the last layer's weights),
    the replay timed by the watch.
 3. Rollback checkpoints: ``solver.snapshot()`` + ``solver.restore()`` (the only way stock
@@ -27,6 +32,7 @@
 """
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -46,20 +52,21 @@ from support.guarded import guard_every_layer  # noqa: E402  (the tests' helper:
 
 NETS = {
     # name: (published net, published solver or None, batch, iterations per round)
-    "lenet": ("lenet_train_test.prototxt", "lenet_solver.prototxt", 64, 5),
-    "cifar10_quick": ("cifar10_quick_train_test.prototxt", "cifar10_quick_solver.prototxt", 100, 5),
+    "lenet": ("lenet_train_test.prototxt", "lenet_solver.prototxt", 64, 2),
+    "cifar10_quick": ("cifar10_quick_train_test.prototxt", "cifar10_quick_solver.prototxt", 100, 1),
     "resnet50": ("resnet50_train_val.prototxt", None, 4, 1),
     # The demo's digits net (conv 16 + conv 32 + ip 64 + ip 10, batch 50, LMDB written by
     # examples/digits.py): an iteration of about a millisecond, as on a GPU.
-    "digits": (None, None, 50, 20),
+    "digits": (None, None, 50, 10),
 }
 
 # Iterations run by every variant before timing: past the default dead_after (20).
 WARM_UP = 21
 
-VARIANTS = ("plain", "replay", "always", "off", "nan_guards", "debug_info")
-LABELS = {"plain": "plain", "replay": "watch (default: replay)", "always": "watch always",
-          "off": "watch off", "nan_guards": "NaNGuard every layer", "debug_info": "debug_info"}
+VARIANTS = ("plain", "plain_again", "replay", "always", "off", "nan_guards", "debug_info")
+LABELS = {"plain": "plain", "plain_again": "plain, a second solver (A/A)",
+          "replay": "watch (default: replay)", "always": "watch always", "off": "watch off",
+          "nan_guards": "NaNGuard every layer", "debug_info": "debug_info"}
 
 
 def write_solver(folder, tag, net_path, solver_fields, debug_info):
@@ -132,7 +139,20 @@ def quartiles(values):
     return q1, q2, q3
 
 
-def bench_net(name, rounds, folder):
+def median_interval(values):
+    """A 95 % confidence interval of the median of ``values`` (independent rounds): the
+    order statistics n/2 -+ 0.98 sqrt(n), from the binomial distribution's normal
+    approximation; the whole range where there are too few values for it."""
+    ordered = sorted(values)
+    n = len(ordered)
+    half = 0.98 * n ** 0.5
+    low, high = int(n / 2 - half), int(math.ceil(n / 2 + half))
+    if low < 0 or high > n - 1:
+        return ordered[0], ordered[-1]
+    return ordered[low], ordered[high]
+
+
+def bench_net(name, rounds, seconds, folder, variants=VARIANTS):
     import caffe
     _, _, batch, iterations = NETS[name]
     text, fields = net_text(name, folder)
@@ -144,7 +164,8 @@ def bench_net(name, rounds, folder):
     with open(guarded_net, "w") as f:
         f.write(guarded_text)
     solvers = {}
-    for variant in VARIANTS:
+    warm = {}
+    for variant in variants:
         net_path = guarded_net if variant == "nan_guards" else plain_net
         path = write_solver(folder, "%s_%s" % (name, variant), net_path, fields,
                             variant == "debug_info")
@@ -156,15 +177,19 @@ def bench_net(name, rounds, folder):
         # frozen) has the iteration replayed to look for a dead layer (a start-up cost,
         # not one of every iteration: see replay_fault.FaultReplay.zeros).
         with Quiet():
+            start = time.process_time()
             solver.step(WARM_UP)
+            warm[variant] = time.process_time() - start
         solvers[variant] = solver
-    times = {variant: [] for variant in VARIANTS}
+    if rounds is None:
+        per_round = sum(warm.values()) / WARM_UP * iterations
+        rounds = max(5, int(seconds / per_round))
+    times = {variant: [] for variant in variants}
     for r in range(rounds):
         # Interleaved, in a rotating order, so drift and position hit every variant alike.
         # CPU time of this process (all its threads): what other processes on the machine
-        # do inflates wall time, much less this. One step() call per round, as Caffe's
-        # Solve runs Step(max_iter).
-        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]
+        # do inflates wall time, much less this.
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
         for variant in order:
             solver = solvers[variant]
             with Quiet():
@@ -173,23 +198,27 @@ def bench_net(name, rounds, folder):
                 times[variant].append((time.process_time() - start) / iterations)
     layers = len(solvers["plain"].net.layers)
     print("== %s (batch %d, %d layers in TRAIN, %d NaNGuards), CPU seconds (process time) per "
-          "iteration, %d interleaved rounds x %d iterations"
-          % (name, batch, layers, guards, rounds, iterations))
-    print("  %-24s %10s %9s %26s %22s" % ("", "median s/it", "best/plain",
-                                         "paired ratio: median [IQR]", "extra us/it [IQR]"))
+          "iteration, %d interleaved rounds x %d iteration%s"
+          % (name, batch, layers, guards, rounds, iterations, "" if iterations == 1 else "s"))
+    print("  %-30s %10s %9s %36s %26s" % ("", "median s/it", "best/plain",
+                                         "paired ratio: median (95% CI) [IQR]",
+                                         "extra us/it: median (CI)"))
     plain = times["plain"]
     result = {}
-    for variant in VARIANTS:
+    for variant in variants:
         ratios = [t / p for t, p in zip(times[variant], plain)]
         extra = [(t - p) * 1e6 for t, p in zip(times[variant], plain)]
         r1, r2, r3 = quartiles(ratios)
-        e1, e2, e3 = quartiles(extra)
-        result[variant] = (min(times[variant]) / min(plain), r2, r1, r3, e2)
-        print("  %-24s %10.5f %9.3fx %9.3fx [%.3f, %.3f] %9.0f [%.0f, %.0f]"
+        c1, c2 = median_interval(ratios)
+        e2 = statistics.median(extra)
+        x1, x2 = median_interval(extra)
+        result[variant] = (min(times[variant]) / min(plain), r2, c1, c2, e2)
+        print("  %-30s %10.5f %9.3fx %9.4fx (%.4f, %.4f) [%.3f, %.3f] %9.0f (%.0f, %.0f)"
               % (LABELS[variant], statistics.median(times[variant]), result[variant][0],
-                 r2, r1, r3, e2, e1, e3))
-    print("  default / debug_info: %.3f (paired medians; target < 1)"
-          % (result["replay"][1] / result["debug_info"][1]))
+                 r2, c1, c2, r1, r3, e2, x1, x2))
+    if "replay" in result and "debug_info" in result:
+        print("  default / debug_info: %.3f (paired medians; target < 1)"
+              % (result["replay"][1] / result["debug_info"][1]))
     replay_cost(name, plain_net, fields, statistics.median(plain), folder)
     if name != "digits":
         checkpoints(name, plain_net, fields, statistics.median(plain), folder)
@@ -275,10 +304,21 @@ def shutil_rm(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nets", default="lenet,cifar10_quick,resnet50,digits")
-    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="which of %s (plain is always timed)" % ", ".join(VARIANTS))
+    parser.add_argument("--seconds", type=float, default=60,
+                        help="CPU seconds of timed rounds per net (default 60; ResNet-50 twice "
+                             "as many)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="a fixed number of rounds per net instead of --seconds")
     parser.add_argument("--resnet-rounds", type=int, default=None,
-                        help="rounds of ResNet-50 (default: half of --rounds, at least 3)")
+                        help="with --rounds: the rounds of ResNet-50 (default: half of --rounds, "
+                             "at least 3)")
     args = parser.parse_args()
+    variants = ("plain",) + tuple(v for v in args.variants.split(",") if v != "plain")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error("unknown variants %s; allowed: %s" % (", ".join(unknown), ", ".join(VARIANTS)))
     os.environ.setdefault("GLOG_minloglevel", "0")  # debug_info's lines are really written
     import caffe
     caffe.set_mode_cpu()
@@ -287,10 +327,12 @@ def main():
                                                 os.cpu_count(), platform.python_version()))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.nets.split(","):
-            rounds = args.rounds
+            rounds, seconds = args.rounds, args.seconds
             if name == "resnet50":
-                rounds = args.resnet_rounds or max(3, args.rounds // 2)
-            bench_net(name, rounds, folder)
+                seconds *= 2
+                if rounds is not None:
+                    rounds = args.resnet_rounds or max(3, rounds // 2)
+            bench_net(name, rounds, seconds, folder, variants)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ class FaultReplay:
     def start(self):
         """An iteration (or its retry) starts: its passes are counted from here."""
         self.kept = []
-        self.layer_states = [(layer, dict(vars(layer))) for layer in self.python_layers]
+        if self.python_layers:
+            self.layer_states = [(layer, dict(vars(layer))) for layer in self.python_layers]
         self.first_pass = self.passes
         self.passes += self.iter_size
         probe = self.probe
