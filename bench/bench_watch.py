@@ -14,7 +14,9 @@
    (check_layers off); a NaNGuard after every layer; Caffe's ``debug_info: true`` in the
    SOLVER (with display: 1, the only way it runs every iteration; its log lines go to
    /dev/null). Targets: the default within 1 % of plain (5 % on the digits net) and
-   below debug_info.
+   below debug_info. ``--variants ...,reads_only`` adds callbacks that read only what
+   the solver-level checks cannot do without (the rate, the loss tops, every param
+   diff's sum of squares): the floor of the default's cost.
    One BLAS thread (see below). Timed in CPU seconds of this process
    (time.process_time). A round is one ``solver.step(n)`` of every variant, in a
    rotating order, n small (1 or 2 iterations; 10 of the digits net's): noise from the
@@ -63,10 +65,13 @@ NETS = {
 # Iterations run by every variant before timing: past the default dead_after (20).
 WARM_UP = 21
 
-VARIANTS = ("plain", "plain_again", "replay", "always", "off", "nan_guards", "debug_info")
+VARIANTS = ("plain", "plain_again", "replay", "always", "off", "nan_guards", "debug_info",
+            "reads_only")
+DEFAULT_VARIANTS = VARIANTS[:-1]  # reads_only: a decomposition, asked for by --variants
 LABELS = {"plain": "plain", "plain_again": "plain, a second solver (A/A)",
           "replay": "watch (default: replay)", "always": "watch always", "off": "watch off",
-          "nan_guards": "NaNGuard every layer", "debug_info": "debug_info"}
+          "nan_guards": "NaNGuard every layer", "debug_info": "debug_info",
+          "reads_only": "the checks' reads alone"}
 
 
 def write_solver(folder, tag, net_path, solver_fields, debug_info):
@@ -128,7 +133,29 @@ def attach(variant, solver, path):
     if variant in modes:
         return safe_layers.watch(solver, solver_file=path, on_nonfinite="skip",
                                  check_layers=modes[variant])
+    if variant == "reads_only":
+        reads_only(solver)
     return None
+
+
+def reads_only(solver):
+    """Callbacks that read only what the solver-level checks cannot do without: the rate
+    before the forward; the loss tops and every param diff's sum of squares before the
+    update (the floor of the default mode's cost)."""
+    import numpy
+    net = solver.net
+    blobs = [blob for layer in net.layers for blob in layer.blobs]
+    weights = list(net._blob_loss_weights)
+    tops = [net._blobs[j] for j in range(len(weights)) if weights[j] != 0]
+    seen = {}
+
+    def on_start():
+        seen["lr"] = float(solver.lr)
+
+    def on_gradients_ready():
+        loss = sum(top.data.item() for top in tops)
+        seen["read"] = loss, sum(float(numpy.vdot(d, d)) for d in [b.diff for b in blobs])
+    solver.add_callback(on_start, on_gradients_ready)
 
 
 def quartiles(values):
@@ -152,7 +179,7 @@ def median_interval(values):
     return ordered[low], ordered[high]
 
 
-def bench_net(name, rounds, seconds, folder, variants=VARIANTS):
+def bench_net(name, rounds, seconds, folder, variants=DEFAULT_VARIANTS):
     import caffe
     _, _, batch, iterations = NETS[name]
     text, fields = net_text(name, folder)
@@ -304,7 +331,7 @@ def shutil_rm(path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nets", default="lenet,cifar10_quick,resnet50,digits")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help="which of %s (plain is always timed)" % ", ".join(VARIANTS))
     parser.add_argument("--seconds", type=float, default=60,
                         help="CPU seconds of timed rounds per net (default 60; ResNet-50 twice "
