@@ -21,8 +21,9 @@ writes into the source's data either: LMDB opens read-only with its reader lock,
 ``db_lmdb.cpp`` does (a reader outside the lock table can be handed pages a writer is
 reusing: liblmdb aborts the process), and LevelDB (whose
 ``Open`` always writes: a lock, an info log, a new manifest, a compaction of its journal)
-is opened through a private directory of symbolic links to the source's files, which
-LevelDB never writes into, only replaces or unlinks, inside that private directory (a
+is opened through a private directory of symbolic links to the source's files (those its
+MANIFEST accounts for: :mod:`.leveldb_files`), which LevelDB never writes into, only
+replaces or unlinks, inside that private directory (a
 journal LevelDB replays on open is written out there as a new table: temporary disk space
 up to the journal's size).
 
@@ -38,7 +39,7 @@ import struct
 
 from safe_layers.core import scratch
 from safe_layers.core.errors import InputError
-from safe_layers.readers import lmdb_keys
+from safe_layers.readers import leveldb_files, lmdb_keys
 from safe_layers.readers.prototxt import caffe_pb2, resolve_reference
 
 BACKENDS = ("lmdb", "leveldb", "hdf5")
@@ -314,11 +315,14 @@ def _held_note(path):
 
 def _shadow_directory(path):
     """A private directory holding a symbolic link to each file of the LevelDB at
-    ``path`` (LOCK and LOG excepted: those LevelDB creates afresh).
+    ``path`` (LOCK and LOG excepted: those LevelDB creates afresh; and every file
+    numbered at or past the next file number its MANIFEST has logged, see
+    :mod:`.leveldb_files`).
 
     LevelDB opens every existing file read-only; what it writes (its lock, info log, a
-    new manifest and journal, compaction output) it creates as new files, and what it
-    retires it unlinks — the link, never the source file.
+    new manifest and journal, compaction output) it creates as new files, under numbers
+    from that counter, which no link bears, and what it retires it unlinks — the link,
+    never the source file.
     """
     try:
         names = os.listdir(path)
@@ -326,10 +330,14 @@ def _shadow_directory(path):
         raise InputError("%s: cannot list the LevelDB directory: %s" % (path, exc.strerror)) from None
     if "CURRENT" not in names:
         raise InputError("%s: not a LevelDB (no CURRENT file)" % path)
+    # Read before the links are made: a file a writer begins after this bears a number
+    # past the counter as read here, and is left out too.
+    unaccounted = leveldb_files.next_file_number(path)
     shadow = scratch.make("leveldb")
     source = os.path.abspath(path)
     for name in names:
-        if name in ("LOCK", "LOG", "LOG.old"):
+        number = leveldb_files.file_number(name)
+        if name in ("LOCK", "LOG", "LOG.old") or (number is not None and number >= unaccounted):
             continue
         os.symlink(os.path.join(source, name), os.path.join(shadow, name))
     return shadow

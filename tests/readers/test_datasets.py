@@ -2,6 +2,7 @@
 process is writing while we read them (a conversion still running, a second job
 appending): read as Caffe reads them, never a crash of our own process."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -126,3 +127,49 @@ def test_an_lmdb_on_read_only_media_is_walked_and_read_without_the_lock(tmp_path
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "20 records scanned" in run.stdout and "no faulty record" in run.stdout
     assert sorted(p.name for p in db.iterdir()) == ["data.mdb"]
+
+
+def test_a_leveldb_read_never_writes_into_files_its_manifest_does_not_know_yet(tmp_path):
+    """A live writer's table or journal begun but not yet logged in its MANIFEST bears a
+    number the reader's LevelDB hands out afresh on open: linked into the private folder,
+    its open(O_TRUNC) would follow the link and write into the source. Such files are left
+    out (and the records are read all the same)."""
+    pytest.importorskip("plyvel")
+    import numpy as np
+    from safe_layers.readers import datasets, leveldb_files
+    from support.caffe_data import write_leveldb
+    db = write_leveldb(tmp_path / "db_leveldb", [(b"%08d" % i, datum(np.zeros((1, 2, 2), np.uint8), 1))
+                                                 for i in range(50)], compact=False)
+    first = leveldb_files.next_file_number(str(db))
+    assert first > max(leveldb_files.file_number(n) or 0 for n in os.listdir(db))
+    # What a writer may have begun: the numbers the reader's LevelDB takes first.
+    begun = ["%06d.log" % first, "%06d.ldb" % (first + 1), "%06d.ldb" % (first + 2),
+             "MANIFEST-%06d" % (first + 3), "%06d.dbtmp" % first]
+    for name in begun:
+        (db / name).write_bytes(b"a writer's bytes")
+    with datasets.open_database(str(db), "leveldb") as opened:
+        assert len(list(opened.records())) == 50
+    for name in begun:
+        assert (db / name).read_bytes() == b"a writer's bytes", name
+
+
+@pytest.mark.parametrize("damage", ["torn tail", "flipped byte"])
+def test_a_damaged_manifest_never_gives_a_later_file_number(tmp_path, damage):
+    """What a reader takes for the counter may fall short (fewer files linked, the open
+    fails and says so), never past it (a link LevelDB would write through)."""
+    pytest.importorskip("plyvel")
+    import numpy as np
+    from safe_layers.readers import leveldb_files
+    from support.caffe_data import write_leveldb
+    db = write_leveldb(tmp_path / "db_leveldb", [(b"%08d" % i, datum(np.zeros((1, 2, 2), np.uint8), 1))
+                                                 for i in range(50)])
+    whole = leveldb_files.next_file_number(str(db))
+    manifest = db / (db / "CURRENT").read_text().strip()
+    data = bytearray(manifest.read_bytes())
+    for cut in range(1, len(data)):
+        damaged = data[:cut] if damage == "torn tail" else (
+            data[:cut] + bytes([data[cut] ^ 0x40]) + data[cut + 1:])
+        manifest.write_bytes(bytes(damaged))
+        assert leveldb_files.next_file_number(str(db)) <= whole, cut
+    manifest.write_bytes(bytes(data))
+    assert leveldb_files.next_file_number(str(db)) == whole > 0
