@@ -141,7 +141,7 @@ class SolverChecks:
         self.params = param_blobs(net, self.diff)
         self.labels = [label for label, _, _, _ in self.params]
         self.reads = FusedReads(probe, self.params, forward_written(net, self.params),
-                                self.data, self.diff, host=backend.mode() == "cpu")
+                                self.data, self.diff)
         self.weight_decay = float(solver_param.weight_decay) if solver_param is not None else 0.0
         self.loss = None
         self.lr = None

@@ -43,9 +43,9 @@ def read_reductions(summed, squared):
     first = summed[0] if summed else squared[0] if squared else None
     if first is None:
         return [], []
-    if array_module(first) is numpy:
-        return host_reductions(summed, squared)
     xp = array_module(first)
+    if xp is numpy:
+        return _host_reductions(summed, squared)
     out = xp.empty(len(summed) + len(squared), numpy.float64)
     with numpy.errstate(over="ignore", invalid="ignore"):
         for m, array in enumerate(summed):
@@ -57,7 +57,7 @@ def read_reductions(summed, squared):
     return host[:len(summed)], _finite_or_wide(host[len(summed):], squared)
 
 
-def host_reductions(summed, squared):
+def _host_reductions(summed, squared):
     """:func:`read_reductions` of NumPy arrays. On the host there is nothing to fuse: each
     value is there already (counted as the one read), and an array to gather them costs
     more than the reductions of a small net (a millisecond iteration's watch,
@@ -92,10 +92,10 @@ def forward_written(net, params):
 class FusedReads:
     """The fused reads of one watched training net: ``probe`` (its loss tops), ``params``
     (:func:`~.checks.param_blobs`), ``written`` (those a forward writes), ``data`` /
-    ``diff`` (the blob accessors), ``host``: they give NumPy arrays (the CPU mode). Sums
-    of squares come as lists in the order of ``params`` (``written``)."""
+    ``diff`` (the blob accessors). Sums of squares come as lists in the order of
+    ``params`` (``written``)."""
 
-    def __init__(self, probe, params, written, data, diff, host):
+    def __init__(self, probe, params, written, data, diff):
         self.probe = probe
         self.params = params
         self.written = written
@@ -106,7 +106,6 @@ class FusedReads:
         loss_tops = [pair for tops in probe.loss_tops for pair in tops] if probe is not None else []
         self.top_blobs = [probe.blobs[j] for j, _ in loss_tops]
         self.top_weights = [weight for _, weight in loss_tops]
-        self.reductions = host_reductions if host else read_reductions
 
     def gradients(self, with_loss, with_diffs):
         """(the loss of the net's last forward as a float32, or None without
@@ -117,7 +116,7 @@ class FusedReads:
         if with_diffs:
             squared = ([self.diff(blob) for blob in self.param_blobs]
                        + [self.data(blob) for blob in self.written_blobs])
-        sums, squares = self.reductions(tops, squared)
+        sums, squares = read_reductions(tops, squared)
         loss = None
         if with_loss:
             loss = numpy.float32(0)
@@ -130,4 +129,4 @@ class FusedReads:
 
     def weights(self):
         """The sums of squares of every param blob's data: one host read."""
-        return self.reductions([], [self.data(blob) for blob in self.param_blobs])[1]
+        return read_reductions([], [self.data(blob) for blob in self.param_blobs])[1]

@@ -247,12 +247,10 @@ class Watch:
     def _on_start(self):
         if self.closed:
             return
-        if self.producers.held is not None:
-            self.producers.drop_held()
+        self.producers.drop_held()
         self.reports.running()
         solver_iteration.activate(self)
-        if self.boards:
-            self._read_boards()  # left by a net.forward() of the caller's between steps
+        self._read_boards()  # left by a net.forward() of the caller's between steps
         iteration = self.iteration()
         checkpoints = self.rollback.checkpoints
         # A checkpoint is of weights read and found finite.
@@ -273,9 +271,8 @@ class Watch:
     def _on_gradients_ready(self):
         if self.closed:
             return
-        if self.producers.held is not None:
-            self.producers.stop_held()
-        guard_reports = self._read_boards() if self.boards else []
+        self.producers.stop_held()
+        guard_reports = self._read_boards()
         if not self.loss_from_tops and self.replay is not None:
             self.probes[0].pass_losses = self.replay.losses()
         self.checks.gradients(self.iteration(), guard_reports, loss_from_tops=self.loss_from_tops)

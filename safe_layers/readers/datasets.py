@@ -330,8 +330,8 @@ def _shadow_directory(path):
         raise InputError("%s: cannot list the LevelDB directory: %s" % (path, exc.strerror)) from None
     if "CURRENT" not in names:
         raise InputError("%s: not a LevelDB (no CURRENT file)" % path)
-    # Read before the links are made: a file a writer begins after this bears a number
-    # past the counter as read here, and is left out too.
+    # LevelDB's own open reads the counter later, never smaller: no name it creates is a
+    # link made here.
     unaccounted = leveldb_files.next_file_number(path)
     shadow = scratch.make("leveldb")
     source = os.path.abspath(path)
